@@ -151,7 +151,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 
@@ -244,7 +248,10 @@ impl FromStr for HaproxyTarget {
                 .ok_or_else(|| format!("{ACCEPTED}; unbalanced '['"))?;
             match after {
                 "" => (h, None),
-                p => (h, Some(p.strip_prefix(':').ok_or_else(|| ACCEPTED.to_string())?)),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| ACCEPTED.to_string())?),
+                ),
             }
         } else if hostport.matches(':').count() == 1 {
             let (h, p) = hostport.split_once(':').unwrap_or((hostport, ""));
@@ -300,7 +307,11 @@ mod optional_path {
     use std::path::PathBuf;
 
     pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&p.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+        s.serialize_str(
+            &p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -470,11 +481,23 @@ impl Layout {
         Layout {
             dir: dir.to_path_buf(),
             hosts_dir: inside("hosts.d"),
-            state_dir: if system { "/var/lib/autoscaler".into() } else { inside("state") },
+            state_dir: if system {
+                "/var/lib/autoscaler".into()
+            } else {
+                inside("state")
+            },
             identity_file: inside("id_ed25519"),
             known_hosts: inside("known_hosts"),
-            haproxy_config: if system { "/etc/haproxy/haproxy.cfg".into() } else { inside("haproxy.cfg") },
-            stats_socket: if system { "/run/haproxy/admin.sock".into() } else { inside("haproxy.sock") },
+            haproxy_config: if system {
+                "/etc/haproxy/haproxy.cfg".into()
+            } else {
+                inside("haproxy.cfg")
+            },
+            stats_socket: if system {
+                "/run/haproxy/admin.sock".into()
+            } else {
+                inside("haproxy.sock")
+            },
         }
     }
 }
@@ -559,11 +582,14 @@ impl Config {
                 check_command: CommandLine(vec![
                     "haproxy".into(),
                     "-c".into(),
-                    "-q".into(),
                     "-f".into(),
                     CONFIG_PLACEHOLDER.into(),
                 ]),
-                reload_command: CommandLine(vec!["systemctl".into(), "reload".into(), "haproxy".into()]),
+                reload_command: CommandLine(vec![
+                    "systemctl".into(),
+                    "reload".into(),
+                    "haproxy".into(),
+                ]),
                 stats_socket: layout.stats_socket.clone(),
                 backend: "app".into(),
                 health_check_path: String::new(),
@@ -665,18 +691,42 @@ impl Config {
             },
             scaling: Scaling {
                 policy: r.parse("scaling", "policy", d.scaling.policy),
-                scale_up_threshold: r.percent("scaling", "scale_up_threshold", d.scaling.scale_up_threshold),
-                scale_up_window: r.duration("scaling", "scale_up_window", d.scaling.scale_up_window),
+                scale_up_threshold: r.percent(
+                    "scaling",
+                    "scale_up_threshold",
+                    d.scaling.scale_up_threshold,
+                ),
+                scale_up_window: r.duration(
+                    "scaling",
+                    "scale_up_window",
+                    d.scaling.scale_up_window,
+                ),
                 target_cpu: r.percent("scaling", "target_cpu", d.scaling.target_cpu),
                 tolerance: r.parse("scaling", "tolerance", d.scaling.tolerance),
-                scale_down_threshold: r.percent("scaling", "scale_down_threshold", d.scaling.scale_down_threshold),
-                scale_down_window: r.duration("scaling", "scale_down_window", d.scaling.scale_down_window),
+                scale_down_threshold: r.percent(
+                    "scaling",
+                    "scale_down_threshold",
+                    d.scaling.scale_down_threshold,
+                ),
+                scale_down_window: r.duration(
+                    "scaling",
+                    "scale_down_window",
+                    d.scaling.scale_down_window,
+                ),
                 min_nodes: r.parse("scaling", "min_nodes", d.scaling.min_nodes),
                 max_nodes: r.parse("scaling", "max_nodes", d.scaling.max_nodes),
                 scale_up_step: r.parse("scaling", "scale_up_step", d.scaling.scale_up_step),
                 cooldown: r.duration("scaling", "cooldown", d.scaling.cooldown),
-                scale_down_cooldown: r.duration("scaling", "scale_down_cooldown", d.scaling.scale_down_cooldown),
-                max_launches_per_hour: r.parse("scaling", "max_launches_per_hour", d.scaling.max_launches_per_hour),
+                scale_down_cooldown: r.duration(
+                    "scaling",
+                    "scale_down_cooldown",
+                    d.scaling.scale_down_cooldown,
+                ),
+                max_launches_per_hour: r.parse(
+                    "scaling",
+                    "max_launches_per_hour",
+                    d.scaling.max_launches_per_hour,
+                ),
                 stale_after: r.duration("scaling", "stale_after", d.scaling.stale_after),
                 warmup: r.duration("scaling", "warmup", d.scaling.warmup),
                 drain_timeout: r.duration("scaling", "drain_timeout", d.scaling.drain_timeout),
@@ -706,10 +756,18 @@ impl Config {
                 subnet_id: r.string("launch", "subnet_id", &d.launch.subnet_id),
                 security_group_ids: r.list("launch", "security_group_ids"),
                 key_name: r.string("launch", "key_name", &d.launch.key_name),
-                iam_instance_profile: r.string("launch", "iam_instance_profile", &d.launch.iam_instance_profile),
+                iam_instance_profile: r.string(
+                    "launch",
+                    "iam_instance_profile",
+                    &d.launch.iam_instance_profile,
+                ),
                 user_data_file: r.optional_path("launch", "user_data_file"),
                 launch_template: r.string("launch", "launch_template", &d.launch.launch_template),
-                launch_template_version: r.string("launch", "launch_template_version", &d.launch.launch_template_version),
+                launch_template_version: r.string(
+                    "launch",
+                    "launch_template_version",
+                    &d.launch.launch_template_version,
+                ),
                 app_port: r.port("launch", "app_port", d.launch.app_port),
                 launch_timeout: r.duration("launch", "launch_timeout", d.launch.launch_timeout),
                 health_check: r.boolean("launch", "health_check", d.launch.health_check),
@@ -724,10 +782,18 @@ impl Config {
                 bind: r.string("haproxy", "bind", &d.haproxy.bind),
                 template: r.optional_path("haproxy", "template"),
                 check_command: r.parse("haproxy", "check_command", d.haproxy.check_command.clone()),
-                reload_command: r.parse("haproxy", "reload_command", d.haproxy.reload_command.clone()),
+                reload_command: r.parse(
+                    "haproxy",
+                    "reload_command",
+                    d.haproxy.reload_command.clone(),
+                ),
                 stats_socket: r.path("haproxy", "stats_socket", &d.haproxy.stats_socket),
                 backend: r.string("haproxy", "backend", &d.haproxy.backend),
-                health_check_path: r.string("haproxy", "health_check_path", &d.haproxy.health_check_path),
+                health_check_path: r.string(
+                    "haproxy",
+                    "health_check_path",
+                    &d.haproxy.health_check_path,
+                ),
                 check_interval: r.duration("haproxy", "check_interval", d.haproxy.check_interval),
                 debounce: r.duration("haproxy", "debounce", d.haproxy.debounce),
             },
@@ -791,7 +857,11 @@ impl Config {
             );
         }
         if !(0.0..1.0).contains(&s.tolerance) {
-            bad("scaling", "tolerance", format!("{} is not in [0, 1), e.g. 0.1", s.tolerance));
+            bad(
+                "scaling",
+                "tolerance",
+                format!("{} is not in [0, 1), e.g. 0.1", s.tolerance),
+            );
         }
         if s.target_cpu <= 0.0 {
             bad("scaling", "target_cpu", "must be above 0".into());
@@ -808,24 +878,45 @@ impl Config {
         if self.ssh.connect_timeout.is_zero() {
             bad("ssh", "connect_timeout", "must be longer than 0s".into());
         }
-        if self.ssh.user.is_empty() || self.ssh.user.starts_with('-') || self.ssh.user.contains(char::is_whitespace) {
-            bad("ssh", "user", format!("{:?} is not a valid user name", self.ssh.user));
+        if self.ssh.user.is_empty()
+            || self.ssh.user.starts_with('-')
+            || self.ssh.user.contains(char::is_whitespace)
+        {
+            bad(
+                "ssh",
+                "user",
+                format!("{:?} is not a valid user name", self.ssh.user),
+            );
         }
         if self.aws.access_key_id.is_empty() != self.aws.secret_access_key.is_empty() {
             bad(
                 "aws",
-                if self.aws.access_key_id.is_empty() { "access_key_id" } else { "secret_access_key" },
+                if self.aws.access_key_id.is_empty() {
+                    "access_key_id"
+                } else {
+                    "secret_access_key"
+                },
                 "access_key_id and secret_access_key are set together or not at all".into(),
             );
         }
-        if !self.aws.endpoint.is_empty()
-            && !(self.aws.endpoint.starts_with("http://") || self.aws.endpoint.starts_with("https://"))
+        let endpoint = &self.aws.endpoint;
+        if !(endpoint.is_empty()
+            || endpoint.starts_with("http://")
+            || endpoint.starts_with("https://"))
         {
-            bad("aws", "endpoint", format!("{:?} is not an http:// or https:// URL", self.aws.endpoint));
+            bad(
+                "aws",
+                "endpoint",
+                format!("{:?} is not an http:// or https:// URL", self.aws.endpoint),
+            );
         }
         let l = &self.launch;
         if l.group.is_empty() || l.group.len() > 128 {
-            bad("launch", "group", "must be 1 to 128 characters (the autoscaler:group tag)".into());
+            bad(
+                "launch",
+                "group",
+                "must be 1 to 128 characters (the autoscaler:group tag)".into(),
+            );
         }
         let master = self.general.role == Role::Master;
         if master && !s.dry_run {
@@ -840,7 +931,8 @@ impl Config {
                 Launcher::Command if l.scale_up_command.is_empty() => bad(
                     "launch",
                     "scale_up_command",
-                    "launcher = command needs a scale_up_command; or set [scaling] dry_run = true".into(),
+                    "launcher = command needs a scale_up_command; or set [scaling] dry_run = true"
+                        .into(),
                 ),
                 _ => {}
             }
@@ -850,12 +942,21 @@ impl Config {
         }
         let h = &self.haproxy;
         if master && h.servers.is_empty() {
-            bad("haproxy", "servers", "needs at least one server (`local` for this machine)".into());
+            bad(
+                "haproxy",
+                "servers",
+                "needs at least one server (`local` for this machine)".into(),
+            );
         }
         if let Err(m) = check_bind(&h.bind) {
             bad("haproxy", "bind", m);
         }
-        if !h.check_command.0.iter().any(|a| a.contains(CONFIG_PLACEHOLDER)) {
+        if !h
+            .check_command
+            .0
+            .iter()
+            .any(|a| a.contains(CONFIG_PLACEHOLDER))
+        {
             bad(
                 "haproxy",
                 "check_command",
@@ -866,26 +967,50 @@ impl Config {
             bad("haproxy", "reload_command", "must not be empty".into());
         }
         if !is_config_word(&h.backend) {
-            bad("haproxy", "backend", format!("{:?} is not a name of letters, digits, '_', '-', '.'", h.backend));
+            bad(
+                "haproxy",
+                "backend",
+                format!(
+                    "{:?} is not a name of letters, digits, '_', '-', '.'",
+                    h.backend
+                ),
+            );
         }
         if !h.health_check_path.is_empty()
-            && (!h.health_check_path.starts_with('/') || h.health_check_path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#'))
+            && (!h.health_check_path.starts_with('/')
+                || h.health_check_path
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '#'))
         {
             bad(
                 "haproxy",
                 "health_check_path",
-                format!("{:?} is not a URL path (starts with '/', no spaces or '#')", h.health_check_path),
+                format!(
+                    "{:?} is not a URL path (starts with '/', no spaces or '#')",
+                    h.health_check_path
+                ),
             );
         }
-        if h.stats_socket.to_str().is_none_or(|p| p.contains(char::is_whitespace) || p.contains('#')) {
-            bad("haproxy", "stats_socket", "must be a path without spaces or '#'".into());
+        if h.stats_socket
+            .to_str()
+            .is_none_or(|p| p.contains(char::is_whitespace) || p.contains('#'))
+        {
+            bad(
+                "haproxy",
+                "stats_socket",
+                "must be a path without spaces or '#'".into(),
+            );
         }
         if h.check_interval < Duration::from_millis(100) {
             bad("haproxy", "check_interval", "must be at least 100ms".into());
         }
         if let Some(t) = &h.template {
             if !t.is_file() {
-                bad("haproxy", "template", format!("{} is not a readable file", t.display()));
+                bad(
+                    "haproxy",
+                    "template",
+                    format!("{} is not a readable file", t.display()),
+                );
             }
         }
     }
@@ -898,7 +1023,9 @@ impl Config {
 
 /// A word that may appear in haproxy.cfg as a name.
 fn is_config_word(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// `bind`: `ADDR:PORT` where ADDR is `*`, empty, an IP literal (IPv6 in brackets or bare) or a name.
@@ -930,9 +1057,24 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
-            None if self.section.is_empty() => write!(f, "{}: {}", self.file.display(), self.message),
-            Some(k) => write!(f, "{}: [{}] {}: {}", self.file.display(), self.section, k, self.message),
-            None => write!(f, "{}: [{}]: {}", self.file.display(), self.section, self.message),
+            None if self.section.is_empty() => {
+                write!(f, "{}: {}", self.file.display(), self.message)
+            }
+            Some(k) => write!(
+                f,
+                "{}: [{}] {}: {}",
+                self.file.display(),
+                self.section,
+                k,
+                self.message
+            ),
+            None => write!(
+                f,
+                "{}: [{}]: {}",
+                self.file.display(),
+                self.section,
+                self.message
+            ),
         }
     }
 }
@@ -943,7 +1085,11 @@ pub enum ConfigError {
     #[error("cannot read {path}: {source} (create one with `autoscaler init`)")]
     Read { path: PathBuf, source: io::Error },
     #[error("{path}:{line}: {message}")]
-    Syntax { path: PathBuf, line: usize, message: String },
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{} problem{} in the configuration:\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
     #[error("{path} holds AWS keys but its mode is {mode:04o}, readable by others; run `chmod 600 {path}`")]
@@ -982,7 +1128,9 @@ impl Reader {
                 Some(s) => {
                     let sec = values.entry(s.trim().to_string()).or_default();
                     for (k, v) in props.iter() {
-                        sec.entry(k.trim().to_string()).or_default().push(v.trim().to_string());
+                        sec.entry(k.trim().to_string())
+                            .or_default()
+                            .push(v.trim().to_string());
                     }
                 }
             }
@@ -1016,7 +1164,10 @@ impl Reader {
             self.problem(
                 section,
                 key,
-                format!("is set {} times; set it once (lists are comma-separated)", vals.len()),
+                format!(
+                    "is set {} times; set it once (lists are comma-separated)",
+                    vals.len()
+                ),
             );
         }
         vals.into_iter().last()
@@ -1066,14 +1217,23 @@ impl Reader {
             Some(v) => match v.trim_end_matches('%').trim().parse::<f64>() {
                 Ok(p) if (0.0..=100.0).contains(&p) => p,
                 _ => {
-                    self.problem(section, key, format!("{v:?} is not a percentage between 0 and 100"));
+                    self.problem(
+                        section,
+                        key,
+                        format!("{v:?} is not a percentage between 0 and 100"),
+                    );
                     default
                 }
             },
         }
     }
 
-    fn duration(&mut self, section: &'static str, key: &'static str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        section: &'static str,
+        key: &'static str,
+        default: Duration,
+    ) -> Duration {
         match self.raw(section, key) {
             None => default,
             Some(v) => humantime::parse_duration(&v).unwrap_or_else(|_| {
@@ -1127,7 +1287,9 @@ impl Reader {
         for item in self.list(section, key) {
             match item.parse::<T>() {
                 Ok(t) => out.push(t),
-                Err(e) => self.problem(section, key, format!("{item:?} is not valid; expected {e}")),
+                Err(e) => {
+                    self.problem(section, key, format!("{item:?} is not valid; expected {e}"))
+                }
             }
         }
         out
@@ -1172,7 +1334,8 @@ impl Reader {
             });
         }
         for (section, keys) in &self.values {
-            let Some((&known_section, known_keys)) = self.known.get_key_value(section.as_str()) else {
+            let Some((&known_section, known_keys)) = self.known.get_key_value(section.as_str())
+            else {
                 let suggestion = closest(section, self.known.keys().copied())
                     .map(|s| format!("; did you mean [{s}]?"))
                     .unwrap_or_default();
@@ -1197,7 +1360,10 @@ impl Reader {
                     .find(|(_, ks)| ks.contains(key.as_str()))
                     .map(|(s, _)| format!("; {key} belongs in [{s}]"));
                 let suggestion = elsewhere
-                    .or_else(|| closest(key, known_keys.iter().copied()).map(|k| format!("; did you mean {k}?")))
+                    .or_else(|| {
+                        closest(key, known_keys.iter().copied())
+                            .map(|k| format!("; did you mean {k}?"))
+                    })
                     .unwrap_or_default();
                 found.push(Problem {
                     file: self.file.clone(),
@@ -1301,7 +1467,10 @@ mod tests {
             } else if let Some((k, _)) = line.split_once(" = ") {
                 seen.push((section, k));
                 let prev = lines[i - 1];
-                assert!(prev.starts_with("# ") || prev.contains(" = "), "{k} has no comment");
+                assert!(
+                    prev.starts_with("# ") || prev.contains(" = "),
+                    "{k} has no comment"
+                );
             }
         }
         let mut want: Vec<_> = keys.clone();
@@ -1328,7 +1497,10 @@ mod tests {
         assert_eq!(cfg.scaling.scale_up_threshold, 80.0);
         assert_eq!(cfg.scaling.cooldown, Duration::from_secs(5400));
         assert!(!cfg.scaling.dry_run);
-        assert_eq!(cfg.launch.scale_up_command.0, ["/usr/local/bin/grow", "--zone", "eu west"]);
+        assert_eq!(
+            cfg.launch.scale_up_command.0,
+            ["/usr/local/bin/grow", "--zone", "eu west"]
+        );
         assert_eq!(cfg.launch.security_group_ids, ["sg-1", "sg-2"]);
         assert_eq!(
             cfg.haproxy.servers,
@@ -1389,7 +1561,9 @@ mod tests {
         for (text, want) in cases {
             let got = problems(text);
             assert!(
-                got.iter().any(|p| p == &format!("/srv/as/autoscaler.ini: {want}") || p.starts_with(&format!("/srv/as/autoscaler.ini: {want}"))),
+                got.iter()
+                    .any(|p| p == &format!("/srv/as/autoscaler.ini: {want}")
+                        || p.starts_with(&format!("/srv/as/autoscaler.ini: {want}"))),
                 "for {text:?}\nwant: {want}\ngot:  {got:#?}"
             );
         }
@@ -1416,20 +1590,34 @@ mod tests {
         let got = problems("[scaling]\nreport_port = 9000\n");
         assert_eq!(got, ["/srv/as/autoscaler.ini: [scaling]: unknown key \"report_port\"; report_port belongs in [node]"]);
         let got = problems("[scalling]\ncooldown = 5m\n");
-        assert!(got[0].starts_with("/srv/as/autoscaler.ini: [scalling]: unknown section; did you mean [scaling]?"), "{got:?}");
+        assert!(
+            got[0].starts_with(
+                "/srv/as/autoscaler.ini: [scalling]: unknown section; did you mean [scaling]?"
+            ),
+            "{got:?}"
+        );
         let got = problems("role = master\n");
         assert_eq!(got, ["/srv/as/autoscaler.ini: \"role\" is outside any section; put it under its [section]"]);
         let got = problems("[haproxy]\nzzzzzzzz = 1\n");
-        assert_eq!(got, ["/srv/as/autoscaler.ini: [haproxy]: unknown key \"zzzzzzzz\""]);
+        assert_eq!(
+            got,
+            ["/srv/as/autoscaler.ini: [haproxy]: unknown key \"zzzzzzzz\""]
+        );
     }
 
     #[test]
     fn repeated_keys_and_sections() {
         let got = problems("[scaling]\ncooldown = 1m\ncooldown = 2m\n");
-        assert!(got[0].contains("[scaling] cooldown: is set 2 times"), "{got:?}");
+        assert!(
+            got[0].contains("[scaling] cooldown: is set 2 times"),
+            "{got:?}"
+        );
         // A section that appears twice is merged; a key in each is still a repeat.
         let got = problems("[scaling]\ncooldown = 1m\n[node]\n[scaling]\ncooldown = 2m\n");
-        assert!(got[0].contains("[scaling] cooldown: is set 2 times"), "{got:?}");
+        assert!(
+            got[0].contains("[scaling] cooldown: is set 2 times"),
+            "{got:?}"
+        );
         let cfg = parse("[scaling]\ncooldown = 1m\n[node]\n[scaling]\nwarmup = 2m\n").unwrap();
         assert_eq!(cfg.scaling.cooldown, Duration::from_secs(60));
     }
@@ -1438,20 +1626,29 @@ mod tests {
     fn syntax_error_names_the_line() {
         let e = parse("[node]\nreport_port = 1\n[scaling\ncooldown = 1m\n").unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { line: 3, .. }), "{e}");
-        assert!(e.to_string().starts_with("/srv/as/autoscaler.ini:3:"), "{e}");
+        assert!(
+            e.to_string().starts_with("/srv/as/autoscaler.ini:3:"),
+            "{e}"
+        );
     }
 
     #[test]
     fn secrets_are_redacted_everywhere() {
         let cfg = parse("[aws]\naccess_key_id = AKIAIOSFODNN7EXAMPLE\nsecret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n").unwrap();
-        assert_eq!(cfg.aws.secret_access_key.expose(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+        assert_eq!(
+            cfg.aws.secret_access_key.expose(),
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        );
         let shown = [
             render::render_ini(&cfg).unwrap(),
             format!("{cfg:?}"),
             serde_json::to_string(&cfg).unwrap(),
         ];
         for s in shown {
-            assert!(!s.contains("wJalrXUtnFEMI") && !s.contains("AKIAIOSFODNN7"), "{s}");
+            assert!(
+                !s.contains("wJalrXUtnFEMI") && !s.contains("AKIAIOSFODNN7"),
+                "{s}"
+            );
             assert!(s.contains("<redacted>"));
         }
     }
@@ -1464,7 +1661,10 @@ mod tests {
         fs::write(&p, text).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let e = Config::load(&p).unwrap_err();
-        assert!(matches!(e, ConfigError::Insecure { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, ConfigError::Insecure { mode: 0o644, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 600"), "{e}");
         assert!(!e.to_string().contains("s3cr3t"));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
@@ -1484,7 +1684,10 @@ mod tests {
     #[test]
     fn command_line_placeholders_stay_single_arguments() {
         let c: CommandLine = "haproxy -c -f {config}".parse().unwrap();
-        assert_eq!(c.expand(&[("config", "/tmp/a b.cfg")]), ["haproxy", "-c", "-f", "/tmp/a b.cfg"]);
+        assert_eq!(
+            c.expand(&[("config", "/tmp/a b.cfg")]),
+            ["haproxy", "-c", "-f", "/tmp/a b.cfg"]
+        );
         assert_eq!(c.to_string(), "haproxy -c -f {config}");
         let c: CommandLine = "sh -c 'kill -USR2 $(cat /run/h.pid)'".parse().unwrap();
         assert_eq!(c.0, ["sh", "-c", "kill -USR2 $(cat /run/h.pid)"]);

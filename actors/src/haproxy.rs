@@ -40,7 +40,10 @@ pub enum Validation {
 /// Runs `check` with `{config}` replaced by `file`. A missing program is reported as
 /// [`Validation::Skipped`], so `generate` works on a machine without HAProxy, and says so.
 pub fn validate(check: &CommandLine, file: &Path) -> Result<Validation, HaproxyError> {
-    let argv = check.expand(&[(&CONFIG_PLACEHOLDER[1..CONFIG_PLACEHOLDER.len() - 1], &file.to_string_lossy())]);
+    let argv = check.expand(&[(
+        &CONFIG_PLACEHOLDER[1..CONFIG_PLACEHOLDER.len() - 1],
+        &file.to_string_lossy(),
+    )]);
     let command = shell_words::join(&argv);
     let Some((program, args)) = argv.split_first() else {
         return Err(HaproxyError::Spawn {
@@ -83,16 +86,17 @@ pub enum Installed {
     /// The file was replaced; `validation` says whether it was checked.
     Replaced { validation: Validation },
     /// The live file already had exactly this content; nothing was written.
-    Unchanged,
+    Unchanged { validation: Validation },
 }
 
 /// Installs `text` at `dest`: candidate in the same directory, fsync, validate (unless `check`
-/// is None), rename, fsync of the directory. On any failure `dest` is left exactly as it was
+/// is None), rename (skipped when the live file is identical), fsync of the directory. On any failure `dest` is left exactly as it was
 /// and the candidate is removed.
-pub fn install(text: &str, dest: &Path, check: Option<&CommandLine>) -> Result<Installed, HaproxyError> {
-    if fs::read(dest).is_ok_and(|live| live == text.as_bytes()) {
-        return Ok(Installed::Unchanged);
-    }
+pub fn install(
+    text: &str,
+    dest: &Path,
+    check: Option<&CommandLine>,
+) -> Result<Installed, HaproxyError> {
     let write_err = |source| HaproxyError::Write {
         path: dest.to_path_buf(),
         source,
@@ -101,7 +105,10 @@ pub fn install(text: &str, dest: &Path, check: Option<&CommandLine>) -> Result<I
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".candidate")
@@ -116,6 +123,9 @@ pub fn install(text: &str, dest: &Path, check: Option<&CommandLine>) -> Result<I
             program: String::new(),
         },
     };
+    if fs::read(dest).is_ok_and(|live| live == text.as_bytes()) {
+        return Ok(Installed::Unchanged { validation });
+    }
     tmp.persist(dest).map_err(|e| write_err(e.error))?;
     fsutil::sync_dir(dir).map_err(write_err)?;
     Ok(Installed::Replaced { validation })
@@ -154,16 +164,29 @@ mod tests {
         // A check that refuses anything containing "bad", as haproxy -c would a broken file.
         let check = cmd("sh -c '! grep -q bad \"$1\" || { echo \"[ALERT] bad line\" >&2; exit 1; }' check {config}");
         let e = install("bad\n", &live, Some(&check)).unwrap_err();
-        assert!(matches!(&e, HaproxyError::Invalid { output, .. } if output.contains("[ALERT] bad line")), "{e}");
+        assert!(
+            matches!(&e, HaproxyError::Invalid { output, .. } if output.contains("[ALERT] bad line")),
+            "{e}"
+        );
         assert_eq!(fs::read_to_string(&live).unwrap(), "good\n");
-        let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left.len(), 1, "candidate removed: {left:?}");
         assert_eq!(
             install("better\n", &live, Some(&check)).unwrap(),
-            Installed::Replaced { validation: Validation::Valid }
+            Installed::Replaced {
+                validation: Validation::Valid
+            }
         );
         assert_eq!(fs::read_to_string(&live).unwrap(), "better\n");
-        assert_eq!(install("better\n", &live, Some(&check)).unwrap(), Installed::Unchanged);
+        assert_eq!(
+            install("better\n", &live, Some(&check)).unwrap(),
+            Installed::Unchanged {
+                validation: Validation::Valid
+            }
+        );
     }
 
     #[test]
@@ -187,6 +210,9 @@ mod tests {
         let odd = tmp.path().join("with space; $(id).cfg");
         fs::write(&odd, "x").unwrap();
         // test -f gets the whole path as one argument: no shell ever sees it.
-        assert_eq!(validate(&cmd("test -f {config}"), &odd).unwrap(), Validation::Valid);
+        assert_eq!(
+            validate(&cmd("test -f {config}"), &odd).unwrap(),
+            Validation::Valid
+        );
     }
 }

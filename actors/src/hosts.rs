@@ -102,7 +102,10 @@ impl HostName {
         if labels.iter().any(|l| l.len() > 63) {
             return Err(InvalidHost::LongLabel(input.to_string()));
         }
-        if labels.iter().any(|l| l.starts_with('-') || l.ends_with('-')) {
+        if labels
+            .iter()
+            .any(|l| l.starts_with('-') || l.ends_with('-'))
+        {
             return Err(InvalidHost::HyphenLabel(input.to_string()));
         }
         Ok(HostName::Name(input.to_ascii_lowercase()))
@@ -208,7 +211,9 @@ impl Host {
 
     /// The file's text: `key = value` lines, readable and editable by an operator.
     pub fn to_file_text(&self) -> String {
-        let mut s = String::from("# Backend host for autoscaler; managed by `autoscaler add-host`/`remove-host`.\n");
+        let mut s = String::from(
+            "# Backend host for autoscaler; managed by `autoscaler add-host`/`remove-host`.\n",
+        );
         s.push_str(&format!("host = {}\nport = {}\n", self.host, self.port));
         if let Some(p) = self.ssh_port {
             s.push_str(&format!("ssh_port = {p}\n"));
@@ -248,7 +253,8 @@ impl Host {
         }
         let host = HostName::parse(fields.get("host").ok_or("missing `host`")?)
             .map_err(|e| e.to_string())?;
-        let port = parse_port(fields.get("port").ok_or("missing `port`")?).map_err(|e| e.to_string())?;
+        let port =
+            parse_port(fields.get("port").ok_or("missing `port`")?).map_err(|e| e.to_string())?;
         let ssh_port = fields
             .get("ssh_port")
             .map(|p| parse_port(p).map_err(|e| format!("ssh_port: {e}")))
@@ -473,7 +479,13 @@ mod tests {
             let h = HostName::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!(h.to_string(), want, "{input}");
         }
-        let long_ok = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+        let long_ok = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
         assert_eq!(long_ok.len(), 253);
         assert!(HostName::parse(&long_ok).is_ok());
     }
@@ -524,9 +536,15 @@ mod tests {
             assert!(HostName::parse(input).is_err(), "{input:?} must be refused");
         }
         let too_long = format!("{}.{}", "a".repeat(63), "b".repeat(200));
-        assert!(matches!(HostName::parse(&too_long), Err(InvalidHost::TooLong(..))));
+        assert!(matches!(
+            HostName::parse(&too_long),
+            Err(InvalidHost::TooLong(..))
+        ));
         let long_label = format!("{}.com", "a".repeat(64));
-        assert!(matches!(HostName::parse(&long_label), Err(InvalidHost::LongLabel(_))));
+        assert!(matches!(
+            HostName::parse(&long_label),
+            Err(InvalidHost::LongLabel(_))
+        ));
     }
 
     #[test]
@@ -545,7 +563,8 @@ mod tests {
             assert_eq!(parse_port(input), Ok(want), "{input}");
         }
         for input in [
-            "", "0", "00000", "65536", "99999", "100000", "-1", "+80", " 80", "80 ", "8o", "0x50", "80\n", "1e3",
+            "", "0", "00000", "65536", "99999", "100000", "-1", "+80", " 80", "80 ", "8o", "0x50",
+            "80\n", "1e3",
         ] {
             assert!(parse_port(input).is_err(), "{input:?} must be refused");
         }
@@ -589,7 +608,10 @@ mod tests {
             ("host = a b\nport = 80\n", "contains ' '"),
             ("host = a\nport = 0\n", "port \"0\""),
             ("host = a\nport = 80\nport = 81\n", "set twice"),
-            ("host = a\nport = 80\nweight = 3\n", "unknown key \"weight\""),
+            (
+                "host = a\nport = 80\nweight = 3\n",
+                "unknown key \"weight\"",
+            ),
             ("host = a\nport = 80\norigin = cloud\n", "origin \"cloud\""),
             ("host = a\nport = 80\ninstance_id = i 1\n", "instance id"),
             ("host a\n", "line 1: expected"),
@@ -630,14 +652,21 @@ mod tests {
         let dir = HostsDir::new(tmp.path());
         let good = Host::manual(HostName::parse("10.1.2.3").unwrap(), 80);
         dir.add(&good).unwrap();
-        fs::write(tmp.path().join("broken_80.host"), "host = bro ken\nport = 80\n").unwrap();
+        fs::write(
+            tmp.path().join("broken_80.host"),
+            "host = bro ken\nport = 80\n",
+        )
+        .unwrap();
         fs::write(tmp.path().join("other_80.host"), "host = web\nport = 80\n").unwrap();
         let (hosts, errors) = dir.load().unwrap();
         assert_eq!(hosts, vec![good]);
         assert_eq!(errors.len(), 2);
         let all: String = errors.iter().map(|e| e.to_string()).collect();
         assert!(all.contains("broken_80.host"), "{all}");
-        assert!(all.contains("is named other_80.host; expected web_80.host"), "{all}");
+        assert!(
+            all.contains("is named other_80.host; expected web_80.host"),
+            "{all}"
+        );
         assert!(dir.load_strict().is_err());
     }
 }

@@ -8,9 +8,11 @@
 //! - [`render`]: tera templates → haproxy.cfg and autoscaler.ini.
 //! - [`haproxy`]: validating a candidate haproxy.cfg and installing it without ever replacing a
 //!   good config with a bad one.
+//! - [`commands`]: `init` and `generate`, the one-shot commands behind the binary.
 //! - [`fsutil`]: atomic writes.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
 pub mod fsutil;
 pub mod haproxy;

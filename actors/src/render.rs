@@ -22,7 +22,10 @@ pub const INI_TEMPLATE: &str = include_str!("../../templates/autoscaler.ini.tera
 #[derive(Debug, Error)]
 pub enum RenderError {
     #[error("cannot read template {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("template {name}: {message}")]
     Template { name: String, message: String },
 }
@@ -134,7 +137,11 @@ impl HaproxyTemplate {
 /// Renders haproxy.cfg for `hosts` with the configuration's template.
 pub fn render_haproxy(cfg: &Config, hosts: &[Host]) -> Result<String, RenderError> {
     let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
-    template.render(&HaproxyContext::new(&cfg.haproxy, &cfg.general.hosts_dir, hosts))
+    template.render(&HaproxyContext::new(
+        &cfg.haproxy,
+        &cfg.general.hosts_dir,
+        hosts,
+    ))
 }
 
 /// Renders a configuration as autoscaler.ini text: every key with its value and a comment.
@@ -166,12 +173,18 @@ mod tests {
 
     /// Compares with `tests/golden/NAME`; `UPDATE_GOLDEN=1` rewrites the file instead.
     fn golden(name: &str, got: &str) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/golden")
+            .join(name);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, got).unwrap();
         }
-        let want = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+                path.display()
+            )
+        });
         assert_eq!(got, want, "differs from {}", path.display());
     }
 
@@ -198,8 +211,15 @@ mod tests {
         golden("haproxy-4-hosts.cfg", &out);
         let mut reversed = hosts.clone();
         reversed.reverse();
-        assert_eq!(render_haproxy(&cfg(), &reversed).unwrap(), out, "order of hosts.d must not matter");
-        let servers: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("server ")).collect();
+        assert_eq!(
+            render_haproxy(&cfg(), &reversed).unwrap(),
+            out,
+            "order of hosts.d must not matter"
+        );
+        let servers: Vec<&str> = out
+            .lines()
+            .filter(|l| l.trim_start().starts_with("server "))
+            .collect();
         assert_eq!(
             servers,
             [
@@ -234,7 +254,8 @@ mod tests {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }
         assert!(
-            !out.lines().any(|l| matches!(l.split_whitespace().next(), Some("daemon" | "pidfile"))),
+            !out.lines()
+                .any(|l| matches!(l.split_whitespace().next(), Some("daemon" | "pidfile"))),
             "master-worker friendly: no daemon or pidfile"
         );
     }
@@ -246,7 +267,10 @@ mod tests {
         std::fs::write(&t, "{% for s in servers %}{{ s.address }}\n{% endfor %}").unwrap();
         let mut c = cfg();
         c.haproxy.template = Some(t.clone());
-        assert_eq!(render_haproxy(&c, &[host("b", 2), host("a", 1)]).unwrap(), "a:1\nb:2\n");
+        assert_eq!(
+            render_haproxy(&c, &[host("b", 2), host("a", 1)]).unwrap(),
+            "a:1\nb:2\n"
+        );
         std::fs::write(&t, "{% for s in servers %}{{ s.address }").unwrap();
         let e = render_haproxy(&c, &[]).unwrap_err().to_string();
         assert!(e.contains("mine.tera"), "{e}");
@@ -254,7 +278,10 @@ mod tests {
         let e = render_haproxy(&c, &[]).unwrap_err().to_string();
         assert!(e.contains("no_such_value"), "{e}");
         c.haproxy.template = Some(tmp.path().join("missing.tera"));
-        assert!(matches!(render_haproxy(&c, &[]), Err(RenderError::Read { .. })));
+        assert!(matches!(
+            render_haproxy(&c, &[]),
+            Err(RenderError::Read { .. })
+        ));
     }
 
     #[test]

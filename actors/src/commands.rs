@@ -1,0 +1,127 @@
+//! The one-shot commands an operator runs before (or beside) the daemons: `init`, `generate`.
+//! The binary parses flags and prints; the work and its error handling live here.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::config::{Config, Layout, Role, CONFIG_FILE_NAME};
+use crate::fsutil;
+use crate::haproxy::{self, HaproxyError, Installed, Validation};
+use crate::hosts::{HostsDir, HostsError};
+use crate::render::{self, RenderError};
+
+/// Why a command failed.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("{0} already exists; it was left unchanged (use --force to overwrite it)")]
+    Exists(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Hosts(#[from] HostsError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Haproxy(#[from] HaproxyError),
+}
+
+/// What `init` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initialised {
+    pub config_file: PathBuf,
+    pub hosts_dir: PathBuf,
+    /// True when an existing file was replaced (`--force`).
+    pub replaced: bool,
+}
+
+/// Creates `dir`, its hosts.d and state directories, and `dir/autoscaler.ini` (mode 0600)
+/// rendered with every default for `role`. An existing file is kept unless `force`.
+pub fn init(dir: &Path, role: Role, force: bool) -> Result<Initialised, CommandError> {
+    let layout = Layout::for_dir(dir);
+    let cfg = Config::defaults(&layout, role);
+    let text = render::render_ini(&cfg)?;
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CommandError::Write { path, source }
+    };
+    fsutil::create_dir_all(dir, 0o755).map_err(write_err(dir))?;
+    let file = dir.join(CONFIG_FILE_NAME);
+    let existed = file.exists();
+    if existed && !force {
+        return Err(CommandError::Exists(file));
+    }
+    // Directories first: if one cannot be created, no config points at it.
+    fsutil::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
+    if role == Role::Master {
+        fsutil::create_dir_all(&layout.state_dir, 0o700).map_err(write_err(&layout.state_dir))?;
+    }
+    if force {
+        fsutil::atomic_write(&file, text.as_bytes(), 0o600).map_err(write_err(&file))?;
+    } else {
+        fsutil::create_new(&file, text.as_bytes(), 0o600).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => CommandError::Exists(file.clone()),
+            _ => CommandError::Write {
+                path: file.clone(),
+                source: e,
+            },
+        })?;
+    }
+    Ok(Initialised {
+        config_file: file,
+        hosts_dir: layout.hosts_dir,
+        replaced: existed,
+    })
+}
+
+/// Where `generate` puts the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Standard output: the text is returned, nothing is written.
+    Stdout,
+    /// A file, replaced atomically.
+    File(PathBuf),
+}
+
+/// What `generate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// The rendered configuration.
+    pub text: String,
+    /// Number of servers in it.
+    pub servers: usize,
+    /// None when validation was turned off.
+    pub validation: Option<Validation>,
+    /// For a file output: whether it was replaced or already identical.
+    pub installed: Option<Installed>,
+}
+
+/// Renders the HAProxy configuration from hosts_dir, validates it (unless `validate` is
+/// false) and installs it. A host file that cannot be read stops it (a config silently
+/// missing a backend would be worse); a failed validation leaves the output untouched.
+pub fn generate(cfg: &Config, output: &Output, validate: bool) -> Result<Generated, CommandError> {
+    let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
+    let text = render::render_haproxy(cfg, &hosts)?;
+    let check = validate.then_some(&cfg.haproxy.check_command);
+    let (validation, installed) = match output {
+        Output::Stdout => (
+            check
+                .map(|c| haproxy::validate_text(&text, c))
+                .transpose()?,
+            None,
+        ),
+        Output::File(path) => {
+            let installed = haproxy::install(&text, path, check)?;
+            let (Installed::Replaced { validation } | Installed::Unchanged { validation }) =
+                &installed;
+            (validate.then(|| validation.clone()), Some(installed))
+        }
+    };
+    Ok(Generated {
+        text,
+        servers: hosts.len(),
+        validation,
+        installed,
+    })
+}

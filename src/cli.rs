@@ -1,0 +1,98 @@
+//! The command line (clap derive). Flags override the configuration file.
+
+use std::path::PathBuf;
+
+use autoscaler_actors::config::{DEFAULT_CONFIG_PATH, DEFAULT_DIR};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Reactive scale-out for web servers behind HAProxy, without Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "autoscaler", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "AUTOSCALER_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Less log output (-q warnings, -qq errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A role `init` can write a configuration for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Master,
+    Node,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write DIR/autoscaler.ini (every key with its default) and create DIR/hosts.d.
+    Init {
+        /// Configuration directory; paths in the written file point inside it.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Role written into the file.
+        #[arg(long, value_enum, default_value_t = RoleArg::Master)]
+        role: RoleArg,
+        /// Overwrite an existing autoscaler.ini.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Register a backend host (writes one file into hosts_dir).
+    AddHost {
+        /// IPv4/IPv6 address or DNS name, kept as given (HAProxy resolves names).
+        #[arg(allow_hyphen_values = true)]
+        host: String,
+        /// Application port HAProxy sends traffic to (1-65535).
+        #[arg(allow_hyphen_values = true)]
+        port: String,
+        /// SSH port of this host, when it differs from [ssh] port.
+        #[arg(long)]
+        ssh_port: Option<String>,
+    },
+    /// Remove a registered backend host.
+    RemoveHost {
+        #[arg(allow_hyphen_values = true)]
+        host: String,
+        #[arg(allow_hyphen_values = true)]
+        port: String,
+    },
+    /// List registered hosts, one `HOST PORT` per line, sorted.
+    ListHosts {
+        /// Print a JSON array instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render the HAProxy configuration from hosts_dir, validate it and install it.
+    Generate {
+        /// Where to write it (default: [haproxy] config_path; `-` for standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Do not run [haproxy] check_command on the result.
+        #[arg(long)]
+        no_validate: bool,
+    },
+    /// Load and validate the configuration, print it with secrets redacted.
+    Check,
+}

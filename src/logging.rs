@@ -1,0 +1,35 @@
+//! slog set-up: human-readable or JSON lines on standard error, level from -v/-q.
+
+use slog::{o, Drain, Level, Logger};
+
+use crate::cli::LogFormat;
+
+/// Builds the root logger. Keep the guard alive until exit: dropping it flushes the queue.
+pub fn build(format: LogFormat, verbose: u8, quiet: u8) -> (Logger, slog_async::AsyncGuard) {
+    let level = match (verbose, quiet) {
+        (0, 0) => Level::Info,
+        (1, _) => Level::Debug,
+        (_, 0) => Level::Trace,
+        (_, 1) => Level::Warning,
+        (_, 2) => Level::Error,
+        _ => Level::Critical,
+    };
+    let drain: Box<dyn Drain<Ok = (), Err = slog::Never> + Send> = match format {
+        LogFormat::Human => {
+            let decorator = slog_term::TermDecorator::new().stderr().build();
+            Box::new(slog_term::FullFormat::new(decorator).build().fuse())
+        }
+        LogFormat::Json => Box::new(
+            slog_json::Json::new(std::io::stderr())
+                .add_default_keys()
+                .build()
+                .fuse(),
+        ),
+    };
+    let drain = drain.filter_level(level).fuse();
+    let (drain, guard) = slog_async::Async::new(drain)
+        .chan_size(4096)
+        .overflow_strategy(slog_async::OverflowStrategy::Block)
+        .build_with_guard();
+    (Logger::root(drain.fuse(), o!()), guard)
+}
