@@ -7,4 +7,4 @@ scripts/install-deps.sh
 export MOTO_SERVER="$PWD/.venv-moto/bin/moto_server"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace
+cargo test --workspace --lib --bins --tests

@@ -95,4 +95,10 @@ pub enum Command {
     },
     /// Load and validate the configuration, print it with secrets redacted.
     Check,
+    /// Run the daemon in the role `[autoscaler] role` names.
+    Run,
+    /// Run the master daemon (the HAProxy machine), whatever the configured role.
+    Master,
+    /// Run the node agent (a web server), whatever the configured role.
+    Node,
 }

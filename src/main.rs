@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod daemon;
 mod logging;
 
 use std::io::Write;
@@ -181,6 +182,13 @@ fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Run => {
+            let cfg = load(cli)?;
+            let role = cfg.general.role;
+            daemon::run(cfg, role, log)
+        }
+        Command::Master => daemon::run(load(cli)?, Role::Master, log),
+        Command::Node => daemon::run(load(cli)?, Role::Node, log),
         Command::Check => {
             let cfg = load(cli)?;
             let text = cfg

@@ -92,3 +92,267 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// A port that was free a moment ago on `ip`.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (bounded) until `addr` accepts TCP.
+pub fn wait_for_tcp(addr: &str, what: &str) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("{what} did not start listening on {addr} within 5s");
+}
+
+/// The login name tests use for SSH (sshd runs as root here and lets this user in).
+pub fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `ssh-keygen -t ed25519` into `path` (and `path.pub`).
+pub fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A real OpenSSH server on loopback (or inside a network namespace), with throwaway keys,
+/// killed on drop.
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub port: u16,
+    pub netns: Option<String>,
+    child: Option<std::process::Child>,
+}
+
+impl Sshd {
+    /// Starts sshd on `addr` (port chosen here unless given), trusting `client_pub`.
+    pub fn start(
+        sshd: &Path,
+        addr: &str,
+        port: Option<u16>,
+        client_pub: &Path,
+        netns: Option<&str>,
+    ) -> Sshd {
+        let dir = tempfile::tempdir().unwrap();
+        keygen(&dir.path().join("host_ed25519"));
+        std::fs::copy(client_pub, dir.path().join("authorized_keys")).unwrap();
+        let port = port.unwrap_or_else(|| if netns.is_some() { 22 } else { free_port(addr) });
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress {addr}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\nGatewayPorts no\n\
+                 StrictModes no\nPermitRootLogin prohibit-password\nClientAliveInterval 2\n"
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let mut s = Sshd {
+            dir,
+            addr: addr.to_string(),
+            port,
+            netns: netns.map(String::from),
+            child: None,
+        };
+        s.spawn(sshd);
+        s
+    }
+
+    fn spawn(&mut self, sshd: &Path) {
+        let d = self.dir.path();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(sshd);
+                c
+            }
+            None => Command::new(sshd),
+        };
+        cmd.arg("-D")
+            .arg("-f")
+            .arg(d.join("sshd_config"))
+            .arg("-E")
+            .arg(d.join("sshd.log"));
+        self.child = Some(cmd.spawn().expect("start sshd"));
+        if self.netns.is_none() {
+            wait_for_tcp(&format!("{}:{}", self.addr, self.port), "sshd");
+        } else {
+            // Reachable from the root namespace over the veth pair.
+            wait_for_tcp(
+                &format!("{}:{}", self.addr, self.port),
+                "sshd in its namespace",
+            );
+        }
+    }
+
+    /// The known_hosts line for this server.
+    pub fn known_hosts_line(&self) -> String {
+        let key = std::fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
+        let mut it = key.split_whitespace();
+        let (alg, b64) = (it.next().unwrap(), it.next().unwrap());
+        if self.port == 22 {
+            format!("{} {alg} {b64}\n", self.addr)
+        } else {
+            format!("[{}]:{} {alg} {b64}\n", self.addr, self.port)
+        }
+    }
+
+    /// Kills sshd and every session process it started (they hold the forwards).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_tree(c.id());
+            let _ = c.wait();
+        }
+        for _ in 0..100 {
+            if std::net::TcpStream::connect((self.addr.as_str(), self.port)).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Starts it again with the same keys and port.
+    pub fn restart(&mut self, sshd: &Path) {
+        self.stop();
+        self.spawn(sshd);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A network namespace with a veth pair: 10.200.N.1 on the host side, 10.200.N.2 inside.
+/// Deleted on drop (the veth pair goes with it).
+pub struct Netns {
+    pub name: String,
+    pub inner: String,
+    host_if: String,
+}
+
+impl Netns {
+    pub fn create(n: u8) -> Netns {
+        let name = format!("as-test-{}-{n}", std::process::id());
+        let host_if = format!("asv{}h{n}", std::process::id() % 10000);
+        let ns_if = format!("asv{}n{n}", std::process::id() % 10000);
+        let sh = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        sh(&["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            inner: format!("10.200.{n}.2"),
+            host_if: host_if.clone(),
+        };
+        sh(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        sh(&["link", "set", &ns_if, "netns", &name]);
+        sh(&["addr", "add", &format!("10.200.{n}.1/24"), "dev", &host_if]);
+        sh(&["link", "set", &host_if, "up"]);
+        sh(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("10.200.{n}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
+        sh(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"]);
+        sh(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").arg("-9").arg(pid).status();
+                }
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// SIGKILLs `pid` and all its descendants (found through /proc), children first collected so
+/// none is reparented away before it is found.
+pub fn kill_tree(pid: u32) {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                    continue;
+                };
+                // Field 4 (after the parenthesised command name) is the parent pid.
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|x| x.parse::<u32>().ok());
+                if ppid == Some(parent) && !all.contains(&p) {
+                    all.push(p);
+                }
+            }
+        }
+        i += 1;
+    }
+    for p in all {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+}

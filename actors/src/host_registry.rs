@@ -1,0 +1,218 @@
+//! HostRegistry (master role): the registered hosts, kept in hosts.d.
+//!
+//! Loads hosts.d at start and rescans it every `poll` (so `autoscaler add-host` run beside the
+//! daemon takes effect within that time); writes it for [`RegisterHost`] / [`DeregisterHost`].
+//! Every change is announced as one [`HostsChanged`] with the full list. A host file that
+//! becomes unreadable keeps its last good version in the list and is logged: an editor's
+//! half-written file never takes a backend out of rotation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
+use slog::{info, o, warn, Logger};
+
+use crate::hosts::{AddOutcome, Host, HostKey, HostsDir, HostsError};
+use crate::messages::HostsChanged;
+
+/// How often hosts.d is rescanned by default.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+
+/// Registers a host (a launched instance): writes its file, then announces the new list.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<AddOutcome, HostsError>")]
+pub struct RegisterHost(pub Host);
+
+/// Removes a host (drain before scale-in): deletes its file, then announces the new list.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), HostsError>")]
+pub struct DeregisterHost(pub HostKey);
+
+/// The current list.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Arc<Vec<Host>>")]
+pub struct ListHosts;
+
+/// The registry actor.
+pub struct HostRegistry {
+    dir: HostsDir,
+    hosts: Arc<Vec<Host>>,
+    /// File name → error text, to log each bad file once.
+    bad: BTreeMap<String, String>,
+    subscribers: Vec<Recipient<HostsChanged>>,
+    poll: Duration,
+    log: Logger,
+}
+
+impl HostRegistry {
+    /// A registry over `dir` announcing changes to `subscribers`.
+    pub fn new(
+        dir: HostsDir,
+        subscribers: Vec<Recipient<HostsChanged>>,
+        poll: Duration,
+        log: &Logger,
+    ) -> HostRegistry {
+        HostRegistry {
+            dir,
+            hosts: Arc::new(Vec::new()),
+            bad: BTreeMap::new(),
+            subscribers,
+            poll,
+            log: log.new(o!("actor" => "HostRegistry")),
+        }
+    }
+
+    /// Reloads hosts.d; announces the list if it changed (or `force`).
+    fn rescan(&mut self, force: bool) {
+        let (mut hosts, errors) = match self.dir.load() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(self.log, "Cannot read the hosts directory; keeping the last list"; "error" => %e);
+                return;
+            }
+        };
+        let mut bad = BTreeMap::new();
+        for e in errors {
+            if let HostsError::BadFile { path, message } = &e {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if self.bad.get(&name) != Some(message) {
+                    warn!(self.log, "Unreadable host file; keeping its last good version"; "error" => %e);
+                }
+                // Keep what this file said last time it could be read.
+                if let Some(prev) = self.hosts.iter().find(|h| h.file_name() == name) {
+                    hosts.push(prev.clone());
+                }
+                bad.insert(name, message.clone());
+            }
+        }
+        self.bad = bad;
+        hosts.sort_by_key(Host::key);
+        hosts.dedup_by_key(|h| h.key());
+        if force || *self.hosts != hosts {
+            info!(self.log, "Hosts changed"; "count" => hosts.len());
+            self.hosts = Arc::new(hosts);
+            for s in &self.subscribers {
+                s.do_send(HostsChanged {
+                    hosts: self.hosts.clone(),
+                });
+            }
+        }
+    }
+}
+
+impl Actor for HostRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.rescan(true);
+        ctx.run_interval(self.poll, |this, _| this.rescan(false));
+    }
+}
+
+impl Handler<RegisterHost> for HostRegistry {
+    type Result = Result<AddOutcome, HostsError>;
+
+    fn handle(&mut self, msg: RegisterHost, _: &mut Context<Self>) -> Self::Result {
+        let outcome = self.dir.add(&msg.0)?;
+        info!(self.log, "Registered host"; "host" => %msg.0.host, "port" => msg.0.port, "outcome" => ?outcome);
+        self.rescan(false);
+        Ok(outcome)
+    }
+}
+
+impl Handler<DeregisterHost> for HostRegistry {
+    type Result = Result<(), HostsError>;
+
+    fn handle(&mut self, msg: DeregisterHost, _: &mut Context<Self>) -> Self::Result {
+        self.dir.remove(&msg.0)?;
+        info!(self.log, "Deregistered host"; "host" => %msg.0.host, "port" => msg.0.port);
+        self.rescan(false);
+        Ok(())
+    }
+}
+
+impl Handler<ListHosts> for HostRegistry {
+    type Result = Arc<Vec<Host>>;
+
+    fn handle(&mut self, _: ListHosts, _: &mut Context<Self>) -> Self::Result {
+        self.hosts.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::HostName;
+    use tokio::sync::mpsc;
+
+    struct Collect(mpsc::UnboundedSender<Arc<Vec<Host>>>);
+    impl Actor for Collect {
+        type Context = Context<Self>;
+    }
+    impl Handler<HostsChanged> for Collect {
+        type Result = ();
+        fn handle(&mut self, m: HostsChanged, _: &mut Context<Self>) {
+            let _ = self.0.send(m.hosts);
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Arc<Vec<Host>>>) -> Vec<String> {
+        let hosts = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        hosts.iter().map(|h| h.key().to_string()).collect()
+    }
+
+    #[actix_rt::test]
+    async fn announces_changes_from_messages_and_from_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = HostsDir::new(tmp.path());
+        dir.add(&Host::manual(HostName::parse("127.0.0.5").unwrap(), 80))
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Collect(tx).start();
+        let log = Logger::root(slog::Discard, o!());
+        let reg = HostRegistry::new(
+            dir.clone(),
+            vec![sink.recipient()],
+            Duration::from_millis(50),
+            &log,
+        )
+        .start();
+        assert_eq!(next(&mut rx).await, ["127.0.0.5 80"], "initial list");
+
+        let h = Host::manual(HostName::parse("127.0.0.6").unwrap(), 81);
+        assert_eq!(
+            reg.send(RegisterHost(h.clone())).await.unwrap().unwrap(),
+            AddOutcome::Added
+        );
+        assert_eq!(next(&mut rx).await, ["127.0.0.5 80", "127.0.0.6 81"]);
+
+        // A file written by `autoscaler add-host` beside the daemon.
+        dir.add(&Host::manual(HostName::parse("127.0.0.4").unwrap(), 80))
+            .unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            ["127.0.0.4 80", "127.0.0.5 80", "127.0.0.6 81"]
+        );
+
+        // A file that turns unreadable keeps its last good version: no announcement.
+        std::fs::write(
+            tmp.path().join("127.0.0.4_80.host"),
+            "host = 127.0.0.4\nport = 8 0\n",
+        )
+        .unwrap();
+        reg.send(DeregisterHost(h.key())).await.unwrap().unwrap();
+        assert_eq!(next(&mut rx).await, ["127.0.0.4 80", "127.0.0.5 80"]);
+        assert_eq!(reg.send(ListHosts).await.unwrap().len(), 2);
+        assert!(
+            reg.send(DeregisterHost(h.key())).await.unwrap().is_err(),
+            "already gone"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! Messages that more than one actor sends or receives. Messages only one actor receives live
+//! in that actor's file.
+
+use std::sync::Arc;
+
+use actix::Message;
+
+use crate::hosts::{Host, HostKey};
+use crate::report::{CpuSample, Hello};
+
+/// The node's CpuSampler took a sample (node role).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct CpuSampled(pub CpuSample);
+
+/// A node reported a sample over its tunnel (master role). Duplicates are already removed.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct CpuReported {
+    pub host: HostKey,
+    pub sample: CpuSample,
+}
+
+/// A node's agent said hello over a fresh tunnel channel.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct NodeUp {
+    pub host: HostKey,
+    pub hello: Hello,
+}
+
+/// A node stopped reporting: its session or channel died, or its samples went stale.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct NodeDown {
+    pub host: HostKey,
+    pub reason: String,
+}
+
+/// The registered hosts changed (or were loaded at start): the complete, sorted list.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct HostsChanged {
+    pub hosts: Arc<Vec<Host>>,
+}

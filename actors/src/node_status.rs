@@ -1,0 +1,98 @@
+//! NodeStatus (master role): what the master currently knows of each node — up or down, the
+//! last sample, when it was heard from. Logs transitions; answers [`ListNodes`].
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use actix::{Actor, Context, Handler, Message};
+use slog::{debug, info, o, warn, Logger};
+
+use crate::hosts::HostKey;
+use crate::messages::{CpuReported, NodeDown, NodeUp};
+use crate::report::{CpuSample, Hello};
+
+/// One node as the master sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub up: bool,
+    pub hello: Option<Hello>,
+    pub last_sample: Option<CpuSample>,
+    pub last_seen: Option<Instant>,
+    pub samples: u64,
+    pub last_down_reason: Option<String>,
+}
+
+/// Every node heard of so far.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "BTreeMap<HostKey, NodeView>")]
+pub struct ListNodes;
+
+/// The actor.
+pub struct NodeStatus {
+    nodes: BTreeMap<HostKey, NodeView>,
+    log: Logger,
+}
+
+impl NodeStatus {
+    pub fn new(log: &Logger) -> NodeStatus {
+        NodeStatus {
+            nodes: BTreeMap::new(),
+            log: log.new(o!("actor" => "NodeStatus")),
+        }
+    }
+
+    fn entry(&mut self, host: &HostKey) -> &mut NodeView {
+        self.nodes.entry(host.clone()).or_insert(NodeView {
+            up: false,
+            hello: None,
+            last_sample: None,
+            last_seen: None,
+            samples: 0,
+            last_down_reason: None,
+        })
+    }
+}
+
+impl Actor for NodeStatus {
+    type Context = Context<Self>;
+}
+
+impl Handler<NodeUp> for NodeStatus {
+    type Result = ();
+    fn handle(&mut self, m: NodeUp, _: &mut Context<Self>) {
+        info!(self.log, "NodeUp"; "host" => %m.host.host, "port" => m.host.port, "node" => &m.hello.node);
+        let v = self.entry(&m.host);
+        v.up = true;
+        v.hello = Some(m.hello);
+        v.last_seen = Some(Instant::now());
+    }
+}
+
+impl Handler<NodeDown> for NodeStatus {
+    type Result = ();
+    fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
+        warn!(self.log, "NodeDown"; "host" => %m.host.host, "port" => m.host.port, "reason" => &m.reason);
+        let v = self.entry(&m.host);
+        v.up = false;
+        v.last_down_reason = Some(m.reason);
+    }
+}
+
+impl Handler<CpuReported> for NodeStatus {
+    type Result = ();
+    fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
+        debug!(self.log, "CPU"; "host" => %m.host.host, "port" => m.host.port,
+            "busy_pct" => m.sample.busy_pct, "seq" => m.sample.seq);
+        let v = self.entry(&m.host);
+        v.last_sample = Some(m.sample);
+        v.last_seen = Some(Instant::now());
+        v.samples += 1;
+    }
+}
+
+impl Handler<ListNodes> for NodeStatus {
+    type Result = actix::MessageResult<ListNodes>;
+    fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        actix::MessageResult(self.nodes.clone())
+    }
+}

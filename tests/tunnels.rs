@@ -1,0 +1,527 @@
+//! Node → master reporting over real SSH: a real OpenSSH server on loopback (or in network
+//! namespaces made here), the real node agent (`autoscaler node`), and the master's
+//! TunnelManager asking for the remote forward with russh.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Context, Handler};
+use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
+use autoscaler_actors::host_registry::HostRegistry;
+use autoscaler_actors::hosts::{Host, HostName, HostsDir};
+use autoscaler_actors::messages::{CpuReported, NodeDown, NodeUp};
+use autoscaler_actors::tunnel_manager::{TunnelManager, TunnelOutputs, TunnelSettings};
+use common::{bin, free_port, keygen, tool, Netns, Proc, Sshd};
+use slog::{o, Drain, Logger};
+use tokio::sync::mpsc;
+
+#[derive(Debug)]
+enum Event {
+    Up(NodeUp),
+    Down(NodeDown),
+    Cpu(CpuReported),
+}
+
+struct Collect(mpsc::UnboundedSender<Event>);
+impl Actor for Collect {
+    type Context = Context<Self>;
+}
+impl Handler<NodeUp> for Collect {
+    type Result = ();
+    fn handle(&mut self, m: NodeUp, _: &mut Context<Self>) {
+        let _ = self.0.send(Event::Up(m));
+    }
+}
+impl Handler<NodeDown> for Collect {
+    type Result = ();
+    fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
+        let _ = self.0.send(Event::Down(m));
+    }
+}
+impl Handler<CpuReported> for Collect {
+    type Result = ();
+    fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
+        let _ = self.0.send(Event::Cpu(m));
+    }
+}
+
+/// Log records of the in-process master, as JSON lines, for asserting on what it says.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn logger(&self) -> Logger {
+        let drain = slog_json::Json::new(self.clone())
+            .add_default_keys()
+            .build();
+        Logger::root(Mutex::new(drain).map(slog::Fuse), o!())
+    }
+    /// Waits (bounded) until the log contains `needle`.
+    async fn wait_for(&self, needle: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < end,
+                "log never said {needle:?}:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The master side under test: a config dir with a client key, HostRegistry + TunnelManager
+/// wired to a collector.
+struct Master {
+    dir: tempfile::TempDir,
+    cfg: Config,
+    events: mpsc::UnboundedReceiver<Event>,
+    log: LogBuf,
+    _registry: Addr<HostRegistry>,
+    _tunnels: Addr<TunnelManager>,
+}
+
+impl Master {
+    fn dir_with_key() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        autoscaler_actors::commands::init(dir.path(), Role::Master, false).unwrap();
+        let mut cfg = Config::load(&dir.path().join("autoscaler.ini")).unwrap();
+        keygen(&cfg.ssh.identity_file);
+        cfg.ssh.user = common::current_user();
+        cfg.ssh.connect_timeout = Duration::from_secs(5);
+        cfg.ssh.keepalive = Duration::from_secs(2);
+        cfg.scaling.stale_after = Duration::from_secs(3);
+        (dir, cfg)
+    }
+
+    fn start(dir: tempfile::TempDir, cfg: Config) -> Master {
+        let (tx, events) = mpsc::unbounded_channel();
+        let sink = Collect(tx).start();
+        let log = LogBuf::default();
+        let logger = log.logger();
+        let tunnels = TunnelManager::new(
+            TunnelSettings::from_config(&cfg).unwrap(),
+            TunnelOutputs {
+                cpu: sink.clone().recipient(),
+                up: sink.clone().recipient(),
+                down: sink.recipient(),
+            },
+            &logger,
+        )
+        .start();
+        let registry = HostRegistry::new(
+            HostsDir::new(&cfg.general.hosts_dir),
+            vec![tunnels.clone().recipient()],
+            Duration::from_millis(200),
+            &logger,
+        )
+        .start();
+        Master {
+            dir,
+            cfg,
+            events,
+            log,
+            _registry: registry,
+            _tunnels: tunnels,
+        }
+    }
+
+    fn add_host(&self, sshd: &Sshd, app_port: u16) {
+        let mut h = Host::manual(HostName::parse(&sshd.addr).unwrap(), app_port);
+        h.ssh_port = Some(sshd.port);
+        HostsDir::new(&self.cfg.general.hosts_dir).add(&h).unwrap();
+    }
+
+    fn trust(&self, sshd: &Sshd) {
+        let path = &self.cfg.ssh.known_hosts;
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        std::fs::write(path, old + &sshd.known_hosts_line()).unwrap();
+    }
+
+    /// The next event matching `pred`, skipping others; panics after `limit`.
+    async fn next(&mut self, limit: Duration, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(e)) if pred(&e) => return e,
+                Ok(Some(_)) => continue,
+                _ => panic!(
+                    "no {what} within {limit:?}; master log:\n{}",
+                    self.log.text()
+                ),
+            }
+        }
+    }
+
+    async fn up(&mut self, addr: &str) -> NodeUp {
+        match self
+            .next(
+                Duration::from_secs(20),
+                &format!("NodeUp from {addr}"),
+                |e| matches!(e, Event::Up(u) if u.host.host.to_string() == addr),
+            )
+            .await
+        {
+            Event::Up(u) => u,
+            _ => unreachable!(),
+        }
+    }
+
+    async fn down(&mut self, addr: &str) -> NodeDown {
+        match self
+            .next(
+                Duration::from_secs(20),
+                &format!("NodeDown from {addr}"),
+                |e| matches!(e, Event::Down(d) if d.host.host.to_string() == addr),
+            )
+            .await
+        {
+            Event::Down(d) => d,
+            _ => unreachable!(),
+        }
+    }
+
+    /// `n` samples from `addr`, in arrival order.
+    async fn samples(&mut self, addr: &str, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.len() < n {
+            if let Event::Cpu(c) = self
+                .next(
+                    Duration::from_secs(10),
+                    &format!("sample from {addr}"),
+                    |e| matches!(e, Event::Cpu(c) if c.host.host.to_string() == addr),
+                )
+                .await
+            {
+                assert!((0.0..=100.0).contains(&c.sample.busy_pct));
+                seqs.push(c.sample.seq);
+            }
+        }
+        seqs
+    }
+}
+
+fn pub_of(key: &Path) -> PathBuf {
+    let mut p = key.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+/// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
+fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    autoscaler_actors::commands::init(dir.path(), Role::Node, false).unwrap();
+    let cfg = dir.path().join("autoscaler.ini");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "report_port = 9700",
+            &format!("report_port = {report_port}"),
+        )
+        .replace("sample_interval = 1s", "sample_interval = 200ms");
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    let child = cmd
+        .args(["--log-format", "json", "node"])
+        .env("AUTOSCALER_CONFIG", &cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("node.log")).unwrap())
+        .spawn()
+        .unwrap();
+    (Proc(child), dir)
+}
+
+fn strictly_increasing(seqs: &[u64]) -> bool {
+    seqs.windows(2).all(|w| w[0] < w[1])
+}
+
+#[actix_rt::test]
+async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    let mut cfg = cfg;
+    cfg.node.report_port = report_port;
+    let mut sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.2",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (node, _node_dir) = start_node(report_port, None);
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+
+    let up = m.up("127.0.0.2").await;
+    let boot = up.hello.boot;
+    let first = m.samples("127.0.0.2", 5).await;
+    assert!(strictly_increasing(&first), "{first:?}");
+    m.log.wait_for("Tunnel up", Duration::from_secs(1)).await;
+
+    // sshd dies: NodeDown within seconds; back: NodeUp, and samples go on without duplicates
+    // (the node resends its buffer, the master drops what it already has).
+    sshd.stop();
+    let down = m.down("127.0.0.2").await;
+    assert!(!down.reason.is_empty());
+    let t = Instant::now();
+    sshd.restart(&sshd_bin);
+    let again = m.up("127.0.0.2").await;
+    assert_eq!(again.hello.boot, boot, "same agent run");
+    let after = m.samples("127.0.0.2", 5).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "resumed after {:?}",
+        t.elapsed()
+    );
+    assert!(strictly_increasing(&after), "{after:?}");
+    assert!(
+        after[0] > *first.last().unwrap(),
+        "no duplicates across the restart: {first:?} then {after:?}"
+    );
+
+    // The node agent dies: its channel closes; a new agent is a new boot, counting from 0.
+    drop(node);
+    let down = m.down("127.0.0.2").await;
+    assert!(down.reason.contains("closed"), "{}", down.reason);
+    let (_node2, _d2) = start_node(report_port, None);
+    let up2 = m.up("127.0.0.2").await;
+    assert_ne!(up2.hello.boot, boot);
+    let fresh = m.samples("127.0.0.2", 2).await;
+    assert!(fresh[0] < 10, "new run restarts numbering: {fresh:?}");
+    drop(m.dir);
+}
+
+#[actix_rt::test]
+async fn host_keys_are_verified() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+
+    // Unknown key, strict policy: refused with a clear message, no NodeUp.
+    let (dir, mut cfg) = Master::dir_with_key();
+    cfg.node.report_port = free_port("127.0.0.1");
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.3",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let m = Master::start(dir, cfg);
+    m.add_host(&sshd, 8080);
+    m.log.wait_for("is not in", Duration::from_secs(10)).await;
+    assert!(m.log.text().contains("host_key_policy = accept-new"));
+
+    // A changed key (known_hosts holds another key for this address): refused, loudly.
+    let (dir, mut cfg) = Master::dir_with_key();
+    cfg.node.report_port = free_port("127.0.0.1");
+    let other = tempfile::tempdir().unwrap();
+    keygen(&other.path().join("k"));
+    let other_pub = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let b64 = other_pub.split_whitespace().nth(1).unwrap();
+    std::fs::write(
+        &cfg.ssh.known_hosts,
+        format!("[127.0.0.3]:{} ssh-ed25519 {b64}\n", sshd.port),
+    )
+    .unwrap();
+    let mut m2 = Master::start(dir, cfg);
+    m2.add_host(&sshd, 8080);
+    m2.log
+        .wait_for("HOST KEY OF 127.0.0.3 HAS CHANGED", Duration::from_secs(10))
+        .await;
+    assert!(
+        m2.events.try_recv().is_err(),
+        "no event from a refused host"
+    );
+
+    // accept-new: the key is recorded on first contact and the session comes up.
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    cfg.ssh.host_key_policy = HostKeyPolicy::AcceptNew;
+    let sshd4 = Sshd::start(
+        &sshd_bin,
+        "127.0.0.4",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (_node, _nd) = start_node(report_port, None);
+    let mut m3 = Master::start(dir, cfg);
+    m3.add_host(&sshd4, 8080);
+    m3.up("127.0.0.4").await;
+    let recorded = std::fs::read_to_string(&m3.cfg.ssh.known_hosts).unwrap();
+    assert_eq!(recorded.trim(), sshd4.known_hosts_line().trim());
+}
+
+#[actix_rt::test]
+async fn a_busy_report_port_on_the_node_is_reported() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    cfg.node.report_port = port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.5",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.log
+        .wait_for(&format!("the node refused the forward of 127.0.0.1:{port}: is report_port {port} already in use"), Duration::from_secs(10))
+        .await;
+}
+
+#[actix_rt::test]
+async fn two_nodes_in_their_own_network_namespaces() {
+    let (Some(sshd_bin), Some(_)) = (tool("sshd"), tool("ip")) else {
+        return;
+    };
+    let (dir, mut cfg) = Master::dir_with_key();
+    // Each namespace has its own loopback: both nodes use the same report_port, as real ones do.
+    cfg.node.report_port = 9700;
+    let client_pub = pub_of(&cfg.ssh.identity_file);
+    let ns1 = Netns::create(1);
+    let ns2 = Netns::create(2);
+    let s1 = Sshd::start(&sshd_bin, &ns1.inner, None, &client_pub, Some(&ns1.name));
+    let s2 = Sshd::start(&sshd_bin, &ns2.inner, None, &client_pub, Some(&ns2.name));
+    let (_n1, _d1) = start_node(9700, Some(&ns1.name));
+    let (_n2, _d2) = start_node(9700, Some(&ns2.name));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&s1);
+    m.trust(&s2);
+    m.add_host(&s1, 80);
+    m.add_host(&s2, 80);
+    let mut waiting = vec![ns1.inner.clone(), ns2.inner.clone()];
+    while !waiting.is_empty() {
+        if let Event::Up(u) = m
+            .next(
+                Duration::from_secs(20),
+                &format!("NodeUp from {waiting:?}"),
+                |e| matches!(e, Event::Up(_)),
+            )
+            .await
+        {
+            waiting.retain(|a| *a != u.host.host.to_string());
+        }
+    }
+    let a = m.samples(&ns1.inner, 3).await;
+    let b = m.samples(&ns2.inner, 3).await;
+    assert!(
+        strictly_increasing(&a) && strictly_increasing(&b),
+        "{a:?} {b:?}"
+    );
+    drop((s1, s2));
+}
+
+/// The binary end to end: `autoscaler master` notices `add-host` while running, opens the
+/// tunnel, logs NodeUp and each node's CPU (JSON, -v), and closes it on `remove-host`.
+#[test]
+fn master_binary_follows_hosts_d() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let s = common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    keygen(&key);
+    let report_port = free_port("127.0.0.1");
+    s.set("ssh", "user", &common::current_user());
+    s.set("node", "report_port", &report_port.to_string());
+    s.set("ssh", "host_key_policy", "accept-new");
+    let sshd = Sshd::start(&sshd_bin, "127.0.0.6", None, &pub_of(&key), None);
+    let (_node, _nd) = start_node(report_port, None);
+    let mut master = Proc(
+        Command::new(bin())
+            .args(["--log-format", "json", "-v", "master"])
+            .env("AUTOSCALER_CONFIG", s.config())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = master.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let wait = |msg: &str| -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) if v["msg"] == msg => return v,
+                Ok(_) => {}
+                Err(_) => panic!("master never logged {msg:?}"),
+            }
+        }
+    };
+    wait("Started");
+    let out = s.run(&[
+        "add-host",
+        "127.0.0.6",
+        "8080",
+        "--ssh-port",
+        &sshd.port.to_string(),
+    ]);
+    assert!(out.status.success());
+    let t = Instant::now();
+    let up = wait("NodeUp");
+    assert_eq!(up["host"], "127.0.0.6");
+    let cpu = wait("CPU");
+    assert!(
+        cpu["busy_pct"]
+            .as_f64()
+            .is_some_and(|b| (0.0..=100.0).contains(&b)),
+        "{cpu}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "noticed after {:?}",
+        t.elapsed()
+    );
+    assert!(s
+        .run(&["remove-host", "127.0.0.6", "8080"])
+        .status
+        .success());
+    let closing = wait("Closing tunnel");
+    assert_eq!(closing["host"], "127.0.0.6");
+    wait("NodeDown");
+    // SIGTERM stops it cleanly.
+    Command::new("kill")
+        .args(["-TERM", &master.0.id().to_string()])
+        .status()
+        .unwrap();
+    wait("Stopped");
+    let status = master.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
