@@ -70,6 +70,9 @@ pub enum Command {
         /// SSH port of this host, when it differs from [ssh] port.
         #[arg(long)]
         ssh_port: Option<String>,
+        /// The node's report port, when it differs from [node] report_port.
+        #[arg(long)]
+        report_port: Option<String>,
     },
     /// Remove a registered backend host.
     RemoveHost {

@@ -82,9 +82,11 @@ fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             host,
             port,
             ssh_port,
+            report_port,
         } => {
             let mut entry = Host::manual(HostName::parse(host)?, parse_port(port)?);
             entry.ssh_port = ssh_port.as_deref().map(parse_port).transpose()?;
+            entry.report_port = report_port.as_deref().map(parse_port).transpose()?;
             let cfg = load(cli)?;
             let dir = HostsDir::new(&cfg.general.hosts_dir);
             let key = entry.key();

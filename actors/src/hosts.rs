@@ -176,6 +176,10 @@ pub struct Host {
     /// SSH port of this host when it differs from `[ssh] port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_port: Option<u16>,
+    /// The node's report port when it differs from `[node] report_port` (that port is taken
+    /// on this node, or several agents share one machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_port: Option<u16>,
     /// EC2 instance id (or the launch command's id) when autoscaler launched it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
@@ -191,6 +195,7 @@ impl Host {
             host,
             port,
             ssh_port: None,
+            report_port: None,
             instance_id: None,
             origin: Origin::Manual,
         }
@@ -218,6 +223,9 @@ impl Host {
         if let Some(p) = self.ssh_port {
             s.push_str(&format!("ssh_port = {p}\n"));
         }
+        if let Some(p) = self.report_port {
+            s.push_str(&format!("report_port = {p}\n"));
+        }
         if let Some(id) = &self.instance_id {
             s.push_str(&format!("instance_id = {id}\n"));
         }
@@ -241,9 +249,12 @@ impl Host {
                 .split_once('=')
                 .ok_or_else(|| format!("line {}: expected `key = value`", n + 1))?;
             let (k, v) = (k.trim(), v.trim());
-            if !matches!(k, "host" | "port" | "ssh_port" | "instance_id" | "origin") {
+            if !matches!(
+                k,
+                "host" | "port" | "ssh_port" | "report_port" | "instance_id" | "origin"
+            ) {
                 return Err(format!(
-                    "line {}: unknown key {k:?} (known: host, port, ssh_port, instance_id, origin)",
+                    "line {}: unknown key {k:?} (known: host, port, ssh_port, report_port, instance_id, origin)",
                     n + 1
                 ));
             }
@@ -259,6 +270,10 @@ impl Host {
             .get("ssh_port")
             .map(|p| parse_port(p).map_err(|e| format!("ssh_port: {e}")))
             .transpose()?;
+        let report_port = fields
+            .get("report_port")
+            .map(|p| parse_port(p).map_err(|e| format!("report_port: {e}")))
+            .transpose()?;
         let instance_id = match fields.get("instance_id") {
             Some(id) => Some(validate_instance_id(id)?.to_string()),
             None => None,
@@ -272,6 +287,7 @@ impl Host {
             host,
             port,
             ssh_port,
+            report_port,
             instance_id,
             origin,
         })
@@ -592,6 +608,7 @@ mod tests {
             host: HostName::parse("192.0.2.7").unwrap(),
             port: 8080,
             ssh_port: Some(2222),
+            report_port: Some(9701),
             instance_id: Some("i-0abc".into()),
             origin: Origin::Launched,
         };

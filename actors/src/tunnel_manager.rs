@@ -123,7 +123,8 @@ pub struct TunnelOutputs {
 
 struct SessionHandle {
     task: tokio::task::JoinHandle<()>,
-    ssh_port: u16,
+    /// SSH and report port the session was opened with; a change reopens it.
+    ports: (u16, u16),
     up: Arc<AtomicBool>,
 }
 
@@ -144,6 +145,14 @@ impl TunnelManager {
             sessions: HashMap::new(),
             log: log.new(o!("actor" => "TunnelManager")),
         }
+    }
+
+    /// (SSH port, report port) for a host: its own, or the configured defaults.
+    fn ports(&self, h: &Host) -> (u16, u16) {
+        (
+            h.ssh_port.unwrap_or(self.settings.default_port),
+            h.report_port.unwrap_or(self.settings.report_port),
+        )
     }
 
     fn stop_session(&mut self, key: &HostKey, reason: &str) {
@@ -178,11 +187,7 @@ impl Handler<HostsChanged> for TunnelManager {
         let gone: Vec<HostKey> = self
             .sessions
             .iter()
-            .filter(|(k, s)| {
-                wanted
-                    .get(*k)
-                    .is_none_or(|h| h.ssh_port.unwrap_or(self.settings.default_port) != s.ssh_port)
-            })
+            .filter(|(k, s)| wanted.get(*k).is_none_or(|h| self.ports(h) != s.ports))
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
@@ -193,22 +198,21 @@ impl Handler<HostsChanged> for TunnelManager {
             if self.sessions.contains_key(&key) {
                 continue;
             }
-            let ssh_port = host.ssh_port.unwrap_or(self.settings.default_port);
+            let ports = self.ports(host);
             let up = Arc::new(AtomicBool::new(false));
             let log = self.log.new(
-                o!("host" => key.host.to_string(), "app_port" => key.port, "ssh_port" => ssh_port),
+                o!("host" => key.host.to_string(), "app_port" => key.port, "ssh_port" => ports.0),
             );
             info!(log, "Opening tunnel");
             let task = tokio::spawn(session_loop(
                 key.clone(),
-                ssh_port,
+                ports,
                 self.settings.clone(),
                 self.out.clone(),
                 up.clone(),
                 log,
             ));
-            self.sessions
-                .insert(key, SessionHandle { task, ssh_port, up });
+            self.sessions.insert(key, SessionHandle { task, ports, up });
         }
     }
 }
@@ -217,7 +221,7 @@ impl Handler<HostsChanged> for TunnelManager {
 /// aborted by the actor.
 async fn session_loop(
     key: HostKey,
-    ssh_port: u16,
+    ports: (u16, u16),
     settings: Arc<TunnelSettings>,
     out: TunnelOutputs,
     up: Arc<AtomicBool>,
@@ -227,7 +231,7 @@ async fn session_loop(
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     loop {
         let started = Instant::now();
-        let result = run_session(&key, ssh_port, &settings, &out, &up, &filter, &log).await;
+        let result = run_session(&key, ports, &settings, &out, &up, &filter, &log).await;
         let reason = match &result {
             Ok(()) => "SSH session closed".to_string(),
             Err(e) => e.to_string(),
@@ -250,7 +254,7 @@ async fn session_loop(
 
 async fn run_session(
     key: &HostKey,
-    ssh_port: u16,
+    (ssh_port, report_port): (u16, u16),
     settings: &Arc<TunnelSettings>,
     out: &TunnelOutputs,
     up: &Arc<AtomicBool>,
@@ -297,10 +301,10 @@ async fn run_session(
             return Err(TunnelError::AuthRefused(settings.user.clone()));
         }
         handle
-            .tcpip_forward("127.0.0.1", u32::from(settings.report_port))
+            .tcpip_forward("127.0.0.1", u32::from(report_port))
             .await
             .map_err(|e| TunnelError::ForwardRefused {
-                port: settings.report_port,
+                port: report_port,
                 message: e.to_string(),
             })?;
         Ok::<_, TunnelError>(handle)
@@ -308,7 +312,7 @@ async fn run_session(
     let mut handle = tokio::time::timeout(settings.connect_timeout, setup)
         .await
         .map_err(|_| TunnelError::ConnectTimeout(settings.connect_timeout))??;
-    info!(log, "Tunnel up"; "forward" => format!("127.0.0.1:{}", settings.report_port));
+    info!(log, "Tunnel up"; "forward" => format!("127.0.0.1:{report_port}"));
     (&mut handle).await?;
     Ok(())
 }
