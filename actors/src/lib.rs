@@ -11,6 +11,7 @@
 //! - [`commands`]: `init` and `generate`, the one-shot commands behind the binary.
 //! - [`report`]: the node → master report protocol (codec, pure).
 //! - [`messages`]: messages shared by several actors.
+//! - [`policy`]: the scaling decision as a pure function of samples, history and time.
 //! - Actors, one per file: [`cpu_sampler`], [`report_link`] (node); [`host_registry`],
 //!   [`tunnel_manager`], [`node_status`] (master).
 //! - [`fsutil`], [`backoff`]: atomic writes; jittered reconnect delays.
@@ -41,6 +42,7 @@ pub mod host_registry;
 pub mod hosts;
 pub mod messages;
 pub mod node_status;
+pub mod policy;
 pub mod render;
 pub mod report;
 pub mod report_link;

@@ -1,0 +1,562 @@
+//! The scaling policy: a pure function from what the master knows (per-node sample windows,
+//! node states, launches in flight, past actions, configuration, now) to one decision.
+//!
+//! Time is an input (milliseconds on the master's clock, when each sample was *received*, so
+//! node clock skew does not matter). Nothing here sleeps, reads a clock or does I/O; the
+//! ScaleDecider actor feeds it and carries out what it returns.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::{Policy, Scaling};
+use crate::hosts::HostKey;
+
+/// One node as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInput {
+    pub key: HostKey,
+    /// When its current tunnel said hello; None while it is down.
+    pub up_since_ms: Option<u64>,
+    /// (received at, busy %) of recent samples, oldest first.
+    pub samples: Vec<(u64, f64)>,
+    /// True for hosts this autoscaler launched: the only ones scale-in may remove.
+    pub launched: bool,
+    /// When it was registered (scale-in removes the newest first).
+    pub registered_ms: u64,
+}
+
+/// What happened before: the guards' memory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    pub last_scale_up_ms: Option<u64>,
+    pub last_scale_down_ms: Option<u64>,
+    /// When each instance launched in the last hour (or more) was asked for.
+    pub launches_ms: Vec<u64>,
+    /// Launches asked for and not finished yet: they count as nodes.
+    pub in_flight: u32,
+}
+
+/// Why nothing is done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hold {
+    /// No node has fresh, warmed-up data covering the window: missing data is never read as
+    /// 0 % or 100 %.
+    NoData,
+    /// Load is between the thresholds (or inside the tolerance band).
+    Steady,
+    /// Scale-up wanted, but max_nodes (in-flight launches included) is reached.
+    AtMax,
+    /// Scale-in wanted, but min_nodes is reached.
+    AtMin,
+    /// Within `cooldown` of the last scale-up (or `scale_down_cooldown` of the last scale-in).
+    Cooldown { remaining_ms: u64 },
+    /// max_launches_per_hour reached.
+    HourlyCap,
+    /// Launches are in flight; no scale-in until they finish.
+    LaunchInFlight,
+    /// Scale-in wanted but no host was launched by this autoscaler.
+    NothingToRemove,
+}
+
+/// The policy's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    ScaleUp { count: u32, reason: String },
+    ScaleDown { host: HostKey, reason: String },
+    Hold(Hold),
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::NoData => f.write_str("no node has fresh data covering the window"),
+            Hold::Steady => f.write_str("load within bounds"),
+            Hold::AtMax => f.write_str("max_nodes reached"),
+            Hold::AtMin => f.write_str("min_nodes reached"),
+            Hold::Cooldown { remaining_ms } => {
+                write!(f, "cooldown, {} s left", remaining_ms.div_ceil(1000))
+            }
+            Hold::HourlyCap => f.write_str("max_launches_per_hour reached"),
+            Hold::LaunchInFlight => f.write_str("launches in flight"),
+            Hold::NothingToRemove => f.write_str("no host launched by autoscaler to remove"),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Mean busy % of a node over `[now - window, now]`, if its samples cover the window (the
+/// first one in it is no later than `stale` after the window's start) and the node is eligible.
+fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Option<f64> {
+    let up = n.up_since_ms?;
+    if now.saturating_sub(up) < ms(cfg.warmup) {
+        return None;
+    }
+    let last = n.samples.last()?.0;
+    if now.saturating_sub(last) > ms(cfg.stale_after) {
+        return None;
+    }
+    let start = now.saturating_sub(ms(window));
+    let inside: Vec<f64> = n
+        .samples
+        .iter()
+        .filter(|(t, _)| *t >= start)
+        .map(|(_, b)| *b)
+        .collect();
+    let first = n.samples.iter().find(|(t, _)| *t >= start)?.0;
+    if first > start + ms(cfg.stale_after) || inside.is_empty() {
+        return None;
+    }
+    Some(inside.iter().sum::<f64>() / inside.len() as f64)
+}
+
+/// Decides. `nodes` is every registered host.
+pub fn decide(cfg: &Scaling, nodes: &[NodeInput], hist: &History, now: u64) -> Decision {
+    let current = nodes.len() as u32 + hist.in_flight;
+    let up_means: Vec<f64> = nodes
+        .iter()
+        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_up_window))
+        .collect();
+    let down_means: Vec<f64> = nodes
+        .iter()
+        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_down_window))
+        .collect();
+    if up_means.is_empty() && down_means.is_empty() {
+        return Decision::Hold(Hold::NoData);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+
+    // What the load asks for.
+    let up_wanted: Option<(u32, String)> = match cfg.policy {
+        Policy::Instance => up_means
+            .iter()
+            .cloned()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+            .filter(|&hot| hot >= cfg.scale_up_threshold)
+            .map(|hot| {
+                (
+                    cfg.scale_up_step,
+                    format!(
+                        "a node averaged {hot:.1}% over {} (threshold {}%)",
+                        humantime::format_duration(cfg.scale_up_window),
+                        cfg.scale_up_threshold
+                    ),
+                )
+            }),
+        Policy::Cluster if !up_means.is_empty() => {
+            let m = mean(&up_means);
+            let ratio = m / cfg.target_cpu;
+            let e = up_means.len() as u32;
+            let desired = (f64::from(e) * ratio).ceil() as u32 + (current - e.min(current));
+            (ratio > 1.0 + cfg.tolerance && desired > current).then(|| {
+                (desired - current, format!("cluster mean {m:.1}% vs target {}%: desired {desired} nodes, have {current}", cfg.target_cpu))
+            })
+        }
+        Policy::Cluster => None,
+    };
+    if let Some((want, reason)) = up_wanted {
+        if current >= cfg.max_nodes {
+            return Decision::Hold(Hold::AtMax);
+        }
+        if let Some(t) = hist.last_scale_up_ms {
+            let since = now.saturating_sub(t);
+            if since < ms(cfg.cooldown) {
+                return Decision::Hold(Hold::Cooldown {
+                    remaining_ms: ms(cfg.cooldown) - since,
+                });
+            }
+        }
+        let hour_ago = now.saturating_sub(3_600_000);
+        let recent = hist.launches_ms.iter().filter(|&&t| t > hour_ago).count() as u32;
+        let allowed = cfg.max_launches_per_hour.saturating_sub(recent);
+        let count = want.min(cfg.max_nodes - current).min(allowed);
+        if count == 0 {
+            return Decision::Hold(Hold::HourlyCap);
+        }
+        return Decision::ScaleUp { count, reason };
+    }
+
+    // Scale-in: the whole (long) window below the threshold, or below the tolerance band.
+    if down_means.is_empty() {
+        return Decision::Hold(Hold::Steady);
+    }
+    let m = mean(&down_means);
+    let low = match cfg.policy {
+        Policy::Instance => m < cfg.scale_down_threshold,
+        Policy::Cluster => {
+            let e = down_means.len() as f64;
+            m / cfg.target_cpu < 1.0 - cfg.tolerance && (e * m / cfg.target_cpu).ceil() < e
+        }
+    };
+    if !low {
+        return Decision::Hold(Hold::Steady);
+    }
+    if current <= cfg.min_nodes {
+        return Decision::Hold(Hold::AtMin);
+    }
+    if hist.in_flight > 0 {
+        return Decision::Hold(Hold::LaunchInFlight);
+    }
+    for (last, cooldown) in [
+        (hist.last_scale_down_ms, cfg.scale_down_cooldown),
+        (hist.last_scale_up_ms, cfg.cooldown),
+    ] {
+        if let Some(t) = last {
+            let since = now.saturating_sub(t);
+            if since < ms(cooldown) {
+                return Decision::Hold(Hold::Cooldown {
+                    remaining_ms: ms(cooldown) - since,
+                });
+            }
+        }
+    }
+    match nodes
+        .iter()
+        .filter(|n| n.launched)
+        .max_by_key(|n| (n.registered_ms, n.key.clone()))
+    {
+        None => Decision::Hold(Hold::NothingToRemove),
+        Some(n) => Decision::ScaleDown {
+            host: n.key.clone(),
+            reason: format!(
+                "mean {m:.1}% over {} below {}%",
+                humantime::format_duration(cfg.scale_down_window),
+                match cfg.policy {
+                    Policy::Instance => cfg.scale_down_threshold,
+                    Policy::Cluster => cfg.target_cpu * (1.0 - cfg.tolerance),
+                }
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Layout, Role};
+    use crate::hosts::HostName;
+    use std::path::Path;
+
+    const S: u64 = 1000;
+    const MIN: u64 = 60 * S;
+    /// A "now" far from zero so subtractions are realistic.
+    const NOW: u64 = 10_000_000 * S;
+
+    fn cfg() -> Scaling {
+        let mut c = Config::defaults(&Layout::for_dir(Path::new("/x")), Role::Master).scaling;
+        c.scale_up_threshold = 75.0;
+        c.scale_down_threshold = 25.0;
+        c.scale_up_window = Duration::from_secs(60);
+        c.scale_down_window = Duration::from_secs(600);
+        c.warmup = Duration::from_secs(120);
+        c.stale_after = Duration::from_secs(10);
+        c.cooldown = Duration::from_secs(300);
+        c.scale_down_cooldown = Duration::from_secs(600);
+        c.min_nodes = 1;
+        c.max_nodes = 5;
+        c.max_launches_per_hour = 4;
+        c
+    }
+
+    fn key(i: u8) -> HostKey {
+        HostKey {
+            host: HostName::parse(&format!("127.0.1.{i}")).unwrap(),
+            port: 80,
+        }
+    }
+
+    /// A node up for an hour, one sample a second at `busy` for the last `span`.
+    fn node(i: u8, busy: f64, span: u64) -> NodeInput {
+        NodeInput {
+            key: key(i),
+            up_since_ms: Some(NOW - 60 * MIN),
+            samples: (0..span / S)
+                .map(|k| (NOW - span + k * S + S, busy))
+                .collect(),
+            launched: false,
+            registered_ms: NOW - 60 * MIN,
+        }
+    }
+
+    fn launched(mut n: NodeInput, at: u64) -> NodeInput {
+        n.launched = true;
+        n.registered_ms = at;
+        n
+    }
+
+    fn up(count: u32) -> impl Fn(&Decision) -> bool {
+        move |d| matches!(d, Decision::ScaleUp { count: c, .. } if *c == count)
+    }
+
+    #[test]
+    fn instance_policy_table() {
+        let c = cfg();
+        let fresh = History::default();
+        type Check = Box<dyn Fn(&Decision) -> bool>;
+        let cases: Vec<(&str, Vec<NodeInput>, History, Check)> = vec![
+            (
+                "one hot node scales up",
+                vec![node(1, 90.0, 11 * MIN), node(2, 10.0, 11 * MIN)],
+                fresh.clone(),
+                Box::new(up(1)),
+            ),
+            (
+                "exactly the threshold scales up",
+                vec![node(1, 75.0, 11 * MIN)],
+                fresh.clone(),
+                Box::new(up(1)),
+            ),
+            (
+                "just under it holds",
+                vec![node(1, 74.9, 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Steady)),
+            ),
+            (
+                "no nodes: no data",
+                vec![],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "stale samples are no data, never 0%",
+                vec![{
+                    let mut n = node(1, 5.0, 11 * MIN);
+                    n.samples.iter_mut().for_each(|s| s.0 -= 30 * S);
+                    n
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "a node down takes no part",
+                vec![{
+                    let mut n = node(1, 99.0, 11 * MIN);
+                    n.up_since_ms = None;
+                    n
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "a node warming up takes no part",
+                vec![{
+                    let mut n = node(1, 99.0, MIN);
+                    n.up_since_ms = Some(NOW - MIN);
+                    n
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "data not covering the window is no data",
+                vec![node(1, 99.0, 20 * S)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "max_nodes counts launches in flight",
+                vec![node(1, 90.0, 11 * MIN), node(2, 90.0, 11 * MIN)],
+                History {
+                    in_flight: 3,
+                    ..fresh.clone()
+                },
+                Box::new(|d| *d == Decision::Hold(Hold::AtMax)),
+            ),
+            (
+                "cooldown after a scale-up",
+                vec![node(1, 90.0, 11 * MIN)],
+                History {
+                    last_scale_up_ms: Some(NOW - 2 * MIN),
+                    ..fresh.clone()
+                },
+                Box::new(|d| {
+                    *d == Decision::Hold(Hold::Cooldown {
+                        remaining_ms: 3 * MIN,
+                    })
+                }),
+            ),
+            (
+                "cooldown over",
+                vec![node(1, 90.0, 11 * MIN)],
+                History {
+                    last_scale_up_ms: Some(NOW - 6 * MIN),
+                    ..fresh.clone()
+                },
+                Box::new(up(1)),
+            ),
+            (
+                "hourly cap",
+                vec![node(1, 90.0, 11 * MIN)],
+                History {
+                    launches_ms: vec![
+                        NOW - 50 * MIN,
+                        NOW - 40 * MIN,
+                        NOW - 30 * MIN,
+                        NOW - 20 * MIN,
+                    ],
+                    ..fresh.clone()
+                },
+                Box::new(|d| *d == Decision::Hold(Hold::HourlyCap)),
+            ),
+            (
+                "launches older than an hour do not count",
+                vec![node(1, 90.0, 11 * MIN)],
+                History {
+                    launches_ms: vec![NOW - 70 * MIN; 4],
+                    ..fresh.clone()
+                },
+                Box::new(up(1)),
+            ),
+            (
+                "scale-in removes the newest launched host",
+                vec![
+                    node(1, 5.0, 11 * MIN),
+                    launched(node(2, 5.0, 11 * MIN), NOW - 50 * MIN),
+                    launched(node(3, 5.0, 11 * MIN), NOW - 40 * MIN),
+                ],
+                fresh.clone(),
+                Box::new(|d| matches!(d, Decision::ScaleDown { host, .. } if *host == key(3))),
+            ),
+            (
+                "never a host added by hand",
+                vec![node(1, 5.0, 11 * MIN), node(2, 5.0, 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::NothingToRemove)),
+            ),
+            (
+                "min_nodes",
+                vec![launched(node(1, 5.0, 11 * MIN), NOW - 50 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::AtMin)),
+            ),
+            (
+                "low load for less than the window holds",
+                vec![
+                    node(1, 50.0, 11 * MIN),
+                    launched(node(2, 50.0, 11 * MIN), NOW - 50 * MIN),
+                ]
+                .into_iter()
+                .map(|mut n| {
+                    let len = n.samples.len();
+                    n.samples[len - 300..].iter_mut().for_each(|s| s.1 = 1.0);
+                    n
+                })
+                .collect(),
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Steady)),
+            ),
+            (
+                "no scale-in while launches are in flight",
+                vec![
+                    node(1, 5.0, 11 * MIN),
+                    launched(node(2, 5.0, 11 * MIN), NOW - 50 * MIN),
+                ],
+                History {
+                    in_flight: 1,
+                    ..fresh.clone()
+                },
+                Box::new(|d| *d == Decision::Hold(Hold::LaunchInFlight)),
+            ),
+            (
+                "scale-down cooldown",
+                vec![
+                    node(1, 5.0, 11 * MIN),
+                    launched(node(2, 5.0, 11 * MIN), NOW - 50 * MIN),
+                ],
+                History {
+                    last_scale_down_ms: Some(NOW - 5 * MIN),
+                    ..fresh.clone()
+                },
+                Box::new(|d| {
+                    *d == Decision::Hold(Hold::Cooldown {
+                        remaining_ms: 5 * MIN,
+                    })
+                }),
+            ),
+        ];
+        for (name, nodes, hist, check) in cases {
+            let d = decide(&c, &nodes, &hist, NOW);
+            assert!(check(&d), "{name}: got {d:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_policy_targets_the_mean() {
+        let mut c = cfg();
+        c.policy = Policy::Cluster;
+        c.target_cpu = 50.0;
+        c.max_nodes = 10;
+        c.max_launches_per_hour = 10;
+        let h = History::default();
+        // 4 nodes at 80%: desired = ceil(4 × 80/50) = 7 → 3 more.
+        let nodes: Vec<_> = (1..=4).map(|i| node(i, 80.0, 11 * MIN)).collect();
+        assert!(matches!(
+            decide(&c, &nodes, &h, NOW),
+            Decision::ScaleUp { count: 3, .. }
+        ));
+        // Inside the tolerance band (54% vs 50% ± 10%): nothing.
+        let nodes: Vec<_> = (1..=4).map(|i| node(i, 54.0, 11 * MIN)).collect();
+        assert_eq!(decide(&c, &nodes, &h, NOW), Decision::Hold(Hold::Steady));
+        // Capped by max_nodes.
+        let nodes: Vec<_> = (1..=4).map(|i| node(i, 100.0, 11 * MIN)).collect();
+        assert!(matches!(
+            decide(
+                &c,
+                &nodes,
+                &History {
+                    in_flight: 4,
+                    ..h.clone()
+                },
+                NOW
+            ),
+            Decision::ScaleUp { count: 2, .. }
+        ));
+        // Low: one launched node goes.
+        let mut nodes: Vec<_> = (1..=3).map(|i| node(i, 10.0, 11 * MIN)).collect();
+        nodes.push(launched(node(4, 10.0, 11 * MIN), NOW - 30 * MIN));
+        assert!(
+            matches!(decide(&c, &nodes, &h, NOW), Decision::ScaleDown { host, .. } if host == key(4))
+        );
+    }
+
+    /// Load that flaps between hot and idle every few minutes for a day never launches more
+    /// than max_launches_per_hour in any hour.
+    #[test]
+    fn flapping_load_respects_the_hourly_cap() {
+        let mut c = cfg();
+        c.max_nodes = 1000;
+        c.cooldown = Duration::from_secs(60);
+        let mut hist = History::default();
+        let mut t = NOW;
+        for step in 0..(24 * 60) {
+            t += MIN;
+            let busy = if (step / 3) % 2 == 0 { 95.0 } else { 5.0 };
+            let mut n = node(1, busy, 11 * MIN);
+            n.samples.iter_mut().for_each(|s| s.0 += t - NOW);
+            if let Decision::ScaleUp { count, .. } = decide(&c, &[n], &hist, t) {
+                hist.last_scale_up_ms = Some(t);
+                hist.launches_ms
+                    .extend(std::iter::repeat_n(t, count as usize));
+            }
+        }
+        assert!(
+            hist.launches_ms.len() > 20,
+            "it did scale: {}",
+            hist.launches_ms.len()
+        );
+        for &start in &hist.launches_ms {
+            let in_hour = hist
+                .launches_ms
+                .iter()
+                .filter(|&&x| x >= start && x < start + 60 * MIN)
+                .count();
+            assert!(
+                in_hour <= c.max_launches_per_hour as usize,
+                "{in_hour} launches in the hour from {start}"
+            );
+        }
+    }
+}
