@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Master fan-in: N concurrent tunnels against one loopback sshd, each carrying RATE reports a
+# second for DURATION seconds from a load generator standing in for N node agents. Prints the
+# master's CPU time per report (utime+stime over the load window) and its peak RSS, and the
+# extrapolation to 10,000 nodes at 1 Hz.
+# Usage: benches/master-fanin.sh [N=200] [RATE=5] [DURATION=20]   (root: sshd needs it)
+set -euo pipefail
+n=${1:-200} rate=${2:-5} dur=${3:-20}
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
+[ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do pkill -9 -P "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+# sshd on 127.0.0.1 with throwaway keys.
+mkdir -p /run/sshd "$tmp/sshd"
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/sshd/host"
+ssh_port=$(free_port)
+"$bin" -q init --dir "$tmp/m"
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/m/id_ed25519"
+cp "$tmp/m/id_ed25519.pub" "$tmp/sshd/authorized_keys"
+cat >"$tmp/sshd/config" <<CFG
+Port $ssh_port
+ListenAddress 127.0.0.1
+HostKey $tmp/sshd/host
+PidFile $tmp/sshd/pid
+AuthorizedKeysFile $tmp/sshd/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AllowTcpForwarding yes
+GatewayPorts no
+StrictModes no
+MaxStartups 2000
+MaxSessions 10
+CFG
+/usr/sbin/sshd -D -f "$tmp/sshd/config" -E "$tmp/sshd/log" &
+pids+=($!)
+echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$tmp/sshd/host.pub")" >"$tmp/m/known_hosts"
+sed -i "s/^user = .*/user = $(id -un)/" "$tmp/m/autoscaler.ini"
+
+# N hosts: all 127.0.0.1, each with its own application and report port.
+base=$((20000 + RANDOM % 10000))
+for ((i = 0; i < n; i++)); do
+  printf 'host = 127.0.0.1\nport = %d\nssh_port = %d\nreport_port = %d\n' $((base + i)) "$ssh_port" $((base + 20000 + i)) \
+    >"$tmp/m/hosts.d/127.0.0.1_$((base + i)).host"
+done
+AUTOSCALER_CONFIG="$tmp/m/autoscaler.ini" "$bin" ${FANIN_LOG_ARGS:--q} master 2>"$tmp/master.log" &
+master=$!; pids+=($master)
+
+python3 - "$n" "$rate" "$dur" "$base" "$master" <<'PY'
+import asyncio, json, os, sys, time
+n, rate, dur, base, master = map(int, sys.argv[1:])
+tck = os.sysconf("SC_CLK_TCK")
+def cpu(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / tck
+def hwm(pid):
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmHWM"): return int(l.split()[1])
+async def connect(i):
+    for _ in range(600):
+        try:
+            return await asyncio.open_connection("127.0.0.1", base + 20000 + i)
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"forward {i} never came up")
+async def main():
+    t0 = time.time()
+    conns = await asyncio.gather(*(connect(i) for i in range(n)))
+    print(f"{n} forwards up after {time.time() - t0:.1f}s")
+    for i, (_, w) in enumerate(conns):
+        w.write((json.dumps({"v": 1, "type": "hello", "node": f"n{i}", "boot": 1}) + "\n").encode())
+    await asyncio.sleep(2)
+    c0, start, sent, seq = cpu(master), time.time(), 0, 0
+    while time.time() - start < dur:
+        tick = time.time()
+        for _, w in conns:
+            w.write((json.dumps({"v": 1, "type": "cpu", "seq": seq, "ts_ms": int(tick * 1000), "busy_pct": 42.0, "cores": 2}) + "\n").encode())
+        sent += n; seq += 1
+        await asyncio.gather(*(w.drain() for _, w in conns))
+        await asyncio.sleep(max(0, 1 / rate - (time.time() - tick)))
+    await asyncio.sleep(1)
+    used = cpu(master) - c0
+    per = used / sent * 1e6
+    print(f"reports: {sent} over {dur}s ({sent / dur:.0f}/s) through {n} tunnels")
+    print(f"master CPU: {used:.2f} s = {per:.1f} us per report; peak RSS {hwm(master)} KiB")
+    print(f"10,000 nodes at 1 Hz: {per * 10000 / 1e6:.2f} cores of master CPU")
+asyncio.run(main())
+PY
+if [ -n "${FANIN_LOG_ARGS:-}" ]; then
+  grep -c DEBG "$tmp/master.log"; grep -m3 -e DEBG "$tmp/master.log"; grep -v -e NodeUp -e "Tunnel up" -e "Opening tunnel" -e "Node up" -e "Report channel opened" "$tmp/master.log" | head -5
+  echo "master log: $(grep -c '"msg":"CPU"' "$tmp/master.log") CPU records, $(grep -c '"msg":"NodeUp"' "$tmp/master.log") NodeUp, $(grep -c 'Tunnel up' "$tmp/master.log") tunnels up"
+fi
