@@ -91,11 +91,23 @@ fn add_list_remove_hosts() {
     assert_eq!(v[2]["port"], 9000);
     assert_eq!(v[0]["origin"], "manual");
 
-    let out = s.run(&["add-host", "127.0.0.7", "80", "--ssh-port", "2222", "--report-port", "9701"]);
+    let out = s.run(&[
+        "add-host",
+        "127.0.0.7",
+        "80",
+        "--ssh-port",
+        "2222",
+        "--report-port",
+        "9701",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&s.run(&["list-hosts", "--json"]).stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&s.run(&["list-hosts", "--json"]).stdout).unwrap();
     assert_eq!(v[2]["host"], "127.0.0.7");
-    assert_eq!((v[2]["ssh_port"].as_u64(), v[2]["report_port"].as_u64()), (Some(2222), Some(9701)));
+    assert_eq!(
+        (v[2]["ssh_port"].as_u64(), v[2]["report_port"].as_u64()),
+        (Some(2222), Some(9701))
+    );
     let out = s.run(&["add-host", "127.0.0.7", "81", "--ssh-port", "0"]);
     assert_eq!(out.status.code(), Some(65));
     assert!(s.run(&["remove-host", "127.0.0.7", "80"]).status.success());
