@@ -30,6 +30,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/autoscaler/autoscaler.ini";
 
 /// The placeholder in `[haproxy] check_command` replaced by the file to validate.
 pub const CONFIG_PLACEHOLDER: &str = "{config}";
+/// The name inside [`CONFIG_PLACEHOLDER`], as [`CommandLine::expand`] takes it.
+pub const CONFIG_VAR: &str = "config";
 
 pub const DEFAULT_REPORT_PORT: u16 = 9700;
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use thiserror::Error;
 
-use crate::config::{CommandLine, CONFIG_PLACEHOLDER};
+use crate::config::{CommandLine, CONFIG_VAR};
 use crate::fsutil;
 
 /// Why a configuration was not installed.
@@ -40,10 +40,7 @@ pub enum Validation {
 /// Runs `check` with `{config}` replaced by `file`. A missing program is reported as
 /// [`Validation::Skipped`], so `generate` works on a machine without HAProxy, and says so.
 pub fn validate(check: &CommandLine, file: &Path) -> Result<Validation, HaproxyError> {
-    let argv = check.expand(&[(
-        &CONFIG_PLACEHOLDER[1..CONFIG_PLACEHOLDER.len() - 1],
-        &file.to_string_lossy(),
-    )]);
+    let argv = check.expand(&[(CONFIG_VAR, &file.to_string_lossy())]);
     let command = shell_words::join(&argv);
     let Some((program, args)) = argv.split_first() else {
         return Err(HaproxyError::Spawn {
