@@ -2,6 +2,7 @@
 
 use autoscaler_actors::config::{Config, Role};
 use autoscaler_actors::host_registry::DEFAULT_POLL;
+use autoscaler_actors::scale_decider::DEFAULT_TICK;
 use autoscaler_actors::{start_master, start_node};
 use slog::{info, o, warn, Logger};
 use tokio::signal::unix::{signal, SignalKind};
@@ -20,7 +21,7 @@ pub fn run(cfg: Config, role: Role, log: &Logger) -> anyhow::Result<()> {
         let log = log.clone();
         async move {
             let handles: Box<dyn std::any::Any> = match role {
-                Role::Master => Box::new(start_master(&cfg, DEFAULT_POLL, &log)?),
+                Role::Master => Box::new(start_master(&cfg, DEFAULT_POLL, DEFAULT_TICK, &log).await?),
                 Role::Node => Box::new(start_node(&cfg, &log)?),
             };
             actix::spawn(wait_for_shutdown(log.clone()));

@@ -118,9 +118,9 @@ impl Master {
         let tunnels = TunnelManager::new(
             TunnelSettings::from_config(&cfg).unwrap(),
             TunnelOutputs {
-                cpu: sink.clone().recipient(),
-                up: sink.clone().recipient(),
-                down: sink.recipient(),
+                cpu: vec![sink.clone().recipient()],
+                up: vec![sink.clone().recipient()],
+                down: vec![sink.recipient()],
             },
             &logger,
         )

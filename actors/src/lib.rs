@@ -13,7 +13,8 @@
 //! - [`messages`]: messages shared by several actors.
 //! - [`policy`]: the scaling decision as a pure function of samples, history and time.
 //! - Actors, one per file: [`cpu_sampler`], [`report_link`] (node); [`host_registry`],
-//!   [`tunnel_manager`], [`node_status`] (master).
+//!   [`tunnel_manager`], [`node_status`], [`scale_decider`], [`ec2_launcher`] (master).
+//! - [`ec2_api`]: the EC2 calls behind one small trait, implemented with the AWS SDK.
 //! - [`fsutil`], [`backoff`]: atomic writes; jittered reconnect delays.
 //!
 //! # Message flow
@@ -22,9 +23,13 @@
 //! node:    CpuSampler ──CpuSampled──▶ ReportLink ──TCP 127.0.0.1:report_port──▶ (sshd forward)
 //!
 //! master:  HostRegistry ──HostsChanged──▶ TunnelManager ──SSH session + tcpip-forward per host
-//!          (hosts.d)                          │ forwarded channels, decoded in-process
-//!                                             ├──NodeUp / NodeDown──▶ NodeStatus
-//!                                             └──CpuReported───────▶ NodeStatus
+//!          (hosts.d)   ╲                      │ forwarded channels, decoded in-process
+//!             ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
+//!             │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
+//!             │        ScaleDecider ──LaunchInstances / TerminateInstance──▶ Ec2Launcher
+//!             │          ▲   └──DeregisterHost (drain)──▶ HostRegistry
+//!             │          └──────LaunchFinished────────────── Ec2Launcher
+//!             └──RegisterHost / DeregisterHost / ListHosts── Ec2Launcher
 //! ```
 //!
 //! [`start_master`] and [`start_node`] are the only places that know who talks to whom. Both
@@ -36,6 +41,8 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod cpu_sampler;
+pub mod ec2_api;
+pub mod ec2_launcher;
 pub mod fsutil;
 pub mod haproxy;
 pub mod host_registry;
@@ -46,20 +53,24 @@ pub mod policy;
 pub mod render;
 pub mod report;
 pub mod report_link;
+pub mod scale_decider;
 pub mod tunnel_manager;
 
 use std::time::Duration;
 
-use actix::{Actor, Addr};
+use actix::{Actor, Addr, AsyncContext};
 use slog::Logger;
 
 use crate::config::Config;
 use crate::cpu_sampler::CpuSampler;
+use crate::ec2_api::Ec2Error;
+use crate::ec2_launcher::{Backend, Ec2Launcher, LaunchSettings, LauncherOutputs};
 use crate::host_registry::HostRegistry;
 use crate::hosts::HostsDir;
 use crate::node_status::NodeStatus;
 use crate::report::Hello;
 use crate::report_link::ReportLink;
+use crate::scale_decider::{DeciderOutputs, ScaleDecider};
 use crate::tunnel_manager::{TunnelError, TunnelManager, TunnelOutputs, TunnelSettings};
 
 /// The running master's actors.
@@ -67,6 +78,9 @@ pub struct Master {
     pub registry: Addr<HostRegistry>,
     pub tunnels: Addr<TunnelManager>,
     pub status: Addr<NodeStatus>,
+    pub decider: Addr<ScaleDecider>,
+    /// None in dry-run: nothing is launched, and no launch settings are needed.
+    pub launcher: Option<Addr<Ec2Launcher>>,
 }
 
 /// Why a daemon could not start.
@@ -76,33 +90,72 @@ pub enum StartError {
     Tunnel(#[from] TunnelError),
     #[error("cannot read this machine's CPU counters: {0}")]
     Cpu(#[from] sysinfo::Error),
+    #[error(transparent)]
+    Ec2(#[from] Ec2Error),
 }
 
-/// Starts the master role: registry → tunnels → status. `poll` is how often hosts.d is rescanned.
-pub fn start_master(cfg: &Config, poll: Duration, log: &Logger) -> Result<Master, StartError> {
-    let settings = TunnelSettings::from_config(cfg)?;
+/// Starts the master role. `poll` is how often hosts.d is rescanned, `tick` how often the
+/// policy runs. Must run inside the actix system (it builds the EC2 client, hence async).
+pub async fn start_master(
+    cfg: &Config,
+    poll: Duration,
+    tick: Duration,
+    log: &Logger,
+) -> Result<Master, StartError> {
+    let tunnel_settings = TunnelSettings::from_config(cfg)?;
+    let backend = match cfg.scaling.dry_run {
+        true => None,
+        false => Some(Backend::from_config(cfg).await?),
+    };
     let status = NodeStatus::new(log).start();
+    // Registry, decider and launcher address each other: make the contexts (and so the
+    // addresses) first, start the actors once everyone has what it needs.
+    let registry_ctx = actix::Context::<HostRegistry>::new();
+    let registry = registry_ctx.address();
+    let decider_ctx = actix::Context::<ScaleDecider>::new();
+    let decider = decider_ctx.address();
+    let launcher = backend.map(|b| {
+        Ec2Launcher::new(
+            b,
+            LaunchSettings::from_config(cfg),
+            LauncherOutputs {
+                register: registry.clone().recipient(),
+                deregister: registry.clone().recipient(),
+                list: registry.clone().recipient(),
+                finished: decider.clone().recipient(),
+            },
+            log,
+        )
+        .start()
+    });
+    let outputs = launcher.as_ref().map(|l| DeciderOutputs {
+        launch: l.clone().recipient(),
+        terminate: l.clone().recipient(),
+        deregister: registry.clone().recipient(),
+    });
+    decider_ctx.run(ScaleDecider::new(cfg.scaling.clone(), outputs, tick, log));
     let tunnels = TunnelManager::new(
-        settings,
+        tunnel_settings,
         TunnelOutputs {
-            cpu: status.clone().recipient(),
-            up: status.clone().recipient(),
-            down: status.clone().recipient(),
+            cpu: vec![status.clone().recipient(), decider.clone().recipient()],
+            up: vec![status.clone().recipient(), decider.clone().recipient()],
+            down: vec![status.clone().recipient(), decider.clone().recipient()],
         },
         log,
     )
     .start();
-    let registry = HostRegistry::new(
+    registry_ctx.run(HostRegistry::new(
         HostsDir::new(&cfg.general.hosts_dir),
-        vec![tunnels.clone().recipient()],
+        vec![tunnels.clone().recipient(), decider.clone().recipient()],
         poll,
         log,
-    )
-    .start();
+    ));
     Ok(Master {
         registry,
         tunnels,
         status,
+        decider,
+        launcher,
     })
 }
 

@@ -113,12 +113,24 @@ impl TunnelSettings {
     }
 }
 
-/// Where the tunnels' events go.
+/// Where the tunnels' events go (each to every recipient listed).
 #[derive(Clone)]
 pub struct TunnelOutputs {
-    pub cpu: Recipient<CpuReported>,
-    pub up: Recipient<NodeUp>,
-    pub down: Recipient<NodeDown>,
+    pub cpu: Vec<Recipient<CpuReported>>,
+    pub up: Vec<Recipient<NodeUp>>,
+    pub down: Vec<Recipient<NodeDown>>,
+}
+
+impl TunnelOutputs {
+    fn cpu(&self, m: CpuReported) {
+        self.cpu.iter().for_each(|r| r.do_send(m.clone()));
+    }
+    fn up(&self, m: NodeUp) {
+        self.up.iter().for_each(|r| r.do_send(m.clone()));
+    }
+    fn down(&self, m: NodeDown) {
+        self.down.iter().for_each(|r| r.do_send(m.clone()));
+    }
 }
 
 struct SessionHandle {
@@ -159,7 +171,7 @@ impl TunnelManager {
         if let Some(s) = self.sessions.remove(key) {
             s.task.abort();
             if s.up.swap(false, Ordering::SeqCst) {
-                self.out.down.do_send(NodeDown {
+                self.out.down(NodeDown {
                     host: key.clone(),
                     reason: reason.to_string(),
                 });
@@ -237,7 +249,7 @@ async fn session_loop(
             Err(e) => e.to_string(),
         };
         if up.swap(false, Ordering::SeqCst) {
-            out.down.do_send(NodeDown {
+            out.down(NodeDown {
                 host: key.clone(),
                 reason: reason.clone(),
             });
@@ -477,7 +489,7 @@ async fn read_channel(
                 Ok(Frame::Hello(hello)) => {
                     info!(log, "Node up"; "node" => &hello.node, "boot" => hello.boot);
                     up.store(true, Ordering::SeqCst);
-                    out.up.do_send(NodeUp {
+                    out.up(NodeUp {
                         host: key.clone(),
                         hello,
                     });
@@ -490,7 +502,7 @@ async fn read_channel(
                             if gap > 0 {
                                 debug!(log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
                             }
-                            out.cpu.do_send(CpuReported {
+                            out.cpu(CpuReported {
                                 host: key.clone(),
                                 sample,
                             });
@@ -511,7 +523,7 @@ async fn read_channel(
     }
     drop(stream);
     if up.swap(false, Ordering::SeqCst) {
-        out.down.do_send(NodeDown {
+        out.down(NodeDown {
             host: key,
             reason: end.to_string(),
         });

@@ -1,0 +1,252 @@
+//! The EC2 calls autoscaler makes, behind one small trait, and their implementation with the
+//! official AWS SDK for Rust (aws-config + aws-sdk-ec2).
+//!
+//! Throttling and 5xx answers are retried by the SDK's standard retry strategy (jittered
+//! exponential backoff, [`MAX_ATTEMPTS`] attempts); anything else comes back once as
+//! [`Ec2Error`] with the API's own message.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use aws_sdk_ec2::config::{Credentials, Region};
+use aws_sdk_ec2::error::DisplayErrorContext;
+use aws_sdk_ec2::types::{
+    Filter, IamInstanceProfileSpecification, InstanceStateName, InstanceType,
+    LaunchTemplateSpecification, ResourceType, Tag, TagSpecification,
+};
+use thiserror::Error;
+
+use crate::config::{Aws, Launch};
+
+/// Attempts per API call for throttling and server errors.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Tag naming the group an instance belongs to.
+pub const GROUP_TAG: &str = "autoscaler:group";
+/// Tag naming the decision that launched an instance.
+pub const DECISION_TAG: &str = "autoscaler:decision";
+
+/// An API failure, with the service's message.
+#[derive(Debug, Clone, Error)]
+#[error("EC2 {operation}: {message}")]
+pub struct Ec2Error {
+    pub operation: &'static str,
+    pub message: String,
+}
+
+/// One instance as autoscaler cares about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    /// `pending`, `running`, `shutting-down`, `terminated`, …
+    pub state: String,
+    pub private_ip: Option<String>,
+    /// Value of the decision tag.
+    pub decision: Option<String>,
+}
+
+impl InstanceInfo {
+    /// Running or about to be.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "running")
+    }
+}
+
+type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, Ec2Error>> + Send + 'a>>;
+
+/// The EC2 operations the launcher needs.
+pub trait Ec2Api: Send + Sync {
+    /// RunInstances of `count` with the launch settings, ClientToken `decision` and the
+    /// group and decision tags.
+    fn run_instances<'a>(&'a self, count: u32, decision: &'a str) -> Fut<'a, Vec<InstanceInfo>>;
+    /// Instances of this group (optionally of one decision), any state.
+    fn describe<'a>(&'a self, decision: Option<&'a str>) -> Fut<'a, Vec<InstanceInfo>>;
+    /// TerminateInstances.
+    fn terminate<'a>(&'a self, instance_id: &'a str) -> Fut<'a, ()>;
+}
+
+/// [`Ec2Api`] with the AWS SDK.
+pub struct SdkEc2 {
+    client: aws_sdk_ec2::Client,
+    launch: Launch,
+    user_data: Option<String>,
+}
+
+impl SdkEc2 {
+    /// Builds a client from `[aws]` (region, endpoint, profile, static keys or the standard
+    /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now.
+    pub async fn new(aws: &Aws, launch: &Launch) -> Result<SdkEc2, Ec2Error> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(
+            aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
+        );
+        if !aws.region.is_empty() {
+            loader = loader.region(Region::new(aws.region.clone()));
+        }
+        if !aws.endpoint.is_empty() {
+            loader = loader.endpoint_url(aws.endpoint.clone());
+        }
+        if !aws.profile.is_empty() {
+            loader = loader.profile_name(aws.profile.clone());
+        }
+        if !aws.access_key_id.is_empty() {
+            loader = loader.credentials_provider(Credentials::new(
+                aws.access_key_id.expose(),
+                aws.secret_access_key.expose(),
+                None,
+                None,
+                "autoscaler.ini",
+            ));
+        }
+        let sdk = loader.load().await;
+        let user_data = match &launch.user_data_file {
+            None => None,
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(|e| Ec2Error {
+                    operation: "RunInstances",
+                    message: format!("cannot read [launch] user_data_file {}: {e}", p.display()),
+                })?;
+                use base64::Engine;
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        };
+        Ok(SdkEc2 {
+            client: aws_sdk_ec2::Client::new(&sdk),
+            launch: launch.clone(),
+            user_data,
+        })
+    }
+}
+
+fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
+    Some(InstanceInfo {
+        instance_id: i.instance_id()?.to_string(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map_or("unknown", InstanceStateName::as_str)
+            .to_string(),
+        private_ip: i.private_ip_address().map(String::from),
+        decision: i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(DECISION_TAG))
+            .and_then(|t| t.value())
+            .map(String::from),
+    })
+}
+
+fn err<E: std::error::Error>(operation: &'static str, e: E) -> Ec2Error {
+    Ec2Error {
+        operation,
+        message: DisplayErrorContext(e).to_string(),
+    }
+}
+
+impl Ec2Api for SdkEc2 {
+    fn run_instances<'a>(&'a self, count: u32, decision: &'a str) -> Fut<'a, Vec<InstanceInfo>> {
+        Box::pin(async move {
+            let l = &self.launch;
+            let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+            let mut req = self
+                .client
+                .run_instances()
+                .min_count(count as i32)
+                .max_count(count as i32)
+                .client_token(decision)
+                .tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::Instance)
+                        .tags(tag(GROUP_TAG, &l.group))
+                        .tags(tag(DECISION_TAG, decision))
+                        .build(),
+                );
+            if !l.image_id.is_empty() {
+                req = req.image_id(&l.image_id);
+            }
+            if !l.launch_template.is_empty() {
+                let mut spec = LaunchTemplateSpecification::builder();
+                spec = if l.launch_template.starts_with("lt-") {
+                    spec.launch_template_id(&l.launch_template)
+                } else {
+                    spec.launch_template_name(&l.launch_template)
+                };
+                if !l.launch_template_version.is_empty() {
+                    spec = spec.version(&l.launch_template_version);
+                }
+                req = req.launch_template(spec.build());
+            } else {
+                req = req.instance_type(InstanceType::from(l.instance_type.as_str()));
+            }
+            if !l.subnet_id.is_empty() {
+                req = req.subnet_id(&l.subnet_id);
+            }
+            if !l.security_group_ids.is_empty() {
+                req = req.set_security_group_ids(Some(l.security_group_ids.clone()));
+            }
+            if !l.key_name.is_empty() {
+                req = req.key_name(&l.key_name);
+            }
+            if !l.iam_instance_profile.is_empty() {
+                let p = IamInstanceProfileSpecification::builder();
+                req = req.iam_instance_profile(if l.iam_instance_profile.starts_with("arn:") {
+                    p.arn(&l.iam_instance_profile).build()
+                } else {
+                    p.name(&l.iam_instance_profile).build()
+                });
+            }
+            if let Some(u) = &self.user_data {
+                req = req.user_data(u);
+            }
+            let out = req.send().await.map_err(|e| err("RunInstances", e))?;
+            Ok(out.instances().iter().filter_map(info).collect())
+        })
+    }
+
+    fn describe<'a>(&'a self, decision: Option<&'a str>) -> Fut<'a, Vec<InstanceInfo>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut req = self.client.describe_instances().filters(
+                    Filter::builder()
+                        .name(format!("tag:{GROUP_TAG}"))
+                        .values(&self.launch.group)
+                        .build(),
+                );
+                if let Some(d) = decision {
+                    req = req.filters(
+                        Filter::builder()
+                            .name(format!("tag:{DECISION_TAG}"))
+                            .values(d)
+                            .build(),
+                    );
+                }
+                if let Some(t) = &token {
+                    req = req.next_token(t);
+                }
+                let out = req.send().await.map_err(|e| err("DescribeInstances", e))?;
+                found.extend(
+                    out.reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .filter_map(info),
+                );
+                match out.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => return Ok(found),
+                }
+            }
+        })
+    }
+
+    fn terminate<'a>(&'a self, instance_id: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.client
+                .terminate_instances()
+                .instance_ids(instance_id)
+                .send()
+                .await
+                .map_err(|e| err("TerminateInstances", e))?;
+            Ok(())
+        })
+    }
+}
