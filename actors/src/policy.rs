@@ -112,6 +112,38 @@ fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Opti
     Some(inside.iter().sum::<f64>() / inside.len() as f64)
 }
 
+/// The inputs behind a decision, for its log record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Nodes with fresh, warmed-up data covering the scale-up window.
+    pub eligible: usize,
+    /// Their mean busy % over the scale-up window.
+    pub mean_up: Option<f64>,
+    /// The busiest of them.
+    pub hottest: Option<f64>,
+    /// Mean busy % over the scale-down window (nodes whose data covers it).
+    pub mean_down: Option<f64>,
+}
+
+/// What [`decide`] looked at.
+pub fn summarize(cfg: &Scaling, nodes: &[NodeInput], now: u64) -> Summary {
+    let up: Vec<f64> = nodes
+        .iter()
+        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_up_window))
+        .collect();
+    let down: Vec<f64> = nodes
+        .iter()
+        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_down_window))
+        .collect();
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    Summary {
+        eligible: up.len(),
+        mean_up: mean(&up),
+        hottest: up.iter().cloned().reduce(f64::max),
+        mean_down: mean(&down),
+    }
+}
+
 /// Decides. `nodes` is every registered host.
 pub fn decide(cfg: &Scaling, nodes: &[NodeInput], hist: &History, now: u64) -> Decision {
     let current = nodes.len() as u32 + hist.in_flight;

@@ -7,7 +7,9 @@
 //! reason changes. With `dry_run` it decides and logs, and sends nothing.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use actix::{Actor, AsyncContext, Context, Handler, Recipient};
 use slog::{info, o, warn, Logger};
@@ -17,7 +19,7 @@ use crate::ec2_launcher::{LaunchFinished, LaunchInstances, TerminateInstance};
 use crate::host_registry::DeregisterHost;
 use crate::hosts::{Host, HostKey, Origin};
 use crate::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
-use crate::policy::{decide, Decision, History, NodeInput};
+use crate::policy::{decide, summarize, Decision, History, NodeInput};
 
 /// How often the policy runs.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
@@ -108,12 +110,16 @@ impl ScaleDecider {
         let decision = decide(&self.cfg, &nodes, &self.hist, now);
         let fleet = nodes.len();
         let in_flight = self.hist.in_flight;
+        let sum = summarize(&self.cfg, &nodes, now);
+        let inputs = slog::o!("nodes" => fleet, "eligible" => sum.eligible, "in_flight" => in_flight,
+            "mean_up_pct" => sum.mean_up.map(|m| format!("{m:.1}")), "hottest_pct" => sum.hottest.map(|m| format!("{m:.1}")),
+            "mean_down_pct" => sum.mean_down.map(|m| format!("{m:.1}")), "policy" => self.cfg.policy.as_str());
+        let log = self.log.new(inputs);
         match decision {
             Decision::Hold(h) => {
                 let reason = h.to_string();
                 if self.last_hold.as_deref() != Some(reason.as_str()) {
-                    info!(self.log, "Decision"; "action" => "hold", "reason" => &reason,
-                        "nodes" => fleet, "in_flight" => in_flight, "policy" => %self.cfg.policy);
+                    info!(log, "Decision"; "action" => "hold", "reason" => &reason);
                     self.last_hold = Some(reason);
                 }
             }
@@ -126,8 +132,8 @@ impl ScaleDecider {
                         .map_or(0, |d| d.as_secs()),
                     rand::random::<u32>()
                 );
-                info!(self.log, "Decision"; "action" => "scale_up", "count" => count, "reason" => &reason,
-                    "nodes" => fleet, "in_flight" => in_flight, "decision" => &id, "dry_run" => self.cfg.dry_run);
+                info!(log, "Decision"; "action" => "scale_up", "count" => count, "reason" => &reason,
+                    "decision" => &id, "dry_run" => self.cfg.dry_run);
                 self.hist.last_scale_up_ms = Some(now);
                 self.hist
                     .launches_ms
@@ -142,8 +148,8 @@ impl ScaleDecider {
             }
             Decision::ScaleDown { host, reason } => {
                 self.last_hold = None;
-                info!(self.log, "Decision"; "action" => "scale_down", "host" => %host.host, "port" => host.port,
-                    "reason" => &reason, "nodes" => fleet, "dry_run" => self.cfg.dry_run,
+                info!(log, "Decision"; "action" => "scale_down", "host" => %host.host, "port" => host.port,
+                    "reason" => &reason, "dry_run" => self.cfg.dry_run,
                     "drain" => %humantime::format_duration(self.cfg.drain_timeout));
                 self.hist.last_scale_down_ms = Some(now);
                 if let Some(out) = self.out.clone().filter(|_| !self.cfg.dry_run) {
@@ -238,5 +244,147 @@ impl Handler<LaunchFinished> for ScaleDecider {
                 "decision" => &m.decision_id, "registered" => m.registered.len(), "requested" => m.requested, "error" => e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Layout, Role};
+    use crate::hosts::HostName;
+    use crate::report::{CpuSample, Hello};
+    use actix::Message;
+    use std::path::Path;
+    use std::sync::Arc;
+    use tokio::sync::mpsc;
+
+    #[derive(Debug)]
+    enum Out {
+        Launch(u32),
+        Deregister(HostKey),
+        Terminate(HostKey),
+    }
+
+    struct Sink(mpsc::UnboundedSender<Out>);
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+    impl Handler<LaunchInstances> for Sink {
+        type Result = ();
+        fn handle(&mut self, m: LaunchInstances, _: &mut Context<Self>) {
+            let _ = self.0.send(Out::Launch(m.count));
+        }
+    }
+    impl Handler<TerminateInstance> for Sink {
+        type Result = ();
+        fn handle(&mut self, m: TerminateInstance, _: &mut Context<Self>) {
+            let _ = self.0.send(Out::Terminate(m.host.key()));
+        }
+    }
+    impl Handler<DeregisterHost> for Sink {
+        type Result = <DeregisterHost as Message>::Result;
+        fn handle(&mut self, m: DeregisterHost, _: &mut Context<Self>) -> Self::Result {
+            let _ = self.0.send(Out::Deregister(m.0));
+            Ok(())
+        }
+    }
+
+    fn scaling(dry_run: bool) -> Scaling {
+        let mut c = Config::defaults(&Layout::for_dir(Path::new("/x")), Role::Master).scaling;
+        c.scale_up_window = Duration::from_secs(10);
+        c.scale_down_window = Duration::from_secs(20);
+        c.warmup = Duration::from_secs(3);
+        c.stale_after = Duration::from_secs(5);
+        c.cooldown = Duration::from_secs(60);
+        c.scale_down_cooldown = Duration::from_secs(60);
+        c.drain_timeout = Duration::from_secs(5);
+        c.min_nodes = 1;
+        c.dry_run = dry_run;
+        c
+    }
+
+    fn host(i: u8, origin: Origin) -> Host {
+        let mut h = Host::manual(HostName::parse(&format!("127.0.1.{i}")).unwrap(), 80);
+        h.origin = origin;
+        h
+    }
+
+    /// Drives the actor on tokio's paused clock: `secs` seconds of one sample a second from
+    /// every host at `busy`. Returns what it sent.
+    async fn drive(dry_run: bool, hosts: Vec<Host>, busy: f64, secs: u64) -> Vec<Out> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        let log = Logger::root(slog::Discard, o!());
+        let out = DeciderOutputs {
+            launch: sink.clone().recipient(),
+            terminate: sink.clone().recipient(),
+            deregister: sink.recipient(),
+        };
+        let d = ScaleDecider::new(scaling(dry_run), Some(out), DEFAULT_TICK, &log).start();
+        d.do_send(HostsChanged {
+            hosts: Arc::new(hosts.clone()),
+        });
+        for h in &hosts {
+            d.do_send(NodeUp {
+                host: h.key(),
+                hello: Hello {
+                    node: "n".into(),
+                    boot: 1,
+                    instance_id: None,
+                },
+            });
+        }
+        for seq in 0..secs {
+            for h in &hosts {
+                d.do_send(CpuReported {
+                    host: h.key(),
+                    sample: CpuSample {
+                        seq,
+                        ts_ms: 0,
+                        busy_pct: busy,
+                        cores: 1,
+                    },
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut got = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            got.push(o);
+        }
+        got
+    }
+
+    #[actix_rt::test]
+    async fn hot_node_launches_once_then_cools_down() {
+        tokio::time::pause();
+        let got = drive(false, vec![host(1, Origin::Manual)], 95.0, 30).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(matches!(got[0], Out::Launch(1)));
+    }
+
+    #[actix_rt::test]
+    async fn dry_run_sends_nothing() {
+        tokio::time::pause();
+        assert!(drive(true, vec![host(1, Origin::Manual)], 95.0, 30)
+            .await
+            .is_empty());
+    }
+
+    #[actix_rt::test]
+    async fn idle_fleet_drains_then_terminates_the_launched_host() {
+        tokio::time::pause();
+        let got = drive(
+            false,
+            vec![host(1, Origin::Manual), host(2, Origin::Launched)],
+            3.0,
+            40,
+        )
+        .await;
+        let k = host(2, Origin::Launched).key();
+        assert!(
+            matches!(&got[..], [Out::Deregister(a), Out::Terminate(b)] if *a == k && *b == k),
+            "{got:?}"
+        );
     }
 }
