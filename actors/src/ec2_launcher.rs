@@ -27,6 +27,8 @@ use crate::hosts::{parse_port, validate_instance_id, Host, HostKey, HostName, Or
 
 /// How often a launch in progress asks EC2 whether its instances are running.
 const POLL: Duration = Duration::from_secs(2);
+/// Allowance for API calls and registration on top of the launch and health timeouts.
+const LAUNCH_SLACK: Duration = Duration::from_secs(120);
 
 /// Launch `count` instances for decision `decision_id`.
 #[derive(Debug, Clone, Message)]
@@ -75,6 +77,8 @@ pub enum LaunchError {
     Command { command: String, message: String },
     #[error("registry: {0}")]
     Registry(String),
+    #[error("launch did not finish within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// How new capacity is obtained.
@@ -193,7 +197,20 @@ impl Handler<LaunchInstances> for Ec2Launcher {
         tokio::spawn(async move {
             let log = log.new(o!("decision" => msg.decision_id.clone()));
             info!(log, "Launching"; "count" => msg.count);
-            let result = launch(&backend, &settings, &out, &msg, &log).await;
+            // Every step is bounded on its own; this bounds the whole, so a hung API call can
+            // never leave the decider counting a launch in flight forever.
+            let base = match &*backend {
+                Backend::Command { timeout, .. } => *timeout,
+                Backend::Ec2(_) => settings.launch_timeout,
+            };
+            let limit = base + settings.health_timeout + LAUNCH_SLACK;
+            let result =
+                match tokio::time::timeout(limit, launch(&backend, &settings, &out, &msg, &log))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err((vec![], LaunchError::TimedOut(limit))),
+                };
             let (registered, error) = match result {
                 Ok(keys) => {
                     info!(log, "Launch finished"; "registered" => keys.len());
