@@ -351,7 +351,7 @@ async fn api_errors_and_health_gate_failures_are_reported() {
     cfg.launch.health_timeout = Duration::from_secs(1);
     cfg.launch.app_port = free_port("127.0.0.1");
     let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
-    let mut r = rig(&cfg, Backend::Ec2(api));
+    let mut r = rig(&cfg, Backend::Ec2(api.clone()));
     r.launcher.do_send(LaunchInstances {
         count: 1,
         decision_id: "as-unhealthy".into(),
@@ -360,6 +360,12 @@ async fn api_errors_and_health_gate_failures_are_reported() {
     let e = done.error.expect("an error");
     assert!(e.contains("did not accept TCP"), "{e}");
     assert!(r.hosts.load_strict().unwrap().is_empty());
+    // The instance of the failed launch is terminated, not left running unregistered.
+    assert!(
+        group_instances(&api).await.is_empty(),
+        "{:?}",
+        group_instances(&api).await
+    );
 }
 
 fn script(dir: &Path, name: &str, body: &str) -> CommandLine {

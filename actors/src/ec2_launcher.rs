@@ -10,8 +10,9 @@
 //! launching again. Each launch runs as its own tokio task: the actor's state never changes
 //! after an await, so no handler needs `AtomicResponse`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::{Actor, Context, Handler, Message, Recipient};
@@ -145,6 +146,8 @@ pub struct Ec2Launcher {
     backend: Arc<Backend>,
     settings: Arc<LaunchSettings>,
     out: LauncherOutputs,
+    /// Decisions being launched by this process: reconciliation leaves their instances alone.
+    in_progress: Arc<Mutex<HashSet<String>>>,
     log: Logger,
 }
 
@@ -159,6 +162,7 @@ impl Ec2Launcher {
             backend: Arc::new(backend),
             settings: Arc::new(settings),
             out,
+            in_progress: Arc::default(),
             log: log.new(o!("actor" => "Ec2Launcher")),
         }
     }
@@ -175,8 +179,9 @@ impl Actor for Ec2Launcher {
                 self.out.clone(),
                 self.log.clone(),
             );
+            let busy = self.in_progress.clone();
             tokio::spawn(async move {
-                if let Err(e) = reconcile(&*api, &settings, &out, &log).await {
+                if let Err(e) = reconcile(&*api, &settings, &out, &busy, &log).await {
                     warn!(log, "Reconciliation with EC2 failed; will not adopt or clean up until restart"; "error" => %e);
                 }
             });
@@ -194,6 +199,10 @@ impl Handler<LaunchInstances> for Ec2Launcher {
             self.out.clone(),
             self.log.clone(),
         );
+        let busy = self.in_progress.clone();
+        if let Ok(mut b) = busy.lock() {
+            b.insert(msg.decision_id.clone());
+        }
         tokio::spawn(async move {
             let log = log.new(o!("decision" => msg.decision_id.clone()));
             info!(log, "Launching"; "count" => msg.count);
@@ -221,6 +230,9 @@ impl Handler<LaunchInstances> for Ec2Launcher {
                     (keys, Some(e.to_string()))
                 }
             };
+            if let Ok(mut b) = busy.lock() {
+                b.remove(&msg.decision_id);
+            }
             out.finished.do_send(LaunchFinished {
                 decision_id: msg.decision_id,
                 requested: msg.count,
@@ -332,17 +344,60 @@ async fn launch(
         at_ms: now_ms(),
     };
     let intent_path = write_intent(&settings.state_dir, &intent).map_err(|e| (vec![], e))?;
+    let mut created = Vec::new();
+    let mut registered = Vec::new();
+    let result = launch_steps(
+        backend,
+        settings,
+        out,
+        msg,
+        log,
+        &mut created,
+        &mut registered,
+    )
+    .await;
+    if let (Err(e), Backend::Ec2(api)) = (&result, backend) {
+        // Instances that will never be registered cost money and serve nobody.
+        for h in created.iter().filter(|id| {
+            !registered
+                .iter()
+                .any(|r: &Host| r.instance_id.as_ref() == Some(*id))
+        }) {
+            match api.terminate(h).await {
+                Ok(()) => {
+                    info!(log, "Terminated instance of a failed launch"; "instance_id" => h, "cause" => %e)
+                }
+                Err(t) => {
+                    warn!(log, "Cannot terminate instance of a failed launch; the next start adopts it"; "instance_id" => h, "error" => %t)
+                }
+            }
+        }
+    }
+    // The launch is settled either way; a restart reconciles by tag, not by intent.
+    let _ = std::fs::remove_file(&intent_path);
+    let keys = registered.iter().map(Host::key).collect();
+    match result {
+        Ok(()) => Ok(keys),
+        Err(e) => Err((keys, e)),
+    }
+}
+
+async fn launch_steps(
+    backend: &Backend,
+    settings: &LaunchSettings,
+    out: &LauncherOutputs,
+    msg: &LaunchInstances,
+    log: &Logger,
+    created: &mut Vec<String>,
+    registered: &mut Vec<Host>,
+) -> Result<(), LaunchError> {
     let hosts = match backend {
         Backend::Ec2(api) => {
-            let launched = api
-                .run_instances(msg.count, &msg.decision_id)
-                .await
-                .map_err(|e| (vec![], e.into()))?;
-            let ids: Vec<String> = launched.iter().map(|i| i.instance_id.clone()).collect();
-            info!(log, "RunInstances accepted"; "instances" => ids.join(","));
-            let running = wait_running(&**api, &msg.decision_id, &ids, settings.launch_timeout)
-                .await
-                .map_err(|e| (vec![], e))?;
+            let launched = api.run_instances(msg.count, &msg.decision_id).await?;
+            created.extend(launched.iter().map(|i| i.instance_id.clone()));
+            info!(log, "RunInstances accepted"; "instances" => created.join(","));
+            let running =
+                wait_running(&**api, &msg.decision_id, created, settings.launch_timeout).await?;
             running
                 .into_iter()
                 .filter_map(|i| {
@@ -362,36 +417,24 @@ async fn launch(
                 ("AUTOSCALER_DECISION", msg.decision_id.clone()),
                 ("AUTOSCALER_COUNT", msg.count.to_string()),
             ];
-            let stdout = run_command(up, &env, *timeout)
-                .await
-                .map_err(|e| (vec![], e))?;
-            parse_launched(&stdout).map_err(|message| {
-                (
-                    vec![],
-                    LaunchError::Command {
-                        command: up.to_string(),
-                        message,
-                    },
-                )
+            let stdout = run_command(up, &env, *timeout).await?;
+            parse_launched(&stdout).map_err(|message| LaunchError::Command {
+                command: up.to_string(),
+                message,
             })?
         }
     };
-    let mut registered = Vec::new();
     for h in hosts {
         if settings.health_check {
-            if let Err(e) = health_gate(&h.host.to_string(), h.port, settings.health_timeout).await
-            {
-                return Err((registered, e));
-            }
+            health_gate(&h.host.to_string(), h.port, settings.health_timeout).await?;
         }
         match out.register.send(RegisterHost(h.clone())).await {
-            Ok(Ok(_)) => registered.push(h.key()),
-            Ok(Err(e)) => return Err((registered, LaunchError::Registry(e.to_string()))),
-            Err(e) => return Err((registered, LaunchError::Registry(e.to_string()))),
+            Ok(Ok(_)) => registered.push(h),
+            Ok(Err(e)) => return Err(LaunchError::Registry(e.to_string())),
+            Err(e) => return Err(LaunchError::Registry(e.to_string())),
         }
     }
-    let _ = std::fs::remove_file(&intent_path);
-    Ok(registered)
+    Ok(())
 }
 
 /// Polls until every instance of `ids` runs with a private IP.
@@ -562,15 +605,23 @@ async fn reconcile(
     api: &dyn Ec2Api,
     settings: &LaunchSettings,
     out: &LauncherOutputs,
+    busy: &Mutex<HashSet<String>>,
     log: &Logger,
 ) -> Result<(), LaunchError> {
-    let instances = api.describe(None).await?;
+    let all = api.describe(None).await?;
+    // Launches started since this process began are this process's own business: their
+    // instances are not adopted here (the launch registers them itself).
+    let active = busy.lock().map(|b| b.clone()).unwrap_or_default();
+    let adoptable: Vec<_> = all
+        .iter()
+        .filter(|i| i.decision.as_ref().is_none_or(|d| !active.contains(d)))
+        .collect();
     let hosts = out
         .list
         .send(ListHosts)
         .await
         .map_err(|e| LaunchError::Registry(e.to_string()))?;
-    for i in instances.iter().filter(|i| i.state == "running") {
+    for i in adoptable.iter().filter(|i| i.state == "running") {
         let known = hosts
             .iter()
             .any(|h| h.instance_id.as_deref() == Some(i.instance_id.as_str()));
@@ -599,16 +650,17 @@ async fn reconcile(
     }
     for h in hosts.iter().filter(|h| h.origin == Origin::Launched) {
         let Some(id) = &h.instance_id else { continue };
-        let live = instances
-            .iter()
-            .any(|i| &i.instance_id == id && i.is_live());
+        let live = all.iter().any(|i| &i.instance_id == id && i.is_live());
         if !live {
             info!(log, "Removing host whose instance is gone"; "instance_id" => id, "host" => %h.host, "port" => h.port);
             let _ = out.deregister.send(DeregisterHost(h.key())).await;
         }
     }
     for (path, intent) in pending_intents(&settings.state_dir) {
-        let launched = instances
+        if active.contains(&intent.decision_id) {
+            continue;
+        }
+        let launched = all
             .iter()
             .filter(|i| i.decision.as_deref() == Some(intent.decision_id.as_str()))
             .count();
