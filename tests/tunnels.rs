@@ -74,11 +74,16 @@ impl LogBuf {
     }
     /// Waits (bounded) until the log contains `needle`.
     async fn wait_for(&self, needle: &str, limit: Duration) {
+        self.wait_for_count(needle, 1, limit).await
+    }
+
+    /// Waits (bounded) until the log contains `needle` at least `n` times.
+    async fn wait_for_count(&self, needle: &str, n: usize, limit: Duration) {
         let end = Instant::now() + limit;
-        while !self.text().contains(needle) {
+        while self.text().matches(needle).count() < n {
             assert!(
                 Instant::now() < end,
-                "log never said {needle:?}:\n{}",
+                "log never said {needle:?} {n} times:\n{}",
                 self.text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -524,4 +529,35 @@ fn master_binary_follows_hosts_d() {
     wait("Stopped");
     let status = master.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with
+/// backoff; other hosts are not held up.
+#[actix_rt::test]
+async fn a_silent_host_costs_a_bounded_timeout_and_retries() {
+    let Some(_) = tool("ssh-keygen") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    cfg.ssh.connect_timeout = Duration::from_millis(500);
+    let silent = std::net::TcpListener::bind("127.0.0.7:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let m = Master::start(dir, cfg);
+    let mut h = Host::manual(HostName::parse("127.0.0.7").unwrap(), 8080);
+    h.ssh_port = Some(port);
+    HostsDir::new(&m.cfg.general.hosts_dir).add(&h).unwrap();
+    let t = Instant::now();
+    m.log
+        .wait_for("no answer within 500ms", Duration::from_secs(5))
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "gave up after {:?}",
+        t.elapsed()
+    );
+    // A second attempt follows after the backoff (1-2 s for the second try).
+    let text = m.log.text();
+    let first = text.matches("no answer within 500ms").count();
+    m.log
+        .wait_for_count("no answer within 500ms", first + 1, Duration::from_secs(10))
+        .await;
+    drop(silent);
 }
