@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use slog::{info, o, warn, Logger};
 use thiserror::Error;
 
+use crate::command::{self, CommandFailed};
 use crate::config::{CommandLine, Config, Launcher};
 use crate::ec2_api::{Ec2Api, Ec2Error};
 use crate::fsutil;
@@ -74,8 +75,8 @@ pub enum LaunchError {
         port: u16,
         timeout: Duration,
     },
-    #[error("command `{command}`: {message}")]
-    Command { command: String, message: String },
+    #[error(transparent)]
+    Command(#[from] CommandFailed),
     #[error("registry: {0}")]
     Registry(String),
     #[error("launch did not finish within {0:?}")]
@@ -263,7 +264,10 @@ impl Handler<TerminateInstance> for Ec2Launcher {
                         ("AUTOSCALER_PORT", h.port.to_string()),
                         ("AUTOSCALER_INSTANCE_ID", id.clone().unwrap_or_default()),
                     ];
-                    run_command(down, &env, *timeout).await.map(|_| ())
+                    command::run(down, &env, *timeout)
+                        .await
+                        .map(|_| ())
+                        .map_err(LaunchError::from)
                 }
             };
             match result {
@@ -417,8 +421,8 @@ async fn launch_steps(
                 ("AUTOSCALER_DECISION", msg.decision_id.clone()),
                 ("AUTOSCALER_COUNT", msg.count.to_string()),
             ];
-            let stdout = run_command(up, &env, *timeout).await?;
-            parse_launched(&stdout).map_err(|message| LaunchError::Command {
+            let stdout = command::run(up, &env, *timeout).await?;
+            parse_launched(&stdout).map_err(|message| CommandFailed {
                 command: up.to_string(),
                 message,
             })?
@@ -490,55 +494,6 @@ pub async fn health_gate(host: &str, port: u16, timeout: Duration) -> Result<(),
         )
         .await;
     }
-}
-
-/// Runs a user command: argv as configured (no shell), a clean environment plus PATH and the
-/// AWS variables, `extra` on top, a timeout (the process is killed when it passes). Returns
-/// standard output; a non-zero exit is an error carrying standard error.
-pub async fn run_command(
-    cmd: &CommandLine,
-    extra: &[(&str, String)],
-    timeout: Duration,
-) -> Result<String, LaunchError> {
-    let command = cmd.to_string();
-    let fail = |message: String| LaunchError::Command {
-        command: command.clone(),
-        message,
-    };
-    let Some((program, args)) = cmd.0.split_first() else {
-        return Err(fail("no command configured".into()));
-    };
-    let mut c = tokio::process::Command::new(program);
-    c.args(args)
-        .env_clear()
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
-    for (k, v) in std::env::vars() {
-        if k == "PATH" || k == "HOME" || k.starts_with("AWS_") {
-            c.env(k, v);
-        }
-    }
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    let out = match tokio::time::timeout(timeout, c.output()).await {
-        Err(_) => {
-            return Err(fail(format!(
-                "did not finish within {}",
-                humantime::format_duration(timeout)
-            )))
-        }
-        Ok(Err(e)) => return Err(fail(format!("cannot run: {e}"))),
-        Ok(Ok(o)) => o,
-    };
-    if !out.status.success() {
-        return Err(fail(format!(
-            "exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    String::from_utf8(out.stdout).map_err(|_| fail("printed something that is not UTF-8".into()))
 }
 
 #[derive(Deserialize)]
@@ -711,39 +666,6 @@ mod tests {
             let e = parse_launched(bad).unwrap_err();
             assert!(e.contains(want), "{bad:?}: {e}");
         }
-    }
-
-    #[tokio::test]
-    async fn commands_run_without_a_shell_with_timeout_and_clean_env() {
-        let c: CommandLine = "sh -c 'echo \"$AUTOSCALER_COUNT $SECRET_SHOULD_NOT_PASS\"'"
-            .parse()
-            .unwrap();
-        std::env::set_var("SECRET_SHOULD_NOT_PASS", "leak");
-        let out = run_command(
-            &c,
-            &[("AUTOSCALER_COUNT", "2".into())],
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert_eq!(out.trim(), "2");
-        let hang: CommandLine = "sleep 30".parse().unwrap();
-        let t = Instant::now();
-        let e = run_command(&hang, &[], Duration::from_millis(300))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("did not finish within 300ms"), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(5));
-        let fail: CommandLine = "sh -c 'echo nope >&2; exit 3'".parse().unwrap();
-        let e = run_command(&fail, &[], Duration::from_secs(5))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("exit status: 3") && e.contains("nope") && e.contains("sh -c"),
-            "{e}"
-        );
     }
 
     #[tokio::test]

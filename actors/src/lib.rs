@@ -38,6 +38,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod command;
 pub mod commands;
 pub mod config;
 pub mod cpu_sampler;
