@@ -7,7 +7,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Context, Handler};
@@ -16,8 +15,7 @@ use autoscaler_actors::host_registry::HostRegistry;
 use autoscaler_actors::hosts::{Host, HostName, HostsDir};
 use autoscaler_actors::messages::{CpuReported, NodeDown, NodeUp};
 use autoscaler_actors::tunnel_manager::{TunnelManager, TunnelOutputs, TunnelSettings};
-use common::{bin, free_port, keygen, tool, Netns, Proc, Sshd};
-use slog::{o, Drain, Logger};
+use common::{bin, free_port, keygen, tool, LogBuf, Netns, Proc, Sshd};
 use tokio::sync::mpsc;
 
 #[derive(Debug)]
@@ -47,47 +45,6 @@ impl Handler<CpuReported> for Collect {
     type Result = ();
     fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
         let _ = self.0.send(Event::Cpu(m));
-    }
-}
-
-/// Log records of the in-process master, as JSON lines, for asserting on what it says.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn logger(&self) -> Logger {
-        let drain = slog_json::Json::new(self.clone())
-            .add_default_keys()
-            .build();
-        Logger::root(Mutex::new(drain).map(slog::Fuse), o!())
-    }
-    /// Waits (bounded) until the log contains `needle`.
-    async fn wait_for(&self, needle: &str, limit: Duration) {
-        self.wait_for_count(needle, 1, limit).await
-    }
-
-    /// Waits (bounded) until the log contains `needle` at least `n` times.
-    async fn wait_for_count(&self, needle: &str, n: usize, limit: Duration) {
-        let end = Instant::now() + limit;
-        while self.text().matches(needle).count() < n {
-            assert!(
-                Instant::now() < end,
-                "log never said {needle:?} {n} times:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
@@ -459,6 +416,8 @@ fn master_binary_follows_hosts_d() {
     s.set("ssh", "user", &common::current_user());
     s.set("node", "report_port", &report_port.to_string());
     s.set("ssh", "host_key_policy", "accept-new");
+    // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
+    s.set("haproxy", "reload_command", "true");
     let sshd = Sshd::start(&sshd_bin, "127.0.0.6", None, &pub_of(&key), None);
     let (_node, _nd) = start_node(report_port, None);
     let mut master = Proc(

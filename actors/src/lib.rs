@@ -13,7 +13,9 @@
 //! - [`messages`]: messages shared by several actors.
 //! - [`policy`]: the scaling decision as a pure function of samples, history and time.
 //! - Actors, one per file: [`cpu_sampler`], [`report_link`] (node); [`host_registry`],
-//!   [`tunnel_manager`], [`node_status`], [`scale_decider`], [`ec2_launcher`] (master).
+//!   [`tunnel_manager`], [`node_status`], [`scale_decider`], [`ec2_launcher`],
+//!   [`haproxy_writer`] (master).
+//! - [`command`]: running configured commands (argv, clean environment, timeout).
 //! - [`ec2_api`]: the EC2 calls behind one small trait, implemented with the AWS SDK.
 //! - [`fsutil`], [`backoff`]: atomic writes; jittered reconnect delays.
 //!
@@ -30,6 +32,9 @@
 //!             │          ▲   └──DeregisterHost (drain)──▶ HostRegistry
 //!             │          └──────LaunchFinished────────────── Ec2Launcher
 //!             └──RegisterHost / DeregisterHost / ListHosts── Ec2Launcher
+//!
+//!          HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
+//!                                                     install atomically, reload
 //! ```
 //!
 //! [`start_master`] and [`start_node`] are the only places that know who talks to whom. Both
@@ -46,6 +51,7 @@ pub mod ec2_api;
 pub mod ec2_launcher;
 pub mod fsutil;
 pub mod haproxy;
+pub mod haproxy_writer;
 pub mod host_registry;
 pub mod hosts;
 pub mod messages;
@@ -66,9 +72,11 @@ use crate::config::Config;
 use crate::cpu_sampler::CpuSampler;
 use crate::ec2_api::Ec2Error;
 use crate::ec2_launcher::{Backend, Ec2Launcher, LaunchSettings, LauncherOutputs};
+use crate::haproxy_writer::HaproxyWriter;
 use crate::host_registry::HostRegistry;
 use crate::hosts::HostsDir;
 use crate::node_status::NodeStatus;
+use crate::render::{HaproxyTemplate, RenderError};
 use crate::report::Hello;
 use crate::report_link::ReportLink;
 use crate::scale_decider::{DeciderOutputs, ScaleDecider};
@@ -82,6 +90,7 @@ pub struct Master {
     pub decider: Addr<ScaleDecider>,
     /// None in dry-run: nothing is launched, and no launch settings are needed.
     pub launcher: Option<Addr<Ec2Launcher>>,
+    pub writer: Addr<HaproxyWriter>,
 }
 
 /// Why a daemon could not start.
@@ -93,6 +102,8 @@ pub enum StartError {
     Cpu(#[from] sysinfo::Error),
     #[error(transparent)]
     Ec2(#[from] Ec2Error),
+    #[error(transparent)]
+    Template(#[from] RenderError),
 }
 
 /// Starts the master role. `poll` is how often hosts.d is rescanned, `tick` how often the
@@ -108,6 +119,8 @@ pub async fn start_master(
         true => None,
         false => Some(Backend::from_config(cfg).await?),
     };
+    let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
+    let writer = HaproxyWriter::new(std::sync::Arc::new(cfg.clone()), template, log).start();
     let status = NodeStatus::new(log).start();
     // Registry, decider and launcher address each other: make the contexts (and so the
     // addresses) first, start the actors once everyone has what it needs.
@@ -147,7 +160,11 @@ pub async fn start_master(
     .start();
     registry_ctx.run(HostRegistry::new(
         HostsDir::new(&cfg.general.hosts_dir),
-        vec![tunnels.clone().recipient(), decider.clone().recipient()],
+        vec![
+            tunnels.clone().recipient(),
+            decider.clone().recipient(),
+            writer.clone().recipient(),
+        ],
         poll,
         log,
     ));
@@ -157,6 +174,7 @@ pub async fn start_master(
         status,
         decider,
         launcher,
+        writer,
     })
 }
 

@@ -356,3 +356,45 @@ pub fn kill_tree(pid: u32) {
         let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
     }
 }
+
+/// Log records of in-process actors, as JSON lines, for asserting on what they say.
+#[derive(Clone, Default)]
+pub struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+impl LogBuf {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    pub fn logger(&self) -> slog::Logger {
+        use slog::Drain;
+        let drain = slog_json::Json::new(self.clone())
+            .add_default_keys()
+            .build();
+        slog::Logger::root(std::sync::Mutex::new(drain).map(slog::Fuse), slog::o!())
+    }
+    /// Waits (bounded) until the log contains `needle`.
+    pub async fn wait_for(&self, needle: &str, limit: std::time::Duration) {
+        self.wait_for_count(needle, 1, limit).await
+    }
+
+    /// Waits (bounded) until the log contains `needle` at least `n` times.
+    pub async fn wait_for_count(&self, needle: &str, n: usize, limit: std::time::Duration) {
+        let end = std::time::Instant::now() + limit;
+        while self.text().matches(needle).count() < n {
+            assert!(
+                std::time::Instant::now() < end,
+                "log never said {needle:?} {n} times:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
