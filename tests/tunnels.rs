@@ -520,3 +520,118 @@ async fn a_silent_host_costs_a_bounded_timeout_and_retries() {
         .await;
     drop(silent);
 }
+
+/// The whole master, as a binary: a node reports 95 % CPU through a real SSH tunnel, the
+/// decider scales up, the command launcher "launches" a host, the registry records it and the
+/// HAProxy writer puts it in a validated haproxy.cfg.
+#[test]
+fn master_binary_scales_up_end_to_end() {
+    let (Some(sshd_bin), Some(_)) = (tool("sshd"), tool("haproxy")) else {
+        return;
+    };
+    let s = common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    keygen(&key);
+    let report_port = free_port("127.0.0.1");
+    let grow = s.path().join("grow.sh");
+    std::fs::write(
+        &grow,
+        "#!/bin/sh\necho \"{\\\"host\\\": \\\"127.0.1.77\\\", \\\"port\\\": 8080, \\\"instance_id\\\": \\\"$AUTOSCALER_DECISION\\\"}\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&grow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for (section, key, value) in [
+        ("ssh", "user", common::current_user()),
+        ("ssh", "host_key_policy", "accept-new".into()),
+        ("node", "report_port", report_port.to_string()),
+        ("scaling", "dry_run", "false".into()),
+        ("scaling", "warmup", "0s".into()),
+        ("scaling", "scale_up_window", "2s".into()),
+        ("scaling", "stale_after", "2s".into()),
+        ("launch", "launcher", "command".into()),
+        ("launch", "scale_up_command", grow.display().to_string()),
+        ("launch", "health_check", "false".into()),
+        ("haproxy", "reload_command", "true".into()),
+        ("haproxy", "debounce", "100ms".into()),
+    ] {
+        s.set(section, key, &value);
+    }
+    let sshd = Sshd::start(&sshd_bin, "127.0.0.8", None, &pub_of(&key), None);
+    let out = s.run(&[
+        "add-host",
+        "127.0.0.8",
+        "8080",
+        "--ssh-port",
+        &sshd.port.to_string(),
+    ]);
+    assert!(out.status.success());
+    let mut master = Proc(
+        Command::new(bin())
+            .args(["--log-format", "json", "master"])
+            .env("AUTOSCALER_CONFIG", s.config())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = master.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let wait = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("master never logged {what}"),
+            }
+        }
+    };
+    wait(&|v| v["msg"] == "Tunnel up", "Tunnel up");
+    // Stand in for the node agent: a hot node, one frame every 200 ms, for at most 10 s.
+    let mut node = std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap();
+    use std::io::Write;
+    node.write_all(b"{\"v\":1,\"type\":\"hello\",\"node\":\"hot\",\"boot\":1}\n")
+        .unwrap();
+    let feeder = std::thread::spawn(move || {
+        for seq in 0..50u64 {
+            let line = format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":95.0,\"cores\":2}}\n");
+            if node.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let d = wait(
+        &|v| v["msg"] == "Decision" && v["action"] == "scale_up",
+        "a scale-up decision",
+    );
+    assert_eq!(d["count"], 1);
+    assert!(d["reason"].as_str().unwrap().contains("95.0%"), "{d}");
+    wait(
+        &|v| v["msg"] == "Launch finished" && v["actor"] == "ScaleDecider",
+        "Launch finished",
+    );
+    wait(
+        &|v| v["msg"] == "HAProxy reloaded" && v["servers"] == 2,
+        "HAProxy reloaded with 2 servers",
+    );
+    let cfg = std::fs::read_to_string(s.path().join("haproxy.cfg")).unwrap();
+    assert!(
+        cfg.contains("server 127.0.1.77_8080 127.0.1.77:8080 check"),
+        "{cfg}"
+    );
+    let hosts = common::stdout(&s.run(&["list-hosts", "--json"]));
+    assert!(hosts.contains("\"origin\": \"launched\""), "{hosts}");
+    Command::new("kill")
+        .args(["-TERM", &master.0.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = feeder.join();
+}
