@@ -186,6 +186,65 @@ fn pub_of(key: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// `autoscaler master` as a process, its JSON log records read as they come.
+struct MasterProc {
+    proc: Proc,
+    records: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl MasterProc {
+    fn spawn(config: &Path, extra: &[&str]) -> MasterProc {
+        let mut proc = Proc(
+            Command::new(bin())
+                .args(["--log-format", "json"])
+                .args(extra)
+                .arg("master")
+                .env("AUTOSCALER_CONFIG", config)
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let (tx, records) = std::sync::mpsc::channel();
+        let stderr = proc.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        MasterProc { proc, records }
+    }
+
+    /// The next record matching `pred` within 20 s, skipping others.
+    fn wait(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self
+                .records
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("master never logged {what}"),
+            }
+        }
+    }
+
+    /// The next record with message `msg`.
+    fn wait_msg(&self, msg: &str) -> serde_json::Value {
+        self.wait(msg, |v| v["msg"] == msg)
+    }
+
+    fn terminate(&self) {
+        Command::new("kill")
+            .args(["-TERM", &self.proc.0.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
 /// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
 fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -420,35 +479,8 @@ fn master_binary_follows_hosts_d() {
     s.set("haproxy", "reload_command", "true");
     let sshd = Sshd::start(&sshd_bin, "127.0.0.6", None, &pub_of(&key), None);
     let (_node, _nd) = start_node(report_port, None);
-    let mut master = Proc(
-        Command::new(bin())
-            .args(["--log-format", "json", "-v", "master"])
-            .env("AUTOSCALER_CONFIG", s.config())
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    let stderr = master.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let wait = |msg: &str| -> serde_json::Value {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(v) if v["msg"] == msg => return v,
-                Ok(_) => {}
-                Err(_) => panic!("master never logged {msg:?}"),
-            }
-        }
-    };
+    let mut master = MasterProc::spawn(&s.config(), &["-v"]);
+    let wait = |msg: &str| master.wait_msg(msg);
     wait("Started");
     let out = s.run(&[
         "add-host",
@@ -481,12 +513,9 @@ fn master_binary_follows_hosts_d() {
     assert_eq!(closing["host"], "127.0.0.6");
     wait("NodeDown");
     // SIGTERM stops it cleanly.
-    Command::new("kill")
-        .args(["-TERM", &master.0.id().to_string()])
-        .status()
-        .unwrap();
+    master.terminate();
     wait("Stopped");
-    let status = master.0.wait().unwrap();
+    let status = master.proc.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -565,35 +594,8 @@ fn master_binary_scales_up_end_to_end() {
         &sshd.port.to_string(),
     ]);
     assert!(out.status.success());
-    let mut master = Proc(
-        Command::new(bin())
-            .args(["--log-format", "json", "master"])
-            .env("AUTOSCALER_CONFIG", s.config())
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    let stderr = master.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let wait = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| -> serde_json::Value {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(v) if pred(&v) => return v,
-                Ok(_) => {}
-                Err(_) => panic!("master never logged {what}"),
-            }
-        }
-    };
-    wait(&|v| v["msg"] == "Tunnel up", "Tunnel up");
+    let master = MasterProc::spawn(&s.config(), &[]);
+    master.wait_msg("Tunnel up");
     // Stand in for the node agent: a hot node, one frame every 200 ms, for at most 10 s.
     let mut node = std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap();
     use std::io::Write;
@@ -608,20 +610,17 @@ fn master_binary_scales_up_end_to_end() {
             std::thread::sleep(Duration::from_millis(200));
         }
     });
-    let d = wait(
-        &|v| v["msg"] == "Decision" && v["action"] == "scale_up",
-        "a scale-up decision",
-    );
+    let d = master.wait("a scale-up decision", |v| {
+        v["msg"] == "Decision" && v["action"] == "scale_up"
+    });
     assert_eq!(d["count"], 1);
     assert!(d["reason"].as_str().unwrap().contains("95.0%"), "{d}");
-    wait(
-        &|v| v["msg"] == "Launch finished" && v["actor"] == "ScaleDecider",
-        "Launch finished",
-    );
-    wait(
-        &|v| v["msg"] == "HAProxy reloaded" && v["servers"] == 2,
-        "HAProxy reloaded with 2 servers",
-    );
+    master.wait("Launch finished", |v| {
+        v["msg"] == "Launch finished" && v["actor"] == "ScaleDecider"
+    });
+    master.wait("HAProxy reloaded with 2 servers", |v| {
+        v["msg"] == "HAProxy reloaded" && v["servers"] == 2
+    });
     let cfg = std::fs::read_to_string(s.path().join("haproxy.cfg")).unwrap();
     assert!(
         cfg.contains("server 127.0.1.77_8080 127.0.1.77:8080 check"),
@@ -629,9 +628,6 @@ fn master_binary_scales_up_end_to_end() {
     );
     let hosts = common::stdout(&s.run(&["list-hosts", "--json"]));
     assert!(hosts.contains("\"origin\": \"launched\""), "{hosts}");
-    Command::new("kill")
-        .args(["-TERM", &master.0.id().to_string()])
-        .status()
-        .unwrap();
+    master.terminate();
     let _ = feeder.join();
 }
