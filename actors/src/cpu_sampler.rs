@@ -53,6 +53,7 @@ impl CpuSampler {
                 0.0
             },
             cores: self.sys.cpus().len().max(1) as u32,
+            age_ms: 0,
         };
         self.seq += 1;
         sample

@@ -98,7 +98,8 @@ fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Opti
     if now.saturating_sub(last) > ms(cfg.stale_after) {
         return None;
     }
-    let start = now.saturating_sub(ms(window));
+    // A window reaching back before the clock began cannot be covered by data.
+    let start = now.checked_sub(ms(window))?;
     let inside: Vec<f64> = n
         .samples
         .iter()
@@ -513,6 +514,21 @@ mod tests {
             let d = decide(&c, &nodes, &hist, NOW);
             assert!(check(&d), "{name}: got {d:?}");
         }
+    }
+
+    #[test]
+    fn a_window_reaching_before_the_clock_began_is_no_data() {
+        let c = cfg();
+        let mut n = node(1, 99.0, 30 * S);
+        let early = 30 * S;
+        n.samples.iter_mut().for_each(|s| s.0 -= NOW - early);
+        n.up_since_ms = Some(0);
+        let mut c2 = c.clone();
+        c2.warmup = Duration::ZERO;
+        assert_eq!(
+            decide(&c2, &[n], &History::default(), early),
+            Decision::Hold(Hold::NoData)
+        );
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! ```text
 //! {"v":1,"type":"hello","node":"web-1","boot":8812734,"instance_id":"i-0abc"}
 //! {"v":1,"type":"cpu","seq":17,"ts_ms":1764537600000,"busy_pct":73.2,"cores":2}
+//! {"v":1,"type":"cpu","seq":16,"ts_ms":1764537599000,"busy_pct":70.1,"cores":2,"age_ms":61000}
 //! ```
+//!
+//! `age_ms` (optional, default 0) marks a sample resent from the node's buffer: how long ago,
+//! on the node's clock, it was taken.
 //!
 //! A channel starts with one `hello`; `boot` changes whenever the node agent restarts, so its
 //! sequence numbers can start again from 0. The node resends its buffer after every reconnect,
@@ -30,6 +34,15 @@ pub struct CpuSample {
     pub busy_pct: f64,
     /// Number of logical cores.
     pub cores: u32,
+    /// How old the sample was when it was written to the link, on the node's own clock; 0 for a
+    /// live sample, more for one resent from the buffer after an outage. Lets the master place
+    /// it in time without comparing the two machines' clocks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub age_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The first frame on a channel: who is reporting.
@@ -246,6 +259,7 @@ mod tests {
             ts_ms: 1_764_537_600_000u64.wrapping_add(seq),
             busy_pct: busy,
             cores: 2,
+            age_ms: seq % 3 * 1000,
         })
     }
 

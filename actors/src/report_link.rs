@@ -189,8 +189,16 @@ async fn serve(
     let (mut rd, mut wr) = stream.into_split();
     let mut out = encode(&Frame::Hello(hello.clone()));
     let mut last = None;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     for s in ring.iter() {
-        out.push_str(&encode(&Frame::Cpu(*s)));
+        // Resent samples say how old they are; the master places them in time by that.
+        let resent = CpuSample {
+            age_ms: now.saturating_sub(s.ts_ms),
+            ..*s
+        };
+        out.push_str(&encode(&Frame::Cpu(resent)));
         last = Some(s.seq);
     }
     if let Err(e) = wr.write_all(out.as_bytes()).await {
@@ -232,6 +240,7 @@ mod tests {
             ts_ms: seq,
             busy_pct: 1.0,
             cores: 1,
+            age_ms: 0,
         }
     }
 

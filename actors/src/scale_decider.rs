@@ -43,7 +43,7 @@ pub struct ScaleDecider {
     cfg: Scaling,
     out: Option<DeciderOutputs>,
     tick: Duration,
-    /// The master's clock: milliseconds since this actor was created.
+    /// The master's clock starts when this actor is created (see [`ScaleDecider::now`]).
     epoch: Instant,
     nodes: HashMap<HostKey, Track>,
     hosts: BTreeMap<HostKey, (Host, u64)>,
@@ -75,8 +75,11 @@ impl ScaleDecider {
         }
     }
 
+    /// Milliseconds on the decider's clock. It starts at the sample retention rather than 0,
+    /// so a sample resent with an age up to that is still placed at a real time; no window can
+    /// look as if covered by data from before the master started.
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.epoch.elapsed().as_millis() as u64 + self.retention()
     }
 
     /// How long samples are kept: the longest window plus the staleness allowance.
@@ -184,8 +187,11 @@ impl Handler<CpuReported> for ScaleDecider {
     fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
         let now = self.now();
         let keep = self.retention();
+        // A sample resent after an outage is placed when it was taken, not when it arrived.
+        let at = now.saturating_sub(m.sample.age_ms);
         let t = self.nodes.entry(m.host).or_default();
-        t.samples.push_back((now, m.sample.busy_pct));
+        let pos = t.samples.partition_point(|(x, _)| *x <= at);
+        t.samples.insert(pos, (at, m.sample.busy_pct));
         while t
             .samples
             .front()
@@ -343,6 +349,7 @@ mod tests {
                         ts_ms: 0,
                         busy_pct: busy,
                         cores: 1,
+                        age_ms: 0,
                     },
                 });
             }
@@ -361,6 +368,54 @@ mod tests {
         let got = drive(false, vec![host(1, Origin::Manual)], 95.0, 30).await;
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(matches!(got[0], Out::Launch(1)));
+    }
+
+    /// Samples a node resends after an outage carry their age: they fill the window at once,
+    /// placed when they were taken, not when they arrived.
+    #[actix_rt::test]
+    async fn resent_samples_are_placed_by_their_age() {
+        tokio::time::pause();
+        for (aged, want_launch) in [(true, true), (false, false)] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let sink = Sink(tx).start();
+            let log = Logger::root(slog::Discard, o!());
+            let out = DeciderOutputs {
+                launch: sink.clone().recipient(),
+                terminate: sink.clone().recipient(),
+                deregister: sink.recipient(),
+            };
+            let d = ScaleDecider::new(scaling(false), Some(out), DEFAULT_TICK, &log).start();
+            let h = host(1, Origin::Manual);
+            d.do_send(HostsChanged {
+                hosts: Arc::new(vec![h.clone()]),
+            });
+            d.do_send(NodeUp {
+                host: h.key(),
+                hello: Hello {
+                    node: "n".into(),
+                    boot: 1,
+                    instance_id: None,
+                },
+            });
+            // 12 s of buffered samples (window: 10 s), all arriving now, oldest first.
+            for seq in 0..12u64 {
+                let age_ms = if aged { (11 - seq) * 1000 } else { 0 };
+                d.do_send(CpuReported {
+                    host: h.key(),
+                    sample: CpuSample {
+                        seq,
+                        ts_ms: 0,
+                        busy_pct: 95.0,
+                        cores: 1,
+                        age_ms,
+                    },
+                });
+            }
+            // Only the warm-up (3 s) passes: far less than a window of live samples.
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            let launched = matches!(rx.try_recv(), Ok(Out::Launch(1)));
+            assert_eq!(launched, want_launch, "aged = {aged}");
+        }
     }
 
     #[actix_rt::test]
