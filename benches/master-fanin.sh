@@ -44,9 +44,15 @@ CFG
 pids+=($!)
 echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$tmp/sshd/host.pub")" >"$tmp/m/known_hosts"
 sed -i "s/^user = .*/user = $(id -un)/" "$tmp/m/autoscaler.ini"
+# This master must not touch the machine's HAProxy.
+sed -i "s/^reload_command = .*/reload_command = true/" "$tmp/m/autoscaler.ini"
 
-# N hosts: all 127.0.0.1, each with its own application and report port.
-base=$((20000 + RANDOM % 10000))
+# N hosts: all 127.0.0.1, each with its own application and report port. Report ports stay
+# below the ephemeral range: a port there may already be the local end of some connection
+# (the master's own SSH sessions among them), and sshd then refuses that forward.
+low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+base=$((low - 20000 - n))
+[ "$base" -gt 1024 ] || { echo "N=$n too large for the ports below $low" >&2; exit 1; }
 for ((i = 0; i < n; i++)); do
   printf 'host = 127.0.0.1\nport = %d\nssh_port = %d\nreport_port = %d\n' $((base + i)) "$ssh_port" $((base + 20000 + i)) \
     >"$tmp/m/hosts.d/127.0.0.1_$((base + i)).host"
@@ -54,7 +60,7 @@ done
 AUTOSCALER_CONFIG="$tmp/m/autoscaler.ini" "$bin" ${FANIN_LOG_ARGS:--q} master 2>"$tmp/master.log" &
 master=$!; pids+=($master)
 
-python3 - "$n" "$rate" "$dur" "$base" "$master" <<'PY'
+python3 - "$n" "$rate" "$dur" "$base" "$master" <<'PY' || echo "load generator failed" >&2
 import asyncio, json, os, sys, time
 n, rate, dur, base, master = map(int, sys.argv[1:])
 tck = os.sysconf("SC_CLK_TCK")
@@ -95,6 +101,6 @@ async def main():
 asyncio.run(main())
 PY
 if [ -n "${FANIN_LOG_ARGS:-}" ]; then
-  grep -c DEBG "$tmp/master.log"; grep -m3 -e DEBG "$tmp/master.log"; grep -v -e NodeUp -e "Tunnel up" -e "Opening tunnel" -e "Node up" -e "Report channel opened" "$tmp/master.log" | head -5
   echo "master log: $(grep -c '"msg":"CPU"' "$tmp/master.log") CPU records, $(grep -c '"msg":"NodeUp"' "$tmp/master.log") NodeUp, $(grep -c 'Tunnel up' "$tmp/master.log") tunnels up"
+  echo "session errors:"; grep -o '"error":"[^"]*' "$tmp/master.log" | sort | uniq -c | sort -rn | head -5
 fi

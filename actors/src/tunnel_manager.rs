@@ -35,6 +35,8 @@ use crate::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::report::{decode, ChannelState, DecodeError, Frame, LineBuffer, SeqFilter, SeqVerdict};
 
 const RETRY_BASE: Duration = Duration::from_secs(1);
+/// SSH handshakes in progress at once (each costs key exchange on both ends).
+pub const MAX_HANDSHAKES: usize = 32;
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
@@ -87,6 +89,8 @@ pub struct TunnelSettings {
     pub report_port: u16,
     /// A channel that carries no frame for this long is closed and its node marked down.
     pub stale_after: Duration,
+    /// SSH handshakes allowed in progress at once, over all hosts.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl TunnelSettings {
@@ -109,6 +113,7 @@ impl TunnelSettings {
             keepalive: cfg.ssh.keepalive,
             report_port: cfg.node.report_port,
             stale_after: cfg.scaling.stale_after,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         })
     }
 }
@@ -321,9 +326,13 @@ async fn run_session(
             })?;
         Ok::<_, TunnelError>(handle)
     };
+    // Bound the handshakes in progress, so a master (re)starting with thousands of nodes does
+    // not time them all out at once; the connect timeout counts from when this one may start.
+    let permit = settings.handshakes.acquire().await;
     let mut handle = tokio::time::timeout(settings.connect_timeout, setup)
         .await
         .map_err(|_| TunnelError::ConnectTimeout(settings.connect_timeout))??;
+    drop(permit);
     info!(log, "Tunnel up"; "forward" => format!("127.0.0.1:{report_port}"));
     (&mut handle).await?;
     Ok(())
