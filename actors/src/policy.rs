@@ -100,17 +100,24 @@ fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Opti
     }
     // A window reaching back before the clock began cannot be covered by data.
     let start = now.checked_sub(ms(window))?;
-    let inside: Vec<f64> = n
-        .samples
-        .iter()
-        .filter(|(t, _)| *t >= start)
-        .map(|(_, b)| *b)
-        .collect();
-    let first = n.samples.iter().find(|(t, _)| *t >= start)?.0;
-    if first > start + ms(cfg.stale_after) || inside.is_empty() {
+    // Samples are in time order: the window is a suffix.
+    let inside = &n.samples[n.samples.partition_point(|(t, _)| *t < start)..];
+    let first = inside.first()?.0;
+    if first > start + ms(cfg.stale_after) {
         return None;
     }
-    Some(inside.iter().sum::<f64>() / inside.len() as f64)
+    Some(inside.iter().map(|(_, b)| b).sum::<f64>() / inside.len() as f64)
+}
+
+/// The per-node window means every rule works from: (scale-up window, scale-down window).
+fn means(cfg: &Scaling, nodes: &[NodeInput], now: u64) -> (Vec<f64>, Vec<f64>) {
+    let of = |window| {
+        nodes
+            .iter()
+            .filter_map(|n| window_mean(n, cfg, now, window))
+            .collect()
+    };
+    (of(cfg.scale_up_window), of(cfg.scale_down_window))
 }
 
 /// The inputs behind a decision, for its log record.
@@ -126,36 +133,45 @@ pub struct Summary {
     pub mean_down: Option<f64>,
 }
 
-/// What [`decide`] looked at.
-pub fn summarize(cfg: &Scaling, nodes: &[NodeInput], now: u64) -> Summary {
-    let up: Vec<f64> = nodes
-        .iter()
-        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_up_window))
-        .collect();
-    let down: Vec<f64> = nodes
-        .iter()
-        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_down_window))
-        .collect();
+fn summary(up: &[f64], down: &[f64]) -> Summary {
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     Summary {
         eligible: up.len(),
-        mean_up: mean(&up),
+        mean_up: mean(up),
         hottest: up.iter().cloned().reduce(f64::max),
-        mean_down: mean(&down),
+        mean_down: mean(down),
     }
 }
 
 /// Decides. `nodes` is every registered host.
 pub fn decide(cfg: &Scaling, nodes: &[NodeInput], hist: &History, now: u64) -> Decision {
+    decide_with_summary(cfg, nodes, hist, now).0
+}
+
+/// Decides, and says what the decision looked at (for its log record).
+pub fn decide_with_summary(
+    cfg: &Scaling,
+    nodes: &[NodeInput],
+    hist: &History,
+    now: u64,
+) -> (Decision, Summary) {
+    let (up_means, down_means) = means(cfg, nodes, now);
+    let sum = summary(&up_means, &down_means);
+    (
+        decide_from(cfg, nodes, hist, now, &up_means, &down_means),
+        sum,
+    )
+}
+
+fn decide_from(
+    cfg: &Scaling,
+    nodes: &[NodeInput],
+    hist: &History,
+    now: u64,
+    up_means: &[f64],
+    down_means: &[f64],
+) -> Decision {
     let current = nodes.len() as u32 + hist.in_flight;
-    let up_means: Vec<f64> = nodes
-        .iter()
-        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_up_window))
-        .collect();
-    let down_means: Vec<f64> = nodes
-        .iter()
-        .filter_map(|n| window_mean(n, cfg, now, cfg.scale_down_window))
-        .collect();
     if up_means.is_empty() && down_means.is_empty() {
         return Decision::Hold(Hold::NoData);
     }
@@ -179,7 +195,7 @@ pub fn decide(cfg: &Scaling, nodes: &[NodeInput], hist: &History, now: u64) -> D
                 )
             }),
         Policy::Cluster if !up_means.is_empty() => {
-            let m = mean(&up_means);
+            let m = mean(up_means);
             let ratio = m / cfg.target_cpu;
             let e = up_means.len() as u32;
             let desired = (f64::from(e) * ratio).ceil() as u32 + (current - e.min(current));
@@ -215,7 +231,7 @@ pub fn decide(cfg: &Scaling, nodes: &[NodeInput], hist: &History, now: u64) -> D
     if down_means.is_empty() {
         return Decision::Hold(Hold::Steady);
     }
-    let m = mean(&down_means);
+    let m = mean(down_means);
     let low = match cfg.policy {
         Policy::Instance => m < cfg.scale_down_threshold,
         Policy::Cluster => {

@@ -19,7 +19,7 @@ use crate::ec2_launcher::{LaunchFinished, LaunchInstances, TerminateInstance};
 use crate::host_registry::DeregisterHost;
 use crate::hosts::{Host, HostKey, Origin};
 use crate::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
-use crate::policy::{decide, summarize, Decision, History, NodeInput};
+use crate::policy::{decide_with_summary, Decision, History, NodeInput};
 
 /// How often the policy runs.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
@@ -110,10 +110,9 @@ impl ScaleDecider {
         let now = self.now();
         let nodes = self.inputs();
         self.hist.in_flight = self.pending.values().sum();
-        let decision = decide(&self.cfg, &nodes, &self.hist, now);
+        let (decision, sum) = decide_with_summary(&self.cfg, &nodes, &self.hist, now);
         let fleet = nodes.len();
         let in_flight = self.hist.in_flight;
-        let sum = summarize(&self.cfg, &nodes, now);
         let inputs = slog::o!("nodes" => fleet, "eligible" => sum.eligible, "in_flight" => in_flight,
             "mean_up_pct" => sum.mean_up.map(|m| format!("{m:.1}")), "hottest_pct" => sum.hottest.map(|m| format!("{m:.1}")),
             "mean_down_pct" => sum.mean_down.map(|m| format!("{m:.1}")), "policy" => self.cfg.policy.as_str());
