@@ -258,7 +258,7 @@ mod tests {
     use crate::config::{Config, Layout, Role};
     use crate::hosts::HostName;
     use crate::report::{CpuSample, Hello};
-    use actix::Message;
+    use actix::{Addr, Message};
     use std::path::Path;
     use std::sync::Arc;
     use tokio::sync::mpsc;
@@ -314,10 +314,9 @@ mod tests {
         h
     }
 
-    /// Drives the actor on tokio's paused clock: `secs` seconds of one sample a second from
-    /// every host at `busy`. Returns what it sent.
-    async fn drive(dry_run: bool, hosts: Vec<Host>, busy: f64, secs: u64) -> Vec<Out> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// A decider whose outputs land in the returned channel, told about `hosts`, all up.
+    fn start(dry_run: bool, hosts: &[Host]) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let sink = Sink(tx).start();
         let log = Logger::root(slog::Discard, o!());
         let out = DeciderOutputs {
@@ -327,9 +326,9 @@ mod tests {
         };
         let d = ScaleDecider::new(scaling(dry_run), Some(out), DEFAULT_TICK, &log).start();
         d.do_send(HostsChanged {
-            hosts: Arc::new(hosts.clone()),
+            hosts: Arc::new(hosts.to_vec()),
         });
-        for h in &hosts {
+        for h in hosts {
             d.do_send(NodeUp {
                 host: h.key(),
                 hello: Hello {
@@ -339,17 +338,28 @@ mod tests {
                 },
             });
         }
+        (d, rx)
+    }
+
+    fn sample(seq: u64, busy_pct: f64, age_ms: u64) -> CpuSample {
+        CpuSample {
+            seq,
+            ts_ms: 0,
+            busy_pct,
+            cores: 1,
+            age_ms,
+        }
+    }
+
+    /// Drives the actor on tokio's paused clock: `secs` seconds of one sample a second from
+    /// every host at `busy`. Returns what it sent.
+    async fn drive(dry_run: bool, hosts: Vec<Host>, busy: f64, secs: u64) -> Vec<Out> {
+        let (d, mut rx) = start(dry_run, &hosts);
         for seq in 0..secs {
             for h in &hosts {
                 d.do_send(CpuReported {
                     host: h.key(),
-                    sample: CpuSample {
-                        seq,
-                        ts_ms: 0,
-                        busy_pct: busy,
-                        cores: 1,
-                        age_ms: 0,
-                    },
+                    sample: sample(seq, busy, 0),
                 });
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -375,39 +385,14 @@ mod tests {
     async fn resent_samples_are_placed_by_their_age() {
         tokio::time::pause();
         for (aged, want_launch) in [(true, true), (false, false)] {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let sink = Sink(tx).start();
-            let log = Logger::root(slog::Discard, o!());
-            let out = DeciderOutputs {
-                launch: sink.clone().recipient(),
-                terminate: sink.clone().recipient(),
-                deregister: sink.recipient(),
-            };
-            let d = ScaleDecider::new(scaling(false), Some(out), DEFAULT_TICK, &log).start();
             let h = host(1, Origin::Manual);
-            d.do_send(HostsChanged {
-                hosts: Arc::new(vec![h.clone()]),
-            });
-            d.do_send(NodeUp {
-                host: h.key(),
-                hello: Hello {
-                    node: "n".into(),
-                    boot: 1,
-                    instance_id: None,
-                },
-            });
+            let (d, mut rx) = start(false, std::slice::from_ref(&h));
             // 12 s of buffered samples (window: 10 s), all arriving now, oldest first.
             for seq in 0..12u64 {
                 let age_ms = if aged { (11 - seq) * 1000 } else { 0 };
                 d.do_send(CpuReported {
                     host: h.key(),
-                    sample: CpuSample {
-                        seq,
-                        ts_ms: 0,
-                        busy_pct: 95.0,
-                        cores: 1,
-                        age_ms,
-                    },
+                    sample: sample(seq, 95.0, age_ms),
                 });
             }
             // Only the warm-up (3 s) passes: far less than a window of live samples.
