@@ -16,32 +16,16 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+# shellcheck source=../scripts/loopback-sshd.sh
+. "$root/scripts/loopback-sshd.sh"
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # sshd on 127.0.0.1 with throwaway keys.
-mkdir -p /run/sshd "$tmp/sshd"
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/sshd/host"
 ssh_port=$(free_port)
 "$bin" -q init --dir "$tmp/m"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/m/id_ed25519"
-cp "$tmp/m/id_ed25519.pub" "$tmp/sshd/authorized_keys"
-cat >"$tmp/sshd/config" <<CFG
-Port $ssh_port
-ListenAddress 127.0.0.1
-HostKey $tmp/sshd/host
-PidFile $tmp/sshd/pid
-AuthorizedKeysFile $tmp/sshd/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-AllowTcpForwarding yes
-GatewayPorts no
-StrictModes no
-MaxStartups 2000
-MaxSessions 10
-CFG
-/usr/sbin/sshd -D -f "$tmp/sshd/config" -E "$tmp/sshd/log" &
-pids+=($!)
+start_loopback_sshd "$tmp/sshd" 127.0.0.1 "$ssh_port" "$tmp/m/id_ed25519.pub" $'MaxStartups 2000\nMaxSessions 10'
+pids+=("$SSHD_PID")
 echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$tmp/sshd/host.pub")" >"$tmp/m/known_hosts"
 sed -i "s/^user = .*/user = $(id -un)/" "$tmp/m/autoscaler.ini"
 # This master must not touch the machine's HAProxy.

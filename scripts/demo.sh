@@ -24,6 +24,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+# shellcheck source=loopback-sshd.sh
+. scripts/loopback-sshd.sh
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   local n=$1 what=$2; shift 2
@@ -81,24 +83,8 @@ export AUTOSCALER_CONFIG="$m"
 say "The web node: a backend on 127.0.0.2:8080, its sshd, its autoscaler agent"
 (cd "$tmp" && exec timeout 600 python3 -m http.server --bind 127.0.0.2 8080 >/dev/null 2>&1) &
 pids+=($!)
-mkdir -p /run/sshd "$tmp/sshd"
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/sshd/host"
-cp "$tmp/master/id_ed25519.pub" "$tmp/sshd/authorized_keys"
-cat >"$tmp/sshd/config" <<EOF
-Port $sshport
-ListenAddress 127.0.0.2
-HostKey $tmp/sshd/host
-PidFile $tmp/sshd/pid
-AuthorizedKeysFile $tmp/sshd/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-AllowTcpForwarding yes
-GatewayPorts no
-StrictModes no
-EOF
-/usr/sbin/sshd -D -f "$tmp/sshd/config" -E "$tmp/sshd/log" &
-pids+=($!)
+start_loopback_sshd "$tmp/sshd" 127.0.0.2 "$sshport" "$tmp/master/id_ed25519.pub"
+pids+=("$SSHD_PID")
 AUTOSCALER_CONFIG="$tmp/node/autoscaler.ini" "$bin" node 2>"$tmp/node.log" &
 pids+=($!)
 "$bin" add-host 127.0.0.2 8080 --ssh-port "$sshport"
