@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # HAProxy's own validation time on a generated config with N servers, beside which
-# `cargo bench --bench render` is quoted in docs/benchmarks.md.
+# `cargo bench -p autoscaler-core --bench render` is quoted in docs/benchmarks.md.
 # Usage: benches/haproxy-check.sh [N]   (needs haproxy and hyperfine; runs in a temp dir)
 set -euo pipefail
 n=${1:-10000}

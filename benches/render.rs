@@ -1,13 +1,16 @@
 //! Rendering haproxy.cfg for large fleets. Goal: rendering is under 1 % of HAProxy's own
 //! `haproxy -c` time on the same file (benches/haproxy-check.sh measures that side).
+//!
+//! A target of the pure crate (`cargo bench -p autoscaler-core --bench render`), so it builds
+//! without the AWS SDK or SSH stack.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use autoscaler_actors::config::{Config, Layout, Role};
-use autoscaler_actors::hosts::{Host, HostName};
-use autoscaler_actors::render::{HaproxyContext, HaproxyTemplate};
+use autoscaler_core::config::{Config, Layout, Role};
+use autoscaler_core::hosts::{Host, HostName};
+use autoscaler_core::render::{HaproxyContext, HaproxyTemplate};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 /// `n` distinct loopback hosts, shuffled deterministically so sorting is part of the work.

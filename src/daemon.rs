@@ -1,8 +1,8 @@
 //! Running a role: the actix system on a multi-thread tokio runtime, and signal handling.
 
 use autoscaler_actors::config::{Config, Role};
-use autoscaler_actors::host_registry::DEFAULT_POLL;
-use autoscaler_actors::scale_decider::DEFAULT_TICK;
+use autoscaler_actors::master::decider::DEFAULT_TICK;
+use autoscaler_actors::master::registry::DEFAULT_POLL;
 use autoscaler_actors::{start_master, start_node};
 use slog::{info, o, warn, Logger};
 use tokio::signal::unix::{signal, SignalKind};

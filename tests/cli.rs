@@ -1,13 +1,11 @@
 //! The operator's commands, run as the built binary in temp dirs: init, add-host, list-hosts,
 //! remove-host, generate (validated by the real HAProxy), check.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common::{bin, stderr, stdout, tool, Sandbox};
+use crate::common::{bin, stderr, stdout, tool, Sandbox};
 
 #[test]
 fn init_writes_a_private_complete_config_and_never_overwrites() {

@@ -2,8 +2,6 @@
 //! loopback: host changes become a validated config and a hitless reload; a config HAProxy
 //! rejects never replaces the live one.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -11,14 +9,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{free_port, tool, LogBuf, Proc};
 use actix::Actor;
-use autoscaler_actors::commands::{self, Output};
+use autoscaler_actors::admin::{self, Output};
 use autoscaler_actors::config::{CommandLine, Config, Role};
-use autoscaler_actors::haproxy_writer::HaproxyWriter;
 use autoscaler_actors::hosts::{Host, HostName};
-use autoscaler_actors::messages::HostsChanged;
+use autoscaler_actors::master::haproxy_writer::HaproxyWriter;
+use autoscaler_actors::master::messages::HostsChanged;
 use autoscaler_actors::render::{HaproxyTemplate, HAPROXY_TEMPLATE};
-use common::{free_port, tool, LogBuf, Proc};
 
 /// `show servers state` of the backend, through the runtime API.
 fn servers_state(sock: &Path) -> String {
@@ -50,7 +48,7 @@ async fn host_changes_reach_a_running_haproxy_and_bad_configs_never_do() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    commands::init(dir, Role::Master, false).unwrap();
+    admin::init(dir, Role::Master, false).unwrap();
     let mut cfg = Config::load(&dir.join("autoscaler.ini")).unwrap();
     cfg.haproxy.bind = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     cfg.haproxy.debounce = Duration::from_millis(100);
@@ -60,7 +58,7 @@ async fn host_changes_reach_a_running_haproxy_and_bad_configs_never_do() {
         "-c".into(),
         format!("kill -USR2 $(cat {})", pidfile.display()),
     ]);
-    commands::generate(&cfg, &Output::File(cfg.haproxy.config_path.clone()), true).unwrap();
+    admin::generate(&cfg, &Output::File(cfg.haproxy.config_path.clone()), true).unwrap();
     let _haproxy = Proc(
         Command::new(&haproxy)
             .arg("-W")

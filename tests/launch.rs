@@ -2,23 +2,24 @@
 //! scale-up commands. Instances launch into a VPC 127.0.0.0/16 / subnet 127.0.1.0/24 made in
 //! moto, so every address registered is 127.0.1.x and nothing leaves the machine.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{free_port, wait_for_tcp, Proc};
 use actix::{Actor, Addr, Context, Handler};
+use autoscaler_actors::adapters::ec2::{Ec2Api, InstanceInfo, SdkEc2};
+use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{CommandLine, Config, Role, Secret};
-use autoscaler_actors::ec2_api::{Ec2Api, SdkEc2};
-use autoscaler_actors::ec2_launcher::{
-    Backend, Ec2Launcher, Intent, LaunchFinished, LaunchInstances, LaunchSettings, LauncherOutputs,
-    TerminateInstance,
+use autoscaler_actors::hosts::{Host, HostName, Origin};
+use autoscaler_actors::master::decider::LaunchFinished;
+use autoscaler_actors::master::launcher::command::CommandProvisioner;
+use autoscaler_actors::master::launcher::intents::{pending_intents, Intent};
+use autoscaler_actors::master::launcher::{
+    LaunchInstances, LaunchSettings, Launcher, LauncherOutputs, Provisioner, TerminateInstance,
 };
-use autoscaler_actors::host_registry::HostRegistry;
-use autoscaler_actors::hosts::{Host, HostName, HostsDir, Origin};
-use common::{free_port, wait_for_tcp, Proc};
+use autoscaler_actors::master::registry::HostRegistry;
 use slog::{o, Logger};
 use tokio::sync::mpsc;
 
@@ -97,7 +98,7 @@ async fn client(endpoint: &str) -> aws_sdk_ec2::Client {
 }
 
 fn config(dir: &Path, moto: Option<&Moto>) -> Config {
-    autoscaler_actors::commands::init(dir, Role::Master, false).unwrap();
+    autoscaler_actors::admin::init(dir, Role::Master, false).unwrap();
     let mut cfg = Config::load(&dir.join("autoscaler.ini")).unwrap();
     if let Some(m) = moto {
         cfg.aws.endpoint = m.endpoint.clone();
@@ -126,20 +127,20 @@ impl Handler<LaunchFinished> for Collect {
 }
 
 struct Rig {
-    launcher: Addr<Ec2Launcher>,
+    launcher: Addr<Launcher>,
     finished: mpsc::UnboundedReceiver<LaunchFinished>,
     hosts: HostsDir,
 }
 
-fn rig(cfg: &Config, backend: Backend) -> Rig {
+fn rig(cfg: &Config, provisioner: Provisioner) -> Rig {
     let log = Logger::root(slog::Discard, o!());
     let hosts = HostsDir::new(&cfg.general.hosts_dir);
     let registry =
         HostRegistry::new(hosts.clone(), vec![], Duration::from_millis(100), &log).start();
     let (tx, finished) = mpsc::unbounded_channel();
     let sink = Collect(tx).start();
-    let launcher = Ec2Launcher::new(
-        backend,
+    let launcher = Launcher::new(
+        provisioner,
         LaunchSettings::from_config(cfg),
         LauncherOutputs {
             register: registry.clone().recipient(),
@@ -181,7 +182,7 @@ impl Rig {
     }
 }
 
-async fn group_instances(api: &SdkEc2) -> Vec<autoscaler_actors::ec2_api::InstanceInfo> {
+async fn group_instances(api: &SdkEc2) -> Vec<InstanceInfo> {
     api.describe(None)
         .await
         .unwrap()
@@ -197,7 +198,7 @@ async fn launches_tags_registers_and_terminates() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), Some(&moto));
     let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
-    let mut r = rig(&cfg, Backend::Ec2(api.clone()));
+    let mut r = rig(&cfg, Provisioner::Ec2(api.clone()));
     r.launcher.do_send(LaunchInstances {
         count: 2,
         decision_id: "as-test-1".into(),
@@ -227,7 +228,7 @@ async fn launches_tags_registers_and_terminates() {
         "{live:?}"
     );
     assert!(
-        autoscaler_actors::ec2_launcher::pending_intents(&cfg.general.state_dir).is_empty(),
+        pending_intents(&cfg.general.state_dir).is_empty(),
         "intent removed"
     );
 
@@ -290,13 +291,12 @@ async fn restart_reconciles_intents_and_instances() {
     let manual = Host::manual(HostName::parse("127.0.0.9").unwrap(), 80);
     HostsDir::new(&cfg.general.hosts_dir).add(&manual).unwrap();
 
-    let r = rig(&cfg, Backend::Ec2(api.clone()));
+    let r = rig(&cfg, Provisioner::Ec2(api.clone()));
     // Reconciliation runs in the background: wait (bounded) until it has settled.
     let mut hosts = Vec::new();
     for _ in 0..200 {
         hosts = r.hosts.load_strict().unwrap();
-        let settled = autoscaler_actors::ec2_launcher::pending_intents(&cfg.general.state_dir)
-            .is_empty()
+        let settled = pending_intents(&cfg.general.state_dir).is_empty()
             && !hosts.contains(&stale)
             && hosts.iter().any(|h| h.origin == Origin::Launched);
         if settled {
@@ -319,7 +319,7 @@ async fn restart_reconciles_intents_and_instances() {
         Some(launched[0].instance_id.as_str())
     );
     assert!(adopted[0].host.to_string().starts_with("127.0.1."));
-    assert!(autoscaler_actors::ec2_launcher::pending_intents(&cfg.general.state_dir).is_empty());
+    assert!(pending_intents(&cfg.general.state_dir).is_empty());
     // Exactly the expected instances exist: nothing was launched again.
     let live = group_instances(&api).await;
     assert_eq!(live.len(), 1, "{live:?}");
@@ -334,7 +334,7 @@ async fn api_errors_and_health_gate_failures_are_reported() {
     let mut cfg = config(tmp.path(), Some(&moto));
     cfg.launch.subnet_id = "subnet-doesnotexist".into();
     let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
-    let mut r = rig(&cfg, Backend::Ec2(api));
+    let mut r = rig(&cfg, Provisioner::Ec2(api));
     r.launcher.do_send(LaunchInstances {
         count: 1,
         decision_id: "as-bad-subnet".into(),
@@ -351,7 +351,7 @@ async fn api_errors_and_health_gate_failures_are_reported() {
     cfg.launch.health_timeout = Duration::from_secs(1);
     cfg.launch.app_port = free_port("127.0.0.1");
     let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
-    let mut r = rig(&cfg, Backend::Ec2(api.clone()));
+    let mut r = rig(&cfg, Provisioner::Ec2(api.clone()));
     r.launcher.do_send(LaunchInstances {
         count: 1,
         decision_id: "as-unhealthy".into(),
@@ -379,10 +379,12 @@ fn script(dir: &Path, name: &str, body: &str) -> CommandLine {
 async fn command_launcher() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), None);
-    let command = |up: CommandLine, timeout: Duration| Backend::Command {
-        up,
-        down: CommandLine::default(),
-        timeout,
+    let command = |up: CommandLine, timeout: Duration| {
+        Provisioner::Command(CommandProvisioner {
+            up,
+            down: CommandLine::default(),
+            timeout,
+        })
     };
     // A script that prints the new hosts as JSON (it sees the decision and count).
     let good = script(
@@ -436,10 +438,10 @@ async fn command_launcher() {
 #[actix_rt::test]
 async fn dry_run_master_needs_no_launch_settings() {
     let tmp = tempfile::tempdir().unwrap();
-    autoscaler_actors::commands::init(tmp.path(), Role::Master, false).unwrap();
+    autoscaler_actors::admin::init(tmp.path(), Role::Master, false).unwrap();
     let mut cfg = Config::load(&tmp.path().join("autoscaler.ini")).unwrap();
     assert!(cfg.scaling.dry_run && cfg.launch.image_id.is_empty());
-    common::keygen(&cfg.ssh.identity_file);
+    crate::common::keygen(&cfg.ssh.identity_file);
     // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
     cfg.haproxy.reload_command = CommandLine(vec!["true".into()]);
     let log = Logger::root(slog::Discard, o!());
@@ -454,7 +456,7 @@ async fn dry_run_master_needs_no_launch_settings() {
     assert!(m.launcher.is_none());
     // Without dry_run and without an AMI, the configuration itself is refused.
     cfg.scaling.dry_run = false;
-    let text = autoscaler_actors::render::render_ini(&cfg).unwrap();
+    let text = cfg.to_ini_text();
     let e = Config::parse(&text, &tmp.path().join("autoscaler.ini"))
         .unwrap_err()
         .to_string();

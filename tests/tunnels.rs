@@ -2,20 +2,19 @@
 //! namespaces made here), the real node agent (`autoscaler node`), and the master's
 //! TunnelManager asking for the remote forward with russh.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{bin, free_port, keygen, tool, LogBuf, Netns, Proc, Sshd};
 use actix::{Actor, Addr, Context, Handler};
+use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
-use autoscaler_actors::host_registry::HostRegistry;
-use autoscaler_actors::hosts::{Host, HostName, HostsDir};
-use autoscaler_actors::messages::{CpuReported, NodeDown, NodeUp};
-use autoscaler_actors::tunnel_manager::{TunnelManager, TunnelOutputs, TunnelSettings};
-use common::{bin, free_port, keygen, tool, LogBuf, Netns, Proc, Sshd};
+use autoscaler_actors::hosts::{Host, HostName};
+use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp};
+use autoscaler_actors::master::registry::HostRegistry;
+use autoscaler_actors::master::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
 use tokio::sync::mpsc;
 
 #[derive(Debug)]
@@ -62,10 +61,10 @@ struct Master {
 impl Master {
     fn dir_with_key() -> (tempfile::TempDir, Config) {
         let dir = tempfile::tempdir().unwrap();
-        autoscaler_actors::commands::init(dir.path(), Role::Master, false).unwrap();
+        autoscaler_actors::admin::init(dir.path(), Role::Master, false).unwrap();
         let mut cfg = Config::load(&dir.path().join("autoscaler.ini")).unwrap();
         keygen(&cfg.ssh.identity_file);
-        cfg.ssh.user = common::current_user();
+        cfg.ssh.user = crate::common::current_user();
         cfg.ssh.connect_timeout = Duration::from_secs(5);
         cfg.ssh.keepalive = Duration::from_secs(2);
         cfg.scaling.stale_after = Duration::from_secs(3);
@@ -248,7 +247,7 @@ impl MasterProc {
 /// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
 fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    autoscaler_actors::commands::init(dir.path(), Role::Node, false).unwrap();
+    autoscaler_actors::admin::init(dir.path(), Role::Node, false).unwrap();
     let cfg = dir.path().join("autoscaler.ini");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -468,11 +467,11 @@ async fn two_nodes_in_their_own_network_namespaces() {
 #[test]
 fn master_binary_follows_hosts_d() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let s = common::Sandbox::new();
+    let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
     keygen(&key);
     let report_port = free_port("127.0.0.1");
-    s.set("ssh", "user", &common::current_user());
+    s.set("ssh", "user", &crate::common::current_user());
     s.set("node", "report_port", &report_port.to_string());
     s.set("ssh", "host_key_policy", "accept-new");
     // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
@@ -558,7 +557,7 @@ fn master_binary_scales_up_end_to_end() {
     let (Some(sshd_bin), Some(_)) = (tool("sshd"), tool("haproxy")) else {
         return;
     };
-    let s = common::Sandbox::new();
+    let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
     keygen(&key);
     let report_port = free_port("127.0.0.1");
@@ -570,7 +569,7 @@ fn master_binary_scales_up_end_to_end() {
     .unwrap();
     std::fs::set_permissions(&grow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     for (section, key, value) in [
-        ("ssh", "user", common::current_user()),
+        ("ssh", "user", crate::common::current_user()),
         ("ssh", "host_key_policy", "accept-new".into()),
         ("node", "report_port", report_port.to_string()),
         ("scaling", "dry_run", "false".into()),
@@ -626,7 +625,7 @@ fn master_binary_scales_up_end_to_end() {
         cfg.contains("server 127.0.1.77_8080 127.0.1.77:8080 check"),
         "{cfg}"
     );
-    let hosts = common::stdout(&s.run(&["list-hosts", "--json"]));
+    let hosts = crate::common::stdout(&s.run(&["list-hosts", "--json"]));
     assert!(hosts.contains("\"origin\": \"launched\""), "{hosts}");
     master.terminate();
     let _ = feeder.join();

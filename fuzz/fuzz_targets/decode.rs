@@ -2,7 +2,7 @@
 //! channel state and duplicate filtering must never panic, whatever a node sends.
 #![no_main]
 
-use autoscaler_actors::report::{decode, ChannelState, Frame, LineBuffer, SeqFilter};
+use autoscaler_core::report::{decode, ChannelState, Frame, LineBuffer, SeqFilter};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

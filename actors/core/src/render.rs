@@ -1,8 +1,9 @@
-//! Template rendering (tera): haproxy.cfg from the host list, autoscaler.ini from a [`Config`].
+//! Template rendering (tera): haproxy.cfg from the host list.
 //!
 //! Pure functions over plain data, so they are tested against golden files and benchmarked
-//! without HAProxy. The embedded templates live in the repository's `templates/` directory;
-//! `[haproxy] template` replaces the HAProxy one.
+//! without HAProxy. The embedded template lives in the repository's `templates/` directory;
+//! `[haproxy] template` replaces it. (autoscaler.ini is written from the key table, see
+//! [`Config::to_ini_text`].)
 
 use std::path::{Path, PathBuf};
 
@@ -14,9 +15,7 @@ use crate::config::{Config, Haproxy};
 use crate::hosts::Host;
 
 /// The embedded HAProxy template.
-pub const HAPROXY_TEMPLATE: &str = include_str!("../../templates/haproxy.cfg.tera");
-/// The embedded autoscaler.ini template.
-pub const INI_TEMPLATE: &str = include_str!("../../templates/autoscaler.ini.tera");
+pub const HAPROXY_TEMPLATE: &str = include_str!("../../../templates/haproxy.cfg.tera");
 
 /// Why a template could not be rendered.
 #[derive(Debug, Error)]
@@ -144,19 +143,6 @@ pub fn render_haproxy(cfg: &Config, hosts: &[Host]) -> Result<String, RenderErro
     ))
 }
 
-/// Renders a configuration as autoscaler.ini text: every key with its value and a comment.
-/// Secrets come out redacted, so this is also what `autoscaler check` prints; `init` renders
-/// defaults, which hold none.
-pub fn render_ini(cfg: &Config) -> Result<String, RenderError> {
-    let mut tera = Tera::default();
-    tera.autoescape_on(vec![]);
-    tera.add_raw_template("autoscaler.ini.tera", INI_TEMPLATE)
-        .map_err(|e| template_error("autoscaler.ini.tera", e))?;
-    let ctx = Context::from_serialize(cfg).map_err(|e| template_error("autoscaler.ini.tera", e))?;
-    tera.render("autoscaler.ini.tera", &ctx)
-        .map_err(|e| template_error("autoscaler.ini.tera", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,27 +157,10 @@ mod tests {
         Host::manual(HostName::parse(h).unwrap(), port)
     }
 
-    /// Compares with `tests/golden/NAME`; `UPDATE_GOLDEN=1` rewrites the file instead.
-    fn golden(name: &str, got: &str) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/golden")
-            .join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, got).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-                path.display()
-            )
-        });
-        assert_eq!(got, want, "differs from {}", path.display());
-    }
-
     #[test]
     fn zero_hosts() {
         let out = render_haproxy(&cfg(), &[]).unwrap();
-        golden("haproxy-0-hosts.cfg", &out);
+        crate::golden::check("haproxy-0-hosts.cfg", &out);
         assert!(out.contains("backend app\n    balance roundrobin\n"));
         assert!(!out.contains("    server "));
     }
@@ -208,7 +177,7 @@ mod tests {
             host("web-2.example.com", 80),
         ];
         let out = render_haproxy(&cfg(), &hosts).unwrap();
-        golden("haproxy-4-hosts.cfg", &out);
+        crate::golden::check("haproxy-4-hosts.cfg", &out);
         let mut reversed = hosts.clone();
         reversed.reverse();
         assert_eq!(
@@ -240,7 +209,7 @@ mod tests {
         c.haproxy.check_interval = std::time::Duration::from_millis(1500);
         c.haproxy.stats_socket = "/tmp/x/h.sock".into();
         let out = render_haproxy(&c, &[host("127.0.0.1", 9000)]).unwrap();
-        golden("haproxy-http-check.cfg", &out);
+        crate::golden::check("haproxy-http-check.cfg", &out);
         for want in [
             "bind 127.0.0.1:8080\n",
             "frontend shop_in\n",
@@ -282,11 +251,5 @@ mod tests {
             render_haproxy(&c, &[]),
             Err(RenderError::Read { .. })
         ));
-    }
-
-    #[test]
-    fn init_file_golden() {
-        let c = Config::defaults(&Layout::for_dir(Path::new("/etc/autoscaler")), Role::Master);
-        golden("autoscaler.ini", &render_ini(&c).unwrap());
     }
 }

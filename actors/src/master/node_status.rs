@@ -7,8 +7,8 @@ use std::time::Instant;
 use actix::{Actor, Context, Handler, Message};
 use slog::{debug, info, o, warn, Logger};
 
+use super::messages::{CpuReported, NodeDown, NodeUp};
 use crate::hosts::HostKey;
-use crate::messages::{CpuReported, NodeDown, NodeUp};
 use crate::report::{CpuSample, Hello};
 
 /// One node as the master sees it.

@@ -11,27 +11,27 @@
 //!
 //! Each session is a plain tokio task (russh is tokio-native and `Send`); the actor only starts
 //! and aborts them as [`HostsChanged`] arrives. Forwarded channels are handled in-process: no
-//! listener is opened on the master. Host keys are checked against `[ssh] known_hosts`; an
-//! unknown key is refused (`strict`) or recorded (`accept-new`), a changed key always refused.
+//! listener is opened on the master. Sessions and host keys are the SSH adapter's business
+//! ([`crate::adapters::ssh`]).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Recipient};
 use russh::client;
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::PublicKeyOrCertificate;
 use russh::Channel;
 use slog::{debug, info, o, warn, Logger};
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
 
+use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
+use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
 use crate::backoff::Backoff;
-use crate::config::{Config, HostKeyPolicy};
+use crate::config::Config;
 use crate::hosts::{Host, HostKey};
-use crate::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::report::{decode, ChannelState, DecodeError, Frame, LineBuffer, SeqFilter, SeqVerdict};
 
 const RETRY_BASE: Duration = Duration::from_secs(1);
@@ -41,51 +41,24 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
 
-/// Why a session could not be set up or ended.
+/// Why a tunnel could not be set up, or ended.
 #[derive(Debug, Error)]
 pub enum TunnelError {
-    #[error("cannot load SSH identity {path}: {message}")]
-    Identity { path: PathBuf, message: String },
-    #[error("no answer within {0:?}")]
-    ConnectTimeout(Duration),
-    #[error("host key of {host} is not in {known_hosts} (fingerprint {fingerprint}); add it (ssh-keyscan -p {port} {host} >> {known_hosts}) or set [ssh] host_key_policy = accept-new")]
-    UnknownHostKey {
-        host: String,
-        port: u16,
-        fingerprint: String,
-        known_hosts: String,
-    },
-    #[error("HOST KEY OF {host} HAS CHANGED (fingerprint now {fingerprint}, {known_hosts} line {line}); refusing to connect: if the host was reinstalled, remove that line")]
-    HostKeyChanged {
-        host: String,
-        fingerprint: String,
-        known_hosts: String,
-        line: usize,
-    },
-    #[error("cannot use known_hosts {known_hosts}: {message}")]
-    KnownHosts {
-        known_hosts: String,
-        message: String,
-    },
-    #[error("host presented a certificate; only plain host keys are supported")]
-    Certificate,
-    #[error("public key authentication as {0:?} was refused")]
-    AuthRefused(String),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
     #[error("the node refused the forward of 127.0.0.1:{port}: is report_port {port} already in use on the node, or AllowTcpForwarding off? ({message})")]
     ForwardRefused { port: u16, message: String },
-    #[error("SSH: {0}")]
-    Ssh(#[from] russh::Error),
+}
+
+impl From<russh::Error> for TunnelError {
+    fn from(e: russh::Error) -> TunnelError {
+        TunnelError::Ssh(SshError::Ssh(e))
+    }
 }
 
 /// What every session needs, shared.
 pub struct TunnelSettings {
-    pub user: String,
-    pub default_port: u16,
-    pub key: Arc<PrivateKey>,
-    pub known_hosts: PathBuf,
-    pub policy: HostKeyPolicy,
-    pub connect_timeout: Duration,
-    pub keepalive: Duration,
+    pub ssh: SshSettings,
     pub report_port: u16,
     /// A channel that carries no frame for this long is closed and its node marked down.
     pub stale_after: Duration,
@@ -97,20 +70,8 @@ impl TunnelSettings {
     /// From the configuration; loads the identity file now so a bad key stops the master at
     /// start rather than failing every session later.
     pub fn from_config(cfg: &Config) -> Result<TunnelSettings, TunnelError> {
-        let key = russh::keys::load_secret_key(&cfg.ssh.identity_file, None).map_err(|e| {
-            TunnelError::Identity {
-                path: cfg.ssh.identity_file.clone(),
-                message: e.to_string(),
-            }
-        })?;
         Ok(TunnelSettings {
-            user: cfg.ssh.user.clone(),
-            default_port: cfg.ssh.port,
-            key: Arc::new(key),
-            known_hosts: cfg.ssh.known_hosts.clone(),
-            policy: cfg.ssh.host_key_policy,
-            connect_timeout: cfg.ssh.connect_timeout,
-            keepalive: cfg.ssh.keepalive,
+            ssh: SshSettings::from_config(cfg)?,
             report_port: cfg.node.report_port,
             stale_after: cfg.scaling.stale_after,
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
@@ -167,7 +128,7 @@ impl TunnelManager {
     /// (SSH port, report port) for a host: its own, or the configured defaults.
     fn ports(&self, h: &Host) -> (u16, u16) {
         (
-            h.ssh_port.unwrap_or(self.settings.default_port),
+            h.ssh_port.unwrap_or(self.settings.ssh.default_port),
             h.report_port.unwrap_or(self.settings.report_port),
         )
     }
@@ -279,44 +240,18 @@ async fn run_session(
     log: &Logger,
 ) -> Result<(), TunnelError> {
     let host = key.host.to_string();
-    let refusal = Arc::new(Mutex::new(None));
+    let check = HostKeyCheck::new(&settings.ssh, &host, ssh_port, log);
     let handler = Client {
         key: key.clone(),
-        host: host.clone(),
-        ssh_port,
+        check: check.clone(),
         settings: settings.clone(),
         out: out.clone(),
         up: up.clone(),
         filter: filter.clone(),
-        refusal: refusal.clone(),
         log: log.clone(),
     };
-    let config = Arc::new(client::Config {
-        keepalive_interval: Some(settings.keepalive),
-        keepalive_max: 3,
-        nodelay: true,
-        ..Default::default()
-    });
     let setup = async {
-        let mut handle = client::connect(config, (host.as_str(), ssh_port), handler)
-            .await
-            .map_err(|e| {
-                refusal
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.take())
-                    .unwrap_or(TunnelError::Ssh(e))
-            })?;
-        let hash: Option<HashAlg> = handle.best_supported_rsa_hash().await?.flatten();
-        let auth = handle
-            .authenticate_publickey(
-                &settings.user,
-                PrivateKeyWithHashAlg::new(settings.key.clone(), hash),
-            )
-            .await?;
-        if !auth.success() {
-            return Err(TunnelError::AuthRefused(settings.user.clone()));
-        }
+        let handle = ssh::connect(&settings.ssh, &host, ssh_port, &check, handler).await?;
         handle
             .tcpip_forward("127.0.0.1", u32::from(report_port))
             .await
@@ -329,9 +264,10 @@ async fn run_session(
     // Bound the handshakes in progress, so a master (re)starting with thousands of nodes does
     // not time them all out at once; the connect timeout counts from when this one may start.
     let permit = settings.handshakes.acquire().await;
-    let mut handle = tokio::time::timeout(settings.connect_timeout, setup)
+    let timeout = settings.ssh.connect_timeout;
+    let mut handle = tokio::time::timeout(timeout, setup)
         .await
-        .map_err(|_| TunnelError::ConnectTimeout(settings.connect_timeout))??;
+        .map_err(|_| SshError::ConnectTimeout(timeout))??;
     drop(permit);
     info!(log, "Tunnel up"; "forward" => format!("127.0.0.1:{report_port}"));
     (&mut handle).await?;
@@ -341,24 +277,12 @@ async fn run_session(
 /// russh's callbacks for one session.
 struct Client {
     key: HostKey,
-    host: String,
-    ssh_port: u16,
+    check: HostKeyCheck,
     settings: Arc<TunnelSettings>,
     out: TunnelOutputs,
     up: Arc<AtomicBool>,
     filter: Arc<Mutex<SeqFilter>>,
-    /// Why the host key was refused, for the session's error.
-    refusal: Arc<Mutex<Option<TunnelError>>>,
     log: Logger,
-}
-
-impl Client {
-    fn refuse(&self, e: TunnelError) -> Result<bool, russh::Error> {
-        if let Ok(mut r) = self.refusal.lock() {
-            *r = Some(e);
-        }
-        Ok(false)
-    }
 }
 
 impl client::Handler for Client {
@@ -368,54 +292,7 @@ impl client::Handler for Client {
         &mut self,
         server_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = server_key else {
-            return self.refuse(TunnelError::Certificate);
-        };
-        let known_hosts = self.settings.known_hosts.display().to_string();
-        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        match russh::keys::check_known_hosts_path(
-            &self.host,
-            self.ssh_port,
-            key,
-            &self.settings.known_hosts,
-        ) {
-            Ok(true) => Ok(true),
-            Ok(false) if self.settings.policy == HostKeyPolicy::AcceptNew => {
-                match russh::keys::known_hosts::learn_known_hosts_path(
-                    &self.host,
-                    self.ssh_port,
-                    key,
-                    &self.settings.known_hosts,
-                ) {
-                    Ok(()) => {
-                        info!(self.log, "Recorded new host key (accept-new)"; "fingerprint" => fingerprint, "known_hosts" => known_hosts);
-                        Ok(true)
-                    }
-                    Err(e) => self.refuse(TunnelError::KnownHosts {
-                        known_hosts,
-                        message: e.to_string(),
-                    }),
-                }
-            }
-            Ok(false) => self.refuse(TunnelError::UnknownHostKey {
-                host: self.host.clone(),
-                port: self.ssh_port,
-                fingerprint,
-                known_hosts,
-            }),
-            Err(russh::keys::Error::KeyChanged { line }) => {
-                self.refuse(TunnelError::HostKeyChanged {
-                    host: self.host.clone(),
-                    fingerprint,
-                    known_hosts,
-                    line,
-                })
-            }
-            Err(e) => self.refuse(TunnelError::KnownHosts {
-                known_hosts,
-                message: e.to_string(),
-            }),
-        }
+        Ok(self.check.check(server_key))
     }
 
     async fn server_channel_open_forwarded_tcpip(

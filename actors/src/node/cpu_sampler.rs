@@ -7,7 +7,7 @@ use actix::{Actor, AsyncContext, Context, Recipient};
 use slog::{debug, o, Logger};
 use sysinfo::{CpuRefreshKind, RefreshKind, System};
 
-use crate::messages::CpuSampled;
+use super::report_link::CpuSampled;
 use crate::report::CpuSample;
 
 /// Samples busy CPU (everything but idle and iowait, over all cores) every `interval`.

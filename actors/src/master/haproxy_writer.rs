@@ -12,11 +12,11 @@ use std::time::Duration;
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use slog::{error, info, o, warn, Logger};
 
-use crate::command;
+use super::messages::HostsChanged;
+use crate::adapters::haproxy::{self, Installed, Validation};
+use crate::adapters::process;
 use crate::config::{Config, HaproxyTarget};
-use crate::haproxy::{self, Installed, Validation};
 use crate::hosts::Host;
-use crate::messages::HostsChanged;
 use crate::render::{HaproxyContext, HaproxyTemplate};
 
 /// Longest a reload command may run.
@@ -111,7 +111,7 @@ async fn apply(cfg: &Config, text: String, servers: usize) -> Applied {
             Validation::Skipped { program } => Some(program),
         },
     };
-    match command::run(&cfg.haproxy.reload_command, &[], RELOAD_TIMEOUT).await {
+    match process::run(&cfg.haproxy.reload_command, &[], RELOAD_TIMEOUT).await {
         Err(e) => Applied::ReloadFailed(e.to_string()),
         Ok(_) => match unchecked {
             None => Applied::Reloaded { servers },

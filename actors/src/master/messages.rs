@@ -1,5 +1,5 @@
-//! Messages that more than one actor sends or receives. Messages only one actor receives live
-//! in that actor's file.
+//! Messages several of the master's actors receive. A message only one actor receives lives in
+//! that actor's file.
 
 use std::sync::Arc;
 
@@ -7,11 +7,6 @@ use actix::Message;
 
 use crate::hosts::{Host, HostKey};
 use crate::report::{CpuSample, Hello};
-
-/// The node's CpuSampler took a sample (node role).
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct CpuSampled(pub CpuSample);
 
 /// A node reported a sample over its tunnel (master role). Duplicates are already removed.
 #[derive(Debug, Clone, Message)]

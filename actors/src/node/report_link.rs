@@ -9,18 +9,22 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use actix::{Actor, Context, Handler};
+use actix::{Actor, Context, Handler, Message};
 use slog::{info, o, warn, Logger};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::messages::CpuSampled;
 use crate::report::{encode, CpuSample, Frame, Hello};
 
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The node's CpuSampler took a sample.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct CpuSampled(pub CpuSample);
 
 /// The node's link to the master.
 pub struct ReportLink {

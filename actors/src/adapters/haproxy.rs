@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 
 use thiserror::Error;
 
+use super::files;
 use crate::config::{CommandLine, CONFIG_VAR};
-use crate::fsutil;
 
 /// Why a configuration was not installed.
 #[derive(Debug, Error)]
@@ -124,7 +124,7 @@ pub fn install(
         return Ok(Installed::Unchanged { validation });
     }
     tmp.persist(dest).map_err(|e| write_err(e.error))?;
-    fsutil::sync_dir(dir).map_err(write_err)?;
+    files::sync_dir(dir).map_err(write_err)?;
     Ok(Installed::Replaced { validation })
 }
 

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::adapters::files;
+use crate::adapters::haproxy::{self, HaproxyError, Installed, Validation};
+use crate::adapters::hosts_dir::{HostsDir, HostsError};
 use crate::config::{Config, Layout, Role, CONFIG_FILE_NAME};
-use crate::fsutil;
-use crate::haproxy::{self, HaproxyError, Installed, Validation};
-use crate::hosts::{HostsDir, HostsError};
 use crate::render::{self, RenderError};
 
-/// Why a command failed.
+/// Why a one-shot command failed.
 #[derive(Debug, Error)]
-pub enum CommandError {
+pub enum AdminError {
     #[error("{0} already exists; it was left unchanged (use --force to overwrite it)")]
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
@@ -38,31 +38,31 @@ pub struct Initialised {
 
 /// Creates `dir`, its hosts.d and state directories, and `dir/autoscaler.ini` (mode 0600)
 /// rendered with every default for `role`. An existing file is kept unless `force`.
-pub fn init(dir: &Path, role: Role, force: bool) -> Result<Initialised, CommandError> {
+pub fn init(dir: &Path, role: Role, force: bool) -> Result<Initialised, AdminError> {
     let layout = Layout::for_dir(dir);
     let cfg = Config::defaults(&layout, role);
-    let text = render::render_ini(&cfg)?;
+    let text = cfg.to_ini_text();
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| CommandError::Write { path, source }
+        move |source| AdminError::Write { path, source }
     };
-    fsutil::create_dir_all(dir, 0o755).map_err(write_err(dir))?;
+    files::create_dir_all(dir, 0o755).map_err(write_err(dir))?;
     let file = dir.join(CONFIG_FILE_NAME);
     let existed = file.exists();
     if existed && !force {
-        return Err(CommandError::Exists(file));
+        return Err(AdminError::Exists(file));
     }
     // Directories first: if one cannot be created, no config points at it.
-    fsutil::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
+    files::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
     if role == Role::Master {
-        fsutil::create_dir_all(&layout.state_dir, 0o700).map_err(write_err(&layout.state_dir))?;
+        files::create_dir_all(&layout.state_dir, 0o700).map_err(write_err(&layout.state_dir))?;
     }
     if force {
-        fsutil::atomic_write(&file, text.as_bytes(), 0o600).map_err(write_err(&file))?;
+        files::atomic_write(&file, text.as_bytes(), 0o600).map_err(write_err(&file))?;
     } else {
-        fsutil::create_new(&file, text.as_bytes(), 0o600).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => CommandError::Exists(file.clone()),
-            _ => CommandError::Write {
+        files::create_new(&file, text.as_bytes(), 0o600).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => AdminError::Exists(file.clone()),
+            _ => AdminError::Write {
                 path: file.clone(),
                 source: e,
             },
@@ -100,7 +100,7 @@ pub struct Generated {
 /// Renders the HAProxy configuration from hosts_dir, validates it (unless `validate` is
 /// false) and installs it. A host file that cannot be read stops it (a config silently
 /// missing a backend would be worse); a failed validation leaves the output untouched.
-pub fn generate(cfg: &Config, output: &Output, validate: bool) -> Result<Generated, CommandError> {
+pub fn generate(cfg: &Config, output: &Output, validate: bool) -> Result<Generated, AdminError> {
     let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
     let text = render::render_haproxy(cfg, &hosts)?;
     let check = validate.then_some(&cfg.haproxy.check_command);

@@ -11,18 +11,28 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use actix::{Actor, AsyncContext, Context, Handler, Recipient};
+use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
 use slog::{info, o, warn, Logger};
 
+use super::launcher::{LaunchInstances, TerminateInstance};
+use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
+use super::registry::DeregisterHost;
 use crate::config::Scaling;
-use crate::ec2_launcher::{LaunchFinished, LaunchInstances, TerminateInstance};
-use crate::host_registry::DeregisterHost;
 use crate::hosts::{Host, HostKey, Origin};
-use crate::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::policy::{decide_with_summary, Decision, History, NodeInput};
 
 /// How often the policy runs.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+
+/// A launch ended: what was registered, or why not.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct LaunchFinished {
+    pub decision_id: String,
+    pub requested: u32,
+    pub registered: Vec<HostKey>,
+    pub error: Option<String>,
+}
 
 /// Where decisions go; None in dry-run.
 #[derive(Clone)]
@@ -258,7 +268,7 @@ mod tests {
     use crate::config::{Config, Layout, Role};
     use crate::hosts::HostName;
     use crate::report::{CpuSample, Hello};
-    use actix::{Addr, Message};
+    use actix::Addr;
     use std::path::Path;
     use std::sync::Arc;
     use tokio::sync::mpsc;

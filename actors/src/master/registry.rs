@@ -13,8 +13,9 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
 use slog::{info, o, warn, Logger};
 
-use crate::hosts::{AddOutcome, Host, HostKey, HostsDir, HostsError};
-use crate::messages::HostsChanged;
+use super::messages::HostsChanged;
+use crate::adapters::hosts_dir::{AddOutcome, HostsDir, HostsError};
+use crate::hosts::{Host, HostKey};
 
 /// How often hosts.d is rescanned by default.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(1);

@@ -1,0 +1,311 @@
+//! The table of configuration keys: each key's section, name, kind, default, bound and comment,
+//! declared once. Reading a file, the defaults, `autoscaler check`'s printout and the file
+//! `autoscaler init` writes all come from [`KEYS`]; adding a key is one entry here plus its
+//! field in the section struct.
+
+use std::path::PathBuf;
+
+use super::kinds::{
+    check_bound, BindAddress, Bound, CheckCommand, Choice, Command, ConfigWord, Cx, Dur, FilePath,
+    Flag, Fraction, GroupTag, Kind, OptionalPath, Percent, Port, RequiredCommand, SecretText,
+    SocketPath, Targets, Text, UrlOrEmpty, UrlPath, UserName, Whole, Words,
+};
+use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
+use super::{Config, Layout};
+
+/// A key's default: fixed text, or a path that depends on the configuration directory.
+#[derive(Clone, Copy)]
+pub enum DefaultValue {
+    /// Parsed like a value in the file.
+    Text(&'static str),
+    /// Where [`Layout`] puts this file or directory.
+    Layout(fn(&Layout) -> &PathBuf),
+}
+
+/// One key of `autoscaler.ini`.
+pub struct Key {
+    pub section: &'static str,
+    pub name: &'static str,
+    pub default: DefaultValue,
+    /// The lowest value allowed, in the key's notation, beyond what its kind accepts.
+    pub bound: Option<Bound>,
+    /// Added to the message when the bound is not met.
+    pub why: &'static str,
+    /// One line (or a few) written above the key in the file; empty for a key that shares the
+    /// comment of the key before it.
+    pub comment: &'static str,
+    /// Parses `text` into the key's field (a value that parses is stored even when it is out
+    /// of bounds, so rules between keys see it too).
+    pub(crate) set: fn(&mut Config, &str, &Cx) -> Result<(), String>,
+    /// The field as text that parses back to the same value (secrets redacted).
+    pub(crate) show: fn(&Config) -> String,
+}
+
+impl Key {
+    /// The default as text, for configuration directory `layout`.
+    pub fn default_text(&self, layout: &Layout) -> String {
+        match self.default {
+            DefaultValue::Text(t) => t.to_string(),
+            DefaultValue::Layout(f) => f(layout).display().to_string(),
+        }
+    }
+
+    /// The key's value in `cfg`, as the file would hold it (secrets redacted).
+    pub fn show(&self, cfg: &Config) -> String {
+        (self.show)(cfg)
+    }
+}
+
+/// `key!("section", group.field: Kind = default, [bound, "why",] "comment")`: one entry of
+/// [`KEYS`]. The key's name is the field's name.
+macro_rules! key {
+    ($section:literal, $group:ident . $field:ident : $kind:ty = $default:expr, $comment:literal) => {
+        Key {
+            section: $section,
+            name: stringify!($field),
+            default: $default,
+            bound: None,
+            why: "",
+            comment: $comment,
+            set: |c, text, cx| {
+                c.$group.$field = <$kind as Kind>::parse(text, cx)?;
+                Ok(())
+            },
+            show: |c| <$kind as Kind>::show(&c.$group.$field),
+        }
+    };
+    ($section:literal, $group:ident . $field:ident : $kind:ty = $default:expr,
+     $bound:expr, $why:literal, $comment:literal) => {
+        Key {
+            section: $section,
+            name: stringify!($field),
+            default: $default,
+            bound: Some($bound),
+            why: $why,
+            comment: $comment,
+            set: |c, text, cx| {
+                c.$group.$field = <$kind as Kind>::parse(text, cx)?;
+                check_bound::<$kind>(&c.$group.$field, $bound, $why)
+            },
+            show: |c| <$kind as Kind>::show(&c.$group.$field),
+        }
+    };
+}
+
+use DefaultValue::{Layout as At, Text as T};
+
+/// The lines at the top of the file `autoscaler init` writes.
+pub const FILE_HEADER: &str = "\
+# autoscaler configuration. Every key is shown with its value; a removed key takes its default.
+# Durations: 500ms, 30s, 5m, 1h, 1h 30m. Lists: comma-separated. Relative paths are relative to
+# this file's directory. This file may hold AWS keys: keep it mode 0600 (autoscaler refuses it
+# otherwise). Check it with `autoscaler check`.
+";
+
+/// Every key, in file order.
+pub static KEYS: &[Key] = &[
+    // [autoscaler]
+    key!("autoscaler", general.role: Choice<Role> = T("master"),
+        "master (the HAProxy machine: decides, launches, rewrites HAProxy) or node (a web server)."),
+    key!("autoscaler", general.hosts_dir: FilePath = At(|l| &l.hosts_dir),
+        "One file per backend host, written by `autoscaler add-host`."),
+    key!("autoscaler", general.state_dir: FilePath = At(|l| &l.state_dir),
+        "Launch intents and decision times (master)."),
+    // [node]
+    key!("node", node.report_port: Port = T("9700"),
+        "Port on the node's 127.0.0.1 where the master's SSH remote forward listens."),
+    key!("node", node.sample_interval: Dur = T("1s"),
+        Bound::AtLeast("200ms"), "; CPU readings closer together are meaningless",
+        "How often the node samples its CPU (at least 200ms)."),
+    key!("node", node.buffer: Whole<usize> = T("300"), Bound::AtLeast("1"), "",
+        "Samples kept while the link to the master is down."),
+    key!("node", node.name: Text = T(""),
+        "Name the node reports in its hello (empty: this machine's host name)."),
+    key!("node", node.instance_id: Text = T(""),
+        "Instance id the node reports (empty: none)."),
+    // [scaling]
+    key!("scaling", scaling.policy: Choice<Policy> = T("instance"),
+        "instance: scale up when any node's mean busy CPU over scale_up_window reaches\n\
+         scale_up_threshold. cluster: keep the fleet's mean CPU near target_cpu."),
+    key!("scaling", scaling.scale_up_threshold: Percent = T("75"),
+        "Busy CPU percentage that triggers a scale-up (policy = instance)."),
+    key!("scaling", scaling.scale_up_window: Dur = T("1m"), Bound::Above("0s"), "",
+        "Window over which a node's CPU is averaged for scale-up decisions."),
+    key!("scaling", scaling.target_cpu: Percent = T("60"), Bound::Above("0"), "",
+        "Mean busy CPU percentage the cluster policy aims for."),
+    key!("scaling", scaling.tolerance: Fraction = T("0.1"),
+        "Cluster policy: no action while mean/target is within 1 ± tolerance."),
+    key!("scaling", scaling.scale_down_threshold: Percent = T("25"),
+        "Mean busy CPU percentage below which the fleet scales in."),
+    key!("scaling", scaling.scale_down_window: Dur = T("10m"), Bound::Above("0s"), "",
+        "How long CPU must stay below scale_down_threshold before a scale-in."),
+    key!("scaling", scaling.min_nodes: Whole<u32> = T("1"),
+        "Never fewer nodes than this (scale-in stops here)."),
+    key!("scaling", scaling.max_nodes: Whole<u32> = T("10"), Bound::AtLeast("1"), "",
+        "Never more nodes than this, launches in flight included."),
+    key!("scaling", scaling.scale_up_step: Whole<u32> = T("1"), Bound::AtLeast("1"), "",
+        "Nodes launched per scale-up decision (policy = instance)."),
+    key!("scaling", scaling.cooldown: Dur = T("5m"),
+        "No new scale-up for this long after one."),
+    key!("scaling", scaling.scale_down_cooldown: Dur = T("10m"),
+        "No new scale-in for this long after one."),
+    key!("scaling", scaling.max_launches_per_hour: Whole<u32> = T("6"),
+        Bound::AtLeast("1"), " (set dry_run = true to launch nothing)",
+        "Hard cap on launches in any hour, whatever the load does."),
+    key!("scaling", scaling.stale_after: Dur = T("10s"), Bound::Above("0s"), "",
+        "A node whose last sample is older than this takes no part in decisions."),
+    key!("scaling", scaling.warmup: Dur = T("2m"),
+        "A node takes no part in decisions until it has reported for this long."),
+    key!("scaling", scaling.drain_timeout: Dur = T("1m"),
+        "Time between taking a host out of HAProxy and terminating it."),
+    key!("scaling", scaling.dry_run: Flag = T("true"),
+        "true: decide and log, launch and terminate nothing. Set to false once [launch] is filled in."),
+    // [ssh]
+    key!("ssh", ssh.user: UserName = T("autoscaler"),
+        "User the master logs in as on nodes and remote HAProxy servers."),
+    key!("ssh", ssh.port: Port = T("22"),
+        "SSH port (a host file's ssh_port overrides it for that host)."),
+    key!("ssh", ssh.identity_file: FilePath = At(|l| &l.identity_file),
+        "Private key of the master (Ed25519 or ECDSA; RSA is not supported)."),
+    key!("ssh", ssh.known_hosts: FilePath = At(|l| &l.known_hosts),
+        "Known host keys of the nodes, OpenSSH format."),
+    key!("ssh", ssh.host_key_policy: Choice<HostKeyPolicy> = T("strict"),
+        "strict: refuse hosts not in known_hosts. accept-new: record a new host's key on first\n\
+         contact, refuse a changed one."),
+    key!("ssh", ssh.connect_timeout: Dur = T("10s"), Bound::Above("0s"), "",
+        "Give up connecting to a host after this long (then retry with backoff)."),
+    key!("ssh", ssh.keepalive: Dur = T("15s"),
+        "Keepalive interval on SSH sessions."),
+    // [aws]
+    key!("aws", aws.region: Text = T(""),
+        "Region (empty: AWS_REGION or the profile's region)."),
+    key!("aws", aws.endpoint: UrlOrEmpty = T(""),
+        "EC2 API endpoint URL (empty: the region's public endpoint)."),
+    key!("aws", aws.profile: Text = T(""),
+        "Shared-config profile (empty: AWS_PROFILE or default)."),
+    key!("aws", aws.access_key_id: SecretText = T(""),
+        "Static keys (empty: the standard chain: environment, profile, instance role)."),
+    key!("aws", aws.secret_access_key: SecretText = T(""), ""),
+    // [launch]
+    key!("launch", launch.launcher: Choice<ProvisionerKind> = T("ec2"),
+        "ec2: RunInstances through the AWS API. command: run scale_up_command."),
+    key!("launch", launch.group: GroupTag = T("default"),
+        "Value of the autoscaler:group tag on launched instances."),
+    key!("launch", launch.image_id: Text = T(""),
+        "AMI to launch (or use launch_template)."),
+    key!("launch", launch.instance_type: Text = T("t3.micro"),
+        "EC2 instance type."),
+    key!("launch", launch.subnet_id: Text = T(""),
+        "Subnet to launch into (empty: the default subnet)."),
+    key!("launch", launch.security_group_ids: Words = T(""),
+        "Security groups, comma-separated ids."),
+    key!("launch", launch.key_name: Text = T(""),
+        "EC2 key pair name (empty: none)."),
+    key!("launch", launch.iam_instance_profile: Text = T(""),
+        "IAM instance profile name or ARN (empty: none)."),
+    key!("launch", launch.user_data_file: OptionalPath = T(""),
+        "File whose contents are the instances' user data (empty: none)."),
+    key!("launch", launch.launch_template: Text = T(""),
+        "Launch template id (lt-…) or name (empty: none)."),
+    key!("launch", launch.launch_template_version: Text = T(""),
+        "Launch template version (empty: the template's default)."),
+    key!("launch", launch.app_port: Port = T("80"),
+        "Port HAProxy sends traffic to on launched hosts."),
+    key!("launch", launch.launch_timeout: Dur = T("5m"), Bound::Above("0s"), "",
+        "How long a launched instance may take to be running with a private IP."),
+    key!("launch", launch.health_check: Flag = T("true"),
+        "Wait until host:app_port accepts TCP before registering a launched host."),
+    key!("launch", launch.health_timeout: Dur = T("5m"),
+        "How long to wait for that."),
+    key!("launch", launch.scale_up_command: Command = T(""),
+        "launcher = command: argv (shell quoting, no shell) printing {\"host\": …, \"port\": …} as JSON."),
+    key!("launch", launch.scale_down_command: Command = T(""),
+        "Command run to remove a host on scale-in (empty: just deregister it)."),
+    key!("launch", launch.command_timeout: Dur = T("5m"),
+        "Longest a scale command may run."),
+    // [haproxy]
+    key!("haproxy", haproxy.servers: Targets = T("local"),
+        "HAProxy servers that get the generated config: local, or [ssh://][user@]host[:port]."),
+    key!("haproxy", haproxy.config_path: FilePath = At(|l| &l.haproxy_config),
+        "Where the generated config is installed."),
+    key!("haproxy", haproxy.bind: BindAddress = T("*:80"),
+        "Frontend address."),
+    key!("haproxy", haproxy.template: OptionalPath = T(""),
+        "Template replacing the embedded one (empty: embedded)."),
+    key!("haproxy", haproxy.check_command: CheckCommand = T("haproxy -c -f {config}"),
+        "Validates a candidate config; {config} is replaced by its path."),
+    key!("haproxy", haproxy.reload_command: RequiredCommand = T("systemctl reload haproxy"),
+        "Reloads HAProxy after a new config is installed (hitless in master-worker mode)."),
+    key!("haproxy", haproxy.stats_socket: SocketPath = At(|l| &l.stats_socket),
+        "HAProxy runtime API socket."),
+    key!("haproxy", haproxy.backend: ConfigWord = T("app"),
+        "Name of the backend (and frontend prefix) in the generated config."),
+    key!("haproxy", haproxy.health_check_path: UrlPath = T(""),
+        "HTTP health check path such as /healthz (empty: TCP connect checks)."),
+    key!("haproxy", haproxy.check_interval: Dur = T("2s"), Bound::AtLeast("100ms"), "",
+        "Interval between health checks of each server."),
+    key!("haproxy", haproxy.debounce: Dur = T("1s"),
+        "Host-list changes closer together than this are applied as one."),
+];
+
+/// The sections, in file order.
+pub fn sections() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for k in KEYS {
+        if !out.contains(&k.section) {
+            out.push(k.section);
+        }
+    }
+    out
+}
+
+/// The key `section`.`name`, if there is one.
+pub fn find(section: &str, name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.section == section && k.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn every_default_parses_within_its_bound() {
+        let layout = Layout::for_dir(Path::new("/srv/as"));
+        let mut cfg = Config::blank(PathBuf::new());
+        for k in KEYS {
+            let text = k.default_text(&layout);
+            (k.set)(&mut cfg, &text, &Cx::PLAIN)
+                .unwrap_or_else(|e| panic!("[{}] {} = {text:?}: {e}", k.section, k.name));
+            assert_eq!(k.show(&cfg), text, "[{}] {} shows back", k.section, k.name);
+        }
+    }
+
+    #[test]
+    fn keys_are_unique_grouped_by_section_and_commented() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last_section = "";
+        let mut done_sections = Vec::new();
+        for (i, k) in KEYS.iter().enumerate() {
+            assert!(seen.insert((k.section, k.name)), "{} twice", k.name);
+            if k.section != last_section {
+                assert!(!done_sections.contains(&k.section), "[{}] split", k.section);
+                done_sections.push(last_section);
+                last_section = k.section;
+                assert!(
+                    !k.comment.is_empty(),
+                    "first key of [{}] needs a comment",
+                    k.section
+                );
+            }
+            assert!(i == 0 || !k.comment.is_empty() || KEYS[i - 1].section == k.section);
+            assert!(
+                !k.comment.ends_with('\n') && !k.comment.contains("\n\n"),
+                "{}",
+                k.name
+            );
+        }
+        assert!(find("scaling", "cooldown").is_some());
+        assert!(find("node", "cooldown").is_none());
+    }
+}

@@ -1,0 +1,534 @@
+//! Kinds of configuration value: how a key's text becomes a typed value, how the value is
+//! written back (for `autoscaler init` and `check`), and what "too low" means for a bounded one.
+//!
+//! A kind checks everything about one value on its own (a port is 1–65535, a bind address is
+//! ADDRESS:PORT, a check command contains `{config}`); rules between several keys live in
+//! `Config::validate`. Every message says what was wrong and what is accepted; the reader adds
+//! the file, section and key.
+
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::values::{CommandLine, HaproxyTarget, Secret};
+use super::CONFIG_PLACEHOLDER;
+use crate::hosts::{parse_port, HostName};
+
+/// Where a value is read: relative paths in a file are relative to the file's directory;
+/// defaults and bounds are taken as they are.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    pub base: Option<&'a Path>,
+}
+
+impl Cx<'_> {
+    /// For defaults and bounds, which are never relative to a file.
+    pub const PLAIN: Cx<'static> = Cx { base: None };
+}
+
+/// One kind of value.
+pub trait Kind {
+    type Value;
+    /// Parses the key's text (already trimmed).
+    fn parse(text: &str, cx: &Cx) -> Result<Self::Value, String>;
+    /// The text that parses back to `v`.
+    fn show(v: &Self::Value) -> String;
+    /// Why `shown` is under the key's bound `limit` (inclusive or not).
+    fn too_low(shown: &str, limit: &str, inclusive: bool) -> String {
+        let _ = shown;
+        match inclusive {
+            true => format!("must be at least {limit}"),
+            false => format!("must be above {limit}"),
+        }
+    }
+}
+
+/// A lower bound, written in the key's own notation ("1", "200ms").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The value may equal the limit.
+    AtLeast(&'static str),
+    /// The value must exceed the limit.
+    Above(&'static str),
+}
+
+impl Bound {
+    /// The bound as words, for documentation.
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::AtLeast(l) => format!("at least {l}"),
+            Bound::Above(l) => format!("above {l}"),
+        }
+    }
+}
+
+/// Checks `v` against `bound`; `why` (may be empty) is added to the message.
+pub fn check_bound<K: Kind>(v: &K::Value, bound: Bound, why: &str) -> Result<(), String>
+where
+    K::Value: PartialOrd,
+{
+    let (limit, inclusive) = match bound {
+        Bound::AtLeast(l) => (l, true),
+        Bound::Above(l) => (l, false),
+    };
+    let floor = K::parse(limit, &Cx::PLAIN)
+        .unwrap_or_else(|e| panic!("bound {limit:?} of the key table does not parse: {e}"));
+    let ok = match inclusive {
+        true => *v >= floor,
+        false => *v > floor,
+    };
+    match ok {
+        true => Ok(()),
+        false => Err(K::too_low(&K::show(v), limit, inclusive) + why),
+    }
+}
+
+/// Text without control characters (every string kind starts here).
+fn text(v: &str) -> Result<String, String> {
+    match v.chars().any(char::is_control) {
+        true => Err("contains a control character".into()),
+        false => Ok(v.to_string()),
+    }
+}
+
+/// A string kind: text without control characters, then `rule` (which gets it owned and
+/// returns it, or says what is wrong).
+macro_rules! string_kind {
+    ($(#[$m:meta])* $name:ident, $rule:expr) => {
+        $(#[$m])*
+        pub struct $name;
+        impl Kind for $name {
+            type Value = String;
+            fn parse(v: &str, _: &Cx) -> Result<String, String> {
+                let rule: fn(String) -> Result<String, String> = $rule;
+                rule(text(v)?)
+            }
+            fn show(v: &String) -> String {
+                v.clone()
+            }
+        }
+    };
+}
+
+string_kind!(
+    /// A free-form string.
+    Text,
+    Ok
+);
+
+string_kind!(
+    /// A login name that cannot be taken for an option.
+    UserName,
+    |v| match v.is_empty() || v.starts_with('-') || v.contains(char::is_whitespace) {
+        true => Err(format!("{v:?} is not a valid user name")),
+        false => Ok(v),
+    }
+);
+
+string_kind!(
+    /// The `autoscaler:group` tag value.
+    GroupTag,
+    |v| match v.is_empty() || v.len() > 128 {
+        true => Err("must be 1 to 128 characters (the autoscaler:group tag)".into()),
+        false => Ok(v),
+    }
+);
+
+string_kind!(
+    /// An http:// or https:// URL, or empty.
+    UrlOrEmpty,
+    |v| match v.is_empty() || v.starts_with("http://") || v.starts_with("https://") {
+        true => Ok(v),
+        false => Err(format!("{v:?} is not an http:// or https:// URL")),
+    }
+);
+
+string_kind!(
+    /// A word that may appear in haproxy.cfg as a name.
+    ConfigWord,
+    |v| {
+        let ok = !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        match ok {
+            true => Ok(v),
+            false => Err(format!(
+                "{v:?} is not a name of letters, digits, '_', '-', '.'"
+            )),
+        }
+    }
+);
+
+string_kind!(
+    /// An HTTP path for health checks, or empty.
+    UrlPath,
+    |v| {
+        let ok = v.is_empty()
+            || (v.starts_with('/') && !v.chars().any(|c| c.is_whitespace() || c == '#'));
+        match ok {
+            true => Ok(v),
+            false => Err(format!(
+                "{v:?} is not a URL path (starts with '/', no spaces or '#')"
+            )),
+        }
+    }
+);
+
+string_kind!(
+    /// HAProxy's frontend address: `ADDR:PORT` where ADDR is `*`, empty, an IP literal (IPv6
+    /// in brackets or bare) or a name.
+    BindAddress,
+    |bind| {
+        let accepted = "ADDRESS:PORT, e.g. *:80, 0.0.0.0:8080 or [::]:80";
+        let (addr, port) = bind
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{bind:?} is not {accepted}"))?;
+        parse_port(port).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
+        if !(addr.is_empty() || addr == "*" || addr == "::" || addr == "[::]") {
+            HostName::parse(addr).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
+        }
+        Ok(bind)
+    }
+);
+
+/// A secret string: shown redacted.
+pub struct SecretText;
+impl Kind for SecretText {
+    type Value = Secret;
+    fn parse(v: &str, _: &Cx) -> Result<Secret, String> {
+        text(v).map(Secret::new)
+    }
+    fn show(v: &Secret) -> String {
+        match v.is_empty() {
+            true => String::new(),
+            false => "<redacted>".into(),
+        }
+    }
+}
+
+/// A TCP port, 1–65535.
+pub struct Port;
+impl Kind for Port {
+    type Value = u16;
+    fn parse(v: &str, _: &Cx) -> Result<u16, String> {
+        parse_port(v).map_err(|e| e.to_string())
+    }
+    fn show(v: &u16) -> String {
+        v.to_string()
+    }
+}
+
+/// A whole number, 0 or more.
+pub struct Whole<T>(PhantomData<T>);
+impl<T: FromStr + ToString> Kind for Whole<T> {
+    type Value = T;
+    fn parse(v: &str, _: &Cx) -> Result<T, String> {
+        v.parse()
+            .map_err(|_| format!("{v:?} is not valid; expected a whole number, 0 or more"))
+    }
+    fn show(v: &T) -> String {
+        v.to_string()
+    }
+}
+
+/// A percentage, 0–100, with or without `%`.
+pub struct Percent;
+impl Kind for Percent {
+    type Value = f64;
+    fn parse(v: &str, _: &Cx) -> Result<f64, String> {
+        match v.trim_end_matches('%').trim().parse::<f64>() {
+            Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+            _ => Err(format!("{v:?} is not a percentage between 0 and 100")),
+        }
+    }
+    fn show(v: &f64) -> String {
+        v.to_string()
+    }
+}
+
+/// A fraction in [0, 1).
+pub struct Fraction;
+impl Kind for Fraction {
+    type Value = f64;
+    fn parse(v: &str, _: &Cx) -> Result<f64, String> {
+        let f: f64 = v
+            .parse()
+            .map_err(|_| format!("{v:?} is not valid; expected a number such as 0.1"))?;
+        match (0.0..1.0).contains(&f) {
+            true => Ok(f),
+            false => Err(format!("{f} is not in [0, 1), e.g. 0.1")),
+        }
+    }
+    fn show(v: &f64) -> String {
+        v.to_string()
+    }
+}
+
+/// A duration: `500ms`, `30s`, `5m`, `1h 30m`.
+pub struct Dur;
+impl Kind for Dur {
+    type Value = Duration;
+    fn parse(v: &str, _: &Cx) -> Result<Duration, String> {
+        humantime::parse_duration(v).map_err(|_| {
+            format!("{v:?} is not a duration; write e.g. 500ms, 30s, 5m, 1h or 1h 30m")
+        })
+    }
+    fn show(v: &Duration) -> String {
+        humantime::format_duration(*v).to_string()
+    }
+    fn too_low(shown: &str, limit: &str, inclusive: bool) -> String {
+        match inclusive {
+            true => format!("{shown} is too short; it must be at least {limit}"),
+            false => format!("must be longer than {limit}"),
+        }
+    }
+}
+
+/// true/false (also yes/no, on/off, 1/0).
+pub struct Flag;
+impl Kind for Flag {
+    type Value = bool;
+    fn parse(v: &str, _: &Cx) -> Result<bool, String> {
+        match v.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Ok(true),
+            "false" | "no" | "off" | "0" => Ok(false),
+            other => Err(format!("{other:?} is not true or false")),
+        }
+    }
+    fn show(v: &bool) -> String {
+        v.to_string()
+    }
+}
+
+/// Relative paths are relative to the configuration file's directory.
+fn anchor(v: &str, cx: &Cx) -> PathBuf {
+    let p = Path::new(v);
+    match cx.base {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// A path that must be given.
+pub struct FilePath;
+impl Kind for FilePath {
+    type Value = PathBuf;
+    fn parse(v: &str, cx: &Cx) -> Result<PathBuf, String> {
+        match v.is_empty() {
+            true => Err("must not be empty".into()),
+            false => Ok(anchor(v, cx)),
+        }
+    }
+    fn show(v: &PathBuf) -> String {
+        v.display().to_string()
+    }
+}
+
+/// A path, or empty for none.
+pub struct OptionalPath;
+impl Kind for OptionalPath {
+    type Value = Option<PathBuf>;
+    fn parse(v: &str, cx: &Cx) -> Result<Option<PathBuf>, String> {
+        Ok((!v.is_empty()).then(|| anchor(v, cx)))
+    }
+    fn show(v: &Option<PathBuf>) -> String {
+        v.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// A Unix socket path that HAProxy's configuration can hold (no spaces or '#').
+pub struct SocketPath;
+impl Kind for SocketPath {
+    type Value = PathBuf;
+    fn parse(v: &str, cx: &Cx) -> Result<PathBuf, String> {
+        let p = FilePath::parse(v, cx)?;
+        match p
+            .to_str()
+            .is_none_or(|p| p.contains(char::is_whitespace) || p.contains('#'))
+        {
+            true => Err("must be a path without spaces or '#'".into()),
+            false => Ok(p),
+        }
+    }
+    fn show(v: &PathBuf) -> String {
+        v.display().to_string()
+    }
+}
+
+/// A comma-separated list of words; empty items are dropped.
+pub struct Words;
+impl Kind for Words {
+    type Value = Vec<String>;
+    fn parse(v: &str, _: &Cx) -> Result<Vec<String>, String> {
+        Ok(v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect())
+    }
+    fn show(v: &Vec<String>) -> String {
+        v.join(", ")
+    }
+}
+
+/// A comma-separated list of HAProxy servers; every bad item is named.
+pub struct Targets;
+impl Kind for Targets {
+    type Value = Vec<HaproxyTarget>;
+    fn parse(v: &str, cx: &Cx) -> Result<Vec<HaproxyTarget>, String> {
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for item in Words::parse(v, cx)? {
+            match item.parse::<HaproxyTarget>() {
+                Ok(t) => out.push(t),
+                Err(e) => bad.push(format!("{item:?} is not valid; expected {e}")),
+            }
+        }
+        match bad.is_empty() {
+            true => Ok(out),
+            false => Err(bad.join("; ")),
+        }
+    }
+    fn show(v: &Vec<HaproxyTarget>) -> String {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One of a closed set of spellings.
+pub struct Choice<T>(PhantomData<T>);
+impl<T: FromStr<Err = String> + ToString> Kind for Choice<T> {
+    type Value = T;
+    fn parse(v: &str, _: &Cx) -> Result<T, String> {
+        v.parse()
+            .map_err(|e| format!("{v:?} is not valid; expected {e}"))
+    }
+    fn show(v: &T) -> String {
+        v.to_string()
+    }
+}
+
+/// A command line (shell quoting, no shell); may be empty.
+pub struct Command;
+impl Kind for Command {
+    type Value = CommandLine;
+    fn parse(v: &str, _: &Cx) -> Result<CommandLine, String> {
+        v.parse()
+            .map_err(|e| format!("{v:?} is not valid; expected {e}"))
+    }
+    fn show(v: &CommandLine) -> String {
+        v.to_string()
+    }
+}
+
+/// A command line that must be given.
+pub struct RequiredCommand;
+impl Kind for RequiredCommand {
+    type Value = CommandLine;
+    fn parse(v: &str, cx: &Cx) -> Result<CommandLine, String> {
+        let c = Command::parse(v, cx)?;
+        match c.is_empty() {
+            true => Err("must not be empty".into()),
+            false => Ok(c),
+        }
+    }
+    fn show(v: &CommandLine) -> String {
+        v.to_string()
+    }
+}
+
+/// A command that validates a file named by the `{config}` placeholder.
+pub struct CheckCommand;
+impl Kind for CheckCommand {
+    type Value = CommandLine;
+    fn parse(v: &str, cx: &Cx) -> Result<CommandLine, String> {
+        let c = Command::parse(v, cx)?;
+        match c.0.iter().any(|a| a.contains(CONFIG_PLACEHOLDER)) {
+            true => Ok(c),
+            false => Err(format!(
+                "must contain {CONFIG_PLACEHOLDER} where the file to check goes, \
+                 e.g. haproxy -c -f {CONFIG_PLACEHOLDER}"
+            )),
+        }
+    }
+    fn show(v: &CommandLine) -> String {
+        v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind writes back text that parses to the same value.
+    #[test]
+    fn shown_values_parse_back() {
+        fn round<K: Kind>(text: &str)
+        where
+            K::Value: PartialEq + std::fmt::Debug,
+        {
+            let v = K::parse(text, &Cx::PLAIN).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(K::parse(&K::show(&v), &Cx::PLAIN).unwrap(), v, "{text:?}");
+        }
+        round::<Dur>("1h 30m");
+        round::<Dur>("250ms");
+        round::<Percent>("75%");
+        round::<Percent>("12.5");
+        round::<Fraction>("0.25");
+        round::<Words>("sg-1, sg-2,");
+        round::<Targets>("local, ops@lb2:2222, ssh://[2001:db8::2]:22");
+        round::<Command>("sh -c 'kill -USR2 $(cat /run/h.pid)'");
+        round::<CheckCommand>("haproxy -c -f {config}");
+        round::<Flag>("yes");
+        round::<OptionalPath>("");
+        round::<Whole<u32>>("7");
+    }
+
+    #[test]
+    fn bounds_say_what_is_allowed() {
+        assert_eq!(
+            check_bound::<Dur>(
+                &Duration::from_millis(100),
+                Bound::AtLeast("200ms"),
+                "; why"
+            ),
+            Err("100ms is too short; it must be at least 200ms; why".into())
+        );
+        assert_eq!(
+            check_bound::<Dur>(&Duration::ZERO, Bound::Above("0s"), ""),
+            Err("must be longer than 0s".into())
+        );
+        assert!(
+            check_bound::<Dur>(&Duration::from_millis(200), Bound::AtLeast("200ms"), "").is_ok()
+        );
+        assert_eq!(
+            check_bound::<Whole<u32>>(&0, Bound::AtLeast("1"), ""),
+            Err("must be at least 1".into())
+        );
+        assert_eq!(
+            check_bound::<Percent>(&0.0, Bound::Above("0"), ""),
+            Err("must be above 0".into())
+        );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let cx = Cx {
+            base: Some(Path::new("/srv/as")),
+        };
+        assert_eq!(
+            FilePath::parse("hosts", &cx).unwrap(),
+            Path::new("/srv/as/hosts")
+        );
+        assert_eq!(FilePath::parse("/abs", &cx).unwrap(), Path::new("/abs"));
+        assert_eq!(
+            FilePath::parse("hosts", &Cx::PLAIN).unwrap(),
+            Path::new("hosts")
+        );
+    }
+}

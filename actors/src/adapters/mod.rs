@@ -1,0 +1,17 @@
+//! The I/O adapters: everything that reaches outside the process, behind small typed APIs the
+//! actors and the one-shot commands use. No actor lives here.
+//!
+//! - [`ec2`]: the EC2 calls behind one small trait, implemented with the AWS SDK.
+//! - [`ssh`]: SSH sessions from the master and host-key checks (russh).
+//! - [`process`]: running configured commands (argv, clean environment, timeout).
+//! - [`files`]: atomic writes, exclusive creation, directory sync.
+//! - [`hosts_dir`]: the hosts.d directory, one file per host.
+//! - [`haproxy`]: validating a candidate haproxy.cfg and installing it without ever replacing
+//!   a good config with a bad one.
+
+pub mod ec2;
+pub mod files;
+pub mod haproxy;
+pub mod hosts_dir;
+pub mod process;
+pub mod ssh;

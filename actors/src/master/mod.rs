@@ -1,0 +1,127 @@
+//! The master role: hears every node through SSH tunnels, decides, launches, and keeps HAProxy
+//! in step with the registered hosts.
+//!
+//! ```text
+//! HostRegistry ──HostsChanged──▶ TunnelManager ──SSH session + tcpip-forward per host
+//! (hosts.d)   ╲                      │ forwarded channels, decoded in-process
+//!    ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
+//!    │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
+//!    │        ScaleDecider ──LaunchInstances / TerminateInstance──▶ Launcher (EC2 or command)
+//!    │          ▲   └──DeregisterHost (drain)──▶ HostRegistry
+//!    │          └──────LaunchFinished────────────── Launcher
+//!    └──RegisterHost / DeregisterHost / ListHosts── Launcher
+//!
+//! HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
+//!                                            install atomically, reload
+//! ```
+//!
+//! One actor per file; [`messages`] holds what several of them receive. [`start_master`] is
+//! the only place that knows who talks to whom.
+
+pub mod decider;
+pub mod haproxy_writer;
+pub mod launcher;
+pub mod messages;
+pub mod node_status;
+pub mod registry;
+pub mod tunnels;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, AsyncContext};
+use slog::Logger;
+
+use self::decider::{DeciderOutputs, ScaleDecider};
+use self::haproxy_writer::HaproxyWriter;
+use self::launcher::{LaunchSettings, Launcher, LauncherOutputs, Provisioner};
+use self::node_status::NodeStatus;
+use self::registry::HostRegistry;
+use self::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
+use crate::adapters::hosts_dir::HostsDir;
+use crate::config::Config;
+use crate::render::HaproxyTemplate;
+use crate::StartError;
+
+/// The running master's actors.
+pub struct Master {
+    pub registry: Addr<HostRegistry>,
+    pub tunnels: Addr<TunnelManager>,
+    pub status: Addr<NodeStatus>,
+    pub decider: Addr<ScaleDecider>,
+    /// None in dry-run: nothing is launched, and no launch settings are needed.
+    pub launcher: Option<Addr<Launcher>>,
+    pub writer: Addr<HaproxyWriter>,
+}
+
+/// Starts the master role. `poll` is how often hosts.d is rescanned, `tick` how often the
+/// policy runs. Must run inside the actix system (it builds the EC2 client, hence async).
+pub async fn start_master(
+    cfg: &Config,
+    poll: Duration,
+    tick: Duration,
+    log: &Logger,
+) -> Result<Master, StartError> {
+    let tunnel_settings = TunnelSettings::from_config(cfg)?;
+    let provisioner = match cfg.scaling.dry_run {
+        true => None,
+        false => Some(Provisioner::from_config(cfg).await?),
+    };
+    let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
+    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, log).start();
+    let status = NodeStatus::new(log).start();
+    // Registry, decider and launcher address each other: make the contexts (and so the
+    // addresses) first, start the actors once everyone has what it needs.
+    let registry_ctx = actix::Context::<HostRegistry>::new();
+    let registry = registry_ctx.address();
+    let decider_ctx = actix::Context::<ScaleDecider>::new();
+    let decider = decider_ctx.address();
+    let launcher = provisioner.map(|p| {
+        Launcher::new(
+            p,
+            LaunchSettings::from_config(cfg),
+            LauncherOutputs {
+                register: registry.clone().recipient(),
+                deregister: registry.clone().recipient(),
+                list: registry.clone().recipient(),
+                finished: decider.clone().recipient(),
+            },
+            log,
+        )
+        .start()
+    });
+    let outputs = launcher.as_ref().map(|l| DeciderOutputs {
+        launch: l.clone().recipient(),
+        terminate: l.clone().recipient(),
+        deregister: registry.clone().recipient(),
+    });
+    decider_ctx.run(ScaleDecider::new(cfg.scaling.clone(), outputs, tick, log));
+    let tunnels = TunnelManager::new(
+        tunnel_settings,
+        TunnelOutputs {
+            cpu: vec![status.clone().recipient(), decider.clone().recipient()],
+            up: vec![status.clone().recipient(), decider.clone().recipient()],
+            down: vec![status.clone().recipient(), decider.clone().recipient()],
+        },
+        log,
+    )
+    .start();
+    registry_ctx.run(HostRegistry::new(
+        HostsDir::new(&cfg.general.hosts_dir),
+        vec![
+            tunnels.clone().recipient(),
+            decider.clone().recipient(),
+            writer.clone().recipient(),
+        ],
+        poll,
+        log,
+    ));
+    Ok(Master {
+        registry,
+        tunnels,
+        status,
+        decider,
+        launcher,
+        writer,
+    })
+}

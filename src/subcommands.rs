@@ -1,0 +1,199 @@
+//! One function per subcommand: read what it needs, call the library, print the result.
+
+use std::io::Write;
+
+use anyhow::Context;
+use autoscaler_actors::adapters::haproxy::{Installed, Validation};
+use autoscaler_actors::adapters::hosts_dir::{AddOutcome, HostsDir};
+use autoscaler_actors::admin::{self, AdminError, Output};
+use autoscaler_actors::config::{Config, ConfigError, Role};
+use autoscaler_actors::hosts::{parse_port, Host, HostKey, HostName};
+use slog::{info, warn, Logger};
+
+use crate::cli::{Cli, Command, RoleArg};
+use crate::daemon;
+
+/// Runs the subcommand `cli` names.
+pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init { dir, role, force } => init(cli, dir, *role, *force, log),
+        Command::AddHost {
+            host,
+            port,
+            ssh_port,
+            report_port,
+        } => add_host(
+            cli,
+            host,
+            port,
+            ssh_port.as_deref(),
+            report_port.as_deref(),
+            log,
+        ),
+        Command::RemoveHost { host, port } => remove_host(cli, host, port, log),
+        Command::ListHosts { json } => list_hosts(cli, *json, log),
+        Command::Generate {
+            output,
+            no_validate,
+        } => generate(cli, output.as_deref(), *no_validate, log),
+        Command::Check => check(cli, log),
+        Command::Run => {
+            let cfg = load(cli)?;
+            let role = cfg.general.role;
+            daemon::run(cfg, role, log)
+        }
+        Command::Master => daemon::run(load(cli)?, Role::Master, log),
+        Command::Node => daemon::run(load(cli)?, Role::Node, log),
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    Config::load(&cli.config)
+}
+
+fn init(
+    cli: &Cli,
+    dir: &std::path::Path,
+    role: RoleArg,
+    force: bool,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    let role = match role {
+        RoleArg::Master => Role::Master,
+        RoleArg::Node => Role::Node,
+    };
+    let done = admin::init(dir, role, force)?;
+    info!(log, "Wrote configuration";
+        "file" => %done.config_file.display(), "role" => %role,
+        "hosts_dir" => %done.hosts_dir.display(), "replaced" => done.replaced);
+    if done.config_file != cli.config {
+        info!(log, "Use it with --config or AUTOSCALER_CONFIG"; "config" => %done.config_file.display());
+    }
+    Ok(())
+}
+
+fn add_host(
+    cli: &Cli,
+    host: &str,
+    port: &str,
+    ssh_port: Option<&str>,
+    report_port: Option<&str>,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    // Everything the user typed is validated before the configuration is even read.
+    let mut entry = Host::manual(HostName::parse(host)?, parse_port(port)?);
+    entry.ssh_port = ssh_port.map(parse_port).transpose()?;
+    entry.report_port = report_port.map(parse_port).transpose()?;
+    let cfg = load(cli)?;
+    let dir = HostsDir::new(&cfg.general.hosts_dir);
+    let key = entry.key();
+    match dir.add(&entry)? {
+        AddOutcome::Added => {
+            info!(log, "Added host"; "host" => %key.host, "port" => key.port,
+                "file" => %dir.path().join(key.file_name()).display())
+        }
+        AddOutcome::AlreadyPresent => {
+            info!(log, "Host already registered; nothing changed";
+                "host" => %key.host, "port" => key.port)
+        }
+        AddOutcome::Updated => {
+            info!(log, "Updated host"; "host" => %key.host, "port" => key.port)
+        }
+    }
+    Ok(())
+}
+
+fn remove_host(cli: &Cli, host: &str, port: &str, log: &Logger) -> anyhow::Result<()> {
+    let key = HostKey {
+        host: HostName::parse(host)?,
+        port: parse_port(port)?,
+    };
+    let cfg = load(cli)?;
+    HostsDir::new(&cfg.general.hosts_dir).remove(&key)?;
+    info!(log, "Removed host"; "host" => %key.host, "port" => key.port);
+    Ok(())
+}
+
+fn list_hosts(cli: &Cli, json: bool, log: &Logger) -> anyhow::Result<()> {
+    let cfg = load(cli)?;
+    let (hosts, errors) = HostsDir::new(&cfg.general.hosts_dir).load()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &hosts)?;
+        writeln!(out)?;
+    } else {
+        for h in &hosts {
+            writeln!(out, "{} {}", h.host, h.port)?;
+        }
+    }
+    out.flush()?;
+    for e in &errors {
+        warn!(log, "Skipped unreadable host file"; "error" => %e);
+    }
+    match errors.len() {
+        0 => Ok(()),
+        n => anyhow::bail!(
+            "{n} host file(s) in {} could not be read",
+            cfg.general.hosts_dir.display()
+        ),
+    }
+}
+
+fn generate(
+    cli: &Cli,
+    output: Option<&std::path::Path>,
+    no_validate: bool,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    let cfg = load(cli)?;
+    let output = match output {
+        Some(p) if p.as_os_str() == "-" => Output::Stdout,
+        Some(p) => Output::File(p.to_path_buf()),
+        None => Output::File(cfg.haproxy.config_path.clone()),
+    };
+    let done = admin::generate(&cfg, &output, !no_validate).map_err(|e| match (e, &output) {
+        (AdminError::Haproxy(e), Output::File(p)) => anyhow::anyhow!(
+            "{e}\nThe previous configuration in {} was left in place.",
+            p.display()
+        ),
+        (e, _) => e.into(),
+    })?;
+    match &done.validation {
+        None => warn!(log, "Validation skipped (--no-validate)"),
+        Some(Validation::Skipped { program }) => {
+            warn!(log, "Validation skipped: check command not installed"; "program" => program)
+        }
+        Some(Validation::Valid) => {
+            info!(log, "Configuration is valid"; "servers" => done.servers)
+        }
+    }
+    match (&output, &done.installed) {
+        (Output::Stdout, _) => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(done.text.as_bytes())?;
+            out.flush()?;
+        }
+        (Output::File(p), Some(Installed::Unchanged { .. })) => {
+            info!(log, "Configuration unchanged"; "file" => %p.display())
+        }
+        (Output::File(p), _) => {
+            info!(log, "Wrote HAProxy configuration"; "file" => %p.display(), "servers" => done.servers)
+        }
+    }
+    Ok(())
+}
+
+fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
+    let cfg = load(cli)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# Effective configuration of {} (secrets redacted)",
+        cfg.source.display()
+    )
+    .context("cannot print the configuration")?;
+    out.write_all(cfg.to_ini_text().as_bytes())?;
+    out.flush()?;
+    info!(log, "Configuration is valid"; "file" => %cfg.source.display(), "role" => %cfg.general.role);
+    Ok(())
+}

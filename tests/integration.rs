@@ -1,0 +1,11 @@
+//! The integration tests: one test binary (so the heavy dependency graph links once), a module
+//! per subsystem. Each test starts the real parts it needs — HAProxy, sshd, the moto EC2 API
+//! server, the built `autoscaler` binary — on loopback or in network namespaces it creates,
+//! and cleans up after itself.
+
+mod common;
+
+mod cli;
+mod haproxy_writer;
+mod launch;
+mod tunnels;
