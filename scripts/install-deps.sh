@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what autoscaler's tests and demo need on Debian (run as root):
-#   apt: haproxy, openssh-server, openssh-client, iproute2 (and python3-venv when missing)
+#   apt: haproxy, openssh-server, openssh-client, iproute2, cloud-init (its schema checker)
+#        (and python3-venv when missing)
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
 set -euo pipefail
@@ -12,7 +13,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 need=()
-for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2; do
+for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
+    cloud-init:cloud-init; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -6,6 +6,8 @@
 mod common;
 
 mod cli;
+mod contrib;
+mod crash;
 mod haproxy_writer;
 mod launch;
 mod tunnels;

@@ -2,12 +2,11 @@
 //! namespaces made here), the real node agent (`autoscaler node`), and the master's
 //! TunnelManager asking for the remote forward with russh.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{bin, free_port, keygen, tool, LogBuf, Netns, Proc, Sshd};
+use crate::common::{bin, free_port, keygen, tool, LogBuf, MasterProc, Netns, Proc, Sshd};
 use actix::{Actor, Addr, Context, Handler};
 use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
@@ -185,65 +184,6 @@ fn pub_of(key: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// `autoscaler master` as a process, its JSON log records read as they come.
-struct MasterProc {
-    proc: Proc,
-    records: std::sync::mpsc::Receiver<serde_json::Value>,
-}
-
-impl MasterProc {
-    fn spawn(config: &Path, extra: &[&str]) -> MasterProc {
-        let mut proc = Proc(
-            Command::new(bin())
-                .args(["--log-format", "json"])
-                .args(extra)
-                .arg("master")
-                .env("AUTOSCALER_CONFIG", config)
-                .stderr(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let (tx, records) = std::sync::mpsc::channel();
-        let stderr = proc.0.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
-        MasterProc { proc, records }
-    }
-
-    /// The next record matching `pred` within 20 s, skipping others.
-    fn wait(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self
-                .records
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(v) if pred(&v) => return v,
-                Ok(_) => {}
-                Err(_) => panic!("master never logged {what}"),
-            }
-        }
-    }
-
-    /// The next record with message `msg`.
-    fn wait_msg(&self, msg: &str) -> serde_json::Value {
-        self.wait(msg, |v| v["msg"] == msg)
-    }
-
-    fn terminate(&self) {
-        Command::new("kill")
-            .args(["-TERM", &self.proc.0.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
 /// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
 fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -396,6 +336,38 @@ async fn host_keys_are_verified() {
     m3.up("127.0.0.4").await;
     let recorded = std::fs::read_to_string(&m3.cfg.ssh.known_hosts).unwrap();
     assert_eq!(recorded.trim(), sshd4.known_hosts_line().trim());
+
+    // accept-new, but known_hosts records a key of another type for this host: that is not a
+    // new host, and an attacker need only offer a type the real host never recorded.
+    let (dir, mut cfg) = Master::dir_with_key();
+    cfg.node.report_port = free_port("127.0.0.1");
+    cfg.ssh.host_key_policy = HostKeyPolicy::AcceptNew;
+    let other = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-f"])
+        .arg(other.path().join("k"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ecdsa = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let mut words = ecdsa.split_whitespace();
+    let (alg, b64) = (words.next().unwrap(), words.next().unwrap());
+    std::fs::write(
+        &cfg.ssh.known_hosts,
+        format!("[127.0.0.4]:{} {alg} {b64}\n", sshd4.port),
+    )
+    .unwrap();
+    let mut m4 = Master::start(dir, cfg);
+    m4.add_host(&sshd4, 8080);
+    m4.log
+        .wait_for("it presents a ssh-ed25519 key", Duration::from_secs(10))
+        .await;
+    assert!(
+        m4.events.try_recv().is_err(),
+        "no event from a refused host"
+    );
+    let after = std::fs::read_to_string(&m4.cfg.ssh.known_hosts).unwrap();
+    assert_eq!(after.lines().count(), 1, "nothing learnt: {after}");
 }
 
 #[actix_rt::test]

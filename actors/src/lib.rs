@@ -28,10 +28,10 @@
 //!          (hosts.d)   ╲                      │ forwarded channels, decoded in-process
 //!             ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
 //!             │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
-//!             │        ScaleDecider ──LaunchInstances / TerminateInstance──▶ Launcher
-//!             │          ▲   └──DeregisterHost (drain)──▶ HostRegistry
-//!             │          └──────LaunchFinished────────────── Launcher
-//!             └──RegisterHost / DeregisterHost / ListHosts── Launcher
+//!             │        ScaleDecider ──LaunchInstances / DrainHost──▶ Launcher (EC2 or command)
+//!             │          ▲                                         │ intents, drains (state_dir),
+//!             │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic
+//!             └──RegisterHost / DeregisterHost / ListHosts─────────┘
 //!
 //!          HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
 //!                                                     install atomically, reload

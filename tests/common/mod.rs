@@ -2,8 +2,13 @@
 //! finding the real tools (HAProxy, sshd, moto) the edge tests need.
 #![allow(dead_code)]
 
+pub mod ec2_proxy;
+pub mod moto;
+
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The built `autoscaler` binary.
 pub fn bin() -> PathBuf {
@@ -395,6 +400,148 @@ impl LogBuf {
                 self.text()
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `autoscaler master` as a process, its JSON log records read as they come.
+pub struct MasterProc {
+    pub proc: Proc,
+    records: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Every record read so far.
+    seen: std::sync::Mutex<Vec<serde_json::Value>>,
+}
+
+impl MasterProc {
+    pub fn spawn(config: &Path, extra: &[&str]) -> MasterProc {
+        let mut proc = Proc(
+            Command::new(bin())
+                .args(["--log-format", "json"])
+                .args(extra)
+                .arg("master")
+                .env("AUTOSCALER_CONFIG", config)
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let (tx, records) = std::sync::mpsc::channel();
+        let stderr = proc.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        MasterProc {
+            proc,
+            records,
+            seen: Default::default(),
+        }
+    }
+
+    /// The next record matching `pred` within 20 s, skipping others.
+    pub fn wait(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self
+                .records
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) => {
+                    self.seen.lock().unwrap().push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("master never logged {what}"),
+            }
+        }
+    }
+
+    /// The next record with message `msg`.
+    pub fn wait_msg(&self, msg: &str) -> serde_json::Value {
+        self.wait(msg, |v| v["msg"] == msg)
+    }
+
+    pub fn terminate(&self) {
+        Command::new("kill")
+            .args(["-TERM", &self.proc.0.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl MasterProc {
+    /// SIGKILL: no clean-up of any kind, as a crash or the OOM killer would do.
+    pub fn kill(mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
+    /// Every record logged so far that matches `pred`, without waiting.
+    pub fn matching(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(self.records.try_iter());
+        seen.iter().filter(|v| pred(v)).cloned().collect()
+    }
+}
+
+/// A stand-in node agent: connects to 127.0.0.1:`port` (a master's forward), says hello (an
+/// hour-old machine) and reports `busy` % every 200 ms; reconnects while the forward is away.
+/// Stops when dropped.
+pub struct FakeAgent {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeAgent {
+    pub fn start(port: u16, busy: f64) -> FakeAgent {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let boot: u64 = 1000 + u64::from(port);
+        let thread = std::thread::spawn(move || {
+            let mut seq = 0u64;
+            // Bounded: at most ten minutes, whatever the test does.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(600);
+            while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                };
+                let hello = format!(
+                    "{{\"v\":1,\"type\":\"hello\",\"node\":\"fake-{port}\",\"boot\":{boot},\"uptime_ms\":3600000}}\n"
+                );
+                if s.write_all(hello.as_bytes()).is_err() {
+                    continue;
+                }
+                while !flag.load(Ordering::SeqCst) {
+                    let line = format!(
+                        "{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":{busy},\"cores\":2}}\n"
+                    );
+                    if s.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    seq += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        });
+        FakeAgent {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

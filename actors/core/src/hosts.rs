@@ -181,6 +181,10 @@ pub struct Host {
     /// Who added it.
     #[serde(default)]
     pub origin: Origin,
+    /// When autoscaler registered a host it launched (Unix ms): scale-in removes the newest
+    /// first, and this order must survive a restart of the master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_ms: Option<u64>,
 }
 
 impl Host {
@@ -193,6 +197,17 @@ impl Host {
             report_port: None,
             instance_id: None,
             origin: Origin::Manual,
+            registered_ms: None,
+        }
+    }
+
+    /// A host this autoscaler launched; its registration time is stamped when it is
+    /// registered.
+    pub fn launched(host: HostName, port: u16, instance_id: Option<String>) -> Host {
+        Host {
+            instance_id,
+            origin: Origin::Launched,
+            ..Host::manual(host, port)
         }
     }
 
@@ -229,6 +244,9 @@ impl Host {
             Origin::Launched => "launched",
         };
         s.push_str(&format!("origin = {origin}\n"));
+        if let Some(ms) = self.registered_ms {
+            s.push_str(&format!("registered_ms = {ms}\n"));
+        }
         s
     }
 
@@ -246,10 +264,16 @@ impl Host {
             let (k, v) = (k.trim(), v.trim());
             if !matches!(
                 k,
-                "host" | "port" | "ssh_port" | "report_port" | "instance_id" | "origin"
+                "host"
+                    | "port"
+                    | "ssh_port"
+                    | "report_port"
+                    | "instance_id"
+                    | "origin"
+                    | "registered_ms"
             ) {
                 return Err(format!(
-                    "line {}: unknown key {k:?} (known: host, port, ssh_port, report_port, instance_id, origin)",
+                    "line {}: unknown key {k:?} (known: host, port, ssh_port, report_port, instance_id, origin, registered_ms)",
                     n + 1
                 ));
             }
@@ -278,6 +302,13 @@ impl Host {
             Some("launched") => Origin::Launched,
             Some(o) => return Err(format!("origin {o:?} is not `manual` or `launched`")),
         };
+        let registered_ms = fields
+            .get("registered_ms")
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("registered_ms {v:?} is not a whole number"))
+            })
+            .transpose()?;
         Ok(Host {
             host,
             port,
@@ -285,6 +316,7 @@ impl Host {
             report_port,
             instance_id,
             origin,
+            registered_ms,
         })
     }
 }
@@ -471,6 +503,7 @@ mod tests {
             report_port: Some(9701),
             instance_id: Some("i-0abc".into()),
             origin: Origin::Launched,
+            registered_ms: Some(1_764_000_000_000),
         };
         assert_eq!(Host::from_file_text(&h.to_file_text()), Ok(h.clone()));
         let m = Host::manual(HostName::parse("web").unwrap(), 80);
@@ -491,6 +524,10 @@ mod tests {
             ),
             ("host = a\nport = 80\norigin = cloud\n", "origin \"cloud\""),
             ("host = a\nport = 80\ninstance_id = i 1\n", "instance id"),
+            (
+                "host = a\nport = 80\nregistered_ms = soon\n",
+                "registered_ms",
+            ),
             ("host a\n", "line 1: expected"),
         ];
         for (text, want) in cases {

@@ -15,13 +15,18 @@ use crate::hosts::HostKey;
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInput {
     pub key: HostKey,
-    /// When its current tunnel said hello; None while it is down.
-    pub up_since_ms: Option<u64>,
+    /// Whether its tunnel is up now: a node that is down takes no part.
+    pub up: bool,
+    /// When the node's machine started (its reported uptime placed on the master's clock; the
+    /// first hello when it reports none); None before the node ever said hello. Warm-up
+    /// counts from here.
+    pub born_ms: Option<u64>,
     /// (received at, busy %) of recent samples, oldest first.
     pub samples: Vec<(u64, f64)>,
     /// True for hosts this autoscaler launched: the only ones scale-in may remove.
     pub launched: bool,
-    /// When it was registered (scale-in removes the newest first).
+    /// When it was registered (any clock: only the order matters; scale-in removes the newest
+    /// first).
     pub registered_ms: u64,
 }
 
@@ -39,9 +44,12 @@ pub struct History {
 /// Why nothing is done.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Hold {
-    /// No node has fresh, warmed-up data covering the window: missing data is never read as
-    /// 0 % or 100 %.
+    /// No node has fresh data covering the window: missing data is never read as 0 % or
+    /// 100 %.
     NoData,
+    /// Nodes have data, but their machines are younger than `warmup` (boot-time CPU says
+    /// nothing about the load); `remaining_ms` until the first one is old enough.
+    WarmingUp { remaining_ms: u64 },
     /// Load is between the thresholds (or inside the tolerance band).
     Steady,
     /// Scale-up wanted, but max_nodes (in-flight launches included) is reached.
@@ -52,7 +60,8 @@ pub enum Hold {
     Cooldown { remaining_ms: u64 },
     /// max_launches_per_hour reached.
     HourlyCap,
-    /// Launches are in flight; no scale-in until they finish.
+    /// Launches are in flight: no scale-in until they finish, and (instance policy) no more
+    /// scale-up for the load that asked for them.
     LaunchInFlight,
     /// Scale-in wanted but no host was launched by this autoscaler.
     NothingToRemove,
@@ -70,6 +79,8 @@ impl fmt::Display for Hold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hold::NoData => f.write_str("no node has fresh data covering the window"),
+            // No countdown in the text: a hold is logged when its text changes.
+            Hold::WarmingUp { .. } => f.write_str("nodes are still warming up"),
             Hold::Steady => f.write_str("load within bounds"),
             Hold::AtMax => f.write_str("max_nodes reached"),
             Hold::AtMin => f.write_str("min_nodes reached"),
@@ -87,11 +98,28 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// Why a node has no mean for a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Missing {
+    /// Down, stale, or its samples do not cover the window.
+    NoData,
+    /// Its machine is younger than `warmup` for this long yet.
+    WarmingUp(u64),
+}
+
 /// Mean busy % of a node over `[now - window, now]`, if its samples cover the window (the
 /// first one in it is no later than `stale` after the window's start) and the node is eligible.
-fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Option<f64> {
-    let up = n.up_since_ms?;
-    if now.saturating_sub(up) < ms(cfg.warmup) {
+fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Result<f64, Missing> {
+    let mean = covered_mean(n, cfg, now, window).ok_or(Missing::NoData)?;
+    let age = now.saturating_sub(n.born_ms.ok_or(Missing::NoData)?);
+    match age < ms(cfg.warmup) {
+        true => Err(Missing::WarmingUp(ms(cfg.warmup) - age)),
+        false => Ok(mean),
+    }
+}
+
+fn covered_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Option<f64> {
+    if !n.up {
         return None;
     }
     let last = n.samples.last()?.0;
@@ -109,15 +137,26 @@ fn window_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Opti
     Some(inside.iter().map(|(_, b)| b).sum::<f64>() / inside.len() as f64)
 }
 
-/// The per-node window means every rule works from: (scale-up window, scale-down window).
-fn means(cfg: &Scaling, nodes: &[NodeInput], now: u64) -> (Vec<f64>, Vec<f64>) {
-    let of = |window| {
-        nodes
-            .iter()
-            .filter_map(|n| window_mean(n, cfg, now, window))
-            .collect()
+/// The per-node window means every rule works from: (scale-up window, scale-down window),
+/// and how long until the first node warming up is old enough (if one is).
+fn means(cfg: &Scaling, nodes: &[NodeInput], now: u64) -> (Vec<f64>, Vec<f64>, Option<u64>) {
+    let mut warming: Option<u64> = None;
+    let mut of = |window| {
+        let mut out = Vec::new();
+        for n in nodes {
+            match window_mean(n, cfg, now, window) {
+                Ok(m) => out.push(m),
+                Err(Missing::WarmingUp(left)) => {
+                    warming = Some(warming.map_or(left, |w| w.min(left)))
+                }
+                Err(Missing::NoData) => {}
+            }
+        }
+        out
     };
-    (of(cfg.scale_up_window), of(cfg.scale_down_window))
+    let up = of(cfg.scale_up_window);
+    let down = of(cfg.scale_down_window);
+    (up, down, warming)
 }
 
 /// The inputs behind a decision, for its log record.
@@ -155,12 +194,27 @@ pub fn decide_with_summary(
     hist: &History,
     now: u64,
 ) -> (Decision, Summary) {
-    let (up_means, down_means) = means(cfg, nodes, now);
+    let (up_means, down_means, warming) = means(cfg, nodes, now);
     let sum = summary(&up_means, &down_means);
     (
-        decide_from(cfg, nodes, hist, now, &up_means, &down_means),
+        decide_from(cfg, nodes, hist, now, &up_means, &down_means, warming),
         sum,
     )
+}
+
+/// How many of `want` new nodes the guards let launch now: max_nodes (launches in flight
+/// count as nodes) and max_launches_per_hour.
+fn capped(cfg: &Scaling, hist: &History, now: u64, current: u32, want: u32) -> Result<u32, Hold> {
+    if current >= cfg.max_nodes {
+        return Err(Hold::AtMax);
+    }
+    let hour_ago = now.saturating_sub(3_600_000);
+    let recent = hist.launches_ms.iter().filter(|&&t| t > hour_ago).count() as u32;
+    let allowed = cfg.max_launches_per_hour.saturating_sub(recent);
+    match want.min(cfg.max_nodes - current).min(allowed) {
+        0 => Err(Hold::HourlyCap),
+        n => Ok(n),
+    }
 }
 
 fn decide_from(
@@ -170,10 +224,26 @@ fn decide_from(
     now: u64,
     up_means: &[f64],
     down_means: &[f64],
+    warming: Option<u64>,
 ) -> Decision {
     let current = nodes.len() as u32 + hist.in_flight;
+    // The floor needs no CPU data: fewer nodes than min_nodes (one terminated from outside,
+    // a launch that failed) are replaced, within the hourly cap, as EC2 Auto Scaling does.
+    if current < cfg.min_nodes {
+        let reason = format!(
+            "{current} nodes (launches in flight included) is below min_nodes ({})",
+            cfg.min_nodes
+        );
+        return match capped(cfg, hist, now, current, cfg.min_nodes - current) {
+            Ok(count) => Decision::ScaleUp { count, reason },
+            Err(hold) => Decision::Hold(hold),
+        };
+    }
     if up_means.is_empty() && down_means.is_empty() {
-        return Decision::Hold(Hold::NoData);
+        return Decision::Hold(match warming {
+            Some(remaining_ms) => Hold::WarmingUp { remaining_ms },
+            None => Hold::NoData,
+        });
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
 
@@ -209,6 +279,12 @@ fn decide_from(
         if current >= cfg.max_nodes {
             return Decision::Hold(Hold::AtMax);
         }
+        // The load that asked for the launch in flight is still the load seen now: under the
+        // instance policy, wait for that capacity before asking for more (a slow bootstrap
+        // can outlast the cooldown). The cluster policy counts launches in flight as nodes.
+        if cfg.policy == Policy::Instance && hist.in_flight > 0 {
+            return Decision::Hold(Hold::LaunchInFlight);
+        }
         if let Some(t) = hist.last_scale_up_ms {
             let since = now.saturating_sub(t);
             if since < ms(cfg.cooldown) {
@@ -217,14 +293,10 @@ fn decide_from(
                 });
             }
         }
-        let hour_ago = now.saturating_sub(3_600_000);
-        let recent = hist.launches_ms.iter().filter(|&&t| t > hour_ago).count() as u32;
-        let allowed = cfg.max_launches_per_hour.saturating_sub(recent);
-        let count = want.min(cfg.max_nodes - current).min(allowed);
-        if count == 0 {
-            return Decision::Hold(Hold::HourlyCap);
-        }
-        return Decision::ScaleUp { count, reason };
+        return match capped(cfg, hist, now, current, want) {
+            Ok(count) => Decision::ScaleUp { count, reason },
+            Err(hold) => Decision::Hold(hold),
+        };
     }
 
     // Scale-in: the whole (long) window below the threshold, or below the tolerance band.
@@ -320,7 +392,8 @@ mod tests {
     fn node(i: u8, busy: f64, span: u64) -> NodeInput {
         NodeInput {
             key: key(i),
-            up_since_ms: Some(NOW - 60 * MIN),
+            up: true,
+            born_ms: Some(NOW - 60 * MIN),
             samples: (0..span / S)
                 .map(|k| (NOW - span + k * S + S, busy))
                 .collect(),
@@ -364,10 +437,30 @@ mod tests {
                 Box::new(|d| *d == Decision::Hold(Hold::Steady)),
             ),
             (
-                "no nodes: no data",
+                "no nodes at all: the floor launches min_nodes, no data needed",
                 vec![],
                 fresh.clone(),
+                Box::new(up(1)),
+            ),
+            (
+                "a node without samples counts toward the floor",
+                vec![{
+                    let mut n = node(1, 0.0, 0);
+                    n.born_ms = None;
+                    n.up = false;
+                    n
+                }],
+                fresh.clone(),
                 Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+            ),
+            (
+                "a launch in flight holds scale-up under the instance policy",
+                vec![node(1, 90.0, 11 * MIN)],
+                History {
+                    in_flight: 1,
+                    ..fresh.clone()
+                },
+                Box::new(|d| *d == Decision::Hold(Hold::LaunchInFlight)),
             ),
             (
                 "stale samples are no data, never 0%",
@@ -383,21 +476,21 @@ mod tests {
                 "a node down takes no part",
                 vec![{
                     let mut n = node(1, 99.0, 11 * MIN);
-                    n.up_since_ms = None;
+                    n.up = false;
                     n
                 }],
                 fresh.clone(),
                 Box::new(|d| *d == Decision::Hold(Hold::NoData)),
             ),
             (
-                "a node warming up takes no part",
+                "a young machine takes no part, and the hold says why",
                 vec![{
-                    let mut n = node(1, 99.0, MIN);
-                    n.up_since_ms = Some(NOW - MIN);
+                    let mut n = node(1, 99.0, MIN + 10 * S);
+                    n.born_ms = Some(NOW - MIN);
                     n
                 }],
                 fresh.clone(),
-                Box::new(|d| *d == Decision::Hold(Hold::NoData)),
+                Box::new(|d| *d == Decision::Hold(Hold::WarmingUp { remaining_ms: MIN })),
             ),
             (
                 "data not covering the window is no data",
@@ -538,7 +631,7 @@ mod tests {
         let mut n = node(1, 99.0, 30 * S);
         let early = 30 * S;
         n.samples.iter_mut().for_each(|s| s.0 -= NOW - early);
-        n.up_since_ms = Some(0);
+        n.born_ms = Some(0);
         let mut c2 = c.clone();
         c2.warmup = Duration::ZERO;
         assert_eq!(
@@ -584,6 +677,60 @@ mod tests {
         assert!(
             matches!(decide(&c, &nodes, &h, NOW), Decision::ScaleDown { host, .. } if host == key(4))
         );
+    }
+
+    /// The floor: fewer nodes than min_nodes are replaced whatever the load (none here has
+    /// data), counting launches in flight, within max_nodes and the hourly cap.
+    #[test]
+    fn min_nodes_is_a_floor_the_master_restores() {
+        let mut c = cfg();
+        c.min_nodes = 3;
+        let silent = |i| {
+            let mut n = node(i, 0.0, 0);
+            n.up = false;
+            n
+        };
+        let h = History::default();
+        let d = decide(&c, &[silent(1)], &h, NOW);
+        assert!(
+            matches!(&d, Decision::ScaleUp { count: 2, reason } if reason.contains("below min_nodes (3)")),
+            "{d:?}"
+        );
+        let one_in_flight = History {
+            in_flight: 1,
+            ..h.clone()
+        };
+        assert!(matches!(
+            decide(&c, &[silent(1)], &one_in_flight, NOW),
+            Decision::ScaleUp { count: 1, .. }
+        ));
+        let two_in_flight = History {
+            in_flight: 2,
+            ..h.clone()
+        };
+        assert_eq!(
+            decide(&c, &[silent(1)], &two_in_flight, NOW),
+            Decision::Hold(Hold::NoData),
+            "launches in flight fill the floor: nothing more"
+        );
+        let capped = History {
+            launches_ms: vec![NOW - 10 * MIN; 4],
+            ..h.clone()
+        };
+        assert_eq!(
+            decide(&c, &[silent(1)], &capped, NOW),
+            Decision::Hold(Hold::HourlyCap)
+        );
+        let mut low_max = c.clone();
+        low_max.max_nodes = 3;
+        let partly = History {
+            launches_ms: vec![NOW - 10 * MIN; 3],
+            ..h.clone()
+        };
+        assert!(matches!(
+            decide(&low_max, &[silent(1)], &partly, NOW),
+            Decision::ScaleUp { count: 1, .. }
+        ));
     }
 
     /// Load that flaps between hot and idle every few minutes for a day never launches more

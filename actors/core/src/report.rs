@@ -1,7 +1,7 @@
 //! The node → master report protocol: newline-delimited JSON, one versioned frame per line.
 //!
 //! ```text
-//! {"v":1,"type":"hello","node":"web-1","boot":8812734,"instance_id":"i-0abc"}
+//! {"v":1,"type":"hello","node":"web-1","boot":8812734,"instance_id":"i-0abc","uptime_ms":93000}
 //! {"v":1,"type":"cpu","seq":17,"ts_ms":1764537600000,"busy_pct":73.2,"cores":2}
 //! {"v":1,"type":"cpu","seq":16,"ts_ms":1764537599000,"busy_pct":70.1,"cores":2,"age_ms":61000}
 //! ```
@@ -10,7 +10,8 @@
 //! on the node's clock, it was taken.
 //!
 //! A channel starts with one `hello`; `boot` changes whenever the node agent restarts, so its
-//! sequence numbers can start again from 0. The node resends its buffer after every reconnect,
+//! sequence numbers can start again from 0. `uptime_ms` (optional) is how long the node's
+//! machine has been up: the master's warm-up counts from the node's boot. The node resends its buffer after every reconnect,
 //! so the master drops samples it has already seen ([`SeqFilter`]). Anything malformed — an
 //! oversized line, invalid UTF-8, an unknown version or type, an impossible value — is a
 //! [`DecodeError`] that closes that one channel; it never panics and never touches other nodes.
@@ -55,6 +56,11 @@ pub struct Hello {
     /// The node's instance id, when it knows one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// How long the node's machine has been up when it sent this hello. Warm-up is about
+    /// young machines: the master counts it from the node's own boot, not from when it first
+    /// heard the node (which a master restart or an SSH blip would reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
 }
 
 /// A decoded frame.
@@ -268,6 +274,7 @@ mod tests {
             node: "web-1".into(),
             boot: 42,
             instance_id: Some("i-0abc".into()),
+            uptime_ms: Some(93_000),
         })
     }
 
@@ -283,6 +290,7 @@ mod tests {
             node: "n".into(),
             boot: 1,
             instance_id: None,
+            uptime_ms: None,
         });
         assert_eq!(
             encode(&h),

@@ -1,15 +1,21 @@
 //! The EC2 calls autoscaler makes, behind one small trait, and their implementation with the
 //! official AWS SDK for Rust (aws-config + aws-sdk-ec2).
 //!
-//! Throttling and 5xx answers are retried by the SDK's standard retry strategy (jittered
-//! exponential backoff, [`MAX_ATTEMPTS`] attempts); anything else comes back once as
-//! [`Ec2Error`] with the API's own message.
+//! Every call attempt is bounded by `[aws] api_timeout`. Throttling, 5xx answers, timeouts and
+//! broken connections are retried by the SDK's standard strategy (jittered exponential
+//! backoff, [`MAX_ATTEMPTS`] attempts) — except RunInstances, which comes back at once with
+//! [`Ec2Error::retryable`] set: the call may have reached EC2 before its answer was lost, so
+//! the launcher looks for the decision's instances before asking again. Anything else comes
+//! back once with the API's own message.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use aws_sdk_ec2::config::{Credentials, Region};
-use aws_sdk_ec2::error::DisplayErrorContext;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::config::{Config, Credentials, Region};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, IamInstanceProfileSpecification, InstanceStateName, InstanceType,
     LaunchTemplateSpecification, ResourceType, Tag, TagSpecification,
@@ -31,6 +37,10 @@ pub const DECISION_TAG: &str = "autoscaler:decision";
 pub struct Ec2Error {
     pub operation: &'static str,
     pub message: String,
+    /// Throttling, a server error, a timeout or a lost connection: asking again may work.
+    pub retryable: bool,
+    /// The API says the instance does not exist (any more).
+    pub not_found: bool,
 }
 
 /// One instance as autoscaler cares about it.
@@ -62,6 +72,8 @@ pub trait Ec2Api: Send + Sync {
     fn describe<'a>(&'a self, decision: Option<&'a str>) -> Fut<'a, Vec<InstanceInfo>>;
     /// TerminateInstances.
     fn terminate<'a>(&'a self, instance_id: &'a str) -> Fut<'a, ()>;
+    /// GetConsoleOutput, decoded (empty while the instance has printed nothing yet).
+    fn console_output<'a>(&'a self, instance_id: &'a str) -> Fut<'a, String>;
 }
 
 /// [`Ec2Api`] with the AWS SDK.
@@ -75,9 +87,13 @@ impl SdkEc2 {
     /// Builds a client from `[aws]` (region, endpoint, profile, static keys or the standard
     /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now.
     pub async fn new(aws: &Aws, launch: &Launch) -> Result<SdkEc2, Ec2Error> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(
-            aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
-        );
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(aws.api_timeout)
+                    .build(),
+            );
         if !aws.region.is_empty() {
             loader = loader.region(Region::new(aws.region.clone()));
         }
@@ -103,6 +119,8 @@ impl SdkEc2 {
                 let bytes = std::fs::read(p).map_err(|e| Ec2Error {
                     operation: "RunInstances",
                     message: format!("cannot read [launch] user_data_file {}: {e}", p.display()),
+                    retryable: false,
+                    not_found: false,
                 })?;
                 use base64::Engine;
                 Some(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -134,10 +152,40 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
     })
 }
 
-fn err<E: std::error::Error>(operation: &'static str, e: E) -> Ec2Error {
+/// Error codes EC2 uses for throttling and its own failures.
+const RETRYABLE_CODES: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+    "InsufficientInstanceCapacity",
+];
+
+fn err<E>(operation: &'static str, e: SdkError<E, HttpResponse>) -> Ec2Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let (retryable, not_found) = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            (true, false)
+        }
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or_default();
+            (
+                RETRYABLE_CODES.contains(&code) || s.raw().status().is_server_error(),
+                code.starts_with("InvalidInstanceID.NotFound"),
+            )
+        }
+        _ => (false, false),
+    };
     Ec2Error {
         operation,
         message: DisplayErrorContext(e).to_string(),
+        retryable,
+        not_found,
     }
 }
 
@@ -196,7 +244,13 @@ impl Ec2Api for SdkEc2 {
             if let Some(u) = &self.user_data {
                 req = req.user_data(u);
             }
-            let out = req.send().await.map_err(|e| err("RunInstances", e))?;
+            // No blind retry: the launcher looks for the decision's instances first.
+            let out = req
+                .customize()
+                .config_override(Config::builder().retry_config(RetryConfig::disabled()))
+                .send()
+                .await
+                .map_err(|e| err("RunInstances", e))?;
             Ok(out.instances().iter().filter_map(info).collect())
         })
     }
@@ -247,6 +301,32 @@ impl Ec2Api for SdkEc2 {
                 .await
                 .map_err(|e| err("TerminateInstances", e))?;
             Ok(())
+        })
+    }
+
+    fn console_output<'a>(&'a self, instance_id: &'a str) -> Fut<'a, String> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .get_console_output()
+                .instance_id(instance_id)
+                .latest(true)
+                .send()
+                .await
+                .map_err(|e| err("GetConsoleOutput", e))?;
+            use base64::Engine;
+            let bytes = out
+                .output()
+                .map(|o| base64::engine::general_purpose::STANDARD.decode(o.trim()))
+                .transpose()
+                .map_err(|e| Ec2Error {
+                    operation: "GetConsoleOutput",
+                    message: format!("output is not base64: {e}"),
+                    retryable: false,
+                    not_found: false,
+                })?
+                .unwrap_or_default();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
         })
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`ec2`]: the EC2 calls behind one small trait, implemented with the AWS SDK.
 //! - [`ssh`]: SSH sessions from the master and host-key checks (russh).
+//! - [`known_hosts`]: the master's known_hosts file: launched hosts' keys in and out.
 //! - [`process`]: running configured commands (argv, clean environment, timeout).
 //! - [`files`]: atomic writes, exclusive creation, directory sync.
 //! - [`hosts_dir`]: the hosts.d directory, one file per host.
@@ -13,5 +14,6 @@ pub mod ec2;
 pub mod files;
 pub mod haproxy;
 pub mod hosts_dir;
+pub mod known_hosts;
 pub mod process;
 pub mod ssh;

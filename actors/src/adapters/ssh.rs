@@ -12,6 +12,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertifi
 use slog::{info, Logger};
 use thiserror::Error;
 
+use super::known_hosts;
 use crate::config::{Config, HostKeyPolicy};
 
 /// Why a session could not be set up, or ended.
@@ -34,6 +35,13 @@ pub enum SshError {
         fingerprint: String,
         known_hosts: String,
         line: usize,
+    },
+    #[error("HOST KEY OF {host} HAS CHANGED: it presents a {presented} key, {known_hosts} records {recorded}; refusing to connect: if the host was reinstalled, remove its lines")]
+    HostKeyTypeChanged {
+        host: String,
+        presented: String,
+        recorded: String,
+        known_hosts: String,
     },
     #[error("cannot use known_hosts {known_hosts}: {message}")]
     KnownHosts {
@@ -123,12 +131,27 @@ impl HostKeyCheck {
         match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
             Ok(true) => true,
             Ok(false) if self.policy == HostKeyPolicy::AcceptNew => {
-                match russh::keys::known_hosts::learn_known_hosts_path(
+                // A host known under another key type is not new: a man in the middle need
+                // only offer a type the real host never recorded.
+                let recorded = russh::keys::known_hosts::known_host_keys_path(
                     &self.host,
                     self.port,
-                    key,
                     &self.known_hosts,
-                ) {
+                )
+                .unwrap_or_default();
+                if !recorded.is_empty() {
+                    let names: Vec<String> = recorded
+                        .iter()
+                        .map(|(line, k)| format!("{} (line {line})", k.algorithm()))
+                        .collect();
+                    return self.refuse(SshError::HostKeyTypeChanged {
+                        host: self.host.clone(),
+                        presented: key.algorithm().to_string(),
+                        recorded: names.join(", "),
+                        known_hosts,
+                    });
+                }
+                match known_hosts::learn(&self.known_hosts, &self.host, self.port, key) {
                     Ok(()) => {
                         info!(self.log, "Recorded new host key (accept-new)"; "fingerprint" => fingerprint, "known_hosts" => known_hosts);
                         true

@@ -1,28 +1,41 @@
 //! ScaleDecider (master role): keeps each node's recent samples and state, asks the
 //! [`policy`](crate::policy) once per tick, and carries out what it says: LaunchInstances to
-//! the launcher; for scale-in, DeregisterHost (HAProxy stops sending it new requests), then
-//! after `drain_timeout` TerminateInstance.
+//! the launcher; for scale-in, DrainHost to the launcher (which records the drain, takes the
+//! host out of HAProxy and terminates it after `drain_timeout`).
+//!
+//! Its memory survives restarts: the guards' history (last scale-up and scale-in, launches of
+//! the last hour) is kept in `state_dir/decider.json`; a node's warm-up counts from the
+//! node's own boot (its hello says how long it has been up), and a node's samples are kept
+//! across a reconnect of the same agent run, so neither a master restart nor an SSH blip
+//! blinds it for warm-up + window. It makes no decision before it knows the registered hosts
+//! and the launcher has reconciled (so launches resumed after a crash count as in flight).
 //!
 //! Every decision is one structured log record with its inputs; a hold is logged when its
-//! reason changes. With `dry_run` it decides and logs, and sends nothing.
+//! reason, the number of nodes or the launches in flight change. With `dry_run` it decides
+//! and logs, and sends nothing.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
+use serde::{Deserialize, Serialize};
 use slog::{info, o, warn, Logger};
 
-use super::launcher::{LaunchInstances, TerminateInstance};
+use super::launcher::{DrainHost, LaunchInstances};
 use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
-use super::registry::DeregisterHost;
+use crate::adapters::files;
 use crate::config::Scaling;
 use crate::hosts::{Host, HostKey, Origin};
 use crate::policy::{decide_with_summary, Decision, History, NodeInput};
 
 /// How often the policy runs.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// Where the decider's clock starts: far enough from 0 that history loaded from disk and
+/// samples resent with their age are placed at real times.
+const CLOCK_ORIGIN: Duration = Duration::from_secs(24 * 3600);
 
 /// A launch ended: what was registered, or why not.
 #[derive(Debug, Clone, Message)]
@@ -34,17 +47,36 @@ pub struct LaunchFinished {
     pub error: Option<String>,
 }
 
+/// The launcher settled what it found on disk and in EC2. `resumed` are launches of an
+/// earlier run it is finishing: they count as in flight until their LaunchFinished.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Reconciled {
+    pub resumed: Vec<(String, u32)>,
+}
+
 /// Where decisions go; None in dry-run.
 #[derive(Clone)]
 pub struct DeciderOutputs {
     pub launch: Recipient<LaunchInstances>,
-    pub terminate: Recipient<TerminateInstance>,
-    pub deregister: Recipient<DeregisterHost>,
+    pub drain: Recipient<DrainHost>,
+}
+
+/// What the guards remember across restarts, in Unix milliseconds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Remembered {
+    last_scale_up_ms: Option<u64>,
+    last_scale_down_ms: Option<u64>,
+    #[serde(default)]
+    launches_ms: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
 struct Track {
-    up_since_ms: Option<u64>,
+    up: bool,
+    /// The agent run (hello's boot) the samples come from.
+    boot: Option<u64>,
+    born_ms: Option<u64>,
     samples: VecDeque<(u64, f64)>,
 }
 
@@ -52,11 +84,16 @@ struct Track {
 pub struct ScaleDecider {
     cfg: Scaling,
     out: Option<DeciderOutputs>,
+    /// `state_dir/decider.json`, when decisions act (not in dry-run).
+    memory: Option<PathBuf>,
     tick: Duration,
-    /// The master's clock starts when this actor is created (see [`ScaleDecider::now`]).
+    /// The decider's clock starts when this actor is created (see [`ScaleDecider::now`]).
     epoch: Instant,
     nodes: HashMap<HostKey, Track>,
-    hosts: BTreeMap<HostKey, (Host, u64)>,
+    hosts: BTreeMap<HostKey, Host>,
+    hosts_known: bool,
+    /// The launcher reconciled at least once (always true without one).
+    reconciled: bool,
     hist: History,
     /// decision id → instances requested, until LaunchFinished.
     pending: HashMap<String, u32>,
@@ -64,59 +101,117 @@ pub struct ScaleDecider {
     log: Logger,
 }
 
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl ScaleDecider {
+    /// A decider sending to `out` (None: dry-run, or nothing to launch with), remembering its
+    /// guards in `memory`.
     pub fn new(
         cfg: Scaling,
         out: Option<DeciderOutputs>,
+        memory: Option<PathBuf>,
         tick: Duration,
         log: &Logger,
     ) -> ScaleDecider {
-        ScaleDecider {
+        let log = log.new(o!("actor" => "ScaleDecider"));
+        let mut d = ScaleDecider {
+            reconciled: out.is_none(),
             cfg,
             out,
+            memory,
             tick,
             epoch: Instant::now(),
             nodes: HashMap::new(),
             hosts: BTreeMap::new(),
+            hosts_known: false,
             hist: History::default(),
             pending: HashMap::new(),
             last_hold: None,
-            log: log.new(o!("actor" => "ScaleDecider")),
-        }
+            log,
+        };
+        d.recall();
+        d
     }
 
-    /// Milliseconds on the decider's clock. It starts at the sample retention rather than 0,
-    /// so a sample resent with an age up to that is still placed at a real time; no window can
-    /// look as if covered by data from before the master started.
+    /// Milliseconds on the decider's clock (see [`CLOCK_ORIGIN`]).
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + self.retention()
+        let origin = CLOCK_ORIGIN.max(self.retention_d());
+        (self.epoch.elapsed() + origin).as_millis() as u64
     }
 
     /// How long samples are kept: the longest window plus the staleness allowance.
-    fn retention(&self) -> u64 {
-        (self.cfg.scale_up_window.max(self.cfg.scale_down_window) + self.cfg.stale_after)
-            .as_millis() as u64
+    fn retention_d(&self) -> Duration {
+        self.cfg.scale_up_window.max(self.cfg.scale_down_window) + self.cfg.stale_after
+    }
+
+    /// Loads the guards' history from `memory`.
+    fn recall(&mut self) {
+        let Some(path) = &self.memory else { return };
+        let m: Remembered = match std::fs::read_to_string(path) {
+            Ok(text) => match serde_json::from_str(&text) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(self.log, "Cannot read the decider's memory; starting without it"; "file" => %path.display(), "error" => %e);
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let (now, wall) = (self.now(), wall_ms());
+        let to_clock = |t: u64| now.saturating_sub(wall.saturating_sub(t));
+        self.hist.last_scale_up_ms = m.last_scale_up_ms.map(to_clock);
+        self.hist.last_scale_down_ms = m.last_scale_down_ms.map(to_clock);
+        self.hist.launches_ms = m.launches_ms.into_iter().map(to_clock).collect();
+        info!(self.log, "Recalled the guards' history"; "launches_last_hour" => self.hist.launches_ms.len());
+    }
+
+    /// Writes the guards' history to `memory`, before the decision is carried out.
+    fn remember(&self) {
+        let Some(path) = &self.memory else { return };
+        let (now, wall) = (self.now(), wall_ms());
+        let to_wall = |t: u64| wall.saturating_sub(now.saturating_sub(t));
+        let m = Remembered {
+            last_scale_up_ms: self.hist.last_scale_up_ms.map(to_wall),
+            last_scale_down_ms: self.hist.last_scale_down_ms.map(to_wall),
+            launches_ms: self.hist.launches_ms.iter().copied().map(to_wall).collect(),
+        };
+        let text = serde_json::to_string(&m).unwrap_or_default();
+        let written = path
+            .parent()
+            .map_or(Ok(()), |d| files::create_dir_all(d, 0o700))
+            .and_then(|()| files::atomic_write(path, text.as_bytes(), 0o600));
+        if let Err(e) = written {
+            warn!(self.log, "Cannot save the decider's memory; a restart would forget this decision's cooldown"; "file" => %path.display(), "error" => %e);
+        }
     }
 
     fn inputs(&self) -> Vec<NodeInput> {
         self.hosts
             .iter()
-            .map(|(k, (h, seen))| {
+            .map(|(k, h)| {
                 let t = self.nodes.get(k);
                 NodeInput {
                     key: k.clone(),
-                    up_since_ms: t.and_then(|t| t.up_since_ms),
+                    up: t.is_some_and(|t| t.up),
+                    born_ms: t.and_then(|t| t.born_ms),
                     samples: t
                         .map(|t| t.samples.iter().copied().collect())
                         .unwrap_or_default(),
                     launched: h.origin == Origin::Launched,
-                    registered_ms: *seen,
+                    registered_ms: h.registered_ms.unwrap_or(0),
                 }
             })
             .collect()
     }
 
-    fn evaluate(&mut self, ctx: &mut Context<Self>) {
+    fn evaluate(&mut self) {
+        if !(self.hosts_known && self.reconciled) {
+            return;
+        }
         let now = self.now();
         let nodes = self.inputs();
         self.hist.in_flight = self.pending.values().sum();
@@ -127,30 +222,28 @@ impl ScaleDecider {
             "mean_up_pct" => sum.mean_up.map(|m| format!("{m:.1}")), "hottest_pct" => sum.hottest.map(|m| format!("{m:.1}")),
             "mean_down_pct" => sum.mean_down.map(|m| format!("{m:.1}")), "policy" => self.cfg.policy.as_str());
         let log = self.log.new(inputs);
+        let acting = self.out.clone().filter(|_| !self.cfg.dry_run);
         match decision {
             Decision::Hold(h) => {
                 let reason = h.to_string();
-                if self.last_hold.as_deref() != Some(reason.as_str()) {
+                // Logged when it says something new: another reason, or another fleet.
+                let key = format!("{reason}|{fleet}|{in_flight}");
+                if self.last_hold.as_deref() != Some(key.as_str()) {
                     info!(log, "Decision"; "action" => "hold", "reason" => &reason);
-                    self.last_hold = Some(reason);
+                    self.last_hold = Some(key);
                 }
             }
             Decision::ScaleUp { count, reason } => {
                 self.last_hold = None;
-                let id = format!(
-                    "as-{}-{:08x}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                    rand::random::<u32>()
-                );
+                let id = format!("as-{}-{:08x}", wall_ms() / 1000, rand::random::<u32>());
                 info!(log, "Decision"; "action" => "scale_up", "count" => count, "reason" => &reason,
                     "decision" => &id, "dry_run" => self.cfg.dry_run);
                 self.hist.last_scale_up_ms = Some(now);
                 self.hist
                     .launches_ms
                     .extend(std::iter::repeat_n(now, count as usize));
-                if let Some(out) = self.out.as_ref().filter(|_| !self.cfg.dry_run) {
+                if let Some(out) = acting {
+                    self.remember();
                     self.pending.insert(id.clone(), count);
                     out.launch.do_send(LaunchInstances {
                         count,
@@ -164,15 +257,9 @@ impl ScaleDecider {
                     "reason" => &reason, "dry_run" => self.cfg.dry_run,
                     "drain" => %humantime::format_duration(self.cfg.drain_timeout));
                 self.hist.last_scale_down_ms = Some(now);
-                if let Some(out) = self.out.clone().filter(|_| !self.cfg.dry_run) {
-                    let Some((h, _)) = self.hosts.get(&host).cloned() else {
-                        return;
-                    };
-                    // Out of HAProxy first; terminate only after the drain time.
-                    out.deregister.do_send(DeregisterHost(host));
-                    ctx.run_later(self.cfg.drain_timeout, move |_, _| {
-                        out.terminate.do_send(TerminateInstance { host: h })
-                    });
+                if let (Some(out), Some(h)) = (acting, self.hosts.get(&host)) {
+                    self.remember();
+                    out.drain.do_send(DrainHost { host: h.clone() });
                 }
             }
         }
@@ -187,7 +274,7 @@ impl Actor for ScaleDecider {
     fn started(&mut self, ctx: &mut Context<Self>) {
         info!(self.log, "Deciding"; "policy" => %self.cfg.policy, "dry_run" => self.cfg.dry_run,
             "launcher" => if self.out.is_some() { "configured" } else { "none" });
-        ctx.run_interval(self.tick, |this, ctx| this.evaluate(ctx));
+        ctx.run_interval(self.tick, |this, _| this.evaluate());
     }
 }
 
@@ -195,7 +282,7 @@ impl Handler<CpuReported> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
         let now = self.now();
-        let keep = self.retention();
+        let keep = self.retention_d().as_millis() as u64;
         // A sample resent after an outage is placed when it was taken, not when it arrived.
         let at = now.saturating_sub(m.sample.age_ms);
         let t = self.nodes.entry(m.host).or_default();
@@ -216,18 +303,29 @@ impl Handler<NodeUp> for ScaleDecider {
     fn handle(&mut self, m: NodeUp, _: &mut Context<Self>) {
         let now = self.now();
         let t = self.nodes.entry(m.host).or_default();
-        t.up_since_ms = Some(now);
-        // Samples from before a gap say nothing about the window now.
-        t.samples.clear();
+        let same_run = t.boot == Some(m.hello.boot);
+        if !same_run {
+            // A new agent run: its samples start afresh.
+            t.samples.clear();
+            t.boot = Some(m.hello.boot);
+        }
+        t.born_ms = Some(match (m.hello.uptime_ms, t.born_ms) {
+            (Some(up), _) => now.saturating_sub(up),
+            // A node that does not say its age: from when it was first heard, in this run.
+            (None, Some(born)) if same_run => born,
+            (None, _) => now,
+        });
+        t.up = true;
     }
 }
 
 impl Handler<NodeDown> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
+        // Its samples stay: if the same agent run comes back, they (and what it resends from
+        // its buffer) still describe its load. While down, it takes no part.
         if let Some(t) = self.nodes.get_mut(&m.host) {
-            t.up_since_ms = None;
-            t.samples.clear();
+            t.up = false;
         }
     }
 }
@@ -235,14 +333,21 @@ impl Handler<NodeDown> for ScaleDecider {
 impl Handler<HostsChanged> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: HostsChanged, _: &mut Context<Self>) {
-        let now = self.now();
-        let mut next = BTreeMap::new();
-        for h in m.hosts.iter() {
-            let seen = self.hosts.get(&h.key()).map_or(now, |(_, s)| *s);
-            next.insert(h.key(), (h.clone(), seen));
-        }
+        let next: BTreeMap<HostKey, Host> = m.hosts.iter().map(|h| (h.key(), h.clone())).collect();
         self.nodes.retain(|k, _| next.contains_key(k));
         self.hosts = next;
+        self.hosts_known = true;
+    }
+}
+
+impl Handler<Reconciled> for ScaleDecider {
+    type Result = ();
+    fn handle(&mut self, m: Reconciled, _: &mut Context<Self>) {
+        for (id, count) in m.resumed {
+            info!(self.log, "Launch of an earlier run resumed; counted as in flight"; "decision" => &id, "count" => count);
+            self.pending.insert(id, count);
+        }
+        self.reconciled = true;
     }
 }
 
@@ -255,7 +360,7 @@ impl Handler<LaunchFinished> for ScaleDecider {
                 info!(self.log, "Launch finished"; "decision" => &m.decision_id, "registered" => m.registered.len())
             }
             Some(e) => {
-                warn!(self.log, "Launch failed; a new decision will retry if load stays high";
+                warn!(self.log, "Launch failed; a new decision will retry if still needed";
                 "decision" => &m.decision_id, "registered" => m.registered.len(), "requested" => m.requested, "error" => e)
             }
         }
@@ -276,8 +381,7 @@ mod tests {
     #[derive(Debug)]
     enum Out {
         Launch(u32),
-        Deregister(HostKey),
-        Terminate(HostKey),
+        Drain(HostKey),
     }
 
     struct Sink(mpsc::UnboundedSender<Out>);
@@ -290,17 +394,10 @@ mod tests {
             let _ = self.0.send(Out::Launch(m.count));
         }
     }
-    impl Handler<TerminateInstance> for Sink {
+    impl Handler<DrainHost> for Sink {
         type Result = ();
-        fn handle(&mut self, m: TerminateInstance, _: &mut Context<Self>) {
-            let _ = self.0.send(Out::Terminate(m.host.key()));
-        }
-    }
-    impl Handler<DeregisterHost> for Sink {
-        type Result = <DeregisterHost as Message>::Result;
-        fn handle(&mut self, m: DeregisterHost, _: &mut Context<Self>) -> Self::Result {
-            let _ = self.0.send(Out::Deregister(m.0));
-            Ok(())
+        fn handle(&mut self, m: DrainHost, _: &mut Context<Self>) {
+            let _ = self.0.send(Out::Drain(m.host.key()));
         }
     }
 
@@ -324,31 +421,45 @@ mod tests {
         h
     }
 
-    /// A decider whose outputs land in the returned channel, told about `hosts`, all up.
-    fn start(dry_run: bool, hosts: &[Host]) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
+    fn hello(boot: u64, uptime_ms: Option<u64>) -> Hello {
+        Hello {
+            node: "n".into(),
+            boot,
+            instance_id: None,
+            uptime_ms,
+        }
+    }
+
+    /// A decider with `cfg` and `memory` whose outputs land in the returned channel; the
+    /// launcher has reconciled; it knows `hosts`, all up (hello without an age).
+    fn start_with(
+        cfg: Scaling,
+        memory: Option<PathBuf>,
+        hosts: &[Host],
+    ) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = Sink(tx).start();
         let log = Logger::root(slog::Discard, o!());
         let out = DeciderOutputs {
             launch: sink.clone().recipient(),
-            terminate: sink.clone().recipient(),
-            deregister: sink.recipient(),
+            drain: sink.recipient(),
         };
-        let d = ScaleDecider::new(scaling(dry_run), Some(out), DEFAULT_TICK, &log).start();
+        let d = ScaleDecider::new(cfg, Some(out), memory, DEFAULT_TICK, &log).start();
+        d.do_send(Reconciled { resumed: vec![] });
         d.do_send(HostsChanged {
             hosts: Arc::new(hosts.to_vec()),
         });
         for h in hosts {
             d.do_send(NodeUp {
                 host: h.key(),
-                hello: Hello {
-                    node: "n".into(),
-                    boot: 1,
-                    instance_id: None,
-                },
+                hello: hello(1, None),
             });
         }
         (d, rx)
+    }
+
+    fn start(dry_run: bool, hosts: &[Host]) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
+        start_with(scaling(dry_run), None, hosts)
     }
 
     fn sample(seq: u64, busy_pct: f64, age_ms: u64) -> CpuSample {
@@ -361,12 +472,11 @@ mod tests {
         }
     }
 
-    /// Drives the actor on tokio's paused clock: `secs` seconds of one sample a second from
-    /// every host at `busy`. Returns what it sent.
-    async fn drive(dry_run: bool, hosts: Vec<Host>, busy: f64, secs: u64) -> Vec<Out> {
-        let (d, mut rx) = start(dry_run, &hosts);
-        for seq in 0..secs {
-            for h in &hosts {
+    /// `secs` seconds of one sample a second from every host at `busy`, on tokio's paused
+    /// clock; `seq` numbers start at `from`.
+    async fn feed(d: &Addr<ScaleDecider>, hosts: &[Host], busy: f64, from: u64, secs: u64) {
+        for seq in from..from + secs {
+            for h in hosts {
                 d.do_send(CpuReported {
                     host: h.key(),
                     sample: sample(seq, busy, 0),
@@ -374,11 +484,21 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    fn sent(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Out> {
         let mut got = Vec::new();
         while let Ok(o) = rx.try_recv() {
             got.push(o);
         }
         got
+    }
+
+    /// Drives a fresh decider: `secs` seconds of samples at `busy`. Returns what it sent.
+    async fn drive(dry_run: bool, hosts: Vec<Host>, busy: f64, secs: u64) -> Vec<Out> {
+        let (d, mut rx) = start(dry_run, &hosts);
+        feed(&d, &hosts, busy, 0, secs).await;
+        sent(&mut rx)
     }
 
     #[actix_rt::test]
@@ -420,8 +540,10 @@ mod tests {
             .is_empty());
     }
 
+    /// Scale-in is a drain handed to the launcher (which records it, takes the host out of
+    /// HAProxy and terminates it later): the decider keeps no timer that a restart would lose.
     #[actix_rt::test]
-    async fn idle_fleet_drains_then_terminates_the_launched_host() {
+    async fn idle_fleet_drains_the_launched_host() {
         tokio::time::pause();
         let got = drive(
             false,
@@ -431,9 +553,157 @@ mod tests {
         )
         .await;
         let k = host(2, Origin::Launched).key();
+        assert!(matches!(&got[..], [Out::Drain(a)] if *a == k), "{got:?}");
+    }
+
+    /// Warm-up is about young machines: a node whose machine has been up for an hour is
+    /// acted on after one window, even though the master heard it only now (a master restart).
+    #[actix_rt::test]
+    async fn warm_up_counts_from_the_nodes_own_boot() {
+        tokio::time::pause();
+        let mut cfg = scaling(false);
+        cfg.warmup = Duration::from_secs(120);
+        for (uptime, want) in [(Some(3_600_000), 1), (Some(5_000), 0), (None, 0)] {
+            let h = host(1, Origin::Manual);
+            let (d, mut rx) = start_with(cfg.clone(), None, &[]);
+            d.do_send(HostsChanged {
+                hosts: Arc::new(vec![h.clone()]),
+            });
+            d.do_send(NodeUp {
+                host: h.key(),
+                hello: hello(7, uptime),
+            });
+            feed(&d, std::slice::from_ref(&h), 95.0, 0, 15).await;
+            let got = sent(&mut rx);
+            assert_eq!(got.len(), want, "uptime {uptime:?}: {got:?}");
+        }
+    }
+
+    /// An SSH blip (NodeDown, then NodeUp from the same agent run) keeps the window; a new
+    /// agent run starts afresh.
+    #[actix_rt::test]
+    async fn a_blip_keeps_the_window_a_new_run_does_not() {
+        tokio::time::pause();
+        // Only data from both sides of the blip (8 s + 3 s) covers the 10 s window.
+        let mut cfg = scaling(false);
+        cfg.stale_after = Duration::from_millis(1500);
+        for (boot_after, want) in [(1, 1), (2, 0)] {
+            let h = host(1, Origin::Manual);
+            let hs = std::slice::from_ref(&h);
+            let (d, mut rx) = start_with(cfg.clone(), None, hs);
+            feed(&d, hs, 95.0, 0, 8).await;
+            assert!(
+                sent(&mut rx).is_empty(),
+                "the window is not covered before the blip"
+            );
+            d.do_send(NodeDown {
+                host: h.key(),
+                reason: "blip".into(),
+            });
+            d.do_send(NodeUp {
+                host: h.key(),
+                hello: hello(boot_after, None),
+            });
+            feed(&d, hs, 95.0, 8, 3).await;
+            let got = sent(&mut rx);
+            assert_eq!(got.len(), want, "boot after the blip {boot_after}: {got:?}");
+        }
+    }
+
+    /// The cooldown and the hourly cap survive a restart of the master.
+    #[actix_rt::test]
+    async fn a_restarted_decider_remembers_its_guards() {
+        tokio::time::pause();
+        let tmp = tempfile::tempdir().unwrap();
+        let memory = tmp.path().join("decider.json");
+        let h = host(1, Origin::Manual);
+        let hs = std::slice::from_ref(&h);
+        let (d, mut rx) = start_with(scaling(false), Some(memory.clone()), hs);
+        feed(&d, hs, 95.0, 0, 15).await;
+        assert_eq!(sent(&mut rx).len(), 1, "the first run launches");
+        drop(d);
+        let (d, mut rx) = start_with(scaling(false), Some(memory.clone()), hs);
+        feed(&d, hs, 95.0, 100, 20).await;
+        assert!(sent(&mut rx).is_empty(), "still in the cooldown (60 s)");
+        // With the cooldown over, the hourly cap still counts the first run's launch.
+        let mut cfg = scaling(false);
+        cfg.cooldown = Duration::ZERO;
+        cfg.max_launches_per_hour = 1;
+        let (d, mut rx) = start_with(cfg, Some(memory), hs);
+        feed(&d, hs, 95.0, 200, 20).await;
+        assert!(sent(&mut rx).is_empty(), "hourly cap of 1 reached");
+    }
+
+    /// A launch slower than the cooldown is not doubled for the same load.
+    #[actix_rt::test]
+    async fn a_slow_launch_is_not_doubled() {
+        tokio::time::pause();
+        let mut cfg = scaling(false);
+        cfg.cooldown = Duration::from_secs(5);
+        let h = host(1, Origin::Manual);
+        let hs = std::slice::from_ref(&h);
+        let (d, mut rx) = start_with(cfg, None, hs);
+        feed(&d, hs, 95.0, 0, 40).await;
+        let got = sent(&mut rx);
+        assert_eq!(got.len(), 1, "no LaunchFinished yet: {got:?}");
+        d.do_send(LaunchFinished {
+            decision_id: "any".into(),
+            requested: 1,
+            registered: vec![],
+            error: None,
+        });
+    }
+
+    /// Scale-in removes the host launched last, by its recorded registration time (which
+    /// survives a restart), not the one this process happened to see last or the highest
+    /// address.
+    #[actix_rt::test]
+    async fn scale_in_removes_the_newest_by_registration() {
+        tokio::time::pause();
+        let mut older = host(9, Origin::Launched);
+        older.registered_ms = Some(1_000);
+        let mut newer = host(2, Origin::Launched);
+        newer.registered_ms = Some(2_000);
+        let got = drive(
+            false,
+            vec![host(1, Origin::Manual), older, newer.clone()],
+            3.0,
+            40,
+        )
+        .await;
         assert!(
-            matches!(&got[..], [Out::Deregister(a), Out::Terminate(b)] if *a == k && *b == k),
+            matches!(&got[..], [Out::Drain(k)] if *k == newer.key()),
             "{got:?}"
+        );
+    }
+
+    /// No decision before the launcher has reconciled; launches it resumed count as in flight.
+    #[actix_rt::test]
+    async fn the_floor_waits_for_the_launcher_and_counts_resumed_launches() {
+        tokio::time::pause();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        let log = Logger::root(slog::Discard, o!());
+        let out = DeciderOutputs {
+            launch: sink.clone().recipient(),
+            drain: sink.recipient(),
+        };
+        let mut cfg = scaling(false);
+        cfg.min_nodes = 2;
+        let d = ScaleDecider::new(cfg, Some(out), None, DEFAULT_TICK, &log).start();
+        d.do_send(HostsChanged {
+            hosts: Arc::new(vec![]),
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(sent(&mut rx).is_empty(), "not before Reconciled");
+        d.do_send(Reconciled {
+            resumed: vec![("as-earlier".into(), 1)],
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let got = sent(&mut rx);
+        assert!(
+            matches!(&got[..], [Out::Launch(1)]),
+            "only the missing one: {got:?}"
         );
     }
 }

@@ -6,10 +6,10 @@
 //! (hosts.d)   ╲                      │ forwarded channels, decoded in-process
 //!    ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
 //!    │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
-//!    │        ScaleDecider ──LaunchInstances / TerminateInstance──▶ Launcher (EC2 or command)
-//!    │          ▲   └──DeregisterHost (drain)──▶ HostRegistry
-//!    │          └──────LaunchFinished────────────── Launcher
-//!    └──RegisterHost / DeregisterHost / ListHosts── Launcher
+//!    │        ScaleDecider ──LaunchInstances / DrainHost──▶ Launcher (EC2 or command)
+//!    │          ▲                                         │ intents, drains (state_dir),
+//!    │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic
+//!    └──RegisterHost / DeregisterHost / ListHosts─────────┘
 //!
 //! HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
 //!                                            install atomically, reload
@@ -85,6 +85,7 @@ pub async fn start_master(
                 deregister: registry.clone().recipient(),
                 list: registry.clone().recipient(),
                 finished: decider.clone().recipient(),
+                reconciled: decider.clone().recipient(),
             },
             log,
         )
@@ -92,10 +93,19 @@ pub async fn start_master(
     });
     let outputs = launcher.as_ref().map(|l| DeciderOutputs {
         launch: l.clone().recipient(),
-        terminate: l.clone().recipient(),
-        deregister: registry.clone().recipient(),
+        drain: l.clone().recipient(),
     });
-    decider_ctx.run(ScaleDecider::new(cfg.scaling.clone(), outputs, tick, log));
+    // The guards' memory only matters when decisions act.
+    let memory = launcher
+        .as_ref()
+        .map(|_| cfg.general.state_dir.join("decider.json"));
+    decider_ctx.run(ScaleDecider::new(
+        cfg.scaling.clone(),
+        outputs,
+        memory,
+        tick,
+        log,
+    ));
     let tunnels = TunnelManager::new(
         tunnel_settings,
         TunnelOutputs {

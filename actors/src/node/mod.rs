@@ -34,6 +34,8 @@ pub fn start_node(cfg: &Config, log: &Logger) -> Result<Node, StartError> {
         node: node_name,
         boot: rand::random(),
         instance_id: Some(cfg.node.instance_id.clone()).filter(|i| !i.is_empty()),
+        // Set on every (re)connect from the machine's boot time (see ReportLink).
+        uptime_ms: None,
     };
     let link = ReportLink::new(cfg.node.report_port, hello, cfg.node.buffer, log).start();
     let sampler = CpuSampler::new(cfg.node.sample_interval, link.clone().recipient(), log)?.start();

@@ -55,10 +55,12 @@ impl Actor for ReportLink {
         // The socket work runs as a plain tokio task; it ends when this actor (the sender) goes.
         let (tx, rx) = mpsc::channel(self.buffer);
         self.tx = Some(tx);
+        let booted = machine_boot();
         tokio::spawn(run(
             rx,
             self.port,
             self.hello.clone(),
+            booted,
             self.buffer,
             self.log.clone(),
         ));
@@ -141,7 +143,20 @@ enum Ended {
     Lost(String),
 }
 
-async fn run(mut rx: mpsc::Receiver<CpuSample>, port: u16, hello: Hello, cap: usize, log: Logger) {
+/// When this machine booted, on the monotonic clock (None if the uptime is unknown).
+fn machine_boot() -> Option<std::time::Instant> {
+    let up = Duration::from_secs(sysinfo::System::uptime().ok()?);
+    std::time::Instant::now().checked_sub(up)
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<CpuSample>,
+    port: u16,
+    mut hello: Hello,
+    booted: Option<std::time::Instant>,
+    cap: usize,
+    log: Logger,
+) {
     let mut ring = Ring::new(cap);
     let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
     let mut waiting_logged = false;
@@ -155,6 +170,8 @@ async fn run(mut rx: mpsc::Receiver<CpuSample>, port: u16, hello: Hello, cap: us
                 info!(log, "Connected to the master's tunnel"; "port" => port, "resending" => ring.samples.len());
                 backoff.reset();
                 waiting_logged = false;
+                // The node's age, so the master's warm-up counts from this machine's boot.
+                hello.uptime_ms = booted.map(|b| b.elapsed().as_millis() as u64);
                 match serve(stream, &mut rx, &mut ring, &hello).await {
                     Ended::Stopped => return,
                     Ended::Lost(why) => {
@@ -294,15 +311,24 @@ mod tests {
             node: "n1".into(),
             boot: 9,
             instance_id: None,
+            uptime_ms: None,
         };
         let log = Logger::root(slog::Discard, o!());
-        let task = tokio::spawn(run(rx, port, hello.clone(), 4, log));
+        let booted = Some(std::time::Instant::now() - Duration::from_secs(3600));
+        let task = tokio::spawn(run(rx, port, hello.clone(), booted, 4, log));
         for i in 0..6 {
             tx.send(s(i)).await.unwrap();
         }
         let (mut conn, _) = listener.accept().await.unwrap();
         let frames = read_frames(&mut conn, 1).await;
-        assert_eq!(frames[0], Frame::Hello(hello.clone()));
+        let Frame::Hello(said) = &frames[0] else {
+            panic!("{frames:?}")
+        };
+        assert!(
+            said.uptime_ms.is_some_and(|u| u >= 3_600_000),
+            "the hello says how long the machine has been up: {said:?}"
+        );
+        assert_eq!(said.boot, hello.boot);
         // Samples 0-5 raced with the connect: whatever was buffered comes first, in order.
         tx.send(s(6)).await.unwrap();
         let mut seqs = Vec::new();
@@ -321,7 +347,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let frames = read_frames(&mut conn, 5).await;
-        assert_eq!(frames[0], Frame::Hello(hello));
+        assert!(matches!(&frames[0], Frame::Hello(h) if h.boot == hello.boot));
         let resent: Vec<u64> = frames[1..]
             .iter()
             .map(|f| match f {

@@ -183,6 +183,8 @@ pub static KEYS: &[Key] = &[
         "EC2 API endpoint URL (empty: the region's public endpoint)."),
     key!("aws", aws.profile: Text = T(""),
         "Shared-config profile (empty: AWS_PROFILE or default)."),
+    key!("aws", aws.api_timeout: Dur = T("20s"), Bound::Above("0s"), "",
+        "Longest one EC2 API call may take; a slower one is retried like a throttled one."),
     key!("aws", aws.access_key_id: SecretText = T(""),
         "Static keys (empty: the standard chain: environment, profile, instance role)."),
     key!("aws", aws.secret_access_key: SecretText = T(""), ""),
@@ -217,6 +219,10 @@ pub static KEYS: &[Key] = &[
         "Wait until host:app_port accepts TCP before registering a launched host."),
     key!("launch", launch.health_timeout: Dur = T("5m"),
         "How long to wait for that."),
+    key!("launch", launch.learn_host_keys: Flag = T("true"),
+        "Record a launched host's SSH host keys before the first connection, from a channel bound\n\
+         to it: its console output (ec2: cloud-init's SSH HOST KEY KEYS block; the launch fails\n\
+         without it) or the scale-up command's host_key field. Removed when the host goes."),
     key!("launch", launch.scale_up_command: Command = T(""),
         "launcher = command: argv (shell quoting, no shell) printing {\"host\": …, \"port\": …} as JSON."),
     key!("launch", launch.scale_down_command: Command = T(""),

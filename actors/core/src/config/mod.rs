@@ -110,6 +110,8 @@ pub struct Aws {
     pub region: String,
     pub endpoint: String,
     pub profile: String,
+    /// Longest one API call may take before it is retried.
+    pub api_timeout: Duration,
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
 }
@@ -134,6 +136,8 @@ pub struct Launch {
     pub launch_timeout: Duration,
     pub health_check: bool,
     pub health_timeout: Duration,
+    /// Record launched hosts' SSH host keys from the console output or the command's output.
+    pub learn_host_keys: bool,
     pub scale_up_command: CommandLine,
     pub scale_down_command: CommandLine,
     pub command_timeout: Duration,

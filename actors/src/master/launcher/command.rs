@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{LaunchError, LaunchInstances};
+use super::intents::Launched;
+use super::LaunchError;
+use crate::adapters::known_hosts;
 use crate::adapters::process::{self, CommandFailed};
 use crate::config::CommandLine;
-use crate::hosts::{parse_port, validate_instance_id, Host, HostName, Origin};
+use crate::hosts::{parse_port, validate_instance_id, Host, HostName};
 
 /// The user's commands.
 pub struct CommandProvisioner {
@@ -18,12 +20,27 @@ pub struct CommandProvisioner {
     pub timeout: Duration,
 }
 
+/// What a scale-down did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The scale-down command ran and succeeded.
+    Stopped,
+    /// No scale-down command is configured: the host was only taken out of the pool.
+    NotConfigured,
+}
+
 impl CommandProvisioner {
-    /// Runs the scale-up command and reads the hosts it printed.
-    pub async fn provision(&self, msg: &LaunchInstances) -> Result<Vec<Host>, LaunchError> {
+    /// Runs the scale-up command for `decision` and reads the hosts it printed. After a crash
+    /// the master runs it again with the same decision: it must print the same hosts again
+    /// rather than start new ones (as EC2's ClientToken does).
+    pub async fn provision(
+        &self,
+        decision: &str,
+        count: u32,
+    ) -> Result<Vec<Launched>, LaunchError> {
         let env = [
-            ("AUTOSCALER_DECISION", msg.decision_id.clone()),
-            ("AUTOSCALER_COUNT", msg.count.to_string()),
+            ("AUTOSCALER_DECISION", decision.to_string()),
+            ("AUTOSCALER_COUNT", count.to_string()),
         ];
         let stdout = process::run(&self.up, &env, self.timeout).await?;
         Ok(parse_launched(&stdout).map_err(|message| CommandFailed {
@@ -32,10 +49,10 @@ impl CommandProvisioner {
         })?)
     }
 
-    /// Runs the scale-down command for `h` (nothing when none is configured).
-    pub async fn terminate(&self, h: &Host) -> Result<(), LaunchError> {
+    /// Runs the scale-down command for `h`, when one is configured.
+    pub async fn stop(&self, h: &Host) -> Result<Stopped, LaunchError> {
         if self.down.is_empty() {
-            return Ok(());
+            return Ok(Stopped::NotConfigured);
         }
         let env = [
             ("AUTOSCALER_HOST", h.host.to_string()),
@@ -46,7 +63,7 @@ impl CommandProvisioner {
             ),
         ];
         process::run(&self.down, &env, self.timeout).await?;
-        Ok(())
+        Ok(Stopped::Stopped)
     }
 }
 
@@ -57,6 +74,17 @@ struct LaunchedJson {
     port: serde_json::Value,
     #[serde(default)]
     instance_id: Option<String>,
+    /// The host's SSH host key(s), `TYPE BASE64`: recorded in known_hosts before the first
+    /// connection.
+    #[serde(default)]
+    host_key: Option<OneOrManyKeys>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrManyKeys {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -66,12 +94,13 @@ enum OneOrMany {
     Many(Vec<LaunchedJson>),
 }
 
-/// Parses a scale-up command's output: `{"host": …, "port": …, "instance_id": …?}` or an array
-/// of those. Every host and port is validated as `add-host` would.
-pub fn parse_launched(stdout: &str) -> Result<Vec<Host>, String> {
+/// Parses a scale-up command's output: `{"host": …, "port": …, "instance_id": …?,
+/// "host_key": …?}` or an array of those. Every host and port is validated as `add-host`
+/// would, every host key must be an Ed25519 or ECDSA public key.
+pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
     let parsed: OneOrMany = serde_json::from_str(stdout.trim()).map_err(|e| {
         format!(
-            "expected JSON {{\"host\": …, \"port\": …, \"instance_id\": …}} (or an array of them) on standard output, got {:?} ({e})",
+            "expected JSON {{\"host\": …, \"port\": …, \"instance_id\": …, \"host_key\": …}} (or an array of them) on standard output, got {:?} ({e})",
             stdout.chars().take(200).collect::<String>()
         )
     })?;
@@ -91,19 +120,32 @@ pub fn parse_launched(stdout: &str) -> Result<Vec<Host>, String> {
                 other => parse_port(&other.to_string()),
             }
             .map_err(|e| e.to_string())?;
-            Ok(Host {
-                host: HostName::parse(&j.host).map_err(|e| e.to_string())?,
+            let instance_id = j
+                .instance_id
+                .as_deref()
+                .map(validate_instance_id)
+                .transpose()?
+                .map(String::from);
+            let host = Host::launched(
+                HostName::parse(&j.host).map_err(|e| e.to_string())?,
                 port,
-                ssh_port: None,
-                report_port: None,
-                instance_id: j
-                    .instance_id
-                    .as_deref()
-                    .map(validate_instance_id)
-                    .transpose()?
-                    .map(String::from),
-                origin: Origin::Launched,
-            })
+                instance_id,
+            );
+            let keys = match j.host_key {
+                None => vec![],
+                Some(OneOrManyKeys::One(k)) => vec![k],
+                Some(OneOrManyKeys::Many(v)) => v,
+            };
+            let host_keys = keys
+                .into_iter()
+                .map(|k| match known_hosts::parse_key(&k) {
+                    Some(key) => key.to_openssh().map_err(|e| format!("host_key {k:?}: {e}")),
+                    None => Err(format!(
+                        "host_key {k:?} is not an Ed25519 or ECDSA public key (TYPE BASE64)"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Launched { host, host_keys })
         })
         .collect()
 }
@@ -117,9 +159,16 @@ mod tests {
         let hs = parse_launched(r#"{"host": "127.0.1.9", "port": 8080, "instance_id": "vm-1"}"#)
             .unwrap();
         assert_eq!(hs.len(), 1);
-        assert_eq!(hs[0].host.to_string(), "127.0.1.9");
-        assert_eq!(hs[0].origin, Origin::Launched);
-        assert_eq!(hs[0].instance_id.as_deref(), Some("vm-1"));
+        assert_eq!(hs[0].host.host.to_string(), "127.0.1.9");
+        assert_eq!(hs[0].host.origin, crate::hosts::Origin::Launched);
+        assert_eq!(hs[0].host.instance_id.as_deref(), Some("vm-1"));
+        assert!(hs[0].host_keys.is_empty());
+        let ed = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMbXjn3SmRtduL4M5Cqz4Xj2OEb1jRhqpXMK6rYyJLud";
+        let hs = parse_launched(&format!(
+            r#"{{"host": "127.0.1.9", "port": 80, "host_key": "{ed} root@vm"}}"#
+        ))
+        .unwrap();
+        assert_eq!(hs[0].host_keys, [ed]);
         let hs = parse_launched(
             "[{\"host\":\"a.example\",\"port\":\"80\"},{\"host\":\"::1\",\"port\":81}]\n",
         )
@@ -139,6 +188,10 @@ mod tests {
             (
                 r#"{"host": "a\nserver evil 1.2.3.4:80", "port": 80}"#,
                 "contains",
+            ),
+            (
+                r#"{"host": "a", "port": 80, "host_key": "ssh-ed25519 nope"}"#,
+                "not an Ed25519 or ECDSA public key",
             ),
         ] {
             let e = parse_launched(bad).unwrap_err();

@@ -1,176 +1,129 @@
 //! The EC2 provisioner: RunInstances with ClientToken = decision id and the group/decision
-//! tags, then wait until the instances run with a private IP; terminate what a failed launch
-//! created; and, at start, reconcile the group's instances with the registry and the intents.
+//! tags, retried only after looking for the decision's instances; waiting until instances
+//! run with a private IP; their SSH host keys from the console output.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use russh::keys::PublicKey;
 use slog::{info, warn, Logger};
+use tokio::time::Instant;
 
-use super::intents::pending_intents;
-use super::{LaunchError, LaunchInstances, LaunchSettings, LauncherOutputs};
-use crate::adapters::ec2::{Ec2Api, InstanceInfo};
-use crate::hosts::{Host, HostName, Origin};
-use crate::master::registry::{DeregisterHost, ListHosts, RegisterHost};
+use super::{LaunchError, LaunchSettings};
+use crate::adapters::ec2::{Ec2Api, InstanceInfo, MAX_ATTEMPTS};
+use crate::adapters::known_hosts;
+use crate::backoff::Backoff;
 
-/// How often a launch in progress asks EC2 whether its instances are running.
-const POLL: Duration = Duration::from_secs(2);
-
-/// Launches the instances of `msg` and waits until they run; every instance id is pushed to
-/// `created` as soon as EC2 returns it, so a failure later can clean them up.
-pub async fn provision(
+/// Asks for `count` instances for `decision`; returns their ids. A retryable failure may
+/// hide a call that reached EC2 (its answer lost on the way back): before asking again, the
+/// decision's instances are looked up by tag, so a retry never launches a second set, even
+/// against an API that does not honour ClientToken.
+pub async fn run(
     api: &dyn Ec2Api,
     settings: &LaunchSettings,
-    msg: &LaunchInstances,
+    decision: &str,
+    count: u32,
     log: &Logger,
-    created: &mut Vec<String>,
-) -> Result<Vec<Host>, LaunchError> {
-    let launched = api.run_instances(msg.count, &msg.decision_id).await?;
-    created.extend(launched.iter().map(|i| i.instance_id.clone()));
-    info!(log, "RunInstances accepted"; "instances" => created.join(","));
-    let running = wait_running(api, &msg.decision_id, created, settings.launch_timeout).await?;
-    Ok(running
-        .into_iter()
-        .filter_map(|i| {
-            Some(Host {
-                host: HostName::parse(i.private_ip.as_deref()?).ok()?,
-                port: settings.app_port,
-                ssh_port: None,
-                report_port: None,
-                instance_id: Some(i.instance_id),
-                origin: Origin::Launched,
-            })
-        })
-        .collect())
-}
-
-/// Terminates the instances of a failed launch that were never registered: they cost money
-/// and serve nobody.
-pub async fn terminate_unregistered(
-    api: &dyn Ec2Api,
-    created: &[String],
-    registered: &[Host],
-    cause: &LaunchError,
-    log: &Logger,
-) {
-    for id in created.iter().filter(|id| {
-        !registered
-            .iter()
-            .any(|r| r.instance_id.as_ref() == Some(*id))
-    }) {
-        match api.terminate(id).await {
-            Ok(()) => {
-                info!(log, "Terminated instance of a failed launch"; "instance_id" => id, "cause" => %cause)
+) -> Result<Vec<String>, LaunchError> {
+    let mut backoff = Backoff::new(settings.retry_base, settings.retry_base * 16);
+    let mut attempt = 1;
+    loop {
+        let e = match api.run_instances(count, decision).await {
+            Ok(launched) => {
+                let ids: Vec<String> = launched.into_iter().map(|i| i.instance_id).collect();
+                info!(log, "RunInstances accepted"; "instances" => ids.join(","));
+                return Ok(ids);
             }
-            Err(t) => {
-                warn!(log, "Cannot terminate instance of a failed launch; the next start adopts it"; "instance_id" => id, "error" => %t)
-            }
+            Err(e) => e,
+        };
+        if !e.retryable || attempt >= MAX_ATTEMPTS {
+            return Err(e.into());
         }
+        let delay = backoff.next_delay();
+        warn!(log, "RunInstances failed; looking for the decision's instances before asking again";
+            "error" => %e, "attempt" => attempt, "retry_in" => ?delay);
+        tokio::time::sleep(delay).await;
+        match api.describe(Some(decision)).await {
+            Ok(found) if !found.is_empty() => {
+                let ids: Vec<String> = found.into_iter().map(|i| i.instance_id).collect();
+                info!(log, "RunInstances had gone through; using its instances"; "instances" => ids.join(","));
+                return Ok(ids);
+            }
+            Ok(_) => {}
+            Err(d) if !d.retryable => return Err(d.into()),
+            Err(d) => warn!(log, "Cannot look for the decision's instances"; "error" => %d),
+        }
+        attempt += 1;
     }
 }
 
-/// Polls until every instance of `ids` runs with a private IP.
-async fn wait_running(
+/// Polls until every instance of `ids` runs with a private IP; fails when one ends up
+/// terminated or the time is up.
+pub async fn wait_running(
     api: &dyn Ec2Api,
     decision: &str,
     ids: &[String],
-    timeout: Duration,
+    settings: &LaunchSettings,
 ) -> Result<Vec<InstanceInfo>, LaunchError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + settings.launch_timeout;
     loop {
-        let found = api.describe(Some(decision)).await?;
-        let ready: Vec<_> = found
-            .into_iter()
-            .filter(|i| {
-                ids.contains(&i.instance_id) && i.state == "running" && i.private_ip.is_some()
-            })
-            .collect();
-        if ready.len() == ids.len() {
-            return Ok(ready);
+        match api.describe(Some(decision)).await {
+            Ok(found) => {
+                let mine: Vec<_> = found
+                    .into_iter()
+                    .filter(|i| ids.contains(&i.instance_id))
+                    .collect();
+                if let Some(dead) = mine.iter().find(|i| !i.is_live()) {
+                    return Err(LaunchError::Gone {
+                        instance_id: dead.instance_id.clone(),
+                        state: dead.state.clone(),
+                    });
+                }
+                let ready: Vec<_> = mine
+                    .into_iter()
+                    .filter(|i| i.state == "running" && i.private_ip.is_some())
+                    .collect();
+                if ready.len() == ids.len() {
+                    return Ok(ready);
+                }
+            }
+            Err(e) if !e.retryable => return Err(e.into()),
+            Err(_) => {} // the next poll asks again
         }
-        if Instant::now() + POLL > deadline {
+        if Instant::now() + settings.poll > deadline {
             return Err(LaunchError::NotRunning {
                 ids: ids.to_vec(),
-                timeout,
+                timeout: settings.launch_timeout,
             });
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(settings.poll).await;
     }
 }
 
-/// After a restart: adopt running instances of the group that hosts.d lacks, remove launched
-/// hosts whose instances are gone, and settle every pending intent.
-pub async fn reconcile(
+/// Polls the instance's console output until cloud-init's host key block is there.
+pub async fn wait_host_keys(
     api: &dyn Ec2Api,
-    settings: &LaunchSettings,
-    out: &LauncherOutputs,
-    busy: &Mutex<HashSet<String>>,
-    log: &Logger,
-) -> Result<(), LaunchError> {
-    let all = api.describe(None).await?;
-    // Launches started since this process began are this process's own business: their
-    // instances are not adopted here (the launch registers them itself).
-    let active = busy.lock().map(|b| b.clone()).unwrap_or_default();
-    let adoptable: Vec<_> = all
-        .iter()
-        .filter(|i| i.decision.as_ref().is_none_or(|d| !active.contains(d)))
-        .collect();
-    let hosts = out
-        .list
-        .send(ListHosts)
-        .await
-        .map_err(|e| LaunchError::Registry(e.to_string()))?;
-    for i in adoptable.iter().filter(|i| i.state == "running") {
-        let known = hosts
-            .iter()
-            .any(|h| h.instance_id.as_deref() == Some(i.instance_id.as_str()));
-        let Some(ip) = i
-            .private_ip
-            .as_deref()
-            .and_then(|ip| HostName::parse(ip).ok())
-        else {
-            continue;
-        };
-        if !known {
-            info!(log, "Adopting running instance missing from hosts.d"; "instance_id" => &i.instance_id, "host" => %ip,
-                "decision" => i.decision.as_deref().unwrap_or(""));
-            let h = Host {
-                host: ip,
-                port: settings.app_port,
-                ssh_port: None,
-                report_port: None,
-                instance_id: Some(i.instance_id.clone()),
-                origin: Origin::Launched,
-            };
-            if let Ok(Err(e)) = out.register.send(RegisterHost(h)).await {
-                warn!(log, "Cannot adopt instance"; "instance_id" => &i.instance_id, "error" => %e);
+    instance_id: &str,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<Vec<PublicKey>, LaunchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match api.console_output(instance_id).await {
+            Ok(text) => {
+                let keys = known_hosts::keys_from_console(&text);
+                if !keys.is_empty() {
+                    return Ok(keys);
+                }
             }
+            Err(e) if !e.retryable => return Err(e.into()),
+            Err(_) => {}
         }
+        if Instant::now() + poll > deadline {
+            return Err(LaunchError::NoHostKeys {
+                instance_id: instance_id.to_string(),
+                timeout,
+            });
+        }
+        tokio::time::sleep(poll).await;
     }
-    for h in hosts.iter().filter(|h| h.origin == Origin::Launched) {
-        let Some(id) = &h.instance_id else { continue };
-        let live = all.iter().any(|i| &i.instance_id == id && i.is_live());
-        if !live {
-            info!(log, "Removing host whose instance is gone"; "instance_id" => id, "host" => %h.host, "port" => h.port);
-            let _ = out.deregister.send(DeregisterHost(h.key())).await;
-        }
-    }
-    for (path, intent) in pending_intents(&settings.state_dir) {
-        if active.contains(&intent.decision_id) {
-            continue;
-        }
-        let launched = all
-            .iter()
-            .filter(|i| i.decision.as_deref() == Some(intent.decision_id.as_str()))
-            .count();
-        if launched > 0 {
-            info!(log, "Pending launch found its instances; adopted"; "decision" => &intent.decision_id, "instances" => launched);
-        } else {
-            info!(log, "Pending launch never reached EC2; dropped (a new decision will launch if still needed)";
-                "decision" => &intent.decision_id);
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }

@@ -1,0 +1,91 @@
+//! Settling one drain record: the host out of the registry (HAProxy stops sending it new
+//! requests), `drain_timeout` for its connections to finish, then terminated (or stopped by
+//! the scale-down command), its known_hosts lines removed, and the record deleted. A step that
+//! fails is retried with backoff, for as long as it takes; each failure is logged.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slog::{info, o, warn, Logger};
+
+use super::command::Stopped;
+use super::intents::{now_ms, Drain};
+use super::{Inner, LaunchError, Provisioner};
+use crate::adapters::hosts_dir::HostsError;
+use crate::adapters::known_hosts;
+use crate::backoff::Backoff;
+use crate::master::registry::DeregisterHost;
+
+/// Longest wait between two tries of a failing drain.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Starts settling `d` (recorded at `path`) unless this process already is.
+pub fn start(inner: &Arc<Inner>, path: PathBuf, d: Drain) {
+    if !inner.busy().drains.insert(d.key()) {
+        return;
+    }
+    tokio::spawn(settle(inner.clone(), path, d));
+}
+
+async fn settle(inner: Arc<Inner>, path: PathBuf, d: Drain) {
+    let log = inner.log.new(o!("drain" => d.name()));
+    let mut backoff = Backoff::new(inner.settings.retry_base, RETRY_MAX);
+    loop {
+        match once(&inner, &d, &log).await {
+            Ok(()) => break,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(log, "Drain not finished; retrying"; "error" => %e,
+                    "attempt" => backoff.attempts(), "retry_in" => ?delay);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    inner.busy().drains.remove(&d.key());
+}
+
+async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError> {
+    let s = &inner.settings;
+    if let Some(h) = &d.host {
+        match inner.out.deregister.send(DeregisterHost(h.key())).await {
+            Ok(Ok(())) => {
+                info!(log, "Draining: out of the pool"; "host" => %h.host, "port" => h.port,
+                "terminate_in" => ?Duration::from_millis(d.deadline_ms.saturating_sub(now_ms())))
+            }
+            Ok(Err(HostsError::NotFound(_))) => {} // Already out (a retry, or a restart).
+            Ok(Err(e)) => return Err(LaunchError::Registry(e.to_string())),
+            Err(e) => return Err(LaunchError::Registry(e.to_string())),
+        }
+    }
+    let left = d.deadline_ms.saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(left)).await;
+    match (&inner.provisioner, &d.instance_id, &d.host) {
+        (Provisioner::Ec2(api), Some(id), _) => match api.terminate(id).await {
+            Ok(()) => info!(log, "Terminated"; "instance_id" => id),
+            Err(e) if e.not_found => info!(log, "Instance already gone"; "instance_id" => id),
+            Err(e) => return Err(e.into()),
+        },
+        (Provisioner::Command(c), _, Some(h)) => match c.stop(h).await? {
+            Stopped::Stopped => {
+                info!(log, "Stopped (scale_down_command)"; "host" => %h.host, "port" => h.port)
+            }
+            Stopped::NotConfigured => {
+                info!(log, "Removed from the pool; scale_down_command is empty, so the host was not stopped";
+                    "host" => %h.host, "port" => h.port)
+            }
+        },
+        _ => warn!(log, "Nothing to terminate: the record names no instance"),
+    }
+    if let Some(h) = &d.host {
+        let port = h.ssh_port.unwrap_or(s.ssh_port);
+        known_hosts::remove(&s.known_hosts, &h.host.to_string(), port).map_err(|source| {
+            LaunchError::KnownHosts {
+                path: s.known_hosts.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}

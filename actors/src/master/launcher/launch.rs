@@ -1,0 +1,299 @@
+//! One launch, new or resumed after a crash: from the intent to registered hosts, or to a
+//! clean-up that terminates whatever it started and did not register.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use slog::{info, o, warn, Logger};
+use tokio::time::Instant;
+
+use super::command::Stopped;
+use super::drain;
+use super::intents::{intent_path, now_ms, write_drain, write_intent, Drain, Intent, Launched};
+use super::{ec2, Inner, LaunchError, Provisioner};
+use crate::adapters::known_hosts;
+use crate::hosts::{Host, HostKey, HostName};
+use crate::master::decider::LaunchFinished;
+use crate::master::registry::RegisterHost;
+
+/// Where a resumed launch picks up.
+pub enum Resume {
+    /// EC2 instances of the decision exist (pending or running).
+    Ec2 { instance_ids: Vec<String> },
+    /// The scale-up command printed these hosts (empty: it is run again, with the same
+    /// decision id).
+    Command { launched: Vec<Launched> },
+}
+
+/// What a launch has done so far: what the clean-up must undo if it fails.
+#[derive(Default)]
+struct Progress {
+    /// Instances RunInstances returned (EC2).
+    created: Vec<String>,
+    /// Hosts the provisioner started.
+    launched: Vec<Launched>,
+    registered: Vec<HostKey>,
+}
+
+/// Runs the launch of `decision` to its end and reports [`LaunchFinished`].
+pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option<Resume>) {
+    let log = inner.log.new(o!("decision" => decision.clone()));
+    match &resume {
+        None => info!(log, "Launching"; "count" => count),
+        Some(_) => info!(log, "Resuming a launch of an earlier run"; "count" => count),
+    }
+    let s = &inner.settings;
+    let provision = match &inner.provisioner {
+        Provisioner::Command(c) => c.timeout,
+        Provisioner::Ec2(_) => s.launch_timeout,
+    };
+    // Every step is bounded on its own; this bounds the whole, so a hung call can never leave
+    // the decider counting a launch in flight forever. The progress lives outside the bounded
+    // future: when time runs out, the clean-up still knows what to undo.
+    let limit = provision + s.health_timeout + s.slack;
+    let mut progress = Progress::default();
+    let result = match tokio::time::timeout(
+        limit,
+        steps(&inner, &decision, count, resume, &mut progress, &log),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(LaunchError::TimedOut(limit)),
+    };
+    match &result {
+        Ok(()) => info!(log, "Launch finished"; "registered" => progress.registered.len()),
+        Err(e) => {
+            warn!(log, "Launch failed"; "error" => %e, "registered" => progress.registered.len());
+            clean_up(&inner, &progress, e, &log).await;
+        }
+    }
+    // Settled either way: registered, terminated, or handed to a drain record.
+    let _ = std::fs::remove_file(intent_path(&s.state_dir, &decision));
+    inner.busy().launches.remove(&decision);
+    inner.out.finished.do_send(LaunchFinished {
+        decision_id: decision,
+        requested: count,
+        registered: progress.registered,
+        error: result.err().map(|e| e.to_string()),
+    });
+}
+
+async fn steps(
+    inner: &Inner,
+    decision: &str,
+    count: u32,
+    resume: Option<Resume>,
+    progress: &mut Progress,
+    log: &Logger,
+) -> Result<(), LaunchError> {
+    let s = &inner.settings;
+    let mut intent = Intent {
+        decision_id: decision.to_string(),
+        count,
+        at_ms: now_ms(),
+        launched: vec![],
+    };
+    if resume.is_none() {
+        // Durable before the call that costs money.
+        write_intent(&s.state_dir, &intent)?;
+    }
+    let launched = match (&inner.provisioner, resume) {
+        (Provisioner::Ec2(api), resume) => {
+            let ids = match resume {
+                Some(Resume::Ec2 { instance_ids }) => instance_ids,
+                _ => ec2::run(&**api, s, decision, count, log).await?,
+            };
+            progress.created = ids.clone();
+            ec2::wait_running(&**api, decision, &ids, s)
+                .await?
+                .into_iter()
+                .filter_map(|i| {
+                    let ip = HostName::parse(i.private_ip.as_deref()?).ok()?;
+                    Some(Launched {
+                        host: Host::launched(ip, s.app_port, Some(i.instance_id)),
+                        host_keys: vec![],
+                    })
+                })
+                .collect::<Vec<_>>()
+        }
+        (Provisioner::Command(_), Some(Resume::Command { launched })) if !launched.is_empty() => {
+            launched
+        }
+        (Provisioner::Command(c), _) => {
+            let launched = c.provision(decision, count).await?;
+            intent.launched = launched.clone();
+            // Once the command has printed its hosts, a crash resumes from them.
+            write_intent(&s.state_dir, &intent)?;
+            launched
+        }
+    };
+    progress.launched = launched.clone();
+    // Every host gets ready at the same time: one slow host must not use up the others' time.
+    let ready = join_all(launched.iter().map(|l| get_ready(inner, l, log))).await;
+    ready.into_iter().collect::<Result<Vec<()>, _>>()?;
+    for l in launched {
+        let mut h = l.host;
+        h.registered_ms = Some(now_ms());
+        let key = h.key();
+        match inner.out.register.send(RegisterHost(h)).await {
+            Ok(Ok(_)) => progress.registered.push(key),
+            Ok(Err(e)) => return Err(LaunchError::Registry(e.to_string())),
+            Err(e) => return Err(LaunchError::Registry(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Records the host's SSH keys (learnt from a channel bound to it) and waits until it
+/// accepts TCP on its application port.
+async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), LaunchError> {
+    let s = &inner.settings;
+    let host = l.host.host.to_string();
+    if s.learn_host_keys {
+        let keys = match (&inner.provisioner, &l.host.instance_id) {
+            (Provisioner::Ec2(api), Some(id)) => {
+                ec2::wait_host_keys(&**api, id, s.health_timeout, s.poll).await?
+            }
+            _ => l
+                .host_keys
+                .iter()
+                .filter_map(|k| known_hosts::parse_key(k))
+                .collect(),
+        };
+        if keys.is_empty() {
+            warn!(log, "The scale-up command printed no host_key: the host's SSH key must already be known, or it will not report under host_key_policy = strict";
+                "host" => &host);
+        } else {
+            known_hosts::replace(&s.known_hosts, &host, s.ssh_port, &keys).map_err(|source| {
+                LaunchError::KnownHosts {
+                    path: s.known_hosts.clone(),
+                    source,
+                }
+            })?;
+            info!(log, "Recorded the host's SSH keys"; "host" => &host, "keys" => keys.len());
+        }
+    }
+    if s.health_check {
+        health_gate(&host, l.host.port, s.health_timeout).await?;
+    }
+    Ok(())
+}
+
+/// Undoes a failed launch: what it started and did not register is terminated (EC2) or
+/// stopped (the scale-down command), and its known_hosts lines go. What cannot be undone now
+/// becomes a drain record, which the reconciler retries until it succeeds.
+async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &Logger) {
+    let s = &inner.settings;
+    let unregistered = |h: &Host| !p.registered.contains(&h.key());
+    for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
+        if let Err(e) = known_hosts::remove(&s.known_hosts, &l.host.host.to_string(), s.ssh_port) {
+            warn!(log, "Cannot remove a failed host's known_hosts lines"; "host" => %l.host.host, "error" => %e);
+        }
+    }
+    match &inner.provisioner {
+        Provisioner::Ec2(api) => {
+            let registered_ids: Vec<&str> = p
+                .launched
+                .iter()
+                .filter(|l| !unregistered(&l.host))
+                .filter_map(|l| l.host.instance_id.as_deref())
+                .collect();
+            for id in p
+                .created
+                .iter()
+                .filter(|id| !registered_ids.contains(&id.as_str()))
+            {
+                match api.terminate(id).await {
+                    Ok(()) => {
+                        info!(log, "Terminated instance of a failed launch"; "instance_id" => id, "cause" => %cause)
+                    }
+                    Err(e) => {
+                        warn!(log, "Cannot terminate instance of a failed launch; retrying later"; "instance_id" => id, "error" => %e);
+                        later(inner, None, Some(id.clone()), log);
+                    }
+                }
+            }
+        }
+        Provisioner::Command(c) => {
+            for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
+                match c.stop(&l.host).await {
+                    Ok(Stopped::Stopped) => {
+                        info!(log, "Stopped host of a failed launch"; "host" => %l.host.host, "cause" => %cause)
+                    }
+                    Ok(Stopped::NotConfigured) => {
+                        warn!(log, "A host of a failed launch keeps running: scale_down_command is empty";
+                            "host" => %l.host.host, "port" => l.host.port, "cause" => %cause)
+                    }
+                    Err(e) => {
+                        warn!(log, "Cannot stop host of a failed launch; retrying later"; "host" => %l.host.host, "error" => %e);
+                        later(inner, Some(l.host.clone()), l.host.instance_id.clone(), log);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands a host (or an instance) that could not be stopped to a drain record due now.
+fn later(inner: &Arc<Inner>, host: Option<Host>, instance_id: Option<String>, log: &Logger) {
+    let now = now_ms();
+    let d = Drain {
+        host,
+        instance_id,
+        since_ms: now,
+        deadline_ms: now,
+    };
+    match write_drain(&inner.settings.state_dir, &d) {
+        Ok(path) => drain::start(inner, path, d),
+        Err(e) => {
+            warn!(log, "Cannot record it either: the next start adopts it if it runs"; "error" => %e)
+        }
+    }
+}
+
+/// Waits until `host:port` accepts a TCP connection.
+pub async fn health_gate(host: &str, port: u16, timeout: Duration) -> Result<(), LaunchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await;
+        if let Ok(Ok(_)) = attempt {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(LaunchError::Unhealthy {
+                host: host.to_string(),
+                port,
+                timeout,
+            });
+        }
+        tokio::time::sleep(
+            Duration::from_millis(250).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_gate_waits_for_a_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        health_gate("127.0.0.1", port, Duration::from_secs(2))
+            .await
+            .unwrap();
+        drop(l);
+        let e = health_gate("127.0.0.1", port, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LaunchError::Unhealthy { .. }), "{e}");
+    }
+}

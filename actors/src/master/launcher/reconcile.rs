@@ -1,0 +1,174 @@
+//! The reconciler: level-triggered, at start and every `reconcile_every`. It compares the
+//! durable records (launch intents, drains), the registry and (EC2) the group's instances, and
+//! settles every difference:
+//!
+//! - a launch intent of an earlier run whose instances exist (pending or running) is resumed
+//!   from where it stopped; one without instances never reached EC2 and is dropped; with the
+//!   command provisioner it is resumed from what the command printed, or by running the
+//!   command again with the same decision id;
+//! - a running instance of the group that nobody registered, launches or drains is adopted;
+//! - a launched host whose instance is gone is removed, with its known_hosts lines;
+//! - every drain record is carried to its end.
+//!
+//! The decider hears [`Reconciled`] before any resumed launch starts, so it counts them as in
+//! flight and never launches again for them; it makes no decision before the first one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use slog::{info, warn};
+
+use super::drain;
+use super::intents::{pending_drains, pending_intents};
+use super::launch::{self, Resume};
+use super::{Inner, LaunchError, Provisioner};
+use crate::adapters::known_hosts;
+use crate::hosts::{Host, HostName, Origin};
+use crate::master::decider::Reconciled;
+use crate::master::registry::{DeregisterHost, ListHosts, RegisterHost};
+
+/// One reconciliation, unless one is running already.
+pub async fn run(inner: Arc<Inner>) {
+    {
+        let mut busy = inner.busy();
+        if busy.reconciling {
+            return;
+        }
+        busy.reconciling = true;
+    }
+    if let Err(e) = once(&inner).await {
+        warn!(inner.log, "Reconciliation failed; trying again later"; "error" => %e,
+            "retry_in" => ?inner.settings.reconcile_every);
+    }
+    inner.busy().reconciling = false;
+}
+
+async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
+    let s = &inner.settings;
+    let log = &inner.log;
+    let active: HashSet<String> = inner.busy().launches.clone();
+    let drains = pending_drains(&s.state_dir);
+    let mut resumed = Vec::new();
+    match &inner.provisioner {
+        Provisioner::Ec2(api) => {
+            let all = api.describe(None).await?;
+            for (path, intent) in pending_intents(&s.state_dir) {
+                if active.contains(&intent.decision_id) {
+                    continue;
+                }
+                let instance_ids: Vec<String> = all
+                    .iter()
+                    .filter(|i| i.decision.as_deref() == Some(intent.decision_id.as_str()))
+                    .filter(|i| i.is_live())
+                    .map(|i| i.instance_id.clone())
+                    .collect();
+                if instance_ids.is_empty() {
+                    info!(log, "Pending launch has no live instance (it never reached EC2, or they are gone); dropped";
+                        "decision" => &intent.decision_id);
+                    let _ = std::fs::remove_file(path);
+                } else {
+                    resumed.push((intent, Resume::Ec2 { instance_ids }));
+                }
+            }
+            let launching: HashSet<&str> = active
+                .iter()
+                .map(String::as_str)
+                .chain(resumed.iter().map(|(i, _)| i.decision_id.as_str()))
+                .collect();
+            let draining: HashSet<&str> = drains
+                .iter()
+                .filter_map(|(_, d)| d.instance_id.as_deref())
+                .collect();
+            let hosts = inner
+                .out
+                .list
+                .send(ListHosts)
+                .await
+                .map_err(|e| LaunchError::Registry(e.to_string()))?;
+            for i in all.iter().filter(|i| i.state == "running") {
+                let known = hosts
+                    .iter()
+                    .any(|h| h.instance_id.as_deref() == Some(i.instance_id.as_str()));
+                let busy = i.decision.as_deref().is_some_and(|d| launching.contains(d))
+                    || draining.contains(i.instance_id.as_str());
+                let ip = i
+                    .private_ip
+                    .as_deref()
+                    .and_then(|ip| HostName::parse(ip).ok());
+                let (false, false, Some(ip)) = (known, busy, ip) else {
+                    continue;
+                };
+                info!(log, "Adopting running instance missing from the registry"; "instance_id" => &i.instance_id,
+                    "host" => %ip, "decision" => i.decision.as_deref().unwrap_or(""));
+                if s.learn_host_keys {
+                    let keys = api
+                        .console_output(&i.instance_id)
+                        .await
+                        .map(|text| known_hosts::keys_from_console(&text))
+                        .unwrap_or_default();
+                    match keys.is_empty() {
+                        true => {
+                            warn!(log, "No SSH host keys on the adopted instance's console"; "instance_id" => &i.instance_id)
+                        }
+                        false => {
+                            if let Err(e) = known_hosts::replace(
+                                &s.known_hosts,
+                                &ip.to_string(),
+                                s.ssh_port,
+                                &keys,
+                            ) {
+                                warn!(log, "Cannot record the adopted instance's SSH keys"; "error" => %e);
+                            }
+                        }
+                    }
+                }
+                let mut h = Host::launched(ip, s.app_port, Some(i.instance_id.clone()));
+                h.registered_ms = Some(super::intents::now_ms());
+                if let Ok(Err(e)) = inner.out.register.send(RegisterHost(h)).await {
+                    warn!(log, "Cannot adopt instance"; "instance_id" => &i.instance_id, "error" => %e);
+                }
+            }
+            for h in hosts.iter().filter(|h| h.origin == Origin::Launched) {
+                let Some(id) = &h.instance_id else { continue };
+                let live = all.iter().any(|i| &i.instance_id == id && i.is_live());
+                if live || draining.contains(id.as_str()) {
+                    continue;
+                }
+                info!(log, "Removing host whose instance is gone"; "instance_id" => id, "host" => %h.host, "port" => h.port);
+                let _ = inner.out.deregister.send(DeregisterHost(h.key())).await;
+                let port = h.ssh_port.unwrap_or(s.ssh_port);
+                if let Err(e) = known_hosts::remove(&s.known_hosts, &h.host.to_string(), port) {
+                    warn!(log, "Cannot remove its known_hosts lines"; "error" => %e);
+                }
+            }
+        }
+        Provisioner::Command(_) => {
+            for (_, intent) in pending_intents(&s.state_dir) {
+                if !active.contains(&intent.decision_id) {
+                    let launched = intent.launched.clone();
+                    resumed.push((intent, Resume::Command { launched }));
+                }
+            }
+        }
+    }
+    // The decider counts these as in flight before any of them can finish.
+    inner.out.reconciled.do_send(Reconciled {
+        resumed: resumed
+            .iter()
+            .map(|(i, _)| (i.decision_id.clone(), i.count))
+            .collect(),
+    });
+    for (intent, resume) in resumed {
+        inner.busy().launches.insert(intent.decision_id.clone());
+        tokio::spawn(launch::run(
+            inner.clone(),
+            intent.decision_id,
+            intent.count,
+            Some(resume),
+        ));
+    }
+    for (path, d) in drains {
+        drain::start(inner, path, d);
+    }
+    Ok(())
+}

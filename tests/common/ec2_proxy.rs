@@ -1,0 +1,321 @@
+//! A fault-injecting HTTP proxy in front of moto, on loopback: the EC2 API as it misbehaves in
+//! real life. Per API action it can throttle (503 RequestLimitExceeded), fail (500), answer
+//! late, drop the connection before or after forwarding the call, or hold the call until
+//! released; it can show running instances as `pending`, and serve each instance's console
+//! output (cloud-init's host key block, which moto does not print). It counts every call.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What to do with one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 503 RequestLimitExceeded, not forwarded.
+    Throttle,
+    /// 500 InternalError, not forwarded.
+    ServerError,
+    /// Forwarded, answered after this long.
+    Slow(Duration),
+    /// The connection is closed before the call reaches EC2.
+    Drop,
+    /// The call reaches EC2; the connection is closed before its answer.
+    DropAnswer,
+    /// Not forwarded (nor answered) until the action is released; never forwarded if the
+    /// caller hangs up meanwhile (a master killed mid-call).
+    Hold,
+    /// Forwarded at once; answered once the action is released.
+    HoldAnswer,
+}
+
+#[derive(Default)]
+struct Rules {
+    next: HashMap<String, VecDeque<Fault>>,
+    always: HashMap<String, Fault>,
+    pending: bool,
+    console: HashMap<String, String>,
+    console_default: Option<String>,
+    counts: HashMap<String, usize>,
+}
+
+/// The proxy; stops when dropped.
+pub struct Ec2Proxy {
+    pub endpoint: String,
+    rules: Arc<Mutex<Rules>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ec2Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Ec2Proxy {
+    /// A proxy on 127.0.0.1 forwarding to `upstream` (`http://127.0.0.1:PORT`).
+    pub async fn start(upstream: &str) -> Ec2Proxy {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let rules: Arc<Mutex<Rules>> = Arc::default();
+        let r = rules.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn, upstream.clone(), r.clone()));
+            }
+        });
+        Ec2Proxy {
+            endpoint,
+            rules,
+            task,
+        }
+    }
+
+    fn rules(&self) -> std::sync::MutexGuard<'_, Rules> {
+        self.rules.lock().unwrap()
+    }
+
+    /// The next calls of `action` meet `faults`, one each, in order.
+    pub fn fail_next(&self, action: &str, faults: &[Fault]) {
+        self.rules()
+            .next
+            .entry(action.into())
+            .or_default()
+            .extend(faults);
+    }
+
+    /// Every call of `action` meets `fault` until [`Ec2Proxy::release`].
+    pub fn fail_always(&self, action: &str, fault: Fault) {
+        self.rules().always.insert(action.into(), fault);
+    }
+
+    /// Ends [`Ec2Proxy::fail_always`] for `action`; held calls go on.
+    pub fn release(&self, action: &str) {
+        self.rules().always.remove(action);
+    }
+
+    /// While true, DescribeInstances shows running instances as pending.
+    pub fn hold_pending(&self, on: bool) {
+        self.rules().pending = on;
+    }
+
+    /// What GetConsoleOutput returns for `instance_id` (or, with None, for any instance).
+    pub fn set_console(&self, instance_id: Option<&str>, text: &str) {
+        match instance_id {
+            Some(id) => {
+                self.rules().console.insert(id.into(), text.into());
+            }
+            None => self.rules().console_default = Some(text.into()),
+        }
+    }
+
+    /// How many calls of `action` arrived.
+    pub fn count(&self, action: &str) -> usize {
+        self.rules().counts.get(action).copied().unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `n` calls of `action` arrived.
+    pub async fn wait_for(&self, action: &str, n: usize, limit: Duration) {
+        let end = std::time::Instant::now() + limit;
+        while self.count(action) < n {
+            assert!(
+                std::time::Instant::now() < end,
+                "{action} was called {} times, not {n}, within {limit:?}",
+                self.count(action)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One parsed HTTP/1.1 message: head lines and body.
+struct Message {
+    head: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Message {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.iter().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in &self.head {
+            let name = line.split(':').next().unwrap_or("").trim();
+            if ["content-length", "connection", "transfer-encoding"]
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h))
+            {
+                continue;
+            }
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", self.body.len()).as_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// Reads one request (Content-Length body) from a keep-alive client connection.
+async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Message> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<String> = String::from_utf8_lossy(&buf[..end])
+                .split("\r\n")
+                .map(String::from)
+                .collect();
+            let mut m = Message { head, body: vec![] };
+            let len: usize = m
+                .header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 8192];
+                let n = conn.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            m.body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return Some(m);
+        }
+        let mut chunk = [0u8; 8192];
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends `req` to moto on a fresh connection and reads its whole answer.
+async fn forward(upstream: &str, req: &Message) -> Option<Message> {
+    let mut up = TcpStream::connect(upstream).await.ok()?;
+    up.write_all(&req.to_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    up.read_to_end(&mut raw).await.ok()?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head: Vec<String> = String::from_utf8_lossy(&raw[..end])
+        .split("\r\n")
+        .map(String::from)
+        .collect();
+    Some(Message {
+        head,
+        body: raw[end + 4..].to_vec(),
+    })
+}
+
+fn error(status: &str, code: &str) -> Message {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>injected by the test proxy</Message></Error></Errors><RequestID>proxy</RequestID></Response>"
+    );
+    Message {
+        head: vec![
+            format!("HTTP/1.1 {status}"),
+            "Content-Type: text/xml".into(),
+        ],
+        body: body.into_bytes(),
+    }
+}
+
+fn param<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    body.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) {
+    let mut buf = Vec::new();
+    while let Some(req) = read_request(&mut conn, &mut buf).await {
+        let body = String::from_utf8_lossy(&req.body).into_owned();
+        let action = param(&body, "Action").unwrap_or("").to_string();
+        let fault = {
+            let mut r = rules.lock().unwrap();
+            *r.counts.entry(action.clone()).or_default() += 1;
+            let queued = r.next.get_mut(&action).and_then(VecDeque::pop_front);
+            queued.or_else(|| r.always.get(&action).copied())
+        };
+        let held = |rules: &Arc<Mutex<Rules>>| {
+            rules.lock().unwrap().always.get(&action).copied() == Some(fault.unwrap_or(Fault::Hold))
+        };
+        let answer = match fault {
+            Some(Fault::Throttle) => error("503 Service Unavailable", "RequestLimitExceeded"),
+            Some(Fault::ServerError) => error("500 Internal Server Error", "InternalError"),
+            Some(Fault::Drop) => return,
+            Some(Fault::Hold) => {
+                while held(&rules) {
+                    let mut byte = [0u8; 1];
+                    match tokio::time::timeout(Duration::from_millis(20), conn.read(&mut byte))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => return, // the caller is gone
+                        _ => {}
+                    }
+                }
+                let Some(a) = forward(&upstream, &req).await else {
+                    return;
+                };
+                a
+            }
+            other => {
+                let Some(a) = forward(&upstream, &req).await else {
+                    return;
+                };
+                match other {
+                    Some(Fault::DropAnswer) => return,
+                    Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+                    Some(Fault::HoldAnswer) => {
+                        while held(&rules) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    _ => {}
+                }
+                a
+            }
+        };
+        let answer = rewrite(&action, &body, answer, &rules);
+        if conn.write_all(&answer.to_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Shows instances as pending, and serves console output, where the rules say so.
+fn rewrite(action: &str, req: &str, mut answer: Message, rules: &Arc<Mutex<Rules>>) -> Message {
+    let r = rules.lock().unwrap();
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    let text = match action {
+        "DescribeInstances" if r.pending => text.replace(
+            "<instanceState><code>16</code><name>running</name></instanceState>",
+            "<instanceState><code>0</code><name>pending</name></instanceState>",
+        ),
+        "GetConsoleOutput" => {
+            let id = param(req, "InstanceId").unwrap_or("");
+            let Some(console) = r.console.get(id).or(r.console_default.as_ref()) else {
+                return answer;
+            };
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(console);
+            match (text.find("<output>"), text.find("</output>")) {
+                (Some(a), Some(b)) => format!("{}<output>{b64}{}", &text[..a], &text[b..]),
+                _ => text,
+            }
+        }
+        _ => return answer,
+    };
+    answer.body = text.into_bytes();
+    answer
+}
