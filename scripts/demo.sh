@@ -103,9 +103,9 @@ grep '"msg":"\(Tunnel up\|NodeUp\)"' "$tmp/master.log"
 
 say "Loading the CPU (bounded: 60 s at most) until the master scales up"
 for ((i = 0; i < $(nproc); i++)); do timeout 60 sh -c 'while :; do :; done' & pids+=($!); done
-wait_for 60 "a scale-up" grep -q '"msg":"HAProxy reloaded".*"servers":2' "$tmp/master.log"
+wait_for 60 "a scale-up" grep -q '"msg":"HAProxy \(configuration installed and reloaded\|servers changed through the runtime API\)".*"servers":2' "$tmp/master.log"
 for p in "${pids[@]: -$(nproc)}"; do kill "$p" 2>/dev/null || true; done
-grep '"msg":"\(Decision\|Launching\|Registered host\|Launch finished\|HAProxy reloaded\)"' "$tmp/master.log" | grep -v '"action":"hold"' || true
+grep '"msg":"\(Decision\|Launching\|Registered host\|Launch finished\|HAProxy [a-z ]*\)"' "$tmp/master.log" | grep -v '"action":"hold"' || true
 
 say "Hosts and the live HAProxy backend"
 "$bin" list-hosts

@@ -151,7 +151,11 @@ fn generate(
         Some(p) => Output::File(p.to_path_buf()),
         None => Output::File(cfg.haproxy.config_path.clone()),
     };
-    let done = admin::generate(&cfg, &output, !no_validate).map_err(|e| match (e, &output) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let generated = runtime.block_on(admin::generate(&cfg, &output, !no_validate));
+    let done = generated.map_err(|e| match (e, &output) {
         (AdminError::Haproxy(e), Output::File(p)) => anyhow::anyhow!(
             "{e}\nThe previous configuration in {} was left in place.",
             p.display()

@@ -290,9 +290,9 @@ fn generate_writes_a_config_the_real_haproxy_accepts() {
     assert_eq!(
         servers,
         [
-            "    server 127.0.0.2_8080 127.0.0.2:8080 check",
-            "    server 127.0.0.3_8080 127.0.0.3:8080 check",
-            "    server ::1_8081 [::1]:8081 check",
+            "    server 127.0.0.2_8080 127.0.0.2:8080 check inter 2000ms fall 3 rise 2",
+            "    server 127.0.0.3_8080 127.0.0.3:8080 check inter 2000ms fall 3 rise 2",
+            "    server ::1_8081 [::1]:8081 check inter 2000ms fall 3 rise 2",
         ]
     );
     assert!(text.contains("option idle-close-on-response"));
@@ -312,6 +312,80 @@ fn generate_writes_a_config_the_real_haproxy_accepts() {
         .status
         .success());
     assert_eq!(fs::read_to_string(&other).unwrap(), text);
+}
+
+/// Several binds, one with TLS options, pass the real HAProxy's check.
+#[test]
+fn generate_accepts_several_binds_with_tls() {
+    let (Some(haproxy), Some(openssl)) = (tool("haproxy"), tool("openssl")) else {
+        return;
+    };
+    let s = Sandbox::new();
+    let (key, crt, pem) = (
+        s.path().join("k.pem"),
+        s.path().join("c.pem"),
+        s.path().join("site.pem"),
+    );
+    let st = Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    fs::write(
+        &pem,
+        fs::read_to_string(&crt).unwrap() + &fs::read_to_string(&key).unwrap(),
+    )
+    .unwrap();
+    s.set(
+        "haproxy",
+        "bind",
+        &format!(
+            "127.0.0.1:18080; [::1]:18080 v6only; 127.0.0.1:18443 ssl crt {} alpn h2,http/1.1",
+            pem.display()
+        ),
+    );
+    let out = s.run(&["generate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = fs::read_to_string(s.path().join("haproxy.cfg")).unwrap();
+    assert!(
+        text.contains(&format!(
+            "    bind 127.0.0.1:18443 ssl crt {} alpn h2,http/1.1\n",
+            pem.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("    bind [::1]:18080 v6only\n"));
+    let st = Command::new(haproxy)
+        .args(["-c", "-q", "-f"])
+        .arg(s.path().join("haproxy.cfg"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // An option HAProxy's tokenizer would read differently is refused before anything runs.
+    s.set("haproxy", "bind", "127.0.0.1:18080 crt /x#y");
+    let out = s.run(&["generate"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr(&out).contains("would interpret"), "{}", stderr(&out));
 }
 
 #[test]

@@ -1,130 +1,433 @@
-//! HaproxyWriter against a real HAProxy in master-worker mode, started here in a temp dir on
-//! loopback: host changes become a validated config and a hitless reload; a config HAProxy
-//! rejects never replaces the live one.
+//! HaproxyWriter against real HAProxy 2.6 servers in master-worker mode, started here: one on
+//! this machine, and one "remote" in its own network and mount namespaces reached over SSH.
+//! Server-list changes go through the runtime API without a reload; drains wait for the last
+//! session; a configuration HAProxy rejects never replaces the live one; every server is
+//! retried until it runs the current configuration.
 
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_port, tool, LogBuf, Proc};
-use actix::Actor;
+use crate::common::{current_user, free_port, keygen, shell_user, tool, LogBuf, Netns, Proc, Sshd};
+use actix::{Actor, Addr};
+use autoscaler_actors::adapters::ssh::SshSettings;
 use autoscaler_actors::admin::{self, Output};
-use autoscaler_actors::config::{CommandLine, Config, Role};
+use autoscaler_actors::config::{CommandLine, Config, HaproxyTarget, Role};
 use autoscaler_actors::hosts::{Host, HostName};
-use autoscaler_actors::master::haproxy_writer::HaproxyWriter;
+use autoscaler_actors::master::haproxy_worker::WorkerSettings;
+use autoscaler_actors::master::haproxy_writer::{HaproxyWriter, WaitDrained};
 use autoscaler_actors::master::messages::HostsChanged;
 use autoscaler_actors::render::{HaproxyTemplate, HAPROXY_TEMPLATE};
 
-/// `show servers state` of the backend, through the runtime API.
-fn servers_state(sock: &Path) -> String {
+/// One runtime API command, answered.
+fn api(sock: &Path, cmd: &str) -> String {
     let Ok(mut s) = UnixStream::connect(sock) else {
         return String::new();
     };
-    let _ = s.write_all(b"show servers state app\n");
+    let _ = s.write_all(format!("{cmd}\n").as_bytes());
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
 }
 
-fn host(port: u16) -> Host {
-    Host::manual(HostName::parse("127.0.0.1").unwrap(), port)
+/// The server names HAProxy has in the backend, with their admin state.
+fn servers(sock: &Path) -> Vec<(String, u32)> {
+    api(sock, "show servers state app")
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[3].to_string(), f[6].parse().unwrap_or(0))
+        })
+        .collect()
 }
 
-async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+/// The server names HAProxy has in the backend, sorted.
+fn names(sock: &Path) -> Vec<String> {
+    let mut n: Vec<String> = servers(sock).into_iter().map(|(n, _)| n).collect();
+    n.sort();
+    n
+}
+
+/// The names of `list`, sorted as [`names`] are.
+fn of(list: &[&Backend]) -> Vec<String> {
+    let mut n: Vec<String> = list.iter().map(|b| b.name()).collect();
+    n.sort();
+    n
+}
+
+/// A HAProxy master process (`-W`) and what to reach it by.
+struct Lb {
+    _proc: Proc,
+    pidfile: PathBuf,
+    sock: PathBuf,
+}
+
+impl Lb {
+    /// Starts `haproxy -W -f cfg -p pidfile`, under `wrapper` (e.g. `nsenter …`) if given.
+    fn start(haproxy: &Path, cfg: &Path, pidfile: &Path, sock: &Path, wrapper: &[String]) -> Lb {
+        let _ = std::fs::remove_file(pidfile);
+        let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(Into::into).collect();
+        argv.push(haproxy.into());
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..])
+            .arg("-W")
+            .arg("-f")
+            .arg(cfg)
+            .arg("-p")
+            .arg(pidfile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let lb = Lb {
+            _proc: Proc(c.spawn().unwrap()),
+            pidfile: pidfile.to_path_buf(),
+            sock: sock.to_path_buf(),
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !lb.pidfile.exists() || api(&lb.sock, "show info").is_empty() {
+            assert!(
+                Instant::now() < end,
+                "HAProxy {} did not start",
+                cfg.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lb
+    }
+
+    /// The master's worker processes (a reload starts a new one).
+    fn workers(&self) -> Vec<u32> {
+        let master: u32 = std::fs::read_to_string(&self.pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .and_then(|x| x.parse::<u32>().ok());
+            if ppid == Some(master) {
+                out.push(pid);
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// A backend on 127.0.0.1 answering HTTP with its name after `hold`; stops when dropped.
+struct Backend {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    fn start(name: &str, hold: Duration) -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, name) = (stop.clone(), name.to_string());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut c) = conn else { continue };
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 4096];
+                    let mut req = Vec::new();
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return, // a TCP health check
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    std::thread::sleep(hold);
+                    let _ = c.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                            name.len()
+                        )
+                        .as_bytes(),
+                    );
+                });
+            }
+        });
+        Backend { port, stop }
+    }
+
+    fn host(&self) -> Host {
+        Host::manual(HostName::parse("127.0.0.1").unwrap(), self.port)
+    }
+
+    fn name(&self) -> String {
+        format!("127.0.0.1_{}", self.port)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// GET / through HAProxy's frontend; the body.
+fn get(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+async fn wait_until(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    wait_logged(what, limit, None, f).await
+}
+
+/// Like [`wait_until`], printing the writer's log when it fails.
+async fn wait_logged(
+    what: &str,
+    limit: Duration,
+    log: Option<&LogBuf>,
+    mut f: impl FnMut() -> bool,
+) {
     let end = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < end, "{what} within {limit:?}");
+        assert!(
+            Instant::now() < end,
+            "{what} within {limit:?}; log:\n{}",
+            log.map(LogBuf::text).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
+/// A master configuration in `dir` for a local HAProxy started by the test: a frontend on a
+/// free loopback port, reload by signalling the master process.
+fn lb_config(dir: &Path) -> (Config, u16) {
+    admin::init(dir, Role::Master, false).unwrap();
+    let mut cfg = Config::load(&dir.join("autoscaler.ini")).unwrap();
+    let port = free_port("127.0.0.1");
+    cfg.haproxy.bind = vec![format!("127.0.0.1:{port}")];
+    cfg.haproxy.debounce = Duration::from_millis(100);
+    cfg.haproxy.check_interval = Duration::from_millis(500);
+    cfg.scaling.drain_timeout = Duration::from_secs(10);
+    cfg.haproxy.reload_command = CommandLine(vec![
+        "sh".into(),
+        "-c".into(),
+        format!("kill -USR2 $(cat {})", dir.join("haproxy.pid").display()),
+    ]);
+    (cfg, port)
+}
+
+/// Writes the configuration for no host and starts HAProxy on it.
+async fn start_lb(haproxy: &Path, cfg: &Config) -> Lb {
+    admin::generate(cfg, &Output::File(cfg.haproxy.config_path.clone()), true)
+        .await
+        .unwrap();
+    let dir = cfg.haproxy.config_path.parent().unwrap();
+    Lb::start(
+        haproxy,
+        &cfg.haproxy.config_path,
+        &dir.join("haproxy.pid"),
+        &cfg.haproxy.stats_socket,
+        &[],
+    )
+}
+
+fn writer(
+    cfg: &Config,
+    template: HaproxyTemplate,
+    ssh: Option<Arc<SshSettings>>,
+    log: &LogBuf,
+) -> Addr<HaproxyWriter> {
+    let mut settings = WorkerSettings::from_config(cfg, ssh.clone());
+    settings.retry_base = Duration::from_millis(200);
+    settings.retry_max = Duration::from_secs(1);
+    settings.reap_every = Duration::from_millis(100);
+    HaproxyWriter::new(Arc::new(cfg.clone()), template, ssh, &log.logger())
+        .with_settings(settings)
+        .start()
+}
+
+fn hosts(list: &[&Backend]) -> HostsChanged {
+    HostsChanged {
+        hosts: Arc::new(list.iter().map(|b| b.host()).collect()),
+    }
+}
+
+/// Server changes go through the runtime API: no new worker process, no reload; the file
+/// follows every change (validated), so HAProxy started from it has the same backend.
 #[actix_rt::test]
-async fn host_changes_reach_a_running_haproxy_and_bad_configs_never_do() {
+async fn server_changes_go_through_the_runtime_api_without_reloads() {
     let Some(haproxy) = tool("haproxy") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    admin::init(dir, Role::Master, false).unwrap();
-    let mut cfg = Config::load(&dir.join("autoscaler.ini")).unwrap();
-    cfg.haproxy.bind = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    cfg.haproxy.debounce = Duration::from_millis(100);
-    let pidfile = dir.join("haproxy.pid");
-    cfg.haproxy.reload_command = CommandLine(vec![
-        "sh".into(),
-        "-c".into(),
-        format!("kill -USR2 $(cat {})", pidfile.display()),
-    ]);
-    admin::generate(&cfg, &Output::File(cfg.haproxy.config_path.clone()), true).unwrap();
-    let _haproxy = Proc(
-        Command::new(&haproxy)
-            .arg("-W")
-            .arg("-f")
-            .arg(&cfg.haproxy.config_path)
-            .arg("-p")
-            .arg(&pidfile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = cfg.haproxy.stats_socket.clone();
-    wait_until("HAProxy's stats socket", Duration::from_secs(10), || {
-        sock.exists() && pidfile.exists()
-    })
-    .await;
-
-    // Backends that answer TCP on loopback, so health checks stay on this machine.
-    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (pa, pb) = (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
+    let (cfg, port) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let (a, b, c) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+        Backend::start("c", Duration::ZERO),
     );
     let log = LogBuf::default();
-    let cfg = Arc::new(cfg);
-    let writer = HaproxyWriter::new(
-        cfg.clone(),
-        HaproxyTemplate::load(None).unwrap(),
-        &log.logger(),
-    )
-    .start();
-
-    writer.do_send(HostsChanged {
-        hosts: Arc::new(vec![host(pa), host(pb)]),
-    });
-    let (na, nb) = (format!("127.0.0.1_{pa}"), format!("127.0.0.1_{pb}"));
-    wait_until(
-        "both servers live in HAProxy",
-        Duration::from_secs(15),
-        || {
-            let s = servers_state(&sock);
-            s.contains(&na) && s.contains(&nb)
-        },
-    )
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    // The first apply: HAProxy was never told anything by this master: validate and reload.
+    w.do_send(hosts(&[&a, &b]));
+    wait_until("a and b in HAProxy", Duration::from_secs(15), || {
+        names(&lb.sock) == of(&[&a, &b])
+    })
     .await;
-    log.wait_for("HAProxy reloaded", Duration::from_secs(5))
+    log.wait_for("installed and reloaded", Duration::from_secs(5))
         .await;
-
-    // A host leaves (drain before scale-in): gone from HAProxy after the reload.
-    writer.do_send(HostsChanged {
-        hosts: Arc::new(vec![host(pa)]),
-    });
-    wait_until(
-        "the removed server gone from HAProxy",
-        Duration::from_secs(15),
-        || {
-            let s = servers_state(&sock);
-            s.contains(&na) && !s.contains(&nb)
-        },
-    )
+    // The worker from before that reload finishes its connections, then exits.
+    wait_until("one worker", Duration::from_secs(10), || {
+        lb.workers().len() == 1
+    })
     .await;
-    let live = std::fs::read_to_string(&cfg.haproxy.config_path).unwrap();
+    let workers = lb.workers();
+    for round in 0..5 {
+        w.do_send(hosts(&[&a, &b, &c]));
+        wait_until("c added", Duration::from_secs(10), || {
+            names(&lb.sock).contains(&c.name())
+        })
+        .await;
+        w.do_send(hosts(&[&a, &c]));
+        wait_until("b drained and removed", Duration::from_secs(10), || {
+            !names(&lb.sock).contains(&b.name())
+        })
+        .await;
+        w.do_send(hosts(&[&a, &b]));
+        wait_until("b back, c removed", Duration::from_secs(10), || {
+            names(&lb.sock) == of(&[&a, &b])
+        })
+        .await;
+        assert_eq!(lb.workers(), workers, "no reload in round {round}");
+    }
+    assert_eq!(
+        log.text().matches("installed and reloaded").count(),
+        1,
+        "only the first apply reloaded"
+    );
+    assert!(log
+        .text()
+        .contains("HAProxy servers changed through the runtime API"));
+    // Traffic reaches the servers the runtime API added.
+    let served: Vec<String> = (0..6).map(|_| get(port).unwrap()).collect();
+    assert!(
+        served.contains(&"a".into()) && served.contains(&"b".into()),
+        "{served:?}"
+    );
+    // The file followed: it validates, and it describes what HAProxy runs.
+    let file = std::fs::read_to_string(&cfg.haproxy.config_path).unwrap();
+    let st = Command::new(&haproxy)
+        .args(["-c", "-f"])
+        .arg(&cfg.haproxy.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(file.contains(&format!("server {} 127.0.0.1:{} check", a.name(), a.port)));
+    assert!(!file.contains(&c.name()));
+}
 
-    // A template HAProxy rejects: logged, live file untouched, HAProxy still serving the old one.
+/// Scale-in drains for real: the server goes to DRAIN, and WaitDrained resolves only once its
+/// last session has ended (or the time given is up); then the server is removed.
+#[actix_rt::test]
+async fn a_drain_waits_for_the_last_session() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, port) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let slow = Backend::start("slow", Duration::from_secs(2));
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&slow]));
+    wait_until("slow in HAProxy", Duration::from_secs(15), || {
+        names(&lb.sock) == [slow.name()]
+    })
+    .await;
+    // A request that takes 2 s is in flight when the host leaves.
+    let client = std::thread::spawn(move || get(port));
+    wait_until("the session is counted", Duration::from_secs(5), || {
+        api(&lb.sock, "show stat app 4 -1").contains(&format!("app,{},0,0,1,", slow.name()))
+    })
+    .await;
+    w.do_send(hosts(&[]));
+    let t = Instant::now();
+    w.send(WaitDrained {
+        server: slow.host().key(),
+        within: Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        client.join().unwrap().unwrap(),
+        "slow",
+        "the session ended normally"
+    );
+    assert!(
+        waited >= Duration::from_millis(800),
+        "WaitDrained resolved before the session ended ({waited:?})"
+    );
+    wait_until("the drained server removed", Duration::from_secs(5), || {
+        names(&lb.sock).is_empty()
+    })
+    .await;
+    // Nothing to wait for: a server HAProxy does not have is drained at once; and the time
+    // given bounds the wait.
+    let t = Instant::now();
+    w.send(WaitDrained {
+        server: slow.host().key(),
+        within: Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+/// A template HAProxy rejects never replaces the live configuration; HAProxy's own message
+/// is logged; HAProxy keeps serving the last good one.
+#[actix_rt::test]
+async fn a_rejected_configuration_never_replaces_the_live_one() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, _) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let a = Backend::start("a", Duration::ZERO);
+    let log = LogBuf::default();
+    let good = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    good.do_send(hosts(&[&a]));
+    wait_until("a in HAProxy", Duration::from_secs(15), || {
+        names(&lb.sock) == [a.name()]
+    })
+    .await;
+    drop(good);
+    let live = std::fs::read_to_string(&cfg.haproxy.config_path).unwrap();
     let bad = HaproxyTemplate::from_source(
         "bad",
         &HAPROXY_TEMPLATE.replace(
@@ -133,10 +436,9 @@ async fn host_changes_reach_a_running_haproxy_and_bad_configs_never_do() {
         ),
     )
     .unwrap();
-    let bad_writer = HaproxyWriter::new(cfg.clone(), bad, &log.logger()).start();
-    bad_writer.do_send(HostsChanged {
-        hosts: Arc::new(vec![host(pa), host(pb)]),
-    });
+    let b = Backend::start("b", Duration::ZERO);
+    let w = writer(&cfg, bad, None, &log);
+    w.do_send(hosts(&[&a, &b]));
     log.wait_for("the last good one stays live", Duration::from_secs(10))
         .await;
     assert!(
@@ -147,7 +449,403 @@ async fn host_changes_reach_a_running_haproxy_and_bad_configs_never_do() {
         std::fs::read_to_string(&cfg.haproxy.config_path).unwrap(),
         live
     );
-    let s = servers_state(&sock);
-    assert!(s.contains(&na) && !s.contains(&nb), "{s}");
-    drop((a, b));
+    assert_eq!(names(&lb.sock), [a.name()]);
+}
+
+/// A missing check program is a refusal: nothing unvalidated is ever installed or reloaded.
+#[actix_rt::test]
+async fn a_missing_check_program_is_a_refusal() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let before = std::fs::read_to_string(&cfg.haproxy.config_path).unwrap();
+    cfg.haproxy.check_command = "/nonexistent/haproxy -c -f {config}".parse().unwrap();
+    let a = Backend::start("a", Duration::ZERO);
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a]));
+    log.wait_for("is not installed on this machine", Duration::from_secs(10))
+        .await;
+    assert!(log.text().contains("refusing"));
+    assert_eq!(
+        std::fs::read_to_string(&cfg.haproxy.config_path).unwrap(),
+        before
+    );
+    assert!(names(&lb.sock).is_empty());
+}
+
+/// A failed reload is retried until HAProxy runs the configuration; after a restart of the
+/// master, a file on disk that differs from what HAProxy was last told to run is put back and
+/// reloaded. Before a reload, the servers' health states are saved for the new worker.
+#[actix_rt::test]
+async fn failures_are_retried_until_haproxy_runs_the_configuration() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let flag = tmp.path().join("reloads-work");
+    cfg.haproxy.reload_command = CommandLine(vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "test -e {} && kill -USR2 $(cat {})",
+            flag.display(),
+            lb.pidfile.display()
+        ),
+    ]);
+    let a = Backend::start("a", Duration::ZERO);
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a]));
+    log.wait_for_count(
+        "HAProxy server not updated; retrying",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(names(&lb.sock).is_empty(), "not reloaded yet");
+    std::fs::write(&flag, "").unwrap();
+    wait_until(
+        "a in HAProxy once reloads work",
+        Duration::from_secs(10),
+        || names(&lb.sock) == [a.name()],
+    )
+    .await;
+    let state = std::fs::read_to_string(&cfg.haproxy.server_state_file).unwrap_or_default();
+    assert!(
+        state.starts_with("1\n"),
+        "health states saved before the reload: {state:?}"
+    );
+    drop(w);
+    // The file is changed behind the master's back while it is down.
+    let good = std::fs::read_to_string(&cfg.haproxy.config_path).unwrap();
+    std::fs::write(
+        &cfg.haproxy.config_path,
+        format!("{good}# edited by hand\n"),
+    )
+    .unwrap();
+    let workers = lb.workers();
+    let log2 = LogBuf::default();
+    let w2 = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log2);
+    w2.do_send(hosts(&[&a]));
+    log2.wait_for("installed and reloaded", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(&cfg.haproxy.config_path).unwrap(),
+        good
+    );
+    wait_until("a new worker", Duration::from_secs(10), || {
+        lb.workers() != workers
+    })
+    .await;
+    let state = std::fs::read_to_string(&cfg.haproxy.server_state_file).unwrap();
+    assert!(state.contains(&a.name()), "{state}");
+}
+
+/// Two HAProxy servers: this machine's, and one over SSH in its own network and mount
+/// namespaces (its own stats socket and pid file at the same paths). Both converge; with the
+/// remote one's sshd down, the local one is unaffected, and the remote one converges after it
+/// comes back.
+#[actix_rt::test]
+async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
+    let (Some(haproxy), Some(sshd_bin), Some(_), Some(_)) = (
+        tool("haproxy"),
+        tool("sshd"),
+        tool("unshare"),
+        tool("setpriv"),
+    ) else {
+        return;
+    };
+    let Some(user) = shell_user() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // The remote server's files belong to its (unprivileged) user.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (mut cfg, _) = lb_config(tmp.path());
+    // Paths both servers use: the remote one sees its own directory there.
+    let run = tmp.path().join("run");
+    let remote_run = tmp.path().join("remote-run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(&remote_run).unwrap();
+    cfg.haproxy.stats_socket = run.join("admin.sock");
+    cfg.haproxy.server_state_file = run.join("server-state");
+    cfg.haproxy.reload_command = CommandLine(vec![
+        "sh".into(),
+        "-c".into(),
+        format!("kill -USR2 $(cat {})", run.join("haproxy.pid").display()),
+    ]);
+    let remote_dir = tmp.path().join("remote");
+    std::fs::create_dir_all(&remote_dir).unwrap();
+    for d in [&remote_dir, &remote_run] {
+        let st = Command::new("chown")
+            .arg(format!("{user}:"))
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let remote_cfg = remote_dir.join("haproxy.cfg");
+    keygen(&cfg.ssh.identity_file);
+    cfg.ssh.user = current_user();
+    cfg.ssh.connect_timeout = Duration::from_secs(2);
+    cfg.haproxy.command_timeout = Duration::from_secs(10);
+    // An unprivileged user's PATH has no /usr/sbin: name the program.
+    cfg.haproxy.check_command = CommandLine(vec![
+        haproxy.display().to_string(),
+        "-c".into(),
+        "-f".into(),
+        "{config}".into(),
+    ]);
+    let ns = Netns::create(7);
+    cfg.haproxy.servers = vec![
+        HaproxyTarget::Local,
+        format!("ssh://{user}@{}{}", ns.inner, remote_cfg.display())
+            .parse()
+            .unwrap(),
+    ];
+    // The remote server: sshd and HAProxy in the namespace, remote-run mounted over run.
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &format!(
+            "mount --bind {} {} && exec \"$@\"",
+            remote_run.display(),
+            run.display()
+        ),
+        "sh",
+    ];
+    let mut pub_key = cfg.ssh.identity_file.as_os_str().to_owned();
+    pub_key.push(".pub");
+    let mut sshd = Sshd::start_wrapped(
+        &sshd_bin,
+        &ns.inner,
+        Path::new(&pub_key),
+        Some(&ns.name),
+        &wrapper,
+    );
+    std::fs::write(&cfg.ssh.known_hosts, sshd.known_hosts_line()).unwrap();
+    admin::generate(&cfg, &Output::File(cfg.haproxy.config_path.clone()), true)
+        .await
+        .unwrap();
+    std::fs::copy(&cfg.haproxy.config_path, &remote_cfg).unwrap();
+    let _ = Command::new("chown")
+        .arg(format!("{user}:"))
+        .arg(&remote_cfg)
+        .status();
+    let local = Lb::start(
+        &haproxy,
+        &cfg.haproxy.config_path,
+        &run.join("haproxy.pid"),
+        &run.join("admin.sock"),
+        &[],
+    );
+    // The remote HAProxy runs in sshd's namespaces, as the remote user.
+    let enter = |pid: u32| {
+        vec![
+            "nsenter".to_string(),
+            "-t".into(),
+            pid.to_string(),
+            "-m".into(),
+            "-n".into(),
+            "setpriv".into(),
+            format!("--reuid={user}"),
+            format!("--regid={user}"),
+            "--clear-groups".into(),
+        ]
+    };
+    let remote = Lb::start(
+        &haproxy,
+        &remote_cfg,
+        &remote_run.join("haproxy.pid"),
+        &remote_run.join("admin.sock"),
+        &enter(sshd.pid().unwrap()),
+    );
+
+    let (a, b) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+    );
+    let log = LogBuf::default();
+    let ssh = Arc::new(SshSettings::from_config(&cfg).unwrap());
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), Some(ssh), &log);
+    w.do_send(hosts(&[&a]));
+    wait_logged(
+        "both servers run the configuration",
+        Duration::from_secs(20),
+        Some(&log),
+        || names(&local.sock) == [a.name()] && names(&remote.sock) == [a.name()],
+    )
+    .await;
+    let remote_file = std::fs::read_to_string(&remote_cfg).unwrap();
+    assert_eq!(
+        remote_file,
+        std::fs::read_to_string(&cfg.haproxy.config_path).unwrap()
+    );
+
+    // The remote server goes away: the local one is unaffected.
+    sshd.stop();
+    w.do_send(hosts(&[&a, &b]));
+    wait_until("the local server changed", Duration::from_secs(10), || {
+        names(&local.sock) == of(&[&a, &b])
+    })
+    .await;
+    log.wait_for(
+        "HAProxy server not updated; retrying",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(names(&remote.sock), [a.name()], "the remote one is behind");
+    // It comes back: it catches up by itself.
+    sshd.restart(&sshd_bin);
+    wait_logged(
+        "the remote server caught up",
+        Duration::from_secs(20),
+        Some(&log),
+        || names(&remote.sock) == of(&[&a, &b]),
+    )
+    .await;
+    assert!(log.text().contains("\"server\":\"ssh://"));
+    drop(remote);
+    drop(ns);
+}
+
+mod sinks {
+    use actix::{Actor, Context, Handler};
+    use autoscaler_actors::master::decider::{LaunchFinished, Reconciled};
+
+    /// Stands in for the decider.
+    pub struct Decider;
+    impl Actor for Decider {
+        type Context = Context<Self>;
+    }
+    impl Handler<LaunchFinished> for Decider {
+        type Result = ();
+        fn handle(&mut self, _: LaunchFinished, _: &mut Context<Self>) {}
+    }
+    impl Handler<Reconciled> for Decider {
+        type Result = ();
+        fn handle(&mut self, _: Reconciled, _: &mut Context<Self>) {}
+    }
+}
+
+/// Scale-in end to end with the real actors: the launcher's drain takes the host out of the
+/// registry, the writer drains it in HAProxy, and the host is stopped (the scale-down command
+/// runs) only after its last request has been answered — not when a timer says so.
+#[actix_rt::test]
+async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
+    use autoscaler_actors::adapters::hosts_dir::HostsDir;
+    use autoscaler_actors::master::launcher::command::CommandProvisioner;
+    use autoscaler_actors::master::launcher::{
+        DrainHost, LaunchSettings, Launcher, LauncherOutputs, Provisioner,
+    };
+    use autoscaler_actors::master::registry::HostRegistry;
+
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, port) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let slow = Backend::start("slow", Duration::from_secs(2));
+    let mut h = Host::launched(
+        HostName::parse("127.0.0.1").unwrap(),
+        slow.port,
+        Some("vm-1".into()),
+    );
+    h.registered_ms = Some(1);
+    let dir = HostsDir::new(&cfg.general.hosts_dir);
+    dir.add(&h).unwrap();
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    let registry = HostRegistry::new(
+        dir,
+        vec![w.clone().recipient()],
+        Duration::from_millis(100),
+        &log.logger(),
+    )
+    .start();
+    let stopped = tmp.path().join("stopped-at");
+    let down = tmp.path().join("down.sh");
+    std::fs::write(
+        &down,
+        format!("#!/bin/sh\ndate +%s.%N > {}\n", stopped.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let decider = sinks::Decider.start();
+    let launcher = Launcher::new(
+        Provisioner::Command(CommandProvisioner {
+            up: CommandLine::default(),
+            down: CommandLine(vec![down.display().to_string()]),
+            timeout: Duration::from_secs(10),
+        }),
+        LaunchSettings::from_config(&cfg),
+        LauncherOutputs {
+            register: registry.clone().recipient(),
+            deregister: registry.clone().recipient(),
+            list: registry.recipient(),
+            finished: decider.clone().recipient(),
+            reconciled: decider.recipient(),
+            drained: Some(w.recipient()),
+        },
+        &log.logger(),
+    )
+    .start();
+    wait_until("the host in HAProxy", Duration::from_secs(15), || {
+        names(&lb.sock) == [slow.name()]
+    })
+    .await;
+    let client = std::thread::spawn(move || {
+        let body = get(port);
+        (body, std::time::SystemTime::now())
+    });
+    wait_until("the request in flight", Duration::from_secs(5), || {
+        api(&lb.sock, "show stat app 4 -1").contains(&format!("app,{},0,0,1,", slow.name()))
+    })
+    .await;
+    launcher.do_send(DrainHost { host: h });
+    wait_logged(
+        "the host stopped",
+        Duration::from_secs(20),
+        Some(&log),
+        || stopped.exists(),
+    )
+    .await;
+    let (body, answered) = client.join().unwrap();
+    assert_eq!(body.unwrap(), "slow", "the request was answered in full");
+    let at: f64 = std::fs::read_to_string(&stopped)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let answered = answered
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        at >= answered - 0.05,
+        "stopped at {at}, the request was answered at {answered}"
+    );
+    assert!(
+        at < answered + 5.0,
+        "and not long after (drain_timeout is 10 s)"
+    );
+    wait_until(
+        "the server removed from HAProxy",
+        Duration::from_secs(5),
+        || names(&lb.sock).is_empty(),
+    )
+    .await;
 }

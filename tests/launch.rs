@@ -108,6 +108,7 @@ fn rig(cfg: &Config, provisioner: Provisioner, settings: LaunchSettings) -> Rig 
             list: registry.recipient(),
             finished: sink.clone().recipient(),
             reconciled: sink.recipient(),
+            drained: None,
         },
         &logger,
     )

@@ -589,8 +589,10 @@ fn master_binary_scales_up_end_to_end() {
     master.wait("Launch finished", |v| {
         v["msg"] == "Launch finished" && v["actor"] == "ScaleDecider"
     });
-    master.wait("HAProxy reloaded with 2 servers", |v| {
-        v["msg"] == "HAProxy reloaded" && v["servers"] == 2
+    master.wait("HAProxy told about 2 servers", |v| {
+        v["servers"] == 2
+            && (v["msg"] == "HAProxy configuration installed and reloaded"
+                || v["msg"] == "HAProxy servers changed through the runtime API")
     });
     let cfg = std::fs::read_to_string(s.path().join("haproxy.cfg")).unwrap();
     assert!(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::adapters::files;
-use crate::adapters::haproxy::{self, HaproxyError, Installed, Validation};
+use crate::adapters::haproxy::{self, Check, HaproxyError, Installed, OnMissing, Validation};
 use crate::adapters::hosts_dir::{HostsDir, HostsError};
 use crate::config::{Config, Layout, Role, CONFIG_FILE_NAME};
 use crate::render::{self, RenderError};
@@ -98,21 +98,32 @@ pub struct Generated {
 }
 
 /// Renders the HAProxy configuration from hosts_dir, validates it (unless `validate` is
-/// false) and installs it. A host file that cannot be read stops it (a config silently
-/// missing a backend would be worse); a failed validation leaves the output untouched.
-pub fn generate(cfg: &Config, output: &Output, validate: bool) -> Result<Generated, AdminError> {
+/// false; a machine without HAProxy gets the file and a [`Validation::Skipped`]) and installs
+/// it. A host file that cannot be read stops it (a config silently missing a backend would be
+/// worse); a failed validation leaves the output untouched.
+pub async fn generate(
+    cfg: &Config,
+    output: &Output,
+    validate: bool,
+) -> Result<Generated, AdminError> {
     let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
     let text = render::render_haproxy(cfg, &hosts)?;
-    let check = validate.then_some(&cfg.haproxy.check_command);
+    let check = Check {
+        command: &cfg.haproxy.check_command,
+        timeout: cfg.haproxy.command_timeout,
+        on_missing: OnMissing::Skip,
+    };
+    let check = validate.then_some(&check);
     let (validation, installed) = match output {
         Output::Stdout => (
-            check
-                .map(|c| haproxy::validate_text(&text, c))
-                .transpose()?,
+            match check {
+                Some(c) => Some(haproxy::validate_text(&text, c).await?),
+                None => None,
+            },
             None,
         ),
         Output::File(path) => {
-            let installed = haproxy::install(&text, path, check)?;
+            let installed = haproxy::install(&text, path, check).await?;
             let (Installed::Replaced { validation } | Installed::Unchanged { validation }) =
                 &installed;
             (validate.then(|| validation.clone()), Some(installed))

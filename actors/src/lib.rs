@@ -6,7 +6,8 @@
 //!
 //! - [`node`]: CpuSampler → ReportLink, on every web server ([`node::start_node`]).
 //! - [`master`]: HostRegistry, TunnelManager, NodeStatus, ScaleDecider, the Launcher (EC2 or a
-//!   command) and HaproxyWriter, on the HAProxy machine ([`master::start_master`]).
+//!   command) and HaproxyWriter (with a worker per HAProxy server), on the HAProxy machine
+//!   ([`master::start_master`]).
 //!
 //! # Layers
 //!
@@ -14,8 +15,8 @@
 //!
 //! - Pure (crate `autoscaler-core`, re-exported here): [`config`], [`hosts`], [`report`],
 //!   [`policy`], [`render`], [`backoff`] — no tokio, actix, AWS or SSH.
-//! - [`adapters`]: EC2 (AWS SDK), SSH sessions and host keys (russh), running commands,
-//!   atomic files, the hosts.d directory, validating and installing haproxy.cfg.
+//! - [`adapters`]: EC2 (AWS SDK), SSH sessions and host keys (russh), known_hosts, running
+//!   commands, atomic files, the hosts.d directory, HAProxy servers (local or over SSH).
 //! - Actors: [`node`] and [`master`], one actor per file; [`admin`] holds the one-shot
 //!   commands (`init`, `generate`).
 //!
@@ -33,8 +34,10 @@
 //!             │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic
 //!             └──RegisterHost / DeregisterHost / ListHosts─────────┘
 //!
-//!          HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
-//!                                                     install atomically, reload
+//!          HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter ──plan──▶ a worker per
+//!                                                     HAProxy server (local or SSH): runtime
+//!                                                     API, or haproxy -c + install + reload
+//!          Launcher ──WaitDrained──▶ HaproxyWriter (a drained host's last session ended)
 //! ```
 //!
 //! [`master::start_master`] and [`node::start_node`] are the only places that know who talks
@@ -43,7 +46,7 @@
 //! the actors.
 #![forbid(unsafe_code)]
 
-pub use autoscaler_core::{backoff, config, hosts, policy, render, report};
+pub use autoscaler_core::{backoff, config, haproxy_api, hosts, policy, render, report};
 
 pub mod adapters;
 pub mod admin;

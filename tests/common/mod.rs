@@ -124,6 +124,38 @@ pub fn current_user() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// An unprivileged system user whose login shell is /bin/sh, for tests that run commands over
+/// SSH: root's shell start-up files on a development machine (pyenv, say) are nothing a test
+/// should depend on. Created on first use (tests run as root); None, loudly, when it cannot be.
+pub fn shell_user() -> Option<String> {
+    const NAME: &str = "as-test";
+    let exists = Command::new("id")
+        .arg(NAME)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        let made = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/",
+                "--shell",
+                "/bin/sh",
+                NAME,
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made {
+            eprintln!("\nSKIPPED: cannot create the test user {NAME} (run the tests as root)\n");
+            return None;
+        }
+    }
+    // No password, but not locked: sshd refuses a locked account even for keys.
+    let _ = Command::new("usermod").args(["-p", "*", NAME]).status();
+    Some(NAME.to_string())
+}
+
 /// `ssh-keygen -t ed25519` into `path` (and `path.pub`).
 pub fn keygen(path: &Path) {
     let st = Command::new("ssh-keygen")
@@ -141,6 +173,8 @@ pub struct Sshd {
     pub addr: String,
     pub port: u16,
     pub netns: Option<String>,
+    /// A command line sshd is run under (e.g. `unshare -m …`), which ends by exec'ing it.
+    pub wrapper: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -174,22 +208,44 @@ impl Sshd {
             addr: addr.to_string(),
             port,
             netns: netns.map(String::from),
+            wrapper: Vec::new(),
             child: None,
         };
         s.spawn(sshd);
         s
     }
 
+    /// Like [`Sshd::start`], with sshd run under `wrapper` (its process id is sshd's, so the
+    /// wrapper must exec sshd).
+    pub fn start_wrapped(
+        sshd: &Path,
+        addr: &str,
+        client_pub: &Path,
+        netns: Option<&str>,
+        wrapper: &[&str],
+    ) -> Sshd {
+        let mut s = Sshd::start(sshd, addr, None, client_pub, netns);
+        s.stop();
+        s.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        s.spawn(sshd);
+        s
+    }
+
+    /// sshd's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     fn spawn(&mut self, sshd: &Path) {
         let d = self.dir.path();
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(sshd);
-                c
-            }
-            None => Command::new(sshd),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        argv.extend(self.wrapper.iter().map(Into::into));
+        argv.push(sshd.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.arg("-D")
             .arg("-f")
             .arg(d.join("sshd_config"))

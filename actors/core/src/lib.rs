@@ -6,7 +6,8 @@
 //! - [`hosts`]: host names and ports as users type them; the text of a host file.
 //! - [`report`]: the node → master report protocol (codec, channel state, duplicate filter).
 //! - [`policy`]: the scaling decision as a function of samples, history and time.
-//! - [`render`]: haproxy.cfg from the host list (tera).
+//! - [`render`]: haproxy.cfg from the host list (tera), with what applying it needs.
+//! - [`haproxy_api`]: HAProxy's runtime API as text: commands and answers.
 //! - [`backoff`]: jittered exponential delays for reconnect loops.
 //!
 //! The I/O adapters and the actors that use all this live in `autoscaler-actors`.
@@ -14,6 +15,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod haproxy_api;
 pub mod hosts;
 pub mod policy;
 pub mod render;

@@ -57,9 +57,17 @@ pub struct ServerLine {
 #[derive(Debug, Clone, Serialize)]
 pub struct HaproxyContext<'a> {
     pub hosts_dir: String,
+    /// Every `bind` line of the frontend.
+    pub binds: &'a [String],
+    /// The first of them (templates written for a single bind).
     pub bind: &'a str,
     pub backend: &'a str,
     pub stats_socket: String,
+    pub server_state_file: String,
+    /// Empty: no `user`/`group`/`chroot` line.
+    pub user: &'a str,
+    pub group: &'a str,
+    pub chroot: String,
     pub health_check_path: &'a str,
     pub check_interval_ms: u128,
     /// Sorted by host and port.
@@ -74,9 +82,18 @@ impl<'a> HaproxyContext<'a> {
         keys.dedup();
         HaproxyContext {
             hosts_dir: hosts_dir.display().to_string(),
-            bind: &cfg.bind,
+            binds: &cfg.bind,
+            bind: cfg.bind.first().map_or("", String::as_str),
             backend: &cfg.backend,
             stats_socket: cfg.stats_socket.display().to_string(),
+            server_state_file: cfg.server_state_file.display().to_string(),
+            user: &cfg.user,
+            group: &cfg.group,
+            chroot: cfg
+                .chroot
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             health_check_path: &cfg.health_check_path,
             check_interval_ms: cfg.check_interval.as_millis(),
             servers: keys
@@ -89,6 +106,36 @@ impl<'a> HaproxyContext<'a> {
         }
     }
 }
+
+/// A rendered configuration and what applying it needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub text: String,
+    /// SHA-256 of `text`, hex.
+    pub hash: String,
+    /// SHA-256 of the same configuration without any server: two plans with the same
+    /// skeleton differ only in their server lines, which the runtime API can change.
+    pub skeleton: String,
+    /// The options the template gives a server line (`check inter 2000ms fall 3 rise 2`), for
+    /// servers added through the runtime API; None when the template's server lines cannot be
+    /// found (then every change is a reload).
+    pub server_options: Option<String>,
+    /// The servers, sorted.
+    pub servers: Vec<ServerLine>,
+}
+
+/// SHA-256 of `text` as lower-case hex.
+pub fn digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The probe server rendered to find the template's server options.
+const PROBE_NAME: &str = "autoscaler-probe";
+const PROBE_ADDRESS: &str = "192.0.2.1:1";
 
 /// A compiled HAProxy template, built once and rendered on every host-list change.
 pub struct HaproxyTemplate {
@@ -130,6 +177,43 @@ impl HaproxyTemplate {
         self.tera
             .render(&self.name, &ctx)
             .map_err(|e| template_error(&self.name, e))
+    }
+
+    /// Renders the configuration for `hosts`, with its skeleton and server options.
+    pub fn plan(
+        &self,
+        cfg: &Haproxy,
+        hosts_dir: &Path,
+        hosts: &[Host],
+    ) -> Result<Plan, RenderError> {
+        let mut ctx = HaproxyContext::new(cfg, hosts_dir, hosts);
+        let text = self.render(&ctx)?;
+        let servers = std::mem::take(&mut ctx.servers);
+        let bare = self.render(&ctx)?;
+        ctx.servers = vec![ServerLine {
+            name: PROBE_NAME.into(),
+            address: PROBE_ADDRESS.into(),
+        }];
+        let probe = self.render(&ctx)?;
+        let server_options = probe.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next(), w.next()) {
+                (Some("server"), Some(PROBE_NAME), Some(PROBE_ADDRESS)) => {
+                    Some(w.collect::<Vec<_>>().join(" "))
+                }
+                _ => None,
+            }
+        });
+        // The server options are part of the skeleton: a change in them (check_interval, say)
+        // changes every server line, which is a reload.
+        let skeleton = digest(&format!("{bare}\n{server_options:?}"));
+        Ok(Plan {
+            hash: digest(&text),
+            text,
+            skeleton,
+            server_options,
+            servers,
+        })
     }
 }
 
@@ -192,10 +276,10 @@ mod tests {
         assert_eq!(
             servers,
             [
-                "    server 10.0.0.5_80 10.0.0.5:80 check",
-                "    server 10.0.0.5_8080 10.0.0.5:8080 check",
-                "    server 2001:db8::7_80 [2001:db8::7]:80 check",
-                "    server web-2.example.com_80 web-2.example.com:80 check",
+                "    server 10.0.0.5_80 10.0.0.5:80 check inter 2000ms fall 3 rise 2",
+                "    server 10.0.0.5_8080 10.0.0.5:8080 check inter 2000ms fall 3 rise 2",
+                "    server 2001:db8::7_80 [2001:db8::7]:80 check inter 2000ms fall 3 rise 2",
+                "    server web-2.example.com_80 web-2.example.com:80 check inter 2000ms fall 3 rise 2",
             ]
         );
     }
@@ -203,7 +287,10 @@ mod tests {
     #[test]
     fn settings_reach_the_output() {
         let mut c = cfg();
-        c.haproxy.bind = "127.0.0.1:8080".into();
+        c.haproxy.bind = vec![
+            "127.0.0.1:8080".into(),
+            "[::1]:8443 ssl crt /x/site.pem".into(),
+        ];
         c.haproxy.backend = "shop".into();
         c.haproxy.health_check_path = "/healthz".into();
         c.haproxy.check_interval = std::time::Duration::from_millis(1500);
@@ -212,11 +299,13 @@ mod tests {
         crate::golden::check("haproxy-http-check.cfg", &out);
         for want in [
             "bind 127.0.0.1:8080\n",
+            "bind [::1]:8443 ssl crt /x/site.pem\n",
+            "load-server-state-from-file global\n",
             "frontend shop_in\n",
             "default_backend shop\n",
             "backend shop\n",
             "option httpchk GET /healthz\n",
-            "default-server inter 1500ms",
+            "check inter 1500ms fall 3 rise 2\n",
             "stats socket /tmp/x/h.sock mode 600 level admin",
             "option idle-close-on-response\n",
         ] {
@@ -226,6 +315,48 @@ mod tests {
             !out.lines()
                 .any(|l| matches!(l.split_whitespace().next(), Some("daemon" | "pidfile"))),
             "master-worker friendly: no daemon or pidfile"
+        );
+    }
+
+    #[test]
+    fn plans_know_their_skeleton_and_server_options() {
+        let t = HaproxyTemplate::load(None).unwrap();
+        let c = cfg();
+        let one = t
+            .plan(&c.haproxy, Path::new("/h"), &[host("127.0.1.1", 80)])
+            .unwrap();
+        let two = t
+            .plan(
+                &c.haproxy,
+                Path::new("/h"),
+                &[host("127.0.1.1", 80), host("127.0.1.2", 80)],
+            )
+            .unwrap();
+        assert_ne!(one.hash, two.hash);
+        assert_eq!(one.skeleton, two.skeleton, "only the servers differ");
+        assert_eq!(
+            one.server_options.as_deref(),
+            Some("check inter 2000ms fall 3 rise 2"),
+            "what a server line of the file carries"
+        );
+        assert_eq!(one.servers.len(), 1);
+        let mut other = c.clone();
+        other.haproxy.check_interval = std::time::Duration::from_secs(5);
+        let changed = t
+            .plan(&other.haproxy, Path::new("/h"), &[host("127.0.1.1", 80)])
+            .unwrap();
+        assert_ne!(changed.skeleton, one.skeleton, "a setting changed: reload");
+        let bare = HaproxyTemplate::from_source(
+            "t",
+            "{% for s in servers %}{{ s.address }}\n{% endfor %}",
+        )
+        .unwrap();
+        assert_eq!(
+            bare.plan(&c.haproxy, Path::new("/h"), &[])
+                .unwrap()
+                .server_options,
+            None,
+            "no server line: every change is a reload"
         );
     }
 

@@ -13,6 +13,12 @@ use crate::config::CommandLine;
 pub struct CommandFailed {
     pub command: String,
     pub message: String,
+    /// The program does not exist (or is not executable).
+    pub not_found: bool,
+    /// How it exited, when it ran to its end.
+    pub status: Option<String>,
+    /// What it printed on standard error, then standard output.
+    pub output: String,
 }
 
 /// Runs a user command: argv as configured (no shell), a clean environment plus PATH and the
@@ -27,6 +33,9 @@ pub async fn run(
     let fail = |message: String| CommandFailed {
         command: command.clone(),
         message,
+        not_found: false,
+        status: None,
+        output: String::new(),
     };
     let Some((program, args)) = cmd.0.split_first() else {
         return Err(fail("no command configured".into()));
@@ -51,15 +60,30 @@ pub async fn run(
                 humantime::format_duration(timeout)
             )))
         }
-        Ok(Err(e)) => return Err(fail(format!("cannot run: {e}"))),
+        Ok(Err(e)) => {
+            return Err(CommandFailed {
+                not_found: matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ),
+                ..fail(format!("cannot run: {e}"))
+            })
+        }
         Ok(Ok(o)) => o,
     };
     if !out.status.success() {
-        return Err(fail(format!(
-            "exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        return Err(CommandFailed {
+            status: Some(out.status.to_string()),
+            output: [stderr.as_str(), stdout.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n"),
+            ..fail(format!("exited with {}: {stderr}", out.status))
+        });
     }
     String::from_utf8(out.stdout).map_err(|_| fail("printed something that is not UTF-8".into()))
 }

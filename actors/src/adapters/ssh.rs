@@ -57,6 +57,7 @@ pub enum SshError {
 }
 
 /// What every session needs: who the master is and how it trusts hosts.
+#[derive(Clone)]
 pub struct SshSettings {
     pub user: String,
     pub default_port: u16,

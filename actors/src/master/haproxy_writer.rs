@@ -1,122 +1,126 @@
-//! HaproxyWriter (master role): on every [`HostsChanged`] (debounced), renders haproxy.cfg,
-//! validates it with `[haproxy] check_command`, installs it atomically and runs
-//! `[haproxy] reload_command`. A configuration that fails validation never replaces the live
-//! one: the last good config stays in place and serving, and the error is logged.
+//! HaproxyWriter (master role): keeps every HAProxy server of `[haproxy] servers` — this
+//! machine's and remote ones over SSH — in step with the registered hosts.
 //!
-//! Validation and reload are blocking process runs; they happen in a task, one at a time.
-//! Changes that arrive meanwhile are folded into the next run.
+//! On every [`HostsChanged`] (debounced) it renders one plan (the configuration, its skeleton,
+//! the template's server options) and hands it to each server's worker
+//! ([`haproxy_worker`](super::haproxy_worker)), which applies it through the runtime API when
+//! only servers changed, or by validate + install + reload otherwise, and retries with backoff
+//! until that server runs it. A rendering that fails is logged and nothing is applied; a
+//! configuration that fails validation never replaces a live one.
+//!
+//! [`WaitDrained`] lets the launcher wait, before it terminates an instance, until every
+//! HAProxy server has taken the host out of rotation and its last session has ended (or the
+//! time given is up).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
-use slog::{error, info, o, warn, Logger};
+use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture};
+use slog::{error, info, o, Logger};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use super::haproxy_worker::{self, Applied, ServerEvent, ServerReport, Work, WorkerSettings};
 use super::messages::HostsChanged;
-use crate::adapters::haproxy::{self, Installed, Validation};
-use crate::adapters::process;
-use crate::config::{Config, HaproxyTarget};
-use crate::hosts::Host;
-use crate::render::{HaproxyContext, HaproxyTemplate};
+use crate::adapters::ssh::SshSettings;
+use crate::config::Config;
+use crate::hosts::{Host, HostKey};
+use crate::render::HaproxyTemplate;
 
-/// Longest a reload command may run.
-const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What one apply did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied {
-    /// The rendered config equals the live one: nothing written, no reload.
-    Unchanged,
-    /// Installed and reloaded.
-    Reloaded { servers: usize },
-    /// Installed without validation (the check command is not installed) and reloaded.
-    ReloadedUnchecked { servers: usize, program: String },
-    /// Not installed: rendering or validation failed; the live config is untouched.
-    Rejected(String),
-    /// Installed, but the reload command failed.
-    ReloadFailed(String),
+/// Resolves once `server` takes no traffic on any HAProxy server (or `within` is up).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct WaitDrained {
+    pub server: HostKey,
+    pub within: Duration,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ApplyDone(Applied);
+/// The last thing each HAProxy server did, for logs and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerStatus {
+    Pending,
+    Applied(Applied),
+    Failing(String),
+}
+
+struct Waiter {
+    name: String,
+    left: BTreeSet<String>,
+    reply: Option<oneshot::Sender<()>>,
+}
 
 /// The actor.
 pub struct HaproxyWriter {
     cfg: Arc<Config>,
     template: Arc<HaproxyTemplate>,
+    settings: Arc<WorkerSettings>,
+    workers: BTreeMap<String, mpsc::UnboundedSender<Work>>,
+    status: BTreeMap<String, ServerStatus>,
     pending: Option<Arc<Vec<Host>>>,
-    busy: bool,
     scheduled: bool,
+    waiters: Vec<Waiter>,
     log: Logger,
 }
 
 impl HaproxyWriter {
-    /// A writer for the local HAProxy of `cfg` with a compiled `template`.
-    pub fn new(cfg: Arc<Config>, template: HaproxyTemplate, log: &Logger) -> HaproxyWriter {
+    /// A writer for the HAProxy servers of `cfg` with a compiled `template`; remote servers
+    /// are reached with `ssh`.
+    pub fn new(
+        cfg: Arc<Config>,
+        template: HaproxyTemplate,
+        ssh: Option<Arc<SshSettings>>,
+        log: &Logger,
+    ) -> HaproxyWriter {
         HaproxyWriter {
+            settings: Arc::new(WorkerSettings::from_config(&cfg, ssh)),
             cfg,
             template: Arc::new(template),
+            workers: BTreeMap::new(),
+            status: BTreeMap::new(),
             pending: None,
-            busy: false,
             scheduled: false,
+            waiters: Vec::new(),
             log: log.new(o!("actor" => "HaproxyWriter")),
         }
     }
 
+    /// The same, with worker settings of the caller's (tests shorten the retry delays).
+    pub fn with_settings(mut self, settings: WorkerSettings) -> HaproxyWriter {
+        self.settings = Arc::new(settings);
+        self
+    }
+
     fn schedule(&mut self, ctx: &mut Context<Self>) {
-        if self.scheduled || self.busy || self.pending.is_none() {
+        if self.scheduled || self.pending.is_none() {
             return;
         }
         self.scheduled = true;
-        ctx.run_later(self.cfg.haproxy.debounce, |this, ctx| {
+        ctx.run_later(self.cfg.haproxy.debounce, |this, _| {
             this.scheduled = false;
-            this.start_apply(ctx);
+            this.plan_and_apply();
         });
     }
 
-    fn start_apply(&mut self, ctx: &mut Context<Self>) {
+    fn plan_and_apply(&mut self) {
         let Some(hosts) = self.pending.take() else {
             return;
         };
-        self.busy = true;
-        let text = self.template.render(&HaproxyContext::new(
-            &self.cfg.haproxy,
-            &self.cfg.general.hosts_dir,
-            &hosts,
-        ));
-        let cfg = self.cfg.clone();
-        let me = ctx.address();
-        tokio::spawn(async move {
-            let applied = match text {
-                Err(e) => Applied::Rejected(e.to_string()),
-                Ok(text) => apply(&cfg, text, hosts.len()).await,
-            };
-            me.do_send(ApplyDone(applied));
-        });
-    }
-}
-
-async fn apply(cfg: &Config, text: String, servers: usize) -> Applied {
-    let path = cfg.haproxy.config_path.clone();
-    let check = cfg.haproxy.check_command.clone();
-    let installed =
-        tokio::task::spawn_blocking(move || haproxy::install(&text, &path, Some(&check))).await;
-    let unchecked = match installed {
-        Err(e) => return Applied::Rejected(e.to_string()),
-        Ok(Err(e)) => return Applied::Rejected(e.to_string()),
-        Ok(Ok(Installed::Unchanged { .. })) => return Applied::Unchanged,
-        Ok(Ok(Installed::Replaced { validation })) => match validation {
-            Validation::Valid => None,
-            Validation::Skipped { program } => Some(program),
-        },
-    };
-    match process::run(&cfg.haproxy.reload_command, &[], RELOAD_TIMEOUT).await {
-        Err(e) => Applied::ReloadFailed(e.to_string()),
-        Ok(_) => match unchecked {
-            None => Applied::Reloaded { servers },
-            Some(program) => Applied::ReloadedUnchecked { servers, program },
-        },
+        let plan = self
+            .template
+            .plan(&self.cfg.haproxy, &self.cfg.general.hosts_dir, &hosts);
+        match plan {
+            Err(e) => {
+                error!(self.log, "Cannot render the HAProxy configuration; nothing applied"; "error" => %e)
+            }
+            Ok(plan) => {
+                let plan = Arc::new(plan);
+                for (label, tx) in &self.workers {
+                    let _ = tx.send(Work::Apply(plan.clone()));
+                    self.status.insert(label.clone(), ServerStatus::Pending);
+                }
+            }
+        }
     }
 }
 
@@ -124,24 +128,16 @@ impl Actor for HaproxyWriter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let remote: Vec<String> = self
-            .cfg
-            .haproxy
-            .servers
-            .iter()
-            .filter(|s| **s != HaproxyTarget::Local)
-            .map(|s| s.to_string())
-            .collect();
-        if !remote.is_empty() {
-            warn!(self.log, "Remote HAProxy servers are not written yet; only the local one is"; "skipped" => remote.join(", "));
-        }
-        if !self.cfg.haproxy.servers.contains(&HaproxyTarget::Local) {
-            warn!(
-                self.log,
-                "No local HAProxy server in [haproxy] servers; nothing to write"
+        for target in &self.cfg.haproxy.servers {
+            let tx = haproxy_worker::spawn(
+                target.clone(),
+                self.settings.clone(),
+                ctx.address().recipient(),
+                &self.log,
             );
-            ctx.stop();
+            self.workers.insert(target.to_string(), tx);
         }
+        info!(self.log, "Writing HAProxy servers"; "servers" => self.workers.keys().cloned().collect::<Vec<_>>().join(", "));
     }
 }
 
@@ -154,31 +150,71 @@ impl Handler<HostsChanged> for HaproxyWriter {
     }
 }
 
-impl Handler<ApplyDone> for HaproxyWriter {
+impl Handler<ServerReport> for HaproxyWriter {
     type Result = ();
 
-    fn handle(&mut self, m: ApplyDone, ctx: &mut Context<Self>) {
-        self.busy = false;
-        let file = self.cfg.haproxy.config_path.display().to_string();
-        match m.0 {
-            Applied::Unchanged => {
-                info!(self.log, "HAProxy configuration unchanged"; "file" => file)
+    fn handle(&mut self, m: ServerReport, _: &mut Context<Self>) {
+        match m.event {
+            ServerEvent::Applied(a) => {
+                self.status.insert(m.server, ServerStatus::Applied(a));
             }
-            Applied::Reloaded { servers } => {
-                info!(self.log, "HAProxy reloaded"; "file" => file, "servers" => servers)
+            ServerEvent::Failed { error, .. } => {
+                self.status.insert(m.server, ServerStatus::Failing(error));
             }
-            Applied::ReloadedUnchecked { servers, program } => warn!(self.log,
-                "HAProxy reloaded with a configuration that was NOT validated: check command not installed";
-                "file" => file, "servers" => servers, "program" => program),
-            Applied::Rejected(e) => {
-                error!(self.log, "New HAProxy configuration rejected; the last good one stays live";
-                "file" => file, "error" => e)
-            }
-            Applied::ReloadFailed(e) => {
-                error!(self.log, "HAProxy configuration installed but the reload failed";
-                "file" => file, "error" => e)
+            ServerEvent::Drained { name } => {
+                for w in self.waiters.iter_mut().filter(|w| w.name == name) {
+                    w.left.remove(&m.server);
+                    if w.left.is_empty() {
+                        if let Some(r) = w.reply.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                }
+                self.waiters
+                    .retain(|w| w.reply.as_ref().is_some_and(|r| !r.is_closed()));
             }
         }
-        self.schedule(ctx);
+    }
+}
+
+impl Handler<WaitDrained> for HaproxyWriter {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, m: WaitDrained, _: &mut Context<Self>) -> Self::Result {
+        let name = m.server.server_name();
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + m.within;
+        self.waiters
+            .retain(|w| w.reply.as_ref().is_some_and(|r| !r.is_closed()));
+        self.waiters.push(Waiter {
+            name: name.clone(),
+            left: self.workers.keys().cloned().collect(),
+            reply: Some(tx),
+        });
+        for tx in self.workers.values() {
+            let _ = tx.send(Work::Watch {
+                name: name.clone(),
+                deadline,
+            });
+        }
+        let none = self.workers.is_empty();
+        Box::pin(async move {
+            if !none {
+                let _ = tokio::time::timeout(m.within, rx).await;
+            }
+        })
+    }
+}
+
+/// The last thing each HAProxy server did.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "BTreeMap<String, ServerStatus>")]
+pub struct GetServerStatus;
+
+impl Handler<GetServerStatus> for HaproxyWriter {
+    type Result = actix::MessageResult<GetServerStatus>;
+
+    fn handle(&mut self, _: GetServerStatus, _: &mut Context<Self>) -> Self::Result {
+        actix::MessageResult(self.status.clone())
     }
 }

@@ -11,14 +11,17 @@
 //!    │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic
 //!    └──RegisterHost / DeregisterHost / ListHosts─────────┘
 //!
-//! HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter: render, haproxy -c,
-//!                                            install atomically, reload
+//! HostRegistry ──HostsChanged (debounced)──▶ HaproxyWriter ──plan──▶ one worker per HAProxy
+//!                                            server (local, SSH): runtime API or validate +
+//!                                            install + reload, retried until it runs the plan
+//! Launcher ──WaitDrained──▶ HaproxyWriter (before terminating a drained host)
 //! ```
 //!
 //! One actor per file; [`messages`] holds what several of them receive. [`start_master`] is
 //! the only place that knows who talks to whom.
 
 pub mod decider;
+pub mod haproxy_worker;
 pub mod haproxy_writer;
 pub mod launcher;
 pub mod messages;
@@ -37,8 +40,9 @@ use self::haproxy_writer::HaproxyWriter;
 use self::launcher::{LaunchSettings, Launcher, LauncherOutputs, Provisioner};
 use self::node_status::NodeStatus;
 use self::registry::HostRegistry;
-use self::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
+use self::tunnels::{TunnelError, TunnelManager, TunnelOutputs, TunnelSettings};
 use crate::adapters::hosts_dir::HostsDir;
+use crate::adapters::ssh::SshSettings;
 use crate::config::Config;
 use crate::render::HaproxyTemplate;
 use crate::StartError;
@@ -62,13 +66,15 @@ pub async fn start_master(
     tick: Duration,
     log: &Logger,
 ) -> Result<Master, StartError> {
-    let tunnel_settings = TunnelSettings::from_config(cfg)?;
+    // One SSH identity for every session: tunnels to nodes, remote HAProxy servers.
+    let ssh = Arc::new(SshSettings::from_config(cfg).map_err(TunnelError::from)?);
+    let tunnel_settings = TunnelSettings::with_ssh(cfg, ssh.clone());
     let provisioner = match cfg.scaling.dry_run {
         true => None,
         false => Some(Provisioner::from_config(cfg).await?),
     };
     let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
-    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, log).start();
+    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log).start();
     let status = NodeStatus::new(log).start();
     // Registry, decider and launcher address each other: make the contexts (and so the
     // addresses) first, start the actors once everyone has what it needs.
@@ -86,6 +92,7 @@ pub async fn start_master(
                 list: registry.clone().recipient(),
                 finished: decider.clone().recipient(),
                 reconciled: decider.clone().recipient(),
+                drained: Some(writer.clone().recipient()),
             },
             log,
         )

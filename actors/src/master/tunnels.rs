@@ -58,7 +58,7 @@ impl From<russh::Error> for TunnelError {
 
 /// What every session needs, shared.
 pub struct TunnelSettings {
-    pub ssh: SshSettings,
+    pub ssh: Arc<SshSettings>,
     pub report_port: u16,
     /// A channel that carries no frame for this long is closed and its node marked down.
     pub stale_after: Duration,
@@ -70,12 +70,20 @@ impl TunnelSettings {
     /// From the configuration; loads the identity file now so a bad key stops the master at
     /// start rather than failing every session later.
     pub fn from_config(cfg: &Config) -> Result<TunnelSettings, TunnelError> {
-        Ok(TunnelSettings {
-            ssh: SshSettings::from_config(cfg)?,
+        Ok(TunnelSettings::with_ssh(
+            cfg,
+            Arc::new(SshSettings::from_config(cfg)?),
+        ))
+    }
+
+    /// From the configuration, with an SSH identity already loaded.
+    pub fn with_ssh(cfg: &Config, ssh: Arc<SshSettings>) -> TunnelSettings {
+        TunnelSettings {
+            ssh,
             report_port: cfg.node.report_port,
             stale_after: cfg.scaling.stale_after,
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-        })
+        }
     }
 }
 

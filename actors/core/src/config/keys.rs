@@ -3,12 +3,10 @@
 //! `autoscaler init` writes all come from [`KEYS`]; adding a key is one entry here plus its
 //! field in the section struct.
 
-use std::path::PathBuf;
-
 use super::kinds::{
-    check_bound, BindAddress, Bound, CheckCommand, Choice, Command, ConfigWord, Cx, Dur, FilePath,
-    Flag, Fraction, GroupTag, Kind, OptionalPath, Percent, Port, RequiredCommand, SecretText,
-    SocketPath, Targets, Text, UrlOrEmpty, UrlPath, UserName, Whole, Words,
+    check_bound, Binds, Bound, CheckCommand, Choice, Command, ConfigWord, Cx, Dur, FilePath, Flag,
+    Fraction, GroupTag, Kind, OptionalName, OptionalPath, Percent, Port, RequiredCommand,
+    SecretText, SocketPath, Targets, Text, UrlOrEmpty, UrlPath, UserName, Whole, Words,
 };
 use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
 use super::{Config, Layout};
@@ -18,8 +16,9 @@ use super::{Config, Layout};
 pub enum DefaultValue {
     /// Parsed like a value in the file.
     Text(&'static str),
-    /// Where [`Layout`] puts this file or directory.
-    Layout(fn(&Layout) -> &PathBuf),
+    /// What [`Layout`] says for this key (a path, or a value that differs between the
+    /// system layout and a private directory).
+    Layout(fn(&Layout) -> String),
 }
 
 /// One key of `autoscaler.ini`.
@@ -46,7 +45,7 @@ impl Key {
     pub fn default_text(&self, layout: &Layout) -> String {
         match self.default {
             DefaultValue::Text(t) => t.to_string(),
-            DefaultValue::Layout(f) => f(layout).display().to_string(),
+            DefaultValue::Layout(f) => f(layout),
         }
     }
 
@@ -107,9 +106,9 @@ pub static KEYS: &[Key] = &[
     // [autoscaler]
     key!("autoscaler", general.role: Choice<Role> = T("master"),
         "master (the HAProxy machine: decides, launches, rewrites HAProxy) or node (a web server)."),
-    key!("autoscaler", general.hosts_dir: FilePath = At(|l| &l.hosts_dir),
+    key!("autoscaler", general.hosts_dir: FilePath = At(|l| l.hosts_dir.display().to_string()),
         "One file per backend host, written by `autoscaler add-host`."),
-    key!("autoscaler", general.state_dir: FilePath = At(|l| &l.state_dir),
+    key!("autoscaler", general.state_dir: FilePath = At(|l| l.state_dir.display().to_string()),
         "Launch intents and decision times (master)."),
     // [node]
     key!("node", node.report_port: Port = T("9700"),
@@ -157,7 +156,8 @@ pub static KEYS: &[Key] = &[
     key!("scaling", scaling.warmup: Dur = T("2m"),
         "A node takes no part in decisions until it has reported for this long."),
     key!("scaling", scaling.drain_timeout: Dur = T("1m"),
-        "Time between taking a host out of HAProxy and terminating it."),
+        "Longest a host taken out of HAProxy may keep its sessions before it is terminated (it\n\
+         goes as soon as every HAProxy server reports none left)."),
     key!("scaling", scaling.dry_run: Flag = T("true"),
         "true: decide and log, launch and terminate nothing. Set to false once [launch] is filled in."),
     // [ssh]
@@ -165,9 +165,9 @@ pub static KEYS: &[Key] = &[
         "User the master logs in as on nodes and remote HAProxy servers."),
     key!("ssh", ssh.port: Port = T("22"),
         "SSH port (a host file's ssh_port overrides it for that host)."),
-    key!("ssh", ssh.identity_file: FilePath = At(|l| &l.identity_file),
+    key!("ssh", ssh.identity_file: FilePath = At(|l| l.identity_file.display().to_string()),
         "Private key of the master (Ed25519 or ECDSA; RSA is not supported)."),
-    key!("ssh", ssh.known_hosts: FilePath = At(|l| &l.known_hosts),
+    key!("ssh", ssh.known_hosts: FilePath = At(|l| l.known_hosts.display().to_string()),
         "Known host keys of the nodes, OpenSSH format."),
     key!("ssh", ssh.host_key_policy: Choice<HostKeyPolicy> = T("strict"),
         "strict: refuse hosts not in known_hosts. accept-new: record a new host's key on first\n\
@@ -231,19 +231,33 @@ pub static KEYS: &[Key] = &[
         "Longest a scale command may run."),
     // [haproxy]
     key!("haproxy", haproxy.servers: Targets = T("local"),
-        "HAProxy servers that get the generated config: local, or [ssh://][user@]host[:port]."),
-    key!("haproxy", haproxy.config_path: FilePath = At(|l| &l.haproxy_config),
+        "HAProxy servers that get the generated config: local, or\n\
+         [ssh://][user@]host[:port][/path/to/haproxy.cfg] (reached with [ssh]; path: config_path)."),
+    key!("haproxy", haproxy.config_path: FilePath = At(|l| l.haproxy_config.display().to_string()),
         "Where the generated config is installed."),
-    key!("haproxy", haproxy.bind: BindAddress = T("*:80"),
-        "Frontend address."),
+    key!("haproxy", haproxy.bind: Binds = T("*:80"),
+        "Frontend addresses: ADDRESS:PORT [bind options], several separated by ';'\n\
+         (e.g. *:80; *:443 ssl crt /etc/haproxy/site.pem alpn h2,http/1.1)."),
     key!("haproxy", haproxy.template: OptionalPath = T(""),
         "Template replacing the embedded one (empty: embedded)."),
     key!("haproxy", haproxy.check_command: CheckCommand = T("haproxy -c -f {config}"),
         "Validates a candidate config; {config} is replaced by its path."),
     key!("haproxy", haproxy.reload_command: RequiredCommand = T("systemctl reload haproxy"),
         "Reloads HAProxy after a new config is installed (hitless in master-worker mode)."),
-    key!("haproxy", haproxy.stats_socket: SocketPath = At(|l| &l.stats_socket),
-        "HAProxy runtime API socket."),
+    key!("haproxy", haproxy.command_timeout: Dur = T("1m"), Bound::Above("0s"), "",
+        "Longest check_command or reload_command may run (then it is killed and retried)."),
+    key!("haproxy", haproxy.runtime_api: Flag = T("true"),
+        "Add, drain and remove servers through the runtime API (stats_socket) without a reload\n\
+         when only the server list changes; false: validate and reload for every change."),
+    key!("haproxy", haproxy.stats_socket: SocketPath = At(|l| l.stats_socket.display().to_string()),
+        "HAProxy runtime API socket (the same path on every server)."),
+    key!("haproxy", haproxy.server_state_file: SocketPath = At(|l| l.haproxy_state.display().to_string()),
+        "Servers' health states are saved here before each reload, so a reload keeps them."),
+    key!("haproxy", haproxy.user: OptionalName = At(|l| l.haproxy_user()),
+        "User and group HAProxy drops to after start (empty: stays who started it)."),
+    key!("haproxy", haproxy.group: OptionalName = At(|l| l.haproxy_user()), ""),
+    key!("haproxy", haproxy.chroot: OptionalPath = At(|l| l.haproxy_chroot()),
+        "Directory HAProxy confines itself to after start (empty: none)."),
     key!("haproxy", haproxy.backend: ConfigWord = T("app"),
         "Name of the backend (and frontend prefix) in the generated config."),
     key!("haproxy", haproxy.health_check_path: UrlPath = T(""),
@@ -273,7 +287,7 @@ pub fn find(section: &str, name: &str) -> Option<&'static Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     #[test]
     fn every_default_parses_within_its_bound() {

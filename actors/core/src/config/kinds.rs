@@ -175,22 +175,69 @@ string_kind!(
     }
 );
 
-string_kind!(
-    /// HAProxy's frontend address: `ADDR:PORT` where ADDR is `*`, empty, an IP literal (IPv6
-    /// in brackets or bare) or a name.
-    BindAddress,
-    |bind| {
-        let accepted = "ADDRESS:PORT, e.g. *:80, 0.0.0.0:8080 or [::]:80";
-        let (addr, port) = bind
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{bind:?} is not {accepted}"))?;
-        parse_port(port).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
-        if !(addr.is_empty() || addr == "*" || addr == "::" || addr == "[::]") {
-            HostName::parse(addr).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
-        }
-        Ok(bind)
+/// One `bind` line: `ADDR:PORT` (ADDR is `*`, empty, an IP literal — IPv6 in brackets or bare
+/// — or a name), then HAProxy bind options (`ssl crt /etc/haproxy/site.pem alpn h2,http/1.1`),
+/// each a word of characters HAProxy's tokenizer and the config file take literally.
+fn check_bind(bind: &str) -> Result<String, String> {
+    let bind = text(bind.trim())?;
+    let accepted =
+        "ADDRESS:PORT [options], e.g. *:80, [::]:80 v4v6 or *:443 ssl crt /etc/haproxy/site.pem";
+    let mut words = bind.split_whitespace();
+    let address = words.next().unwrap_or("");
+    let (addr, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{bind:?} is not {accepted}"))?;
+    parse_port(port).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
+    if !(addr.is_empty() || addr == "*" || addr == "::" || addr == "[::]") {
+        HostName::parse(addr).map_err(|e| format!("{bind:?} is not {accepted}: {e}"))?;
     }
-);
+    for w in words {
+        let ok = w
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.,:/=+@".contains(c));
+        if !ok {
+            return Err(format!(
+                "{bind:?}: option {w:?} has a character HAProxy would interpret (use letters, digits and _-.,:/=+@)"
+            ));
+        }
+    }
+    Ok(bind.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// HAProxy's frontend addresses: one or more `bind` lines, separated by `;`.
+pub struct Binds;
+impl Kind for Binds {
+    type Value = Vec<String>;
+    fn parse(v: &str, _: &Cx) -> Result<Vec<String>, String> {
+        let binds = v
+            .split(';')
+            .filter(|b| !b.trim().is_empty())
+            .map(check_bind)
+            .collect::<Result<Vec<_>, _>>()?;
+        match binds.is_empty() {
+            true => Err("needs at least one ADDRESS:PORT, e.g. *:80".into()),
+            false => Ok(binds),
+        }
+    }
+    fn show(v: &Vec<String>) -> String {
+        v.join("; ")
+    }
+}
+
+/// A user or group name for HAProxy's `user`/`group`, or empty for none.
+pub struct OptionalName;
+impl Kind for OptionalName {
+    type Value = String;
+    fn parse(v: &str, cx: &Cx) -> Result<String, String> {
+        match v.is_empty() {
+            true => Ok(String::new()),
+            false => ConfigWord::parse(v, cx),
+        }
+    }
+    fn show(v: &String) -> String {
+        v.clone()
+    }
+}
 
 /// A secret string: shown redacted.
 pub struct SecretText;
@@ -484,6 +531,7 @@ mod tests {
         round::<Targets>("local, ops@lb2:2222, ssh://[2001:db8::2]:22");
         round::<Command>("sh -c 'kill -USR2 $(cat /run/h.pid)'");
         round::<CheckCommand>("haproxy -c -f {config}");
+        round::<Binds>("*:80; [::]:443 v4v6 ssl crt /etc/haproxy/site.pem alpn h2,http/1.1");
         round::<Flag>("yes");
         round::<OptionalPath>("");
         round::<Whole<u32>>("7");
@@ -514,6 +562,36 @@ mod tests {
             check_bound::<Percent>(&0.0, Bound::Above("0"), ""),
             Err("must be above 0".into())
         );
+    }
+
+    #[test]
+    fn binds_take_options_but_nothing_haproxy_would_interpret() {
+        let ok = Binds::parse(
+            "*:80;  :::8080 v4v6 ;*:443 ssl crt /etc/h/s.pem alpn h2,http/1.1",
+            &Cx::PLAIN,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            [
+                "*:80",
+                ":::8080 v4v6",
+                "*:443 ssl crt /etc/h/s.pem alpn h2,http/1.1"
+            ]
+        );
+        for (bad, why) in [
+            ("80", "is not ADDRESS:PORT"),
+            ("*:80 ssl#x", "would interpret"),
+            ("*:80 crt '/x y'", "would interpret"),
+            ("*:80 crt \"x\"", "would interpret"),
+            ("*:80 $(id)", "would interpret"),
+            ("bad host:80", "is not ADDRESS:PORT"),
+            (";", "needs at least one"),
+            ("*:0", "is not ADDRESS:PORT"),
+        ] {
+            let e = Binds::parse(bad, &Cx::PLAIN).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

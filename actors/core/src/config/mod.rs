@@ -148,13 +148,21 @@ pub struct Launch {
 pub struct Haproxy {
     pub servers: Vec<HaproxyTarget>,
     pub config_path: PathBuf,
-    /// Frontend address, e.g. `*:80` or `192.0.2.1:8080`.
-    pub bind: String,
+    /// Frontend `bind` lines, e.g. `*:80`, `*:443 ssl crt /etc/haproxy/site.pem`.
+    pub bind: Vec<String>,
     /// Path of a template that replaces the embedded one.
     pub template: Option<PathBuf>,
     pub check_command: CommandLine,
     pub reload_command: CommandLine,
+    /// Longest the check or reload command may run.
+    pub command_timeout: Duration,
+    /// Change servers through the runtime API when only the server list changes.
+    pub runtime_api: bool,
     pub stats_socket: PathBuf,
+    pub server_state_file: PathBuf,
+    pub user: String,
+    pub group: String,
+    pub chroot: Option<PathBuf>,
     pub backend: String,
     pub health_check_path: String,
     pub check_interval: Duration,
@@ -181,12 +189,15 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub dir: PathBuf,
+    /// The system layout (`/etc/autoscaler`), as opposed to a private directory.
+    pub system: bool,
     pub hosts_dir: PathBuf,
     pub state_dir: PathBuf,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub haproxy_config: PathBuf,
     pub stats_socket: PathBuf,
+    pub haproxy_state: PathBuf,
 }
 
 impl Layout {
@@ -200,12 +211,31 @@ impl Layout {
         };
         Layout {
             dir: dir.to_path_buf(),
+            system,
             hosts_dir: inside("hosts.d"),
             state_dir: either("/var/lib/autoscaler", "state"),
             identity_file: inside("id_ed25519"),
             known_hosts: inside("known_hosts"),
             haproxy_config: either("/etc/haproxy/haproxy.cfg", "haproxy.cfg"),
             stats_socket: either("/run/haproxy/admin.sock", "haproxy.sock"),
+            haproxy_state: either("/var/lib/haproxy/server-state", "haproxy.state"),
+        }
+    }
+
+    /// HAProxy's user and group: Debian's `haproxy` in the system layout; in a private
+    /// directory, whoever starts it.
+    pub fn haproxy_user(&self) -> String {
+        match self.system {
+            true => "haproxy".into(),
+            false => String::new(),
+        }
+    }
+
+    /// HAProxy's chroot: Debian's in the system layout, none in a private directory.
+    pub fn haproxy_chroot(&self) -> String {
+        match self.system {
+            true => "/var/lib/haproxy".into(),
+            false => String::new(),
         }
     }
 }

@@ -91,7 +91,8 @@ fn values_are_read() {
          [scaling]\npolicy = cluster\nscale_up_threshold = 80%\ncooldown = 1h 30m\ndry_run = no\n\
          [launch]\nlauncher = command\nscale_up_command = /usr/local/bin/grow --zone 'eu west'\n\
          security_group_ids = sg-1, sg-2,\n\
-         [haproxy]\nservers = local, ops@lb2.example.com:2222, ssh://[2001:db8::2]:22\n",
+         [haproxy]\nservers = local, ops@lb2.example.com:2222, ssh://[2001:db8::2]:22, lb3/srv/h.cfg\n\
+         bind = *:80; *:443 ssl crt /etc/haproxy/site.pem\n",
     )
     .unwrap();
     assert_eq!(cfg.general.role, Role::Node);
@@ -113,16 +114,29 @@ fn values_are_read() {
             HaproxyTarget::Ssh {
                 user: Some("ops".into()),
                 host: HostName::parse("lb2.example.com").unwrap(),
-                port: Some(2222)
+                port: Some(2222),
+                path: None,
             },
             HaproxyTarget::Ssh {
                 user: None,
                 host: HostName::parse("2001:db8::2").unwrap(),
-                port: Some(22)
+                port: Some(22),
+                path: None,
+            },
+            HaproxyTarget::Ssh {
+                user: None,
+                host: HostName::parse("lb3").unwrap(),
+                port: None,
+                path: Some("/srv/h.cfg".into()),
             },
         ]
     );
     assert_eq!(cfg.haproxy.servers[2].to_string(), "ssh://[2001:db8::2]:22");
+    assert_eq!(cfg.haproxy.servers[3].to_string(), "ssh://lb3/srv/h.cfg");
+    assert_eq!(
+        cfg.haproxy.bind,
+        ["*:80", "*:443 ssl crt /etc/haproxy/site.pem"]
+    );
 }
 
 /// Each bad file names its section and key, and says what is accepted.
@@ -151,11 +165,14 @@ fn bad_values_name_section_and_key() {
         ("[launch]\nscale_up_command = grow 'unbalanced\n", "[launch] scale_up_command: \"grow 'unbalanced\" is not valid; expected a command line with balanced quotes"),
         ("[scaling]\ndry_run = false\n", "[launch] image_id: an AMI id (or launch_template) is needed"),
         ("[scaling]\ndry_run = false\n[launch]\nlauncher = command\n", "[launch] scale_up_command: launcher = command needs a scale_up_command"),
-        ("[haproxy]\nservers = local, bad host\n", "[haproxy] servers: \"bad host\" is not valid; expected `local` or `[ssh://][user@]host[:port]`"),
+        ("[haproxy]\nservers = local, bad host\n", "[haproxy] servers: \"bad host\" is not valid; expected `local` or `[ssh://][user@]host[:port][/path/to/haproxy.cfg]`"),
         ("[haproxy]\nservers = -x@lb\n", "[haproxy] servers: \"-x@lb\" is not valid"),
         ("[haproxy]\nservers =\n", "[haproxy] servers: needs at least one server"),
         ("[haproxy]\nbind = 80\n", "[haproxy] bind: \"80\" is not ADDRESS:PORT"),
-        ("[haproxy]\nbind = *:80 ssl crt /x\n", "[haproxy] bind: \"*:80 ssl crt /x\" is not ADDRESS:PORT"),
+        ("[haproxy]\nbind = *:80 ssl crt '/x'\n", "[haproxy] bind: \"*:80 ssl crt '/x'\": option \"'/x'\" has a character HAProxy would interpret"),
+        ("[haproxy]\nservers = lb2/etc/haproxy\\ x.cfg\n", "[haproxy] servers: \"lb2/etc/haproxy\\\\ x.cfg\" is not valid"),
+        ("[haproxy]\nuser = ha proxy\n", "[haproxy] user: \"ha proxy\" is not a name"),
+        ("[haproxy]\ncommand_timeout = 0s\n", "[haproxy] command_timeout: must be longer than 0s"),
         ("[haproxy]\ncheck_command = haproxy -c\n", "[haproxy] check_command: must contain {config}"),
         ("[haproxy]\nbackend = web app\n", "[haproxy] backend: \"web app\" is not a name"),
         ("[haproxy]\nhealth_check_path = healthz\n", "[haproxy] health_check_path: \"healthz\" is not a URL path"),

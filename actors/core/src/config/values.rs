@@ -3,6 +3,7 @@
 //! user writes and displays back to text that parses to the same value.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
@@ -173,27 +174,45 @@ impl Serialize for CommandLine {
 }
 
 /// One HAProxy server that receives the generated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HaproxyTarget {
-    /// HAProxy on this machine.
+    /// HAProxy on this machine, configured at `[haproxy] config_path`.
     Local,
     /// HAProxy on another machine, reached over SSH with the `[ssh]` settings.
     Ssh {
         user: Option<String>,
         host: HostName,
         port: Option<u16>,
+        /// Its configuration file, when not `[haproxy] config_path`.
+        path: Option<PathBuf>,
     },
+}
+
+/// A path that may appear in a command run on another machine: absolute, and made only of
+/// characters no shell or HAProxy treats specially.
+pub fn check_remote_path(p: &str) -> Result<PathBuf, String> {
+    let ok = p.starts_with('/')
+        && !p.contains("/../")
+        && !p.ends_with("/..")
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '.' | '+' | '@'));
+    match ok {
+        true => Ok(PathBuf::from(p)),
+        false => Err(format!(
+            "{p:?} is not an absolute path of letters, digits, '/', '_', '-', '.', '+', '@'"
+        )),
+    }
 }
 
 impl FromStr for HaproxyTarget {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        const ACCEPTED: &str = "`local` or `[ssh://][user@]host[:port]`";
+        const ACCEPTED: &str = "`local` or `[ssh://][user@]host[:port][/path/to/haproxy.cfg]`";
         if s == "local" {
             return Ok(HaproxyTarget::Local);
         }
         let rest = s.strip_prefix("ssh://").unwrap_or(s);
-        let (user, hostport) = match rest.split_once('@') {
+        let (user, rest) = match rest.split_once('@') {
             Some((u, h)) => {
                 let user_ok = !u.is_empty()
                     && !u.starts_with('-')
@@ -206,6 +225,14 @@ impl FromStr for HaproxyTarget {
             }
             None => (None, rest),
         };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
+        let path = path
+            .map(check_remote_path)
+            .transpose()
+            .map_err(|e| format!("{ACCEPTED}; {e}"))?;
         let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
             let (h, after) = inner
                 .split_once(']')
@@ -228,7 +255,12 @@ impl FromStr for HaproxyTarget {
             .map(parse_port)
             .transpose()
             .map_err(|e| format!("{ACCEPTED}; {e}"))?;
-        Ok(HaproxyTarget::Ssh { user, host, port })
+        Ok(HaproxyTarget::Ssh {
+            user,
+            host,
+            port,
+            path,
+        })
     }
 }
 
@@ -236,15 +268,25 @@ impl fmt::Display for HaproxyTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HaproxyTarget::Local => f.write_str("local"),
-            HaproxyTarget::Ssh { user, host, port } => {
+            HaproxyTarget::Ssh {
+                user,
+                host,
+                port,
+                path,
+            } => {
                 f.write_str("ssh://")?;
                 if let Some(u) = user {
                     write!(f, "{u}@")?;
                 }
                 match (host, port) {
-                    (HostName::V6(ip), Some(p)) => write!(f, "[{ip}]:{p}"),
-                    (h, Some(p)) => write!(f, "{h}:{p}"),
-                    (h, None) => write!(f, "{h}"),
+                    (HostName::V6(ip), Some(p)) => write!(f, "[{ip}]:{p}")?,
+                    (HostName::V6(ip), None) if path.is_some() => write!(f, "[{ip}]")?,
+                    (h, Some(p)) => write!(f, "{h}:{p}")?,
+                    (h, None) => write!(f, "{h}")?,
+                }
+                match path {
+                    Some(p) => write!(f, "{}", p.display()),
+                    None => Ok(()),
                 }
             }
         }

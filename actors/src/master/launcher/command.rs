@@ -46,6 +46,9 @@ impl CommandProvisioner {
         Ok(parse_launched(&stdout).map_err(|message| CommandFailed {
             command: self.up.to_string(),
             message,
+            not_found: false,
+            status: None,
+            output: String::new(),
         })?)
     }
 

@@ -15,6 +15,7 @@ use super::{Inner, LaunchError, Provisioner};
 use crate::adapters::hosts_dir::HostsError;
 use crate::adapters::known_hosts;
 use crate::backoff::Backoff;
+use crate::master::haproxy_writer::WaitDrained;
 use crate::master::registry::DeregisterHost;
 
 /// Longest wait between two tries of a failing drain.
@@ -59,8 +60,20 @@ async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError>
             Err(e) => return Err(LaunchError::Registry(e.to_string())),
         }
     }
-    let left = d.deadline_ms.saturating_sub(now_ms());
-    tokio::time::sleep(Duration::from_millis(left)).await;
+    // HAProxy stops sending it new requests; its connections get until the deadline to end.
+    let left = Duration::from_millis(d.deadline_ms.saturating_sub(now_ms()));
+    match (&inner.out.drained, &d.host) {
+        (Some(haproxy), Some(h)) => {
+            let wait = haproxy.send(WaitDrained {
+                server: h.key(),
+                within: left,
+            });
+            let _ = tokio::time::timeout(left + Duration::from_secs(5), wait).await;
+            info!(log, "HAProxy has no more traffic for it"; "host" => %h.host, "port" => h.port,
+                "early_by" => ?Duration::from_millis(d.deadline_ms.saturating_sub(now_ms())));
+        }
+        _ => tokio::time::sleep(left).await,
+    }
     match (&inner.provisioner, &d.instance_id, &d.host) {
         (Provisioner::Ec2(api), Some(id), _) => match api.terminate(id).await {
             Ok(()) => info!(log, "Terminated"; "instance_id" => id),

@@ -38,6 +38,7 @@ use thiserror::Error;
 use self::command::CommandProvisioner;
 use self::intents::{now_ms, write_drain, Drain, DrainKey};
 use super::decider::{LaunchFinished, Reconciled};
+use super::haproxy_writer::WaitDrained;
 use super::registry::{DeregisterHost, ListHosts, RegisterHost};
 use crate::adapters::ec2::{Ec2Api, Ec2Error, SdkEc2};
 use crate::adapters::process::CommandFailed;
@@ -181,6 +182,8 @@ pub struct LauncherOutputs {
     pub list: Recipient<ListHosts>,
     pub finished: Recipient<LaunchFinished>,
     pub reconciled: Recipient<Reconciled>,
+    /// HAProxy's side of a drain: None waits the whole drain time.
+    pub drained: Option<Recipient<WaitDrained>>,
 }
 
 /// What this process is working on right now.
