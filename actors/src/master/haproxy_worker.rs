@@ -334,8 +334,15 @@ impl Worker {
             if let Some(options) = &plan.server_options {
                 match self.runtime_sync(plan, options).await {
                     Ok((added, draining)) => {
-                        // The file follows in the same step: a reload or restart gives the
-                        // same backend. It is validated like any other.
+                        // HAProxy runs the change from here on.
+                        if added + draining > 0 {
+                            info!(self.log, "HAProxy servers changed through the runtime API";
+                                "added" => added, "draining" => draining, "servers" => plan.servers.len());
+                        }
+                        // The file follows in the same step, so a reload or restart gives the
+                        // same backend; it is validated like any other. Until it is in place
+                        // HAProxy's record stays the old file, so a failure here is retried
+                        // and the new file never trusted unvalidated.
                         self.link()
                             .await?
                             .install(&plan.text, &path, &check)
@@ -344,10 +351,6 @@ impl Worker {
                             hash: plan.hash.clone(),
                             skeleton: plan.skeleton.clone(),
                         });
-                        if added + draining > 0 {
-                            info!(self.log, "HAProxy servers changed through the runtime API";
-                                "added" => added, "draining" => draining, "servers" => plan.servers.len());
-                        }
                         return Ok(Applied::Runtime { added, draining });
                     }
                     Err(e) => {

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# HAProxy under host changes, runtime API vs reloads.
+#
+# HAProxy (master-worker) on 127.0.0.1, fast backends (another HAProxy answering with its own
+# name on 127.0.1.1-10:8080), and `autoscaler master` (dry-run: it only keeps HAProxy in step
+# with hosts.d). For each mode ([haproxy] runtime_api = true, then false):
+#   1. wrk (8 keep-alive connections) through HAProxy while 50 host changes are applied with
+#      add-host/remove-host: failed requests (socket errors + non-2xx), and HAProxy worker
+#      processes started (each reload starts one);
+#   2. the time from `autoscaler add-host` to the first request the new server answers
+#      (median of 5).
+# Usage: benches/haproxy-hitless.sh      (root; about 4 minutes; installs wrk if missing)
+#   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
+[ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do pkill -9 -P "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+front=$(free_port)
+
+# The backends: one HAProxy process, ten "servers" answering with their name.
+{
+  printf 'global\n    maxconn 4000\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n'
+  for i in $(seq 1 10); do
+    printf 'frontend be%d\n    bind 127.0.1.%d:8080\n    http-request return status 200 content-type text/plain string "be%d\\n"\n' "$i" "$i" "$i"
+  done
+} >"$tmp/backends.cfg"
+haproxy -f "$tmp/backends.cfg" >"$tmp/backends.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do curl -sf http://127.0.1.10:8080/ >/dev/null && break; sleep 0.1; done
+curl -sf http://127.0.1.10:8080/ >/dev/null || { echo "the backends did not start:" >&2; cat "$tmp/backends.log" >&2; exit 1; }
+
+run_mode() {
+  local mode=$1 m="$tmp/$1"
+  "$bin" -q init --dir "$m"
+  ssh-keygen -q -t ed25519 -N '' -f "$m/id_ed25519"
+  local ini="$m/autoscaler.ini"
+  set_key() { python3 - "$ini" "$1" "$2" "$3" <<'PY'
+import sys
+path, section, key, value = sys.argv[1:]
+out, cur = [], None
+for line in open(path).read().splitlines():
+    if line.startswith("["): cur = line.strip("[]")
+    if cur == section and line.split(" = ")[0] == key: line = f"{key} = {value}"
+    out.append(line)
+open(path, "w").write("\n".join(out) + "\n")
+PY
+  }
+  set_key haproxy bind "127.0.0.1:$front"
+  set_key haproxy debounce 100ms
+  set_key haproxy check_interval 1s
+  set_key haproxy runtime_api "$([ "$mode" = runtime ] && echo true || echo false)"
+  set_key haproxy reload_command "sh -c 'kill -USR2 \$(cat $m/haproxy.pid)'"
+  set_key scaling drain_timeout 5s
+  export AUTOSCALER_CONFIG=$ini
+  "$bin" -q add-host 127.0.1.1 8080
+  "$bin" -q generate
+  haproxy -W -f "$m/haproxy.cfg" -p "$m/haproxy.pid" >/dev/null 2>&1 &
+  local lb=$!; pids+=($lb)
+  "$bin" --log-format json master 2>"$m/master.log" &
+  local master=$!; pids+=($master)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$front/" >/dev/null && break; sleep 0.1; done
+  sleep 2 # the master's first apply
+
+  # Worker processes of the HAProxy master, sampled every 100 ms.
+  (while :; do pgrep -P "$(cat "$m/haproxy.pid")" || true; sleep 0.1; done) >"$m/workers" 2>/dev/null &
+  local sampler=$!; pids+=($sampler)
+  sleep 0.5
+  local before; before=$(sort -u "$m/workers" | wc -l)
+  wrk -t 2 -c 8 -d 70s "http://127.0.0.1:$front/" >"$m/wrk.txt" 2>&1 &
+  local load=$!; pids+=($load)
+  sleep 2
+  # 50 changes: servers 2..10 come and go, one change every 1.2 s (hosts.d is read every second).
+  for c in $(seq 1 50); do
+    i=$(( (c - 1) % 9 + 2 ))
+    if (( ((c - 1) / 9) % 2 == 0 )); then "$bin" -q add-host "127.0.1.$i" 8080; else "$bin" -q remove-host "127.0.1.$i" 8080; fi
+    sleep 1.2
+  done
+  wait "$load" || true
+  kill "$sampler" 2>/dev/null || true
+  local workers; workers=$(sort -u "$m/workers" | wc -l)
+  local requests errors non2xx
+  requests=$(awk '/requests in/ {print $1}' "$m/wrk.txt")
+  errors=$(awk '/Socket errors/ {gsub(",",""); s=0; for (i=1;i<=NF;i++) if ($i ~ /^[0-9]+$/) s+=$i; print s}' "$m/wrk.txt")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$m/wrk.txt")
+  echo "$mode: $requests requests under 50 changes, socket errors ${errors:-0}, non-2xx ${non2xx:-0}, HAProxy workers started $((workers - before))"
+
+  # add-host → first request answered by the new server.
+  local times=()
+  for trial in 1 2 3 4 5; do
+    for i in $(seq 2 10); do "$bin" -q remove-host "127.0.1.$i" 8080 2>/dev/null || true; done
+    sleep 3
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$bin" -q add-host 127.0.1.7 8080
+    for _ in $(seq 2000); do
+      curl -s "http://127.0.0.1:$front/" | grep -q be7 && break
+    done
+    t1=$(date +%s.%N)
+    times+=("$(echo "$t1 - $t0" | bc)")
+  done
+  local median; median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+  echo "$mode: add-host to the first request served by the new server: median $median s (${times[*]})"
+  # The master's own part: from the registry seeing a change to HAProxy running it.
+  python3 - "$m/master.log" "$mode" <<'PY'
+import json, sys, statistics
+from datetime import datetime
+seen, lat = None, []
+for line in open(sys.argv[1]):
+    try: r = json.loads(line)
+    except ValueError: continue
+    t = datetime.fromisoformat(r["ts"].replace("Z", "+00:00").split(".")[0] + "." + r["ts"].split(".")[1][:6].rstrip("Z") + "+00:00") if "." in r["ts"] else None
+    if r.get("msg") == "Hosts changed": seen = t
+    elif seen and r.get("msg") in ("HAProxy servers changed through the runtime API", "HAProxy configuration installed and reloaded"):
+        lat.append((t - seen).total_seconds() * 1000); seen = None
+print(f"{sys.argv[2]}: hosts.d change seen -> HAProxy runs it: median {statistics.median(lat):.0f} ms over {len(lat)} changes (debounce 100 ms included)")
+PY
+  kill -9 "$master" "$lb" 2>/dev/null || true
+  pkill -9 -P "$lb" 2>/dev/null || true
+  sleep 1
+}
+
+run_mode runtime
+run_mode reload
