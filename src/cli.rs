@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use autoscaler_actors::config::{DEFAULT_CONFIG_PATH, DEFAULT_DIR};
+use autoscaler_actors::config::DEFAULT_CONFIG_PATH;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Reactive scale-out for web servers behind HAProxy, without Kubernetes.
@@ -47,11 +47,13 @@ pub enum RoleArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write DIR/autoscaler.ini (every key with its default) and create DIR/hosts.d.
+    /// Write the configuration file (every key with its default) and create hosts.d beside it.
     Init {
-        /// Configuration directory; paths in the written file point inside it.
-        #[arg(long, default_value = DEFAULT_DIR)]
-        dir: PathBuf,
+        /// Configuration directory (the file is DIR/autoscaler.ini); without it, the file named
+        /// by --config or $AUTOSCALER_CONFIG (default /etc/autoscaler/autoscaler.ini). Paths
+        /// in the written file point inside that directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Role written into the file.
         #[arg(long, value_enum, default_value_t = RoleArg::Master)]
         role: RoleArg,
@@ -98,10 +100,24 @@ pub enum Command {
     },
     /// Load and validate the configuration, print it with secrets redacted.
     Check,
+    /// Ask the running master what it sees: nodes, decisions, launches, drains, HAProxy.
+    Status {
+        /// Print the master's JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon in the role `[autoscaler] role` names.
     Run,
     /// Run the master daemon (the HAProxy machine), whatever the configured role.
     Master,
     /// Run the node agent (a web server), whatever the configured role.
     Node,
+    /// Print a completion script for SHELL (e.g. `autoscaler completions bash >
+    /// /usr/share/bash-completion/completions/autoscaler`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `autoscaler man > /usr/share/man/man1/autoscaler.1`.
+    Man,
 }

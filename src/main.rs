@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use autoscaler_actors::config::ConfigError;
 use autoscaler_actors::hosts::InvalidHost;
+use autoscaler_actors::master::control::ControlError;
 use clap::Parser;
 use slog::error;
 
@@ -18,6 +19,8 @@ use crate::cli::{Cli, LogFormat};
 
 /// sysexits.h: the input data was incorrect (a bad host or port).
 const EX_DATAERR: u8 = 65;
+/// sysexits.h: a service is unavailable (no master answers `status`).
+const EX_UNAVAILABLE: u8 = 69;
 /// sysexits.h: configuration error.
 const EX_CONFIG: u8 = 78;
 
@@ -50,6 +53,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         EX_CONFIG
     } else if e.downcast_ref::<InvalidHost>().is_some() {
         EX_DATAERR
+    } else if let Some(ControlError::NoMaster { .. }) = e.downcast_ref::<ControlError>() {
+        EX_UNAVAILABLE
     } else {
         1
     }

@@ -1,13 +1,16 @@
 //! One function per subcommand: read what it needs, call the library, print the result.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use autoscaler_actors::adapters::haproxy::{Installed, Validation};
 use autoscaler_actors::adapters::hosts_dir::{AddOutcome, HostsDir};
 use autoscaler_actors::admin::{self, AdminError, Output};
-use autoscaler_actors::config::{Config, ConfigError, Role};
+use autoscaler_actors::config::{Config, ConfigError, Role, CONFIG_FILE_NAME};
 use autoscaler_actors::hosts::{parse_port, Host, HostKey, HostName};
+use autoscaler_actors::master::control;
+use clap::CommandFactory;
 use slog::{info, warn, Logger};
 
 use crate::cli::{Cli, Command, RoleArg};
@@ -16,7 +19,7 @@ use crate::daemon;
 /// Runs the subcommand `cli` names.
 pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Init { dir, role, force } => init(cli, dir, *role, *force, log),
+        Command::Init { dir, role, force } => init(cli, dir.as_deref(), *role, *force, log),
         Command::AddHost {
             host,
             port,
@@ -37,6 +40,7 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             no_validate,
         } => generate(cli, output.as_deref(), *no_validate, log),
         Command::Check => check(cli, log),
+        Command::Status { json } => status(cli, *json, log),
         Command::Run => {
             let cfg = load(cli)?;
             let role = cfg.general.role;
@@ -44,6 +48,15 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
         }
         Command::Master => daemon::run(load(cli)?, Role::Master, log),
         Command::Node => daemon::run(load(cli)?, Role::Node, log),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "autoscaler", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
 
@@ -53,7 +66,7 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
 
 fn init(
     cli: &Cli,
-    dir: &std::path::Path,
+    dir: Option<&std::path::Path>,
     role: RoleArg,
     force: bool,
     log: &Logger,
@@ -62,7 +75,11 @@ fn init(
         RoleArg::Master => Role::Master,
         RoleArg::Node => Role::Node,
     };
-    let done = admin::init(dir, role, force)?;
+    let file = match dir {
+        Some(d) => d.join(CONFIG_FILE_NAME),
+        None => cli.config.clone(),
+    };
+    let done = admin::init_file(&file, role, force)?;
     info!(log, "Wrote configuration";
         "file" => %done.config_file.display(), "role" => %role,
         "hosts_dir" => %done.hosts_dir.display(), "replaced" => done.replaced);
@@ -187,8 +204,32 @@ fn generate(
     Ok(())
 }
 
+fn status(cli: &Cli, json: bool, log: &Logger) -> anyhow::Result<()> {
+    // The running master may run an older file than the one on disk: a file with problems
+    // still names the socket.
+    let (cfg, problems) = Config::load_lenient(&cli.config)?;
+    if !problems.is_empty() {
+        warn!(log, "The configuration file has problems (`autoscaler check`); asking the master anyway";
+            "file" => %cli.config.display(), "problems" => problems.len());
+    }
+    let s = control::request(&cfg.general.control_socket, Duration::from_secs(10))?;
+    let text = match json {
+        true => serde_json::to_string_pretty(&s)? + "\n",
+        false => s.to_table(),
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
     let cfg = load(cli)?;
+    // What start-up would trip on, too: the key, the files, the region, the template.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(autoscaler_actors::preflight::check(&cfg, cfg.general.role))?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

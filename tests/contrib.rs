@@ -42,3 +42,53 @@ fn cloud_init_user_data_is_valid_cloud_config() {
         assert!(text.contains(want), "missing {want:?}");
     }
 }
+
+/// Both units pass `systemd-analyze verify` (with ExecStart pointed at the built binary, which
+/// verify requires to exist), and keep what the daemon relies on.
+#[test]
+fn systemd_units_verify() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for role in ["master", "node"] {
+        let name = format!("autoscaler-{role}.service");
+        let text = std::fs::read_to_string(contrib(&format!("systemd/{name}"))).unwrap();
+        for want in ["Type=notify", "NotifyAccess=main", "ProtectSystem=strict"] {
+            assert!(text.contains(want), "{name}: missing {want:?}");
+        }
+        let unit = tmp.path().join(&name);
+        std::fs::write(
+            &unit,
+            text.replace(
+                "/usr/local/bin/autoscaler",
+                crate::common::bin().to_str().unwrap(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(&analyze)
+            .args(["verify", "--man=no"])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        // verify exits 0 on settings it ignores; any word from it is a finding.
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{name}: {said}"
+        );
+    }
+    // The master can still write what it must under ProtectSystem=strict.
+    let master = std::fs::read_to_string(contrib("systemd/autoscaler-master.service")).unwrap();
+    let rw = master
+        .lines()
+        .find_map(|l| l.strip_prefix("ReadWritePaths="))
+        .unwrap();
+    for path in ["/etc/haproxy", "/etc/autoscaler", "/run/haproxy"] {
+        assert!(rw.split(' ').any(|p| p == path), "{path} not writable");
+    }
+    assert!(master.contains("StateDirectory=autoscaler"));
+    assert!(master.contains("RuntimeDirectory=autoscaler"));
+    assert!(master.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+}

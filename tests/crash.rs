@@ -58,7 +58,6 @@ impl Rig {
     async fn new(ec2: bool) -> Option<Rig> {
         tool("ssh-keygen")?;
         let s = Sandbox::new();
-        keygen(&s.path().join("id_ed25519"));
         keygen(&s.path().join("instance_host_key"));
         let host_key = std::fs::read_to_string(s.path().join("instance_host_key.pub")).unwrap();
         let mut sets: Vec<(&str, &str, String)> = vec![

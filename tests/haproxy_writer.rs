@@ -790,6 +790,7 @@ async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
             up: CommandLine::default(),
             down: CommandLine(vec![down.display().to_string()]),
             timeout: Duration::from_secs(10),
+            env: vec![],
         }),
         LaunchSettings::from_config(&cfg),
         LauncherOutputs {

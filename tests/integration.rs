@@ -10,4 +10,5 @@ mod contrib;
 mod crash;
 mod haproxy_writer;
 mod launch;
+mod operator;
 mod tunnels;

@@ -632,7 +632,19 @@ fn script(dir: &Path, name: &str, body: &str) -> CommandLine {
 }
 
 fn commands(up: CommandLine, down: CommandLine, timeout: Duration) -> Provisioner {
-    Provisioner::Command(CommandProvisioner { up, down, timeout })
+    Provisioner::Command(CommandProvisioner {
+        up,
+        down,
+        timeout,
+        // What the configuration's [aws] region and profile become.
+        env: {
+            let layout = autoscaler_actors::config::Layout::for_dir(Path::new("/srv/as"));
+            let mut cfg = Config::defaults(&layout, Role::Master);
+            cfg.aws.region = "eu-west-3".into();
+            cfg.aws.profile = "fleet".into();
+            CommandProvisioner::from_config(&cfg).env
+        },
+    })
 }
 
 #[actix_rt::test]
@@ -640,11 +652,15 @@ async fn command_launcher() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), None);
     let none = CommandLine::default();
-    // A script that prints the new hosts as JSON (it sees the decision and count).
+    // A script that prints the new hosts as JSON (it sees the decision and count, and the
+    // configured AWS region and profile).
     let good = script(
         tmp.path(),
         "grow.sh",
-        r#"echo "[{\"host\": \"127.0.1.50\", \"port\": 8081, \"instance_id\": \"$AUTOSCALER_DECISION\"}]""#,
+        &format!(
+            r#"echo "$AWS_REGION $AWS_DEFAULT_REGION $AWS_PROFILE" > {}; echo "[{{\"host\": \"127.0.1.50\", \"port\": 8081, \"instance_id\": \"$AUTOSCALER_DECISION\"}}]""#,
+            tmp.path().join("aws-env").display()
+        ),
     );
     let mut r = rig(
         &cfg,
@@ -658,6 +674,11 @@ async fn command_launcher() {
     assert_eq!(hosts[0].host.to_string(), "127.0.1.50");
     assert_eq!(hosts[0].instance_id.as_deref(), Some("as-cmd-1"));
     assert_eq!(hosts[0].origin, Origin::Launched);
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("aws-env")).unwrap(),
+        "eu-west-3 eu-west-3 fleet\n",
+        "[aws] region and profile reach the command"
+    );
 
     // A host_key in the command's JSON is recorded in known_hosts before registration.
     keygen(&tmp.path().join("hostkey"));

@@ -2,6 +2,7 @@
 //! namespaces made here), the real node agent (`autoscaler node`), and the master's
 //! TunnelManager asking for the remote forward with russh.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -441,7 +442,6 @@ fn master_binary_follows_hosts_d() {
     let Some(sshd_bin) = tool("sshd") else { return };
     let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
-    keygen(&key);
     let report_port = free_port("127.0.0.1");
     s.set("ssh", "user", &crate::common::current_user());
     s.set("node", "report_port", &report_port.to_string());
@@ -453,6 +453,15 @@ fn master_binary_follows_hosts_d() {
     let mut master = MasterProc::spawn(&s.config(), &["-v"]);
     let wait = |msg: &str| master.wait_msg(msg);
     wait("Started");
+    // A second master on the same machine and configuration would fight over HAProxy.
+    let second = std::process::Command::new(bin())
+        .args(["master"])
+        .env("AUTOSCALER_CONFIG", s.config())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another master answers on"), "{err}");
     let out = s.run(&[
         "add-host",
         "127.0.0.6",
@@ -531,7 +540,6 @@ fn master_binary_scales_up_end_to_end() {
     };
     let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
-    keygen(&key);
     let report_port = free_port("127.0.0.1");
     let grow = s.path().join("grow.sh");
     std::fs::write(
@@ -601,6 +609,58 @@ fn master_binary_scales_up_end_to_end() {
     );
     let hosts = crate::common::stdout(&s.run(&["list-hosts", "--json"]));
     assert!(hosts.contains("\"origin\": \"launched\""), "{hosts}");
+    // `status` asks the running master over its control socket.
+    let out = s.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let node = |host: &str| {
+        st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["host"] == host)
+            .cloned()
+            .unwrap_or_else(|| panic!("{host} missing: {st}"))
+    };
+    let hot = node("127.0.0.8");
+    assert_eq!(hot["tunnel"], "up", "{st}");
+    assert_eq!(hot["last_cpu_pct"], 95.0, "{st}");
+    assert_eq!(hot["origin"], "manual", "{st}");
+    let launched = node("127.0.1.77");
+    assert_eq!(launched["origin"], "launched", "{st}");
+    assert!(launched["instance_id"].as_str().is_some(), "{st}");
+    assert!(
+        st["last_action"]["action"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("scale_up")),
+        "{st}"
+    );
+    assert_eq!(st["launches_last_hour"], 1, "{st}");
+    assert_eq!(st["haproxy"][0]["state"], "applied", "{st}");
+    let table = crate::common::stdout(&s.run(&["status"]));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("127.0.0.8 "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" up ") && row.contains("95.0%"), "{table}");
+    assert!(table.contains("last decision: scale_up 1"), "{table}");
+    let socket = s.path().join("master.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
     master.terminate();
     let _ = feeder.join();
+    master.wait_msg("Stopped");
+    // With no master, `status` says so and exits 69 (EX_UNAVAILABLE).
+    let out = s.run(&["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(
+        crate::common::stderr(&out).contains("no master answers on"),
+        "{}",
+        crate::common::stderr(&out)
+    );
 }

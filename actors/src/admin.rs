@@ -39,6 +39,16 @@ pub struct Initialised {
 /// Creates `dir`, its hosts.d and state directories, and `dir/autoscaler.ini` (mode 0600)
 /// rendered with every default for `role`. An existing file is kept unless `force`.
 pub fn init(dir: &Path, role: Role, force: bool) -> Result<Initialised, AdminError> {
+    init_file(&dir.join(CONFIG_FILE_NAME), role, force)
+}
+
+/// [`init`] for a configuration file of any name: its directory is the configuration
+/// directory.
+pub fn init_file(file: &Path, role: Role, force: bool) -> Result<Initialised, AdminError> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let layout = Layout::for_dir(dir);
     let cfg = Config::defaults(&layout, role);
     let text = cfg.to_ini_text();
@@ -47,7 +57,7 @@ pub fn init(dir: &Path, role: Role, force: bool) -> Result<Initialised, AdminErr
         move |source| AdminError::Write { path, source }
     };
     files::create_dir_all(dir, 0o755).map_err(write_err(dir))?;
-    let file = dir.join(CONFIG_FILE_NAME);
+    let file = file.to_path_buf();
     let existed = file.exists();
     if existed && !force {
         return Err(AdminError::Exists(file));

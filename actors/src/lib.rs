@@ -52,6 +52,7 @@ pub mod adapters;
 pub mod admin;
 pub mod master;
 pub mod node;
+pub mod preflight;
 
 pub use master::{start_master, Master};
 pub use node::{start_node, Node};
@@ -63,6 +64,9 @@ use crate::render::RenderError;
 /// Why a daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// What `autoscaler check` would also report (exit code 78).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
     #[error("cannot read this machine's CPU counters: {0}")]
@@ -71,4 +75,10 @@ pub enum StartError {
     Ec2(#[from] Ec2Error),
     #[error(transparent)]
     Template(#[from] RenderError),
+    /// The control socket or the metrics address cannot be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: String,
+        source: std::io::Error,
+    },
 }

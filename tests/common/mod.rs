@@ -21,8 +21,18 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A fresh, initialised configuration directory (role master).
+    /// A fresh, initialised configuration directory (role master) with the master's SSH key
+    /// made, as the README's set-up does.
     pub fn new() -> Sandbox {
+        let s = Sandbox::without_key();
+        if tool("ssh-keygen").is_some() {
+            keygen(&s.path().join("id_ed25519"));
+        }
+        s
+    }
+
+    /// `autoscaler init` only: no SSH key yet.
+    pub fn without_key() -> Sandbox {
         let dir = tempfile::tempdir().expect("temp dir");
         let s = Sandbox { dir };
         let out = s.run(&["init", "--dir", s.path().to_str().unwrap()]);
@@ -470,12 +480,22 @@ pub struct MasterProc {
 
 impl MasterProc {
     pub fn spawn(config: &Path, extra: &[&str]) -> MasterProc {
+        MasterProc::spawn_with_env(config, extra, &[])
+    }
+
+    /// [`MasterProc::spawn`] with more environment variables.
+    pub fn spawn_with_env(
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> MasterProc {
         let mut proc = Proc(
             Command::new(bin())
                 .args(["--log-format", "json"])
                 .args(extra)
                 .arg("master")
                 .env("AUTOSCALER_CONFIG", config)
+                .envs(env.iter().copied())
                 .stderr(Stdio::piped())
                 .stdout(Stdio::null())
                 .spawn()

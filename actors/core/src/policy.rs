@@ -84,9 +84,9 @@ impl fmt::Display for Hold {
             Hold::Steady => f.write_str("load within bounds"),
             Hold::AtMax => f.write_str("max_nodes reached"),
             Hold::AtMin => f.write_str("min_nodes reached"),
-            Hold::Cooldown { remaining_ms } => {
-                write!(f, "cooldown, {} s left", remaining_ms.div_ceil(1000))
-            }
+            // No countdown in the text: a hold is logged when its text changes (the time left
+            // is in the decider's status).
+            Hold::Cooldown { .. } => f.write_str("in a cooldown after the last scaling"),
             Hold::HourlyCap => f.write_str("max_launches_per_hour reached"),
             Hold::LaunchInFlight => f.write_str("launches in flight"),
             Hold::NothingToRemove => f.write_str("no host launched by autoscaler to remove"),
@@ -135,6 +135,44 @@ fn covered_mean(n: &NodeInput, cfg: &Scaling, now: u64, window: Duration) -> Opt
         return None;
     }
     Some(inside.iter().map(|(_, b)| b).sum::<f64>() / inside.len() as f64)
+}
+
+/// One node as the decider sees it now, for `autoscaler status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeEval {
+    /// Mean busy % over the scale-up window, when the samples cover it.
+    pub mean_up: Option<f64>,
+    /// The same over the scale-down window.
+    pub mean_down: Option<f64>,
+    /// Why it takes no part in scale-up decisions now; None when it does.
+    pub why_not: Option<String>,
+}
+
+/// Explains how `n` counts in the next decision.
+pub fn explain(cfg: &Scaling, n: &NodeInput, now: u64) -> NodeEval {
+    let secs = |ms: u64| ms.div_ceil(1000);
+    let why_not = if n.born_ms.is_none() {
+        Some("never reported".to_string())
+    } else if !n.up {
+        Some("its tunnel is down".to_string())
+    } else if let Some(&(last, _)) = n.samples.last() {
+        let age = now.saturating_sub(last);
+        match window_mean(n, cfg, now, cfg.scale_up_window) {
+            Ok(_) => None,
+            Err(Missing::WarmingUp(left)) => Some(format!("warming up ({} s left)", secs(left))),
+            Err(Missing::NoData) if age > ms(cfg.stale_after) => {
+                Some(format!("no sample for {} s", secs(age)))
+            }
+            Err(Missing::NoData) => Some("its samples do not cover the window yet".into()),
+        }
+    } else {
+        Some("no sample yet".to_string())
+    };
+    NodeEval {
+        mean_up: covered_mean(n, cfg, now, cfg.scale_up_window),
+        mean_down: covered_mean(n, cfg, now, cfg.scale_down_window),
+        why_not,
+    }
 }
 
 /// The per-node window means every rule works from: (scale-up window, scale-down window),
@@ -676,6 +714,45 @@ mod tests {
         nodes.push(launched(node(4, 10.0, 11 * MIN), NOW - 30 * MIN));
         assert!(
             matches!(decide(&c, &nodes, &h, NOW), Decision::ScaleDown { host, .. } if host == key(4))
+        );
+    }
+
+    #[test]
+    fn explains_each_nodes_part_in_the_decision() {
+        let c = cfg();
+        let ok = node(1, 40.0, 11 * MIN);
+        let e = explain(&c, &ok, NOW);
+        assert_eq!(e.why_not, None);
+        assert!((e.mean_up.unwrap() - 40.0).abs() < 1e-9);
+        assert!(e.mean_down.is_some());
+        let mut down = ok.clone();
+        down.up = false;
+        assert_eq!(
+            explain(&c, &down, NOW).why_not.as_deref(),
+            Some("its tunnel is down")
+        );
+        let mut young = node(1, 40.0, 11 * MIN);
+        young.born_ms = Some(NOW - 30 * S);
+        assert_eq!(
+            explain(&c, &young, NOW).why_not.as_deref(),
+            Some("warming up (90 s left)")
+        );
+        let mut stale = node(1, 40.0, 11 * MIN);
+        stale.samples.iter_mut().for_each(|s| s.0 -= 30 * S);
+        assert_eq!(
+            explain(&c, &stale, NOW).why_not.as_deref(),
+            Some("no sample for 30 s")
+        );
+        let short = node(1, 40.0, 20 * S);
+        assert_eq!(
+            explain(&c, &short, NOW).why_not.as_deref(),
+            Some("its samples do not cover the window yet")
+        );
+        let mut never = node(1, 0.0, 0);
+        never.born_ms = None;
+        assert_eq!(
+            explain(&c, &never, NOW).why_not.as_deref(),
+            Some("never reported")
         );
     }
 

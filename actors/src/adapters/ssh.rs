@@ -202,7 +202,8 @@ where
     H: client::Handler<Error = russh::Error> + Send + 'static,
 {
     let config = Arc::new(client::Config {
-        keepalive_interval: Some(settings.keepalive),
+        // 0s: no keepalive (as OpenSSH's ServerAliveInterval 0).
+        keepalive_interval: (!settings.keepalive.is_zero()).then_some(settings.keepalive),
         keepalive_max: 3,
         nodelay: true,
         ..Default::default()

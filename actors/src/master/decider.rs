@@ -55,6 +55,45 @@ pub struct Reconciled {
     pub resumed: Vec<(String, u32)>,
 }
 
+/// Use these scaling settings from now on (the configuration was reloaded). The guards'
+/// history and the nodes' samples are kept.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct SetScaling(pub Scaling);
+
+/// What the decider knows and decided, for `autoscaler status`.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "DecisionStatus")]
+pub struct GetDecisionStatus;
+
+/// The answer to [`GetDecisionStatus`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecisionStatus {
+    pub policy: String,
+    pub dry_run: bool,
+    /// Each registered host: its window means and why it takes no part, if it does not.
+    pub nodes: Vec<NodeStatusLine>,
+    /// The last scale-up or scale-in: action, reason, how long ago (ms).
+    pub last_action: Option<(String, String, u64)>,
+    /// What it would do now, when that is to hold.
+    pub holding: Option<String>,
+    /// Launches in flight: decision id, instances.
+    pub in_flight: Vec<(String, u32)>,
+    /// Time left before the next scale-up may happen (ms), if in a cooldown.
+    pub cooldown_left_ms: Option<u64>,
+    pub launches_last_hour: usize,
+}
+
+/// One node in [`DecisionStatus`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatusLine {
+    pub host: String,
+    pub port: u16,
+    pub mean_up_pct: Option<f64>,
+    pub mean_down_pct: Option<f64>,
+    pub why_not: Option<String>,
+}
+
 /// Where decisions go; None in dry-run.
 #[derive(Clone)]
 pub struct DeciderOutputs {
@@ -98,6 +137,9 @@ pub struct ScaleDecider {
     /// decision id → instances requested, until LaunchFinished.
     pending: HashMap<String, u32>,
     last_hold: Option<String>,
+    /// The reason of the last hold, and the last scale-up/in (at, action, reason).
+    holding: Option<String>,
+    last_action: Option<(u64, String, String)>,
     log: Logger,
 }
 
@@ -131,6 +173,8 @@ impl ScaleDecider {
             hist: History::default(),
             pending: HashMap::new(),
             last_hold: None,
+            holding: None,
+            last_action: None,
             log,
         };
         d.recall();
@@ -226,6 +270,7 @@ impl ScaleDecider {
         match decision {
             Decision::Hold(h) => {
                 let reason = h.to_string();
+                self.holding = Some(reason.clone());
                 // Logged when it says something new: another reason, or another fleet.
                 let key = format!("{reason}|{fleet}|{in_flight}");
                 if self.last_hold.as_deref() != Some(key.as_str()) {
@@ -235,6 +280,8 @@ impl ScaleDecider {
             }
             Decision::ScaleUp { count, reason } => {
                 self.last_hold = None;
+                self.holding = None;
+                self.last_action = Some((now, format!("scale_up {count}"), reason.clone()));
                 let id = format!("as-{}-{:08x}", wall_ms() / 1000, rand::random::<u32>());
                 info!(log, "Decision"; "action" => "scale_up", "count" => count, "reason" => &reason,
                     "decision" => &id, "dry_run" => self.cfg.dry_run);
@@ -253,6 +300,8 @@ impl ScaleDecider {
             }
             Decision::ScaleDown { host, reason } => {
                 self.last_hold = None;
+                self.holding = None;
+                self.last_action = Some((now, format!("scale_down {host}"), reason.clone()));
                 info!(log, "Decision"; "action" => "scale_down", "host" => %host.host, "port" => host.port,
                     "reason" => &reason, "dry_run" => self.cfg.dry_run,
                     "drain" => %humantime::format_duration(self.cfg.drain_timeout));
@@ -340,6 +389,62 @@ impl Handler<HostsChanged> for ScaleDecider {
     }
 }
 
+impl Handler<GetDecisionStatus> for ScaleDecider {
+    type Result = actix::MessageResult<GetDecisionStatus>;
+    fn handle(&mut self, _: GetDecisionStatus, _: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        let nodes = self
+            .inputs()
+            .iter()
+            .map(|n| {
+                let e = crate::policy::explain(&self.cfg, n, now);
+                NodeStatusLine {
+                    host: n.key.host.to_string(),
+                    port: n.key.port,
+                    mean_up_pct: e.mean_up,
+                    mean_down_pct: e.mean_down,
+                    why_not: e.why_not,
+                }
+            })
+            .collect();
+        let cooldown_left_ms = self.hist.last_scale_up_ms.and_then(|t| {
+            let left = (t + self.cfg.cooldown.as_millis() as u64).saturating_sub(now);
+            (left > 0).then_some(left)
+        });
+        let hour_ago = now.saturating_sub(3_600_000);
+        let mut in_flight: Vec<(String, u32)> =
+            self.pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        in_flight.sort();
+        actix::MessageResult(DecisionStatus {
+            policy: self.cfg.policy.to_string(),
+            dry_run: self.cfg.dry_run,
+            nodes,
+            last_action: self
+                .last_action
+                .clone()
+                .map(|(at, a, r)| (a, r, now.saturating_sub(at))),
+            holding: self.holding.clone(),
+            in_flight,
+            cooldown_left_ms,
+            launches_last_hour: self
+                .hist
+                .launches_ms
+                .iter()
+                .filter(|&&t| t > hour_ago)
+                .count(),
+        })
+    }
+}
+
+impl Handler<SetScaling> for ScaleDecider {
+    type Result = ();
+    fn handle(&mut self, m: SetScaling, _: &mut Context<Self>) {
+        info!(self.log, "Scaling settings replaced"; "policy" => %m.0.policy, "dry_run" => m.0.dry_run);
+        self.cfg = m.0;
+        self.last_hold = None;
+    }
+}
+
 impl Handler<Reconciled> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: Reconciled, _: &mut Context<Self>) {
@@ -380,7 +485,7 @@ mod tests {
 
     #[derive(Debug)]
     enum Out {
-        Launch(u32),
+        Launch(u32, String),
         Drain(HostKey),
     }
 
@@ -391,7 +496,7 @@ mod tests {
     impl Handler<LaunchInstances> for Sink {
         type Result = ();
         fn handle(&mut self, m: LaunchInstances, _: &mut Context<Self>) {
-            let _ = self.0.send(Out::Launch(m.count));
+            let _ = self.0.send(Out::Launch(m.count, m.decision_id));
         }
     }
     impl Handler<DrainHost> for Sink {
@@ -506,7 +611,7 @@ mod tests {
         tokio::time::pause();
         let got = drive(false, vec![host(1, Origin::Manual)], 95.0, 30).await;
         assert_eq!(got.len(), 1, "{got:?}");
-        assert!(matches!(got[0], Out::Launch(1)));
+        assert!(matches!(got[0], Out::Launch(1, _)));
     }
 
     /// Samples a node resends after an outage carry their age: they fill the window at once,
@@ -527,7 +632,7 @@ mod tests {
             }
             // Only the warm-up (3 s) passes: far less than a window of live samples.
             tokio::time::sleep(Duration::from_millis(3500)).await;
-            let launched = matches!(rx.try_recv(), Ok(Out::Launch(1)));
+            let launched = matches!(rx.try_recv(), Ok(Out::Launch(1, _)));
             assert_eq!(launched, want_launch, "aged = {aged}");
         }
     }
@@ -677,6 +782,73 @@ mod tests {
         );
     }
 
+    /// Log records as "msg key=value …" lines.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<String>>>);
+    struct Kv(String);
+    impl slog::Serializer for Kv {
+        fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+            self.0.push_str(&format!(" {key}={val}"));
+            Ok(())
+        }
+    }
+    impl slog::Drain for Lines {
+        type Ok = ();
+        type Err = slog::Never;
+        fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
+            let mut line = Kv(r.msg().to_string());
+            let _ = slog::KV::serialize(&r.kv(), r, &mut line);
+            let _ = slog::KV::serialize(kv, r, &mut line);
+            self.0.lock().unwrap().push(line.0);
+            Ok(())
+        }
+    }
+
+    /// A cooldown hold is logged once, not every second: its text has no countdown.
+    #[actix_rt::test]
+    async fn a_cooldown_is_logged_once() {
+        tokio::time::pause();
+        let lines = Lines::default();
+        let log = Logger::root(lines.clone(), o!());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        let out = DeciderOutputs {
+            launch: sink.clone().recipient(),
+            drain: sink.recipient(),
+        };
+        let h = host(1, Origin::Manual);
+        let d = ScaleDecider::new(scaling(false), Some(out), None, DEFAULT_TICK, &log).start();
+        d.do_send(Reconciled { resumed: vec![] });
+        d.do_send(HostsChanged {
+            hosts: Arc::new(vec![h.clone()]),
+        });
+        d.do_send(NodeUp {
+            host: h.key(),
+            hello: hello(1, Some(3_600_000)),
+        });
+        feed(&d, std::slice::from_ref(&h), 95.0, 0, 15).await;
+        let Some(Out::Launch(_, id)) = rx.try_recv().ok() else {
+            panic!("no launch")
+        };
+        d.do_send(LaunchFinished {
+            decision_id: id,
+            requested: 1,
+            registered: vec![],
+            error: None,
+        });
+        feed(&d, std::slice::from_ref(&h), 95.0, 15, 25).await;
+        let lines = lines.0.lock().unwrap().clone();
+        let launches = lines
+            .iter()
+            .filter(|l| l.contains("action=scale_up"))
+            .count();
+        let cooldowns = lines
+            .iter()
+            .filter(|l| l.contains("action=hold") && l.contains("cooldown"))
+            .count();
+        assert_eq!((launches, cooldowns), (1, 1), "{lines:#?}");
+    }
+
     /// No decision before the launcher has reconciled; launches it resumed count as in flight.
     #[actix_rt::test]
     async fn the_floor_waits_for_the_launcher_and_counts_resumed_launches() {
@@ -702,7 +874,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let got = sent(&mut rx);
         assert!(
-            matches!(&got[..], [Out::Launch(1)]),
+            matches!(&got[..], [Out::Launch(1, _)]),
             "only the missing one: {got:?}"
         );
     }

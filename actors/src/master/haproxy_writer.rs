@@ -40,7 +40,8 @@ pub struct WaitDrained {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerStatus {
     Pending,
-    Applied(Applied),
+    /// What the last apply did, and when.
+    Applied(Applied, std::time::Instant),
     Failing(String),
 }
 
@@ -156,7 +157,10 @@ impl Handler<ServerReport> for HaproxyWriter {
     fn handle(&mut self, m: ServerReport, _: &mut Context<Self>) {
         match m.event {
             ServerEvent::Applied(a) => {
-                self.status.insert(m.server, ServerStatus::Applied(a));
+                self.status.insert(
+                    m.server,
+                    ServerStatus::Applied(a, std::time::Instant::now()),
+                );
             }
             ServerEvent::Failed { error, .. } => {
                 self.status.insert(m.server, ServerStatus::Failing(error));

@@ -20,6 +20,7 @@
 //! One actor per file; [`messages`] holds what several of them receive. [`start_master`] is
 //! the only place that knows who talks to whom.
 
+pub mod control;
 pub mod decider;
 pub mod haproxy_worker;
 pub mod haproxy_writer;
@@ -66,6 +67,12 @@ pub async fn start_master(
     tick: Duration,
     log: &Logger,
 ) -> Result<Master, StartError> {
+    crate::preflight::check(cfg, crate::config::Role::Master).await?;
+    let socket = &cfg.general.control_socket;
+    let control = control::bind(socket).map_err(|source| StartError::Listen {
+        what: format!("control socket {}", socket.display()),
+        source,
+    })?;
     // One SSH identity for every session: tunnels to nodes, remote HAProxy servers.
     let ssh = Arc::new(SshSettings::from_config(cfg).map_err(TunnelError::from)?);
     let tunnel_settings = TunnelSettings::with_ssh(cfg, ssh.clone());
@@ -129,10 +136,19 @@ pub async fn start_master(
             tunnels.clone().recipient(),
             decider.clone().recipient(),
             writer.clone().recipient(),
+            status.clone().recipient(),
         ],
         poll,
         log,
     ));
+    let sources = control::Sources {
+        registry: registry.clone(),
+        nodes: status.clone(),
+        decider: decider.clone(),
+        writer: writer.clone(),
+        state_dir: cfg.general.state_dir.clone(),
+    };
+    control::serve(control, sources, log);
     Ok(Master {
         registry,
         tunnels,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use actix::{Actor, Context, Handler, Message};
 use slog::{debug, info, o, warn, Logger};
 
-use super::messages::{CpuReported, NodeDown, NodeUp};
+use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::hosts::HostKey;
 use crate::report::{CpuSample, Hello};
 
@@ -90,9 +90,51 @@ impl Handler<CpuReported> for NodeStatus {
     }
 }
 
+impl Handler<HostsChanged> for NodeStatus {
+    type Result = ();
+    /// A host that left the registry is forgotten: its view would only grow stale.
+    fn handle(&mut self, m: HostsChanged, _: &mut Context<Self>) {
+        let keep: std::collections::BTreeSet<HostKey> = m.hosts.iter().map(|h| h.key()).collect();
+        self.nodes.retain(|k, _| keep.contains(k));
+    }
+}
+
 impl Handler<ListNodes> for NodeStatus {
     type Result = actix::MessageResult<ListNodes>;
     fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
         actix::MessageResult(self.nodes.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::{Host, HostName};
+    use crate::report::Hello;
+    use actix::Actor;
+    use std::sync::Arc;
+
+    #[actix_rt::test]
+    async fn forgets_hosts_that_left_the_registry() {
+        let log = Logger::root(slog::Discard, o!());
+        let s = NodeStatus::new(&log).start();
+        let h = |i: u8| Host::manual(HostName::parse(&format!("127.0.1.{i}")).unwrap(), 80);
+        for i in [1, 2] {
+            s.do_send(NodeUp {
+                host: h(i).key(),
+                hello: Hello {
+                    node: "n".into(),
+                    boot: 1,
+                    instance_id: None,
+                    uptime_ms: None,
+                },
+            });
+        }
+        assert_eq!(s.send(ListNodes).await.unwrap().len(), 2);
+        s.do_send(HostsChanged {
+            hosts: Arc::new(vec![h(2)]),
+        });
+        let left: Vec<HostKey> = s.send(ListNodes).await.unwrap().into_keys().collect();
+        assert_eq!(left, vec![h(2).key()]);
     }
 }

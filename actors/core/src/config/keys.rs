@@ -4,9 +4,10 @@
 //! field in the section struct.
 
 use super::kinds::{
-    check_bound, Binds, Bound, CheckCommand, Choice, Command, ConfigWord, Cx, Dur, FilePath, Flag,
-    Fraction, GroupTag, Kind, OptionalName, OptionalPath, Percent, Port, RequiredCommand,
-    SecretText, SocketPath, Targets, Text, UrlOrEmpty, UrlPath, UserName, Whole, Words,
+    check_bound, quote_if_needed, unquote, Binds, Bound, CheckCommand, Choice, Command, ConfigWord,
+    Cx, Dur, FilePath, Flag, Fraction, GroupTag, Kind, OptionalListen, OptionalName, OptionalPath,
+    Percent, Port, RequiredCommand, SecretText, SocketPath, Targets, Text, UrlOrEmpty, UrlPath,
+    UserName, Whole, Words,
 };
 use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
 use super::{Config, Layout};
@@ -53,6 +54,20 @@ impl Key {
     pub fn show(&self, cfg: &Config) -> String {
         (self.show)(cfg)
     }
+
+    /// Whether a running master applies a change of this key when it re-reads the file
+    /// (SIGHUP): the decision policy and its guards do; everything else is read at start.
+    pub fn is_live(&self) -> bool {
+        self.section == "scaling"
+    }
+}
+
+/// A value as the file holds it: quoted where reading it back needs that.
+fn shown<K: Kind>(v: &K::Value) -> String {
+    match K::RAW {
+        true => K::show(v),
+        false => quote_if_needed(K::show(v)),
+    }
 }
 
 /// `key!("section", group.field: Kind = default, [bound, "why",] "comment")`: one entry of
@@ -67,10 +82,15 @@ macro_rules! key {
             why: "",
             comment: $comment,
             set: |c, text, cx| {
+                let text = if <$kind as Kind>::RAW {
+                    text
+                } else {
+                    unquote(text)
+                };
                 c.$group.$field = <$kind as Kind>::parse(text, cx)?;
                 Ok(())
             },
-            show: |c| <$kind as Kind>::show(&c.$group.$field),
+            show: |c| shown::<$kind>(&c.$group.$field),
         }
     };
     ($section:literal, $group:ident . $field:ident : $kind:ty = $default:expr,
@@ -83,10 +103,15 @@ macro_rules! key {
             why: $why,
             comment: $comment,
             set: |c, text, cx| {
+                let text = if <$kind as Kind>::RAW {
+                    text
+                } else {
+                    unquote(text)
+                };
                 c.$group.$field = <$kind as Kind>::parse(text, cx)?;
                 check_bound::<$kind>(&c.$group.$field, $bound, $why)
             },
-            show: |c| <$kind as Kind>::show(&c.$group.$field),
+            show: |c| shown::<$kind>(&c.$group.$field),
         }
     };
 }
@@ -98,7 +123,8 @@ pub const FILE_HEADER: &str = "\
 # autoscaler configuration. Every key is shown with its value; a removed key takes its default.
 # Durations: 500ms, 30s, 5m, 1h, 1h 30m. Lists: comma-separated. Relative paths are relative to
 # this file's directory. This file may hold AWS keys: keep it mode 0600 (autoscaler refuses it
-# otherwise). Check it with `autoscaler check`.
+# otherwise). Check it with `autoscaler check`. A running master re-reads it on SIGHUP
+# (`systemctl reload autoscaler-master`): [scaling] applies at once, the rest at the next start.
 ";
 
 /// Every key, in file order.
@@ -110,6 +136,11 @@ pub static KEYS: &[Key] = &[
         "One file per backend host, written by `autoscaler add-host`."),
     key!("autoscaler", general.state_dir: FilePath = At(|l| l.state_dir.display().to_string()),
         "Launch intents and decision times (master)."),
+    key!("autoscaler", general.control_socket: FilePath = At(|l| l.control_socket.display().to_string()),
+        "Unix socket (mode 0600) where the running master answers `autoscaler status`."),
+    key!("autoscaler", general.metrics_address: OptionalListen = T(""),
+        "IP:PORT where the master serves Prometheus metrics at /metrics (empty: off). Keep it on\n\
+         loopback or a private network: the page names every host."),
     // [node]
     key!("node", node.report_port: Port = T("9700"),
         "Port on the node's 127.0.0.1 where the master's SSH remote forward listens."),
@@ -175,7 +206,7 @@ pub static KEYS: &[Key] = &[
     key!("ssh", ssh.connect_timeout: Dur = T("10s"), Bound::Above("0s"), "",
         "Give up connecting to a host after this long (then retry with backoff)."),
     key!("ssh", ssh.keepalive: Dur = T("15s"),
-        "Keepalive interval on SSH sessions."),
+        "Keepalive interval on SSH sessions (0s: none, as OpenSSH's ServerAliveInterval 0)."),
     // [aws]
     key!("aws", aws.region: Text = T(""),
         "Region (empty: AWS_REGION or the profile's region)."),
@@ -227,8 +258,8 @@ pub static KEYS: &[Key] = &[
         "launcher = command: argv (shell quoting, no shell) printing {\"host\": …, \"port\": …} as JSON."),
     key!("launch", launch.scale_down_command: Command = T(""),
         "Command run to remove a host on scale-in (empty: just deregister it)."),
-    key!("launch", launch.command_timeout: Dur = T("5m"),
-        "Longest a scale command may run."),
+    key!("launch", launch.command_timeout: Dur = T("5m"), Bound::Above("0s"), "",
+        "Longest a scale command may run (then it is killed)."),
     // [haproxy]
     key!("haproxy", haproxy.servers: Targets = T("local"),
         "HAProxy servers that get the generated config: local, or\n\

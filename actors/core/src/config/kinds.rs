@@ -30,6 +30,9 @@ impl Cx<'_> {
 /// One kind of value.
 pub trait Kind {
     type Value;
+    /// The value's text is taken exactly as written, quotes included (command lines, which
+    /// have their own quoting). Other kinds lose one pair of quotes around the whole value.
+    const RAW: bool = false;
     /// Parses the key's text (already trimmed).
     fn parse(text: &str, cx: &Cx) -> Result<Self::Value, String>;
     /// The text that parses back to `v`.
@@ -81,6 +84,30 @@ where
     match ok {
         true => Ok(()),
         false => Err(K::too_low(&K::show(v), limit, inclusive) + why),
+    }
+}
+
+/// The value without one pair of matching quotes around all of it (`"web 1"` → `web 1`).
+pub fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            if !inner.contains(q) {
+                return inner;
+            }
+        }
+    }
+    v
+}
+
+/// The text of a shown value as the file must hold it to read it back: quoted when it starts
+/// or ends with a quote or a space.
+pub fn quote_if_needed(v: String) -> String {
+    let edge = |c: char| c.is_whitespace() || c == '"' || c == '\'';
+    let needs = v.starts_with(edge) || v.ends_with(edge);
+    match (needs, v.contains('"')) {
+        (false, _) => v,
+        (true, false) => format!("\"{v}\""),
+        (true, true) => format!("'{v}'"),
     }
 }
 
@@ -161,15 +188,19 @@ string_kind!(
 );
 
 string_kind!(
-    /// An HTTP path for health checks, or empty.
+    /// An HTTP path for health checks, or empty: only characters a URL path may hold that
+    /// HAProxy's tokenizer takes literally (no space, quote, backslash, `#` or `$`).
     UrlPath,
     |v| {
         let ok = v.is_empty()
-            || (v.starts_with('/') && !v.chars().any(|c| c.is_whitespace() || c == '#'));
+            || (v.starts_with('/')
+                && v.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || "-._~/?=&%+:@!*(),;".contains(c)
+                }));
         match ok {
             true => Ok(v),
             false => Err(format!(
-                "{v:?} is not a URL path (starts with '/', no spaces or '#')"
+                "{v:?} is not a URL path (starts with '/'; letters, digits and -._~/?=&%+:@!*(),; only)"
             )),
         }
     }
@@ -364,7 +395,7 @@ impl Kind for FilePath {
     fn parse(v: &str, cx: &Cx) -> Result<PathBuf, String> {
         match v.is_empty() {
             true => Err("must not be empty".into()),
-            false => Ok(anchor(v, cx)),
+            false => Ok(anchor(&text(v)?, cx)),
         }
     }
     fn show(v: &PathBuf) -> String {
@@ -377,12 +408,30 @@ pub struct OptionalPath;
 impl Kind for OptionalPath {
     type Value = Option<PathBuf>;
     fn parse(v: &str, cx: &Cx) -> Result<Option<PathBuf>, String> {
-        Ok((!v.is_empty()).then(|| anchor(v, cx)))
+        let v = text(v)?;
+        Ok((!v.is_empty()).then(|| anchor(&v, cx)))
     }
     fn show(v: &Option<PathBuf>) -> String {
         v.as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default()
+    }
+}
+
+/// `IP:PORT` to listen on, or empty for off.
+pub struct OptionalListen;
+impl Kind for OptionalListen {
+    type Value = Option<std::net::SocketAddr>;
+    fn parse(v: &str, _: &Cx) -> Result<Self::Value, String> {
+        match v {
+            "" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| {
+                "must be IP:PORT (127.0.0.1:9701, [::1]:9701) or empty for off".into()
+            }),
+        }
+    }
+    fn show(v: &Self::Value) -> String {
+        v.map(|a| a.to_string()).unwrap_or_default()
     }
 }
 
@@ -464,6 +513,7 @@ impl<T: FromStr<Err = String> + ToString> Kind for Choice<T> {
 pub struct Command;
 impl Kind for Command {
     type Value = CommandLine;
+    const RAW: bool = true;
     fn parse(v: &str, _: &Cx) -> Result<CommandLine, String> {
         v.parse()
             .map_err(|e| format!("{v:?} is not valid; expected {e}"))
@@ -477,6 +527,7 @@ impl Kind for Command {
 pub struct RequiredCommand;
 impl Kind for RequiredCommand {
     type Value = CommandLine;
+    const RAW: bool = true;
     fn parse(v: &str, cx: &Cx) -> Result<CommandLine, String> {
         let c = Command::parse(v, cx)?;
         match c.is_empty() {
@@ -493,6 +544,7 @@ impl Kind for RequiredCommand {
 pub struct CheckCommand;
 impl Kind for CheckCommand {
     type Value = CommandLine;
+    const RAW: bool = true;
     fn parse(v: &str, cx: &Cx) -> Result<CommandLine, String> {
         let c = Command::parse(v, cx)?;
         match c.0.iter().any(|a| a.contains(CONFIG_PLACEHOLDER)) {
@@ -535,6 +587,29 @@ mod tests {
         round::<Flag>("yes");
         round::<OptionalPath>("");
         round::<Whole<u32>>("7");
+    }
+
+    #[test]
+    fn quotes_around_a_value_go_command_lines_keep_theirs() {
+        assert_eq!(unquote("\"web 1\""), "web 1");
+        assert_eq!(unquote("'web 1'"), "web 1");
+        assert_eq!(
+            unquote("\"a\" and \"b\""),
+            "\"a\" and \"b\"",
+            "not one quoted value"
+        );
+        assert_eq!(unquote("\""), "\"");
+        for v in ["plain", " lead", "trail ", "\"q", "q'", "it's x "] {
+            let shown = quote_if_needed(v.to_string());
+            assert_eq!(unquote(&shown), v, "{v:?} shown as {shown:?}");
+        }
+        for p in ["/healthz?full=1&x=%20", "/a/b-c_d.e~f"] {
+            assert!(UrlPath::parse(p, &Cx::PLAIN).is_ok(), "{p}");
+        }
+        for p in ["/a b", "/a#b", "/a\"b", "/a'b", "/a\\b", "/${x}", "/a\tb"] {
+            assert!(UrlPath::parse(p, &Cx::PLAIN).is_err(), "{p:?}");
+        }
+        assert!(FilePath::parse("/tmp/a\u{7}b", &Cx::PLAIN).is_err());
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct General {
     pub hosts_dir: PathBuf,
     /// Launch intents and last decision times.
     pub state_dir: PathBuf,
+    /// The running master answers `autoscaler status` here (mode 0600).
+    pub control_socket: PathBuf,
+    /// Where the master serves Prometheus metrics at `/metrics`; None: off.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// `[node]`: the node agent.
@@ -193,6 +197,7 @@ pub struct Layout {
     pub system: bool,
     pub hosts_dir: PathBuf,
     pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub haproxy_config: PathBuf,
@@ -214,6 +219,7 @@ impl Layout {
             system,
             hosts_dir: inside("hosts.d"),
             state_dir: either("/var/lib/autoscaler", "state"),
+            control_socket: either("/run/autoscaler/master.sock", "master.sock"),
             identity_file: inside("id_ed25519"),
             known_hosts: inside("known_hosts"),
             haproxy_config: either("/etc/haproxy/haproxy.cfg", "haproxy.cfg"),
@@ -292,6 +298,27 @@ impl Config {
     /// Parses and validates configuration text; `path` names it in messages and anchors
     /// relative paths (they are relative to the file's directory).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let (cfg, problems) = Config::parse_all(text, path)?;
+        match problems.is_empty() {
+            true => Ok(cfg),
+            false => Err(ConfigError::Invalid(problems)),
+        }
+    }
+
+    /// Reads `path` as far as it can: every key that parses takes its value, every other
+    /// keeps its default, and the problems come along. For `autoscaler status`, which only
+    /// needs the control socket and must work while the file on disk is being edited.
+    pub fn load_lenient(path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse_all(&text, path)
+    }
+
+    /// The configuration in `text` and every problem found in it; only a file that is not
+    /// INI at all is an error.
+    fn parse_all(text: &str, path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
         // rust-ini lets a section header run on to the next lines; a header is one line here.
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -305,8 +332,10 @@ impl Config {
         }
         let ini = ini::Ini::load_from_str_opt(
             text,
+            // Values are taken as written: a command line keeps its shell quoting, and each
+            // kind decides what quotes mean (see `kinds::unquote`).
             ini::ParseOption {
-                enabled_quote: true,
+                enabled_quote: false,
                 enabled_escape: false,
                 ..Default::default()
             },
@@ -331,10 +360,7 @@ impl Config {
         r.check_unknown();
         let mut problems = std::mem::take(&mut r.problems);
         cfg.validate_into(&mut problems);
-        match problems.is_empty() {
-            true => Ok(cfg),
-            false => Err(ConfigError::Invalid(problems)),
-        }
+        Ok((cfg, problems))
     }
 
     /// Every (section, key) the file may contain, in file order.

@@ -18,6 +18,29 @@ pub struct CommandProvisioner {
     pub up: CommandLine,
     pub down: CommandLine,
     pub timeout: Duration,
+    /// `[aws] region` and `profile`, passed on (AWS_REGION, AWS_DEFAULT_REGION, AWS_PROFILE)
+    /// so an `aws ec2 …` command acts where autoscaler is configured to.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl CommandProvisioner {
+    /// The commands of `cfg`.
+    pub fn from_config(cfg: &crate::config::Config) -> CommandProvisioner {
+        let mut env = Vec::new();
+        if !cfg.aws.region.is_empty() {
+            env.push(("AWS_REGION", cfg.aws.region.clone()));
+            env.push(("AWS_DEFAULT_REGION", cfg.aws.region.clone()));
+        }
+        if !cfg.aws.profile.is_empty() {
+            env.push(("AWS_PROFILE", cfg.aws.profile.clone()));
+        }
+        CommandProvisioner {
+            up: cfg.launch.scale_up_command.clone(),
+            down: cfg.launch.scale_down_command.clone(),
+            timeout: cfg.launch.command_timeout,
+            env,
+        }
+    }
 }
 
 /// What a scale-down did.
@@ -38,10 +61,11 @@ impl CommandProvisioner {
         decision: &str,
         count: u32,
     ) -> Result<Vec<Launched>, LaunchError> {
-        let env = [
+        let mut env = vec![
             ("AUTOSCALER_DECISION", decision.to_string()),
             ("AUTOSCALER_COUNT", count.to_string()),
         ];
+        env.extend(self.env.iter().cloned());
         let stdout = process::run(&self.up, &env, self.timeout).await?;
         Ok(parse_launched(&stdout).map_err(|message| CommandFailed {
             command: self.up.to_string(),
@@ -57,7 +81,7 @@ impl CommandProvisioner {
         if self.down.is_empty() {
             return Ok(Stopped::NotConfigured);
         }
-        let env = [
+        let mut env = vec![
             ("AUTOSCALER_HOST", h.host.to_string()),
             ("AUTOSCALER_PORT", h.port.to_string()),
             (
@@ -65,6 +89,7 @@ impl CommandProvisioner {
                 h.instance_id.clone().unwrap_or_default(),
             ),
         ];
+        env.extend(self.env.iter().cloned());
         process::run(&self.down, &env, self.timeout).await?;
         Ok(Stopped::Stopped)
     }
@@ -156,6 +181,28 @@ pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aws_region_and_profile_reach_the_commands() {
+        let mut cfg = crate::config::Config::defaults(
+            &crate::config::Layout::for_dir(std::path::Path::new("/x")),
+            crate::config::Role::Master,
+        );
+        assert!(CommandProvisioner::from_config(&cfg).env.is_empty());
+        cfg.aws.region = "eu-west-3".into();
+        cfg.aws.profile = "fleet".into();
+        let env = CommandProvisioner::from_config(&cfg).env;
+        for want in [
+            ("AWS_REGION", "eu-west-3"),
+            ("AWS_DEFAULT_REGION", "eu-west-3"),
+            ("AWS_PROFILE", "fleet"),
+        ] {
+            assert!(
+                env.iter().any(|(k, v)| (*k, v.as_str()) == want),
+                "{want:?} in {env:?}"
+            );
+        }
+    }
 
     #[test]
     fn launch_command_output() {

@@ -125,11 +125,7 @@ impl Provisioner {
             ProvisionerKind::Ec2 => {
                 Provisioner::Ec2(Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await?))
             }
-            ProvisionerKind::Command => Provisioner::Command(CommandProvisioner {
-                up: cfg.launch.scale_up_command.clone(),
-                down: cfg.launch.scale_down_command.clone(),
-                timeout: cfg.launch.command_timeout,
-            }),
+            ProvisionerKind::Command => Provisioner::Command(CommandProvisioner::from_config(cfg)),
         })
     }
 }

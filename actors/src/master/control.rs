@@ -1,0 +1,551 @@
+//! The master's control socket (`[autoscaler] control_socket`, mode 0600): `autoscaler status`
+//! connects, sends `status`, and reads one JSON document — what the running master knows of
+//! each node, its decisions, the launches and drains in flight, and each HAProxy server's last
+//! apply. Only the owner of the socket (root, with the packaged unit) can ask.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use actix::Addr;
+use serde::{Deserialize, Serialize};
+use slog::{debug, Logger};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use super::decider::{GetDecisionStatus, ScaleDecider};
+use super::haproxy_worker::Applied;
+use super::haproxy_writer::{GetServerStatus, HaproxyWriter, ServerStatus};
+use super::launcher::intents::{now_ms, pending_drains, pending_intents};
+use super::node_status::{ListNodes, NodeStatus};
+use super::registry::{HostRegistry, ListHosts};
+use crate::adapters::files;
+use crate::hosts::Origin;
+
+/// What `autoscaler status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub policy: String,
+    pub dry_run: bool,
+    pub nodes: Vec<NodeLine>,
+    /// The last scale-up or scale-in.
+    pub last_action: Option<LastAction>,
+    /// Why the decider holds now, if it does.
+    pub holding: Option<String>,
+    pub cooldown_left_s: Option<f64>,
+    pub launches_last_hour: usize,
+    /// Launches in flight: decision id and instances.
+    pub launches: Vec<(String, u32)>,
+    pub drains: Vec<DrainLine>,
+    pub haproxy: Vec<HaproxyLine>,
+}
+
+/// One HAProxy server's last apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HaproxyLine {
+    pub server: String,
+    /// `applied`, `applying` or `failing`.
+    pub state: String,
+    /// What the last apply did, or the error it retries after.
+    pub detail: String,
+    pub applied_s_ago: Option<f64>,
+}
+
+/// A decision that acted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastAction {
+    pub action: String,
+    pub reason: String,
+    pub s_ago: f64,
+}
+
+/// One registered host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeLine {
+    pub host: String,
+    pub port: u16,
+    pub origin: String,
+    pub instance_id: Option<String>,
+    /// `up`, `down` or `never` (no tunnel has come up yet).
+    pub tunnel: String,
+    pub last_cpu_pct: Option<f64>,
+    pub last_seen_s: Option<f64>,
+    pub mean_up_pct: Option<f64>,
+    pub mean_down_pct: Option<f64>,
+    /// Why it takes no part in scale-up decisions; None when it does.
+    pub why_not: Option<String>,
+}
+
+/// A host on its way out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainLine {
+    pub name: String,
+    pub instance_id: Option<String>,
+    /// Seconds until it is terminated at the latest.
+    pub deadline_in_s: f64,
+}
+
+/// The actors the status comes from.
+#[derive(Clone)]
+pub struct Sources {
+    pub registry: Addr<HostRegistry>,
+    pub nodes: Addr<NodeStatus>,
+    pub decider: Addr<ScaleDecider>,
+    pub writer: Addr<HaproxyWriter>,
+    pub state_dir: PathBuf,
+}
+
+impl Sources {
+    async fn status(&self) -> Result<Status, actix::MailboxError> {
+        let hosts = self.registry.send(ListHosts).await?;
+        let views = self.nodes.send(ListNodes).await?;
+        let d = self.decider.send(GetDecisionStatus).await?;
+        let servers = self.writer.send(GetServerStatus).await?;
+        let nodes = hosts
+            .iter()
+            .map(|h| {
+                let v = views.get(&h.key());
+                let eval = d
+                    .nodes
+                    .iter()
+                    .find(|n| n.host == h.host.to_string() && n.port == h.port);
+                NodeLine {
+                    host: h.host.to_string(),
+                    port: h.port,
+                    origin: match h.origin {
+                        Origin::Manual => "manual".into(),
+                        Origin::Launched => "launched".into(),
+                    },
+                    instance_id: h.instance_id.clone(),
+                    tunnel: match v {
+                        None => "never".into(),
+                        Some(v) if v.up => "up".into(),
+                        Some(_) => "down".into(),
+                    },
+                    last_cpu_pct: v.and_then(|v| v.last_sample).map(|s| s.busy_pct),
+                    last_seen_s: v
+                        .and_then(|v| v.last_seen)
+                        .map(|t| t.elapsed().as_secs_f64()),
+                    mean_up_pct: eval.and_then(|e| e.mean_up_pct),
+                    mean_down_pct: eval.and_then(|e| e.mean_down_pct),
+                    why_not: eval.and_then(|e| e.why_not.clone()),
+                }
+            })
+            .collect();
+        let now = now_ms();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            policy: d.policy,
+            dry_run: d.dry_run,
+            nodes,
+            last_action: d.last_action.map(|(action, reason, ago)| LastAction {
+                action,
+                reason,
+                s_ago: ago as f64 / 1000.0,
+            }),
+            holding: d.holding,
+            cooldown_left_s: d.cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
+            launches_last_hour: d.launches_last_hour,
+            launches: {
+                let mut l = d.in_flight;
+                for (_, i) in pending_intents(&self.state_dir) {
+                    if !l.iter().any(|(id, _)| *id == i.decision_id) {
+                        l.push((i.decision_id, i.count));
+                    }
+                }
+                l
+            },
+            drains: pending_drains(&self.state_dir)
+                .into_iter()
+                .map(|(_, d)| DrainLine {
+                    name: d.name(),
+                    instance_id: d.instance_id.clone(),
+                    deadline_in_s: d.deadline_ms.saturating_sub(now) as f64 / 1000.0,
+                })
+                .collect(),
+            haproxy: servers
+                .into_iter()
+                .map(|(server, s)| {
+                    let (state, detail, at) = match s {
+                        ServerStatus::Pending => ("applying", String::new(), None),
+                        ServerStatus::Failing(e) => ("failing", e, None),
+                        ServerStatus::Applied(a, at) => ("applied", describe(&a), Some(at)),
+                    };
+                    HaproxyLine {
+                        server,
+                        state: state.into(),
+                        detail,
+                        applied_s_ago: at.map(|t| t.elapsed().as_secs_f64()),
+                    }
+                })
+                .collect(),
+        })
+    }
+}
+
+fn describe(a: &Applied) -> String {
+    match a {
+        Applied::Unchanged => "unchanged".into(),
+        Applied::Runtime { added, draining } => {
+            format!("runtime API: {added} added, {draining} draining")
+        }
+        Applied::Reloaded { servers } => format!("reloaded with {servers} servers"),
+    }
+}
+
+/// Binds the control socket at `path` (0600). A socket another master still answers on is
+/// an error (two masters on one machine would fight over HAProxy); a stale one is replaced.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another master answers on {}", path.display()),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        files::create_dir_all(dir, 0o700)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers status requests on `listener` until the master stops.
+pub fn serve(listener: UnixListener, sources: Sources, log: &Logger) {
+    let log = log.new(slog::o!("actor" => "Control"));
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let (sources, log) = (sources.clone(), log.clone());
+            tokio::spawn(async move {
+                let (rd, mut wr) = conn.into_split();
+                let mut line = String::new();
+                let read = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    BufReader::new(rd).take(256).read_line(&mut line),
+                )
+                .await;
+                let answer = match (read, line.trim()) {
+                    (Ok(Ok(_)), "status") => match sources.status().await {
+                        Ok(s) => serde_json::to_string(&s).unwrap_or_default(),
+                        Err(e) => format!("{{\"error\":\"{e}\"}}"),
+                    },
+                    (_, other) => format!("{{\"error\":\"unknown request {other:?}\"}}"),
+                };
+                if let Err(e) = wr.write_all(format!("{answer}\n").as_bytes()).await {
+                    debug!(log, "Status request dropped"; "error" => %e);
+                }
+            });
+        }
+    });
+}
+
+/// Why `autoscaler status` has nothing to show.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "no master answers on {path} ({source}); is it running? (`systemctl status \
+         autoscaler-master`; the socket is [autoscaler] control_socket)"
+    )]
+    NoMaster {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the master on {path} did not answer: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the master on {path} answered {answer:?}")]
+    Answer { path: PathBuf, answer: String },
+}
+
+/// Asks the master listening on `path` for its status.
+pub fn request(path: &Path, timeout: Duration) -> Result<Status, ControlError> {
+    use std::io::{BufRead, Write};
+    let mut conn =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| ControlError::NoMaster {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    conn.set_read_timeout(Some(timeout)).map_err(io)?;
+    conn.set_write_timeout(Some(timeout)).map_err(io)?;
+    conn.write_all(b"status\n").map_err(io)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(conn)
+        .read_line(&mut answer)
+        .map_err(io)?;
+    serde_json::from_str(&answer).map_err(|_| ControlError::Answer {
+        path: path.to_path_buf(),
+        answer: answer.trim().chars().take(200).collect(),
+    })
+}
+
+/// `12.3%`, or `-` for nothing.
+fn pct(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}%")).unwrap_or_else(|| "-".into())
+}
+
+/// `4s ago`, `3m ago`, or `-`.
+fn ago(v: Option<f64>) -> String {
+    v.map(|s| format!("{} ago", span(s)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn span(s: f64) -> String {
+    match s {
+        s if s < 1.0 => format!("{:.0}ms", s * 1000.0),
+        s if s < 120.0 => format!("{s:.0}s"),
+        s if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        s => format!("{:.1}h", s / 3600.0),
+    }
+}
+
+/// Rows as columns padded to the widest cell; the last column is not padded.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match i + 1 == r.len() {
+                true => c.clone(),
+                false => format!("{c:<w$}", w = width[i]),
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+impl Status {
+    /// The human-readable report `autoscaler status` prints.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "master {}, policy {}{}\n",
+            self.version,
+            self.policy,
+            if self.dry_run {
+                ", dry run (decides, launches nothing)"
+            } else {
+                ""
+            }
+        );
+        out += &match &self.last_action {
+            Some(a) => format!(
+                "last decision: {} {} ago: {}\n",
+                a.action,
+                span(a.s_ago),
+                a.reason
+            ),
+            None => "last decision: none since start\n".into(),
+        };
+        if let Some(h) = &self.holding {
+            out += &format!("holding: {h}\n");
+        }
+        if let Some(c) = self.cooldown_left_s {
+            out += &format!("cooldown: {} left\n", span(c));
+        }
+        out += &format!("launches in the last hour: {}\n", self.launches_last_hour);
+        out += "\n";
+        let mut rows = vec![[
+            "HOST",
+            "PORT",
+            "ORIGIN",
+            "TUNNEL",
+            "CPU",
+            "SEEN",
+            "MEAN UP",
+            "MEAN DOWN",
+            "ELIGIBLE",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for n in &self.nodes {
+            rows.push(vec![
+                n.host.clone(),
+                n.port.to_string(),
+                match &n.instance_id {
+                    Some(id) => format!("{} {id}", n.origin),
+                    None => n.origin.clone(),
+                },
+                n.tunnel.clone(),
+                pct(n.last_cpu_pct),
+                ago(n.last_seen_s),
+                pct(n.mean_up_pct),
+                pct(n.mean_down_pct),
+                match &n.why_not {
+                    None => "yes".into(),
+                    Some(why) => format!("no: {why}"),
+                },
+            ]);
+        }
+        out += &columns(&rows);
+        if self.nodes.is_empty() {
+            out += "(no hosts registered: `autoscaler add-host HOST PORT`)\n";
+        }
+        if !self.launches.is_empty() {
+            out += "\nLAUNCHES IN FLIGHT\n";
+            let mut rows = vec![vec!["DECISION".to_string(), "INSTANCES".into()]];
+            rows.extend(
+                self.launches
+                    .iter()
+                    .map(|(id, n)| vec![id.clone(), n.to_string()]),
+            );
+            out += &columns(&rows);
+        }
+        if !self.drains.is_empty() {
+            out += "\nDRAINING\n";
+            let mut rows = vec![vec![
+                "HOST".to_string(),
+                "INSTANCE".into(),
+                "TERMINATED AT THE LATEST IN".into(),
+            ]];
+            rows.extend(self.drains.iter().map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.instance_id.clone().unwrap_or_else(|| "-".into()),
+                    span(d.deadline_in_s),
+                ]
+            }));
+            out += &columns(&rows);
+        }
+        out += "\n";
+        let mut rows = vec![["HAPROXY SERVER", "STATE", "LAST APPLY", "DETAIL"]
+            .map(String::from)
+            .to_vec()];
+        rows.extend(self.haproxy.iter().map(|h| {
+            vec![
+                h.server.clone(),
+                h.state.clone(),
+                ago(h.applied_s_ago),
+                h.detail.clone(),
+            ]
+        }));
+        out += &columns(&rows);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            version: "1.2.3".into(),
+            policy: "instance".into(),
+            dry_run: false,
+            nodes: vec![
+                NodeLine {
+                    host: "10.0.0.5".into(),
+                    port: 80,
+                    origin: "manual".into(),
+                    instance_id: None,
+                    tunnel: "up".into(),
+                    last_cpu_pct: Some(82.14),
+                    last_seen_s: Some(0.4),
+                    mean_up_pct: Some(80.0),
+                    mean_down_pct: Some(70.0),
+                    why_not: None,
+                },
+                NodeLine {
+                    host: "10.0.0.17".into(),
+                    port: 8080,
+                    origin: "launched".into(),
+                    instance_id: Some("i-0abc".into()),
+                    tunnel: "never".into(),
+                    last_cpu_pct: None,
+                    last_seen_s: None,
+                    mean_up_pct: None,
+                    mean_down_pct: None,
+                    why_not: Some("no report yet".into()),
+                },
+            ],
+            last_action: Some(LastAction {
+                action: "scale-up".into(),
+                reason: "10.0.0.5:80 at 80%".into(),
+                s_ago: 95.0,
+            }),
+            holding: Some("cooldown after the last scale-up".into()),
+            cooldown_left_s: Some(200.0),
+            launches_last_hour: 1,
+            launches: vec![("d-1".into(), 1)],
+            drains: vec![DrainLine {
+                name: "10.0.0.9:80".into(),
+                instance_id: Some("i-0def".into()),
+                deadline_in_s: 30.0,
+            }],
+            haproxy: vec![HaproxyLine {
+                server: "local".into(),
+                state: "applied".into(),
+                detail: "runtime API: 1 added, 0 draining".into(),
+                applied_s_ago: Some(3.0),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_table_lines_up_and_says_everything() {
+        let t = sample().to_table();
+        assert!(
+            t.contains("last decision: scale-up 95s ago: 10.0.0.5:80 at 80%"),
+            "{t}"
+        );
+        assert!(t.contains("cooldown: 3m left"), "{t}");
+        let lines: Vec<&str> = t.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("HOST ")).unwrap();
+        let col = |l: &str, word: &str| l.find(word).unwrap();
+        // Every row's CPU cell starts where the header's does.
+        let at = col(lines[header], "CPU");
+        assert_eq!(col(lines[header + 1], "82.1%"), at, "{t}");
+        assert_eq!(col(lines[header + 2], "-  "), at, "{t}");
+        assert!(lines[header + 2].contains("launched i-0abc"), "{t}");
+        assert!(lines[header + 2].ends_with("no: no report yet"), "{t}");
+        assert!(lines[header + 1].ends_with("yes"), "{t}");
+        let drain = lines
+            .iter()
+            .find(|l| l.starts_with("10.0.0.9:80 "))
+            .unwrap();
+        assert!(drain.contains(" i-0def ") && drain.ends_with(" 30s"), "{t}");
+        assert!(t.contains("local           applied  3s ago"), "{t}");
+        assert!(
+            !t.lines().any(|l| l.ends_with(' ')),
+            "trailing spaces: {t:?}"
+        );
+    }
+
+    #[test]
+    fn status_survives_json() {
+        let s = sample();
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.to_table(), s.to_table());
+    }
+
+    #[test]
+    fn spans_read_well() {
+        assert_eq!(span(0.25), "250ms");
+        assert_eq!(span(42.0), "42s");
+        assert_eq!(span(600.0), "10m");
+        assert_eq!(span(9000.0), "2.5h");
+    }
+}

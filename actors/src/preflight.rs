@@ -1,0 +1,159 @@
+//! What a daemon needs beyond a configuration file that parses: the SSH identity, the files
+//! it names, an AWS region, a template that renders. `autoscaler check` and the daemons' start
+//! run the same checks, so `check` finds whatever would stop the master (as `sshd -t` and
+//! `haproxy -c` do), and reports every problem at once, each naming the file, section and key.
+
+use crate::config::{Config, ConfigError, Problem, ProvisionerKind, Role};
+use crate::render::HaproxyTemplate;
+
+fn problem(cfg: &Config, section: &str, key: &str, message: String) -> Problem {
+    Problem {
+        file: cfg.source.clone(),
+        section: section.into(),
+        key: Some(key.into()),
+        message,
+    }
+}
+
+/// Every problem that would stop `role` from starting with `cfg`.
+pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if role != Role::Master {
+        return out;
+    }
+    let id = &cfg.ssh.identity_file;
+    let keygen = format!("ssh-keygen -t ed25519 -N '' -f {}", id.display());
+    match std::fs::metadata(id) {
+        Err(e) => out.push(problem(
+            cfg,
+            "ssh",
+            "identity_file",
+            format!(
+                "{}: {e}; create the master's key with: {keygen}",
+                id.display()
+            ),
+        )),
+        Ok(_) => {
+            if let Err(e) = russh::keys::load_secret_key(id, None) {
+                out.push(problem(
+                    cfg,
+                    "ssh",
+                    "identity_file",
+                    format!(
+                        "{} cannot be used: {e} (Ed25519 or ECDSA without a passphrase; RSA is not supported); create one with: {keygen}",
+                        id.display()
+                    ),
+                ));
+            }
+        }
+    }
+    match HaproxyTemplate::load(cfg.haproxy.template.as_deref()) {
+        Err(e) => out.push(problem(cfg, "haproxy", "template", e.to_string())),
+        Ok(t) => {
+            if let Err(e) = t.plan(&cfg.haproxy, &cfg.general.hosts_dir, &[]) {
+                out.push(problem(cfg, "haproxy", "template", e.to_string()));
+            }
+        }
+    }
+    let launching = !cfg.scaling.dry_run;
+    if launching && cfg.launch.launcher == ProvisionerKind::Ec2 {
+        if let Some(p) = &cfg.launch.user_data_file {
+            if let Err(e) = std::fs::read(p) {
+                out.push(problem(
+                    cfg,
+                    "launch",
+                    "user_data_file",
+                    format!("{}: {e}", p.display()),
+                ));
+            }
+        }
+        if region(cfg).await.is_none() {
+            out.push(problem(
+                cfg,
+                "aws",
+                "region",
+                "no AWS region: set [aws] region (or AWS_REGION, or a region in the [aws] profile); \
+                 autoscaler does not guess it"
+                    .into(),
+            ));
+        }
+    }
+    out
+}
+
+/// The region EC2 calls go to: `[aws] region`, else the environment, else the profile. Never
+/// instance metadata: a region must be written down somewhere an operator can see.
+pub async fn region(cfg: &Config) -> Option<String> {
+    if !cfg.aws.region.is_empty() {
+        return Some(cfg.aws.region.clone());
+    }
+    use aws_config::meta::region::ProvideRegion;
+    let env = aws_config::environment::region::EnvironmentVariableRegionProvider::new();
+    if let Some(r) = env.region().await {
+        return Some(r.to_string());
+    }
+    let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+    if !cfg.aws.profile.is_empty() {
+        profile = profile.profile_name(&cfg.aws.profile);
+    }
+    profile.build().region().await.map(|r| r.to_string())
+}
+
+/// [`problems`] as an error, for the daemons' start.
+pub async fn check(cfg: &Config, role: Role) -> Result<(), ConfigError> {
+    let p = problems(cfg, role).await;
+    match p.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::Invalid(p)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layout;
+    use std::path::Path;
+
+    fn cfg(dir: &Path) -> Config {
+        let mut c = Config::defaults(&Layout::for_dir(dir), Role::Master);
+        c.source = dir.join("autoscaler.ini");
+        c
+    }
+
+    #[tokio::test]
+    async fn finds_what_start_up_would_trip_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        let p: Vec<String> = problems(&c, Role::Master)
+            .await
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("[ssh] identity_file")
+                && p[0].contains(&format!(
+                    "ssh-keygen -t ed25519 -N '' -f {}",
+                    c.ssh.identity_file.display()
+                )),
+            "{p:?}"
+        );
+        assert!(
+            problems(&c, Role::Node).await.is_empty(),
+            "a node needs none of it"
+        );
+        std::fs::write(&c.ssh.identity_file, "not a key").unwrap();
+        let p = problems(&c, Role::Master).await;
+        assert!(p[0].message.contains("cannot be used"), "{p:?}");
+        c.scaling.dry_run = false;
+        c.launch.image_id = "ami-1".into();
+        c.launch.user_data_file = Some(tmp.path().join("missing.yaml"));
+        c.aws.region = "eu-west-3".into();
+        let keys: Vec<String> = problems(&c, Role::Master)
+            .await
+            .iter()
+            .filter_map(|p| p.key.clone())
+            .collect();
+        assert_eq!(keys, ["identity_file", "user_data_file"]);
+    }
+}
