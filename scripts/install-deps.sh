@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Installs what autoscaler's tests and demo need on Debian (run as root):
-#   apt: haproxy, openssh-server, openssh-client, iproute2, cloud-init (its schema checker)
-#        (and python3-venv when missing)
+#   apt: haproxy, openssh-server, openssh-client, iproute2, cloud-init (its schema checker),
+#        systemd (systemd-analyze verify), prometheus (promtool check metrics), groff-base
+#        (the man page is rendered), and python3-venv when missing
+#   a check that the Rust toolchain is at least the workspace's rust-version
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The oldest Rust that builds every locked dependency (tests/toolchain.rs keeps it true).
+want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 if ! command -v cargo >/dev/null; then
-  echo "install-deps: cargo not found; install a Rust toolchain (1.85 or newer, e.g. with rustup)" >&2
+  echo "install-deps: cargo not found; install Rust $want or newer:" >&2
+  echo "  curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --default-toolchain stable" >&2
+  exit 1
+fi
+have=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -n1)" != "$want" ]; then
+  echo "install-deps: Rust $have is older than $want, the oldest that builds autoscaler's" >&2
+  echo "  dependencies (sysinfo, the AWS SDK). With rustup: rustup update stable." >&2
+  echo "  Debian's packaged rustc is too old; install rustup from https://rustup.rs" >&2
   exit 1
 fi
 
 need=()
 for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
-    cloud-init:cloud-init; do
+    cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
@@ -22,7 +34,8 @@ python3 -m venv --help >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need[*]}" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  # No recommends: prometheus would bring its node exporter, a service these tests never use.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if [ ! -x .venv-moto/bin/moto_server ]; then

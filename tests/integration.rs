@@ -11,4 +11,5 @@ mod crash;
 mod haproxy_writer;
 mod launch;
 mod operator;
+mod toolchain;
 mod tunnels;

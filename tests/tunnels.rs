@@ -541,6 +541,7 @@ fn master_binary_scales_up_end_to_end() {
     let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
     let report_port = free_port("127.0.0.1");
+    let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let grow = s.path().join("grow.sh");
     std::fs::write(
         &grow,
@@ -561,6 +562,7 @@ fn master_binary_scales_up_end_to_end() {
         ("launch", "health_check", "false".into()),
         ("haproxy", "reload_command", "true".into()),
         ("haproxy", "debounce", "100ms".into()),
+        ("autoscaler", "metrics_address", metrics.clone()),
     ] {
         s.set(section, key, &value);
     }
@@ -583,7 +585,9 @@ fn master_binary_scales_up_end_to_end() {
     let feeder = std::thread::spawn(move || {
         for seq in 0..50u64 {
             let line = format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":95.0,\"cores\":2}}\n");
-            if node.write_all(line.as_bytes()).is_err() {
+            // Frame 1 arrives twice (a resend): the master uses it once and counts the copy.
+            let copies = if seq == 1 { 2 } else { 1 };
+            if node.write_all(line.repeat(copies).as_bytes()).is_err() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -644,6 +648,46 @@ fn master_binary_scales_up_end_to_end() {
         .unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains(" up ") && row.contains("95.0%"), "{table}");
     assert!(table.contains("last decision: scale_up 1"), "{table}");
+    // The same view, and the counters, as Prometheus metrics that promtool accepts.
+    let (code, text) = crate::common::http_get(&metrics, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    for want in [
+        "autoscaler_node_cpu_busy_percent{host=\"127.0.0.8\",port=\"8080\"} 95.0",
+        "autoscaler_decisions_total{action=\"scale_up\",reason=\"instance\"} 1",
+        "autoscaler_launches_total{result=\"ok\"} 1",
+        "autoscaler_launch_duration_seconds_count{result=\"ok\"} 1",
+        "autoscaler_nodes{state=\"up\",origin=\"manual\"} 1",
+        "autoscaler_nodes{state=\"never\",origin=\"launched\"} 1",
+        "autoscaler_launches_last_hour 1",
+        "autoscaler_haproxy_server_failing{server=\"local\"} 0",
+        "autoscaler_report_frames_dropped_total{host=\"127.0.0.8\",reason=\"duplicate\"} 1",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("autoscaler_haproxy_applies_total{server=\"local\"")),
+        "{text}"
+    );
+    if let Some(promtool) = tool("promtool") {
+        if let Some(said) = crate::common::promtool_check(&promtool, &text) {
+            panic!("promtool check metrics: {said}\n{text}");
+        }
+    }
+    // Prometheus itself asks for OpenMetrics, and gets it.
+    let (code, open) = crate::common::http_get_accept(
+        &metrics,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    );
+    assert_eq!(code, 200);
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# TYPE autoscaler_decisions counter"),
+        "{open}"
+    );
+    let (code, _) = crate::common::http_get(&metrics, "/nope");
+    assert_eq!(code, 404);
     let socket = s.path().join("master.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", socket.display());

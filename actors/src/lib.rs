@@ -51,6 +51,7 @@ pub use autoscaler_core::{backoff, config, haproxy_api, hosts, policy, render, r
 pub mod adapters;
 pub mod admin;
 pub mod master;
+pub mod metrics;
 pub mod node;
 pub mod preflight;
 

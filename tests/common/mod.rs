@@ -621,3 +621,54 @@ impl Drop for FakeAgent {
         }
     }
 }
+
+/// `GET path` on `addr` (HTTP/1.0, so the server closes): the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_get_accept(addr, path, "*/*")
+}
+
+/// [`http_get`] with an `Accept` header.
+pub fn http_get_accept(addr: &str, path: &str, accept: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// `promtool check metrics` on `text`: None when it is clean, else what promtool said.
+pub fn promtool_check(promtool: &Path, text: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    match out.status.success() && said.trim().is_empty() {
+        true => None,
+        false => Some(said),
+    }
+}

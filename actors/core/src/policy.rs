@@ -75,6 +75,23 @@ pub enum Decision {
     Hold(Hold),
 }
 
+impl Hold {
+    /// A short, fixed word for the hold (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Hold::NoData => "no_data",
+            Hold::WarmingUp { .. } => "warming_up",
+            Hold::Steady => "steady",
+            Hold::AtMax => "at_max",
+            Hold::AtMin => "at_min",
+            Hold::Cooldown { .. } => "cooldown",
+            Hold::HourlyCap => "hourly_cap",
+            Hold::LaunchInFlight => "launch_in_flight",
+            Hold::NothingToRemove => "nothing_to_remove",
+        }
+    }
+}
+
 impl fmt::Display for Hold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

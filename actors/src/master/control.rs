@@ -97,7 +97,8 @@ pub struct Sources {
 }
 
 impl Sources {
-    async fn status(&self) -> Result<Status, actix::MailboxError> {
+    /// What the running actors say now.
+    pub async fn status(&self) -> Result<Status, actix::MailboxError> {
         let hosts = self.registry.send(ListHosts).await?;
         let views = self.nodes.send(ListNodes).await?;
         let d = self.decider.send(GetDecisionStatus).await?;

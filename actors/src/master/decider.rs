@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -29,6 +30,7 @@ use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::adapters::files;
 use crate::config::Scaling;
 use crate::hosts::{Host, HostKey, Origin};
+use crate::metrics::Metrics;
 use crate::policy::{decide_with_summary, Decision, History, NodeInput};
 
 /// How often the policy runs.
@@ -140,6 +142,7 @@ pub struct ScaleDecider {
     /// The reason of the last hold, and the last scale-up/in (at, action, reason).
     holding: Option<String>,
     last_action: Option<(u64, String, String)>,
+    metrics: Arc<Metrics>,
     log: Logger,
 }
 
@@ -175,10 +178,17 @@ impl ScaleDecider {
             last_hold: None,
             holding: None,
             last_action: None,
+            metrics: Arc::default(),
             log,
         };
         d.recall();
         d
+    }
+
+    /// Counts its decisions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> ScaleDecider {
+        self.metrics = metrics;
+        self
     }
 
     /// Milliseconds on the decider's clock (see [`CLOCK_ORIGIN`]).
@@ -269,6 +279,7 @@ impl ScaleDecider {
         let acting = self.out.clone().filter(|_| !self.cfg.dry_run);
         match decision {
             Decision::Hold(h) => {
+                self.metrics.decision("hold", h.kind());
                 let reason = h.to_string();
                 self.holding = Some(reason.clone());
                 // Logged when it says something new: another reason, or another fleet.
@@ -279,6 +290,7 @@ impl ScaleDecider {
                 }
             }
             Decision::ScaleUp { count, reason } => {
+                self.metrics.decision("scale_up", self.cfg.policy.as_str());
                 self.last_hold = None;
                 self.holding = None;
                 self.last_action = Some((now, format!("scale_up {count}"), reason.clone()));
@@ -299,6 +311,8 @@ impl ScaleDecider {
                 }
             }
             Decision::ScaleDown { host, reason } => {
+                self.metrics
+                    .decision("scale_down", self.cfg.policy.as_str());
                 self.last_hold = None;
                 self.holding = None;
                 self.last_action = Some((now, format!("scale_down {host}"), reason.clone()));

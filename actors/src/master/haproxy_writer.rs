@@ -26,6 +26,7 @@ use super::messages::HostsChanged;
 use crate::adapters::ssh::SshSettings;
 use crate::config::Config;
 use crate::hosts::{Host, HostKey};
+use crate::metrics::Metrics;
 use crate::render::HaproxyTemplate;
 
 /// Resolves once `server` takes no traffic on any HAProxy server (or `within` is up).
@@ -61,6 +62,7 @@ pub struct HaproxyWriter {
     pending: Option<Arc<Vec<Host>>>,
     scheduled: bool,
     waiters: Vec<Waiter>,
+    metrics: Arc<Metrics>,
     log: Logger,
 }
 
@@ -82,8 +84,15 @@ impl HaproxyWriter {
             pending: None,
             scheduled: false,
             waiters: Vec::new(),
+            metrics: Arc::default(),
             log: log.new(o!("actor" => "HaproxyWriter")),
         }
+    }
+
+    /// Counts applies in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> HaproxyWriter {
+        self.metrics = metrics;
+        self
     }
 
     /// The same, with worker settings of the caller's (tests shorten the retry delays).
@@ -157,12 +166,19 @@ impl Handler<ServerReport> for HaproxyWriter {
     fn handle(&mut self, m: ServerReport, _: &mut Context<Self>) {
         match m.event {
             ServerEvent::Applied(a) => {
+                let how = match a {
+                    Applied::Unchanged => "unchanged",
+                    Applied::Runtime { .. } => "runtime",
+                    Applied::Reloaded { .. } => "reload",
+                };
+                self.metrics.haproxy_apply(&m.server, how);
                 self.status.insert(
                     m.server,
                     ServerStatus::Applied(a, std::time::Instant::now()),
                 );
             }
             ServerEvent::Failed { error, .. } => {
+                self.metrics.haproxy_apply(&m.server, "failed");
                 self.status.insert(m.server, ServerStatus::Failing(error));
             }
             ServerEvent::Drained { name } => {

@@ -45,6 +45,7 @@ use self::tunnels::{TunnelError, TunnelManager, TunnelOutputs, TunnelSettings};
 use crate::adapters::hosts_dir::HostsDir;
 use crate::adapters::ssh::SshSettings;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::render::HaproxyTemplate;
 use crate::StartError;
 
@@ -57,6 +58,7 @@ pub struct Master {
     /// None in dry-run: nothing is launched, and no launch settings are needed.
     pub launcher: Option<Addr<Launcher>>,
     pub writer: Addr<HaproxyWriter>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts the master role. `poll` is how often hosts.d is rescanned, `tick` how often the
@@ -75,13 +77,17 @@ pub async fn start_master(
     })?;
     // One SSH identity for every session: tunnels to nodes, remote HAProxy servers.
     let ssh = Arc::new(SshSettings::from_config(cfg).map_err(TunnelError::from)?);
-    let tunnel_settings = TunnelSettings::with_ssh(cfg, ssh.clone());
+    let metrics = Arc::new(Metrics::new());
+    let mut tunnel_settings = TunnelSettings::with_ssh(cfg, ssh.clone());
+    tunnel_settings.metrics = metrics.clone();
     let provisioner = match cfg.scaling.dry_run {
         true => None,
         false => Some(Provisioner::from_config(cfg).await?),
     };
     let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
-    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log).start();
+    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log)
+        .with_metrics(metrics.clone())
+        .start();
     let status = NodeStatus::new(log).start();
     // Registry, decider and launcher address each other: make the contexts (and so the
     // addresses) first, start the actors once everyone has what it needs.
@@ -103,6 +109,7 @@ pub async fn start_master(
             },
             log,
         )
+        .with_metrics(metrics.clone())
         .start()
     });
     let outputs = launcher.as_ref().map(|l| DeciderOutputs {
@@ -113,13 +120,10 @@ pub async fn start_master(
     let memory = launcher
         .as_ref()
         .map(|_| cfg.general.state_dir.join("decider.json"));
-    decider_ctx.run(ScaleDecider::new(
-        cfg.scaling.clone(),
-        outputs,
-        memory,
-        tick,
-        log,
-    ));
+    decider_ctx.run(
+        ScaleDecider::new(cfg.scaling.clone(), outputs, memory, tick, log)
+            .with_metrics(metrics.clone()),
+    );
     let tunnels = TunnelManager::new(
         tunnel_settings,
         TunnelOutputs {
@@ -148,6 +152,14 @@ pub async fn start_master(
         writer: writer.clone(),
         state_dir: cfg.general.state_dir.clone(),
     };
+    if let Some(addr) = cfg.general.metrics_address {
+        crate::metrics::serve(addr, metrics.clone(), sources.clone(), log).map_err(|source| {
+            StartError::Listen {
+                what: format!("metrics address {addr} ([autoscaler] metrics_address)"),
+                source,
+            }
+        })?;
+    }
     control::serve(control, sources, log);
     Ok(Master {
         registry,
@@ -156,5 +168,6 @@ pub async fn start_master(
         decider,
         launcher,
         writer,
+        metrics,
     })
 }

@@ -32,6 +32,7 @@ use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::hosts::{Host, HostKey};
+use crate::metrics::Metrics;
 use crate::report::{decode, ChannelState, DecodeError, Frame, LineBuffer, SeqFilter, SeqVerdict};
 
 const RETRY_BASE: Duration = Duration::from_secs(1);
@@ -64,6 +65,8 @@ pub struct TunnelSettings {
     pub stale_after: Duration,
     /// SSH handshakes allowed in progress at once, over all hosts.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Reconnects and dropped frames are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl TunnelSettings {
@@ -83,6 +86,7 @@ impl TunnelSettings {
             report_port: cfg.node.report_port,
             stale_after: cfg.scaling.stale_after,
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            metrics: Arc::default(),
         }
     }
 }
@@ -232,6 +236,7 @@ async fn session_loop(
             backoff.reset();
         }
         let delay = backoff.next_delay();
+        settings.metrics.ssh_reconnect(&key.host.to_string());
         warn!(log, "Tunnel down; retrying"; "error" => reason, "attempt" => backoff.attempts(),
             "retry_in" => %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)));
         tokio::time::sleep(delay).await;
@@ -321,7 +326,7 @@ impl client::Handler for Client {
             self.out.clone(),
             self.up.clone(),
             self.filter.clone(),
-            self.settings.stale_after,
+            self.settings.clone(),
             self.log.clone(),
         ));
         Ok(())
@@ -358,9 +363,11 @@ async fn read_channel(
     out: TunnelOutputs,
     up: Arc<AtomicBool>,
     filter: Arc<Mutex<SeqFilter>>,
-    stale_after: Duration,
+    settings: Arc<TunnelSettings>,
     log: Logger,
 ) {
+    let (stale_after, metrics) = (settings.stale_after, &settings.metrics);
+    let host = key.host.to_string();
     let mut stream = channel.into_stream();
     let mut lines = LineBuffer::default();
     let mut state = ChannelState::default();
@@ -394,6 +401,7 @@ async fn read_channel(
                     match verdict {
                         Ok(SeqVerdict::New { gap }) => {
                             if gap > 0 {
+                                metrics.samples_missing(&host, gap);
                                 debug!(log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
                             }
                             out.cpu(CpuReported {
@@ -401,12 +409,18 @@ async fn read_channel(
                                 sample,
                             });
                         }
-                        Ok(SeqVerdict::Old) | Err(_) => {}
+                        Ok(SeqVerdict::Old) => metrics.frame_dropped(&host, "duplicate"),
+                        Err(_) => {}
                     }
                 }
             }
         }
     };
+    match &end {
+        ChannelEnd::Bad(_) => metrics.frame_dropped(&host, "malformed"),
+        ChannelEnd::Truncated => metrics.frame_dropped(&host, "truncated"),
+        _ => {}
+    }
     match &end {
         ChannelEnd::Bad(_) | ChannelEnd::Truncated | ChannelEnd::Io(_) => {
             warn!(log, "Closing report channel"; "error" => %end)

@@ -32,10 +32,15 @@ pub fn start(inner: &Arc<Inner>, path: PathBuf, d: Drain) {
 async fn settle(inner: Arc<Inner>, path: PathBuf, d: Drain) {
     let log = inner.log.new(o!("drain" => d.name()));
     let mut backoff = Backoff::new(inner.settings.retry_base, RETRY_MAX);
+    let began = std::time::Instant::now();
     loop {
         match once(&inner, &d, &log).await {
-            Ok(()) => break,
+            Ok(()) => {
+                inner.metrics.termination(Some(began.elapsed()));
+                break;
+            }
             Err(e) => {
+                inner.metrics.termination(None);
                 let delay = backoff.next_delay();
                 warn!(log, "Drain not finished; retrying"; "error" => %e,
                     "attempt" => backoff.attempts(), "retry_in" => ?delay);

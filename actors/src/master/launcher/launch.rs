@@ -52,6 +52,7 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
     // the decider counting a launch in flight forever. The progress lives outside the bounded
     // future: when time runs out, the clean-up still knows what to undo.
     let limit = provision + s.health_timeout + s.slack;
+    let began = std::time::Instant::now();
     let mut progress = Progress::default();
     let result = match tokio::time::timeout(
         limit,
@@ -62,6 +63,7 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
         Ok(r) => r,
         Err(_) => Err(LaunchError::TimedOut(limit)),
     };
+    inner.metrics.launch(result.is_ok(), began.elapsed());
     match &result {
         Ok(()) => info!(log, "Launch finished"; "registered" => progress.registered.len()),
         Err(e) => {

@@ -44,6 +44,7 @@ use crate::adapters::ec2::{Ec2Api, Ec2Error, SdkEc2};
 use crate::adapters::process::CommandFailed;
 use crate::config::{Config, ProvisionerKind};
 use crate::hosts::Host;
+use crate::metrics::Metrics;
 
 pub use launch::health_gate;
 
@@ -198,6 +199,7 @@ struct Inner {
     settings: LaunchSettings,
     out: LauncherOutputs,
     busy: Mutex<Busy>,
+    metrics: Arc<Metrics>,
     log: Logger,
 }
 
@@ -225,9 +227,18 @@ impl Launcher {
                 settings,
                 out,
                 busy: Mutex::default(),
+                metrics: Arc::default(),
                 log: log.new(o!("actor" => "Launcher")),
             }),
         }
+    }
+
+    /// Counts launches and terminations in `metrics`. Before the actor starts.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Launcher {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = metrics;
+        }
+        self
     }
 }
 
