@@ -106,6 +106,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay recorded CPU load through the policy the master runs, with this configuration's
+    /// [scaling] settings, and print the decisions it would take.
+    Simulate {
+        /// CSV of `time,node,busy`: seconds from the start, node name, busy CPU % (a header
+        /// row is allowed). Examples in contrib/traces/.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Also draw each node's CPU, the thresholds, the node count and the decisions.
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<PathBuf>,
+        /// How long a launch takes until the new node serves (boot, bootstrap, health check).
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        launch_delay: std::time::Duration,
+        /// Print every change of the reason the policy holds, too.
+        #[arg(long)]
+        holds: bool,
+    },
     /// Run the daemon in the role `[autoscaler] role` names.
     Run,
     /// Run the master daemon (the HAProxy machine), whatever the configured role.

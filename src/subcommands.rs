@@ -41,6 +41,12 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
         } => generate(cli, output.as_deref(), *no_validate, log),
         Command::Check => check(cli, log),
         Command::Status { json } => status(cli, *json, log),
+        Command::Simulate {
+            trace,
+            svg,
+            launch_delay,
+            holds,
+        } => simulate(cli, trace, svg.as_deref(), *launch_delay, *holds, log),
         Command::Run => {
             let cfg = load(cli)?;
             let role = cfg.general.role;
@@ -220,6 +226,57 @@ fn status(cli: &Cli, json: bool, log: &Logger) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()?;
+    Ok(())
+}
+
+fn simulate(
+    cli: &Cli,
+    trace_file: &std::path::Path,
+    svg_file: Option<&std::path::Path>,
+    launch_delay: Duration,
+    holds: bool,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    use autoscaler_actors::simulate::{self, clock, EventKind, Settings, Trace};
+    let cfg = load(cli)?;
+    let text = std::fs::read_to_string(trace_file)
+        .with_context(|| format!("cannot read the trace {}", trace_file.display()))?;
+    let trace = Trace::parse(&text).with_context(|| format!("{}", trace_file.display()))?;
+    let settings = Settings {
+        sample_interval: cfg.node.sample_interval,
+        tick: autoscaler_actors::master::decider::DEFAULT_TICK,
+        launch_delay,
+    };
+    let (start, end) = trace.span();
+    let outcome = simulate::run(&cfg.scaling, &trace, &settings);
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Replaying {} ({} nodes, {}) with [scaling] of {}: policy {}, launch delay {}",
+        trace_file.display(),
+        trace.nodes.len(),
+        clock(end - start),
+        cfg.source.display(),
+        cfg.scaling.policy,
+        humantime::format_duration(launch_delay)
+    )?;
+    for e in &outcome.events {
+        if holds || !matches!(e.kind, EventKind::Hold { .. }) {
+            writeln!(out, "{e}")?;
+        }
+    }
+    writeln!(out, "{}", outcome.summary(end - start))?;
+    out.flush()?;
+    if let Some(path) = svg_file {
+        let title = format!(
+            "{} replayed, policy {}",
+            trace_file.file_name().unwrap_or_default().to_string_lossy(),
+            cfg.scaling.policy
+        );
+        let svg = autoscaler_actors::plot::svg(&outcome, &cfg.scaling, &title)?;
+        std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+        info!(log, "Plot written"; "file" => %path.display());
+    }
     Ok(())
 }
 

@@ -344,3 +344,64 @@ fn notifies_systemd_and_reloads_on_sighup() {
     assert_eq!(notes.next().trim(), "STOPPING=1");
     master.wait_msg("Stopped");
 }
+
+/// `simulate` replays a shipped trace through the policy with the file's [scaling], prints the
+/// decisions and draws a plot that an XML parser accepts.
+#[test]
+fn simulate_replays_a_trace_with_the_configured_policy() {
+    let s = Sandbox::new();
+    let trace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/traces/spike.csv");
+    let svg = s.path().join("spike.svg");
+    let out = s.run(&[
+        "simulate",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let up = text
+        .lines()
+        .find(|l| l.contains("scale-up +1"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(up.contains("(threshold 75%)"), "{text}");
+    assert!(text.contains("ready        new-1 serves"), "{text}");
+    assert!(text.contains("scale-in     new-1"), "{text}");
+    assert!(
+        text.contains("1 scale-ups (1 instances), 1 scale-ins, at most 4 nodes"),
+        "{text}"
+    );
+    let plot = fs::read_to_string(&svg).unwrap();
+    assert!(plot.contains("scale_up_threshold 75%") && plot.contains("new-1"));
+    if let Some(python) = tool("python3") {
+        let st = Command::new(python)
+            .args([
+                "-c",
+                "import sys, xml.etree.ElementTree as E; E.parse(sys.argv[1])",
+            ])
+            .arg(&svg)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "not well-formed XML: {}", stderr(&st));
+    }
+
+    // The configuration's settings are the ones replayed: a higher threshold, no scale-up.
+    s.set("scaling", "scale_up_threshold", "99");
+    let out = s.run(&["simulate", "--trace", trace.to_str().unwrap(), "--holds"]);
+    let text = stdout(&out);
+    assert!(!text.contains("scale-up +"), "{text}");
+    assert!(text.contains("hold         load within bounds"), "{text}");
+    assert!(text.contains("0 scale-ups"), "{text}");
+
+    // A broken trace names its line.
+    let bad = s.path().join("bad.csv");
+    fs::write(&bad, "time,node,busy\n0,web-1,10\n5,web-1,lots\n").unwrap();
+    let out = s.run(&["simulate", "--trace", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("line 3: busy \"lots\" is not a number"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -46,13 +46,14 @@
 //! the actors.
 #![forbid(unsafe_code)]
 
-pub use autoscaler_core::{backoff, config, haproxy_api, hosts, policy, render, report};
+pub use autoscaler_core::{backoff, config, haproxy_api, hosts, policy, render, report, simulate};
 
 pub mod adapters;
 pub mod admin;
 pub mod master;
 pub mod metrics;
 pub mod node;
+pub mod plot;
 pub mod preflight;
 
 pub use master::{start_master, Master};

@@ -6,6 +6,7 @@
 //! - [`hosts`]: host names and ports as users type them; the text of a host file.
 //! - [`report`]: the node → master report protocol (codec, channel state, duplicate filter).
 //! - [`policy`]: the scaling decision as a function of samples, history and time.
+//! - [`simulate`]: recorded load replayed through the policy, in simulated time.
 //! - [`render`]: haproxy.cfg from the host list (tera), with what applying it needs.
 //! - [`haproxy_api`]: HAProxy's runtime API as text: commands and answers.
 //! - [`backoff`]: jittered exponential delays for reconnect loops.
@@ -20,6 +21,7 @@ pub mod hosts;
 pub mod policy;
 pub mod render;
 pub mod report;
+pub mod simulate;
 
 /// Golden files of this crate's tests (`golden/`): compared byte for byte;
 /// `UPDATE_GOLDEN=1` rewrites them instead.
