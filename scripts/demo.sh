@@ -48,7 +48,7 @@ PY
 }
 
 say "Configuration in $tmp"
-front=$(free_port) report=$(free_port) sshport=$(free_port)
+front=$(free_port) report=$(free_port) sshport=$(free_port) metrics=$(free_port)
 "$bin" -q init --dir "$tmp/master"
 "$bin" -q init --dir "$tmp/node" --role node
 m="$tmp/master/autoscaler.ini"
@@ -68,6 +68,7 @@ set_key "$m" launch scale_up_command "$tmp/launch.sh"
 set_key "$m" launch app_port 8080
 set_key "$m" launch health_timeout 30s
 set_key "$m" haproxy bind "127.0.0.1:$front"
+set_key "$m" autoscaler metrics_address "127.0.0.1:$metrics"
 set_key "$m" haproxy debounce 200ms
 set_key "$m" haproxy reload_command "sh -c 'kill -USR2 \$(cat $tmp/haproxy.pid)'"
 cat >"$tmp/launch.sh" <<EOF
@@ -121,3 +122,9 @@ for line in data.decode().splitlines()[2:]:
     if len(f) > 4: print(f"  {f[3]:<20} {f[4]}")
 PY
 for i in 1 2 3 4; do curl -s -o /dev/null -w "request $i through HAProxy: HTTP %{http_code}\n" "http://127.0.0.1:$front/"; done
+
+say "What the running master says: autoscaler status"
+"$bin" status
+
+say "Its Prometheus metrics (excerpt of http://127.0.0.1:$metrics/metrics)"
+curl -s "http://127.0.0.1:$metrics/metrics" | grep -E '^autoscaler_(node_cpu_busy_percent|nodes|decisions_total\{action="scale_up"|launches_total|haproxy_applies_total)' || true

@@ -112,6 +112,15 @@ async fn reload_config(r: &mut Reload, log: &Logger) {
         .iter()
         .filter(|k| k.show(&r.current) != k.show(&next))
         .collect();
+    // A secret shows redacted either way: compare it, and say only that it changed.
+    let secret_changed =
+        r.current.aws.secret_access_key.expose() != next.aws.secret_access_key.expose();
+    if secret_changed {
+        warn!(log, "Changed setting needs a restart to take effect"; "key" => "[aws] secret_access_key");
+    }
+    if changed.is_empty() && secret_changed {
+        return;
+    }
     if changed.is_empty() {
         info!(log, "Configuration reloaded: nothing changed"; "file" => %path.display());
         return;
