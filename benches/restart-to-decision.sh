@@ -27,6 +27,7 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 ssh_port=$(free_port) report_port=$(free_port)
 "$bin" -q init --dir "$tmp/m"
 "$bin" -q init --dir "$tmp/n" --role node
+cp -p "$tmp/m/report.key" "$tmp/n/report.key"   # the report secret, as an operator copies it
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/m/id_ed25519"
 start_loopback_sshd "$tmp/sshd" 127.0.0.1 "$ssh_port" "$tmp/m/id_ed25519.pub"
 pids+=("$SSHD_PID")

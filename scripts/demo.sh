@@ -51,6 +51,7 @@ say "Configuration in $tmp"
 front=$(free_port) report=$(free_port) sshport=$(free_port) metrics=$(free_port)
 "$bin" -q init --dir "$tmp/master"
 "$bin" -q init --dir "$tmp/node" --role node
+cp -p "$tmp/master/report.key" "$tmp/node/report.key"   # the report secret, as an operator copies it
 m="$tmp/master/autoscaler.ini"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/master/id_ed25519"
 set_key "$m" ssh user "$(id -un)"

@@ -89,6 +89,16 @@ fn init(
     info!(log, "Wrote configuration";
         "file" => %done.config_file.display(), "role" => %role,
         "hosts_dir" => %done.hosts_dir.display(), "replaced" => done.replaced);
+    match role {
+        Role::Master => {
+            info!(log, "Report secret: copy it to every node (mode 0600, the agent's user)";
+                "file" => %done.report_secret.display())
+        }
+        Role::Node => {
+            info!(log, "Copy the master's report secret here (mode 0600, the agent's user)";
+                "file" => %done.report_secret.display())
+        }
+    }
     if done.config_file != cli.config {
         info!(log, "Use it with --config or AUTOSCALER_CONFIG"; "config" => %done.config_file.display());
     }

@@ -38,6 +38,10 @@ fn cloud_init_user_data_is_valid_cloud_config() {
         "ssh_key_console_blacklist: []",
         "AllowTcpForwarding remote",
         "enable, --now, autoscaler-node.service",
+        // The report secret arrives from the master and reaches the agent as a credential.
+        "content: '{{ report_secret }}'",
+        "LoadCredential=report.key:/etc/autoscaler/report.key",
+        "meta skuid != 0 drop",
     ] {
         assert!(text.contains(want), "missing {want:?}");
     }

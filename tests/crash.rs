@@ -113,7 +113,11 @@ impl Rig {
             Some((moto, proxy)) => {
                 let mut direct = cfg.clone();
                 direct.aws.endpoint = moto.endpoint.clone();
-                let direct = Arc::new(SdkEc2::new(&direct.aws, &direct.launch).await.unwrap());
+                let direct = Arc::new(
+                    SdkEc2::new(&direct.aws, &direct.launch, None)
+                        .await
+                        .unwrap(),
+                );
                 Some(Ec2 {
                     _moto: moto,
                     proxy,
@@ -333,7 +337,10 @@ impl IdleFleet {
         Some(IdleFleet {
             launched,
             _sshd: (a, b),
-            _agents: (FakeAgent::start(pa, 5.0), FakeAgent::start(pb, 5.0)),
+            _agents: (
+                FakeAgent::start(pa, 5.0, &r.s.path().join("report.key")),
+                FakeAgent::start(pb, 5.0, &r.s.path().join("report.key")),
+            ),
         })
     }
 }

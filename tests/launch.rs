@@ -199,10 +199,14 @@ async fn ec2_set_up(dir: &Path) -> Option<(Moto, Ec2Proxy, Config, Arc<SdkEc2>, 
     let moto = Moto::start(&moto_bin()?).await;
     let proxy = Ec2Proxy::start(&moto.endpoint).await;
     let cfg = config(dir, Some((&proxy.endpoint, &moto)));
-    let through_proxy = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
+    let through_proxy = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch, None).await.unwrap());
     let mut direct = cfg.clone();
     direct.aws.endpoint = moto.endpoint.clone();
-    let direct = Arc::new(SdkEc2::new(&direct.aws, &direct.launch).await.unwrap());
+    let direct = Arc::new(
+        SdkEc2::new(&direct.aws, &direct.launch, None)
+            .await
+            .unwrap(),
+    );
     Some((moto, proxy, cfg, through_proxy, direct))
 }
 
@@ -598,7 +602,7 @@ async fn api_errors_and_health_gate_failures_are_reported() {
         return;
     };
     cfg.launch.subnet_id = "subnet-doesnotexist".into();
-    let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await.unwrap());
+    let api = Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch, None).await.unwrap());
     let mut r = rig(&cfg, Provisioner::Ec2(api), settings(&cfg));
     r.launch("as-bad-subnet", 1);
     let done = r.finished().await;

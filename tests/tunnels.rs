@@ -15,6 +15,8 @@ use autoscaler_actors::hosts::{Host, HostName};
 use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp};
 use autoscaler_actors::master::registry::HostRegistry;
 use autoscaler_actors::master::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
+use autoscaler_actors::metrics::Metrics;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 #[derive(Debug)]
@@ -54,6 +56,7 @@ struct Master {
     cfg: Config,
     events: mpsc::UnboundedReceiver<Event>,
     log: LogBuf,
+    metrics: Arc<Metrics>,
     _registry: Addr<HostRegistry>,
     _tunnels: Addr<TunnelManager>,
 }
@@ -76,8 +79,11 @@ impl Master {
         let sink = Collect(tx).start();
         let log = LogBuf::default();
         let logger = log.logger();
+        let metrics = Arc::new(Metrics::new());
+        let mut settings = TunnelSettings::from_config(&cfg).unwrap();
+        settings.metrics = metrics.clone();
         let tunnels = TunnelManager::new(
-            TunnelSettings::from_config(&cfg).unwrap(),
+            settings,
             TunnelOutputs {
                 cpu: vec![sink.clone().recipient()],
                 up: vec![sink.clone().recipient()],
@@ -98,9 +104,14 @@ impl Master {
             cfg,
             events,
             log,
+            metrics,
             _registry: registry,
             _tunnels: tunnels,
         }
+    }
+
+    fn secret(&self) -> PathBuf {
+        secret_of(&self.cfg)
     }
 
     fn add_host(&self, sshd: &Sshd, app_port: u16) {
@@ -186,9 +197,22 @@ fn pub_of(key: &Path) -> PathBuf {
 }
 
 /// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
-fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir) {
+/// The real node agent in a fresh configuration directory, reporting to `report_port` with a
+/// copy of the master's report `secret`.
+fn start_node(report_port: u16, netns: Option<&str>, secret: &Path) -> (Proc, tempfile::TempDir) {
+    start_node_for(report_port, &[], netns, secret)
+}
+
+/// [`start_node`] reporting to `others` too (one port per further master).
+fn start_node_for(
+    report_port: u16,
+    others: &[u16],
+    netns: Option<&str>,
+    secret: &Path,
+) -> (Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     autoscaler_actors::admin::init(dir.path(), Role::Node, false).unwrap();
+    crate::common::copy_secret(secret, &dir.path().join("report.key"));
     let cfg = dir.path().join("autoscaler.ini");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -196,7 +220,18 @@ fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir
             "report_port = 9700",
             &format!("report_port = {report_port}"),
         )
-        .replace("sample_interval = 1s", "sample_interval = 200ms");
+        .replace("sample_interval = 1s", "sample_interval = 200ms")
+        .replace(
+            "other_report_ports = \n",
+            &format!(
+                "other_report_ports = {}\n",
+                others
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
     std::fs::write(&cfg, text).unwrap();
     let mut cmd = match netns {
         Some(ns) => {
@@ -214,6 +249,13 @@ fn start_node(report_port: u16, netns: Option<&str>) -> (Proc, tempfile::TempDir
         .spawn()
         .unwrap();
     (Proc(child), dir)
+}
+
+fn secret_of(cfg: &Config) -> PathBuf {
+    cfg.node
+        .secret_file
+        .clone()
+        .expect("init sets a report secret")
 }
 
 fn strictly_increasing(seqs: &[u64]) -> bool {
@@ -234,7 +276,7 @@ async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
         &pub_of(&cfg.ssh.identity_file),
         None,
     );
-    let (node, _node_dir) = start_node(report_port, None);
+    let (node, _node_dir) = start_node(report_port, None, &secret_of(&cfg));
     let mut m = Master::start(dir, cfg);
     m.trust(&sshd);
     m.add_host(&sshd, 8080);
@@ -270,7 +312,7 @@ async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
     drop(node);
     let down = m.down("127.0.0.2").await;
     assert!(down.reason.contains("closed"), "{}", down.reason);
-    let (_node2, _d2) = start_node(report_port, None);
+    let (_node2, _d2) = start_node(report_port, None, &m.secret());
     let up2 = m.up("127.0.0.2").await;
     assert_ne!(up2.hello.boot, boot);
     let fresh = m.samples("127.0.0.2", 2).await;
@@ -331,7 +373,7 @@ async fn host_keys_are_verified() {
         &pub_of(&cfg.ssh.identity_file),
         None,
     );
-    let (_node, _nd) = start_node(report_port, None);
+    let (_node, _nd) = start_node(report_port, None, &secret_of(&cfg));
     let mut m3 = Master::start(dir, cfg);
     m3.add_host(&sshd4, 8080);
     m3.up("127.0.0.4").await;
@@ -406,8 +448,8 @@ async fn two_nodes_in_their_own_network_namespaces() {
     let ns2 = Netns::create(2);
     let s1 = Sshd::start(&sshd_bin, &ns1.inner, None, &client_pub, Some(&ns1.name));
     let s2 = Sshd::start(&sshd_bin, &ns2.inner, None, &client_pub, Some(&ns2.name));
-    let (_n1, _d1) = start_node(9700, Some(&ns1.name));
-    let (_n2, _d2) = start_node(9700, Some(&ns2.name));
+    let (_n1, _d1) = start_node(9700, Some(&ns1.name), &secret_of(&cfg));
+    let (_n2, _d2) = start_node(9700, Some(&ns2.name), &secret_of(&cfg));
     let mut m = Master::start(dir, cfg);
     m.trust(&s1);
     m.trust(&s2);
@@ -449,7 +491,7 @@ fn master_binary_follows_hosts_d() {
     // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
     s.set("haproxy", "reload_command", "true");
     let sshd = Sshd::start(&sshd_bin, "127.0.0.6", None, &pub_of(&key), None);
-    let (_node, _nd) = start_node(report_port, None);
+    let (_node, _nd) = start_node(report_port, None, &s.path().join("report.key"));
     let mut master = MasterProc::spawn(&s.config(), &["-v"]);
     let wait = |msg: &str| master.wait_msg(msg);
     wait("Started");
@@ -580,8 +622,12 @@ fn master_binary_scales_up_end_to_end() {
     // Stand in for the node agent: a hot node, one frame every 200 ms, for at most 10 s.
     let mut node = std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap();
     use std::io::Write;
-    node.write_all(b"{\"v\":1,\"type\":\"hello\",\"node\":\"hot\",\"boot\":1}\n")
-        .unwrap();
+    crate::common::answer_challenge(
+        &mut node,
+        crate::common::hello("hot", 1, None),
+        Some(&s.path().join("report.key")),
+    )
+    .unwrap();
     let feeder = std::thread::spawn(move || {
         for seq in 0..50u64 {
             let line = format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":95.0,\"cores\":2}}\n");
@@ -707,4 +753,173 @@ fn master_binary_scales_up_end_to_end() {
         "{}",
         crate::common::stderr(&out)
     );
+}
+
+/// Everything the master reported within `d`.
+async fn events_for(m: &mut Master, d: Duration) -> Vec<Event> {
+    let end = Instant::now() + d;
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(
+        end.saturating_duration_since(Instant::now()),
+        m.events.recv(),
+    )
+    .await
+    {
+        out.push(e);
+    }
+    out
+}
+
+/// A local user of a node connects to the forwarded report port and claims 99.25 % busy,
+/// without the report secret, over and over, and holds idle connections open. Nothing it
+/// says reaches the master's actors, the real node is never taken down, its samples keep
+/// flowing, idle connections beyond the bound are refused, and the refusals are counted. An
+/// agent with another secret is refused too.
+#[actix_rt::test]
+async fn a_spoofing_client_cannot_move_decisions_or_take_the_node_down() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.9",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (_node, _nd) = start_node(report_port, None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    let real = m.up("127.0.0.9").await;
+    m.samples("127.0.0.9", 2).await;
+
+    let spoof = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut idle = Vec::new();
+        for i in 0..30u64 {
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", report_port)) else {
+                continue;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            // Answers the challenge without the secret: a made-up mac, or none.
+            let mut hello = crate::common::hello("spoof", 7 + i, Some(3_600_000));
+            if i % 2 == 0 {
+                hello.mac = Some("00".repeat(32));
+            }
+            let _ = crate::common::answer_challenge(&mut s, hello, None);
+            for seq in 0..5 {
+                let _ = s.write_all(format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":99.25,\"cores\":2}}\n").as_bytes());
+            }
+            if i < 10 {
+                // Connections that never say anything, held open.
+                if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", report_port)) {
+                    idle.push(c);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        idle
+    });
+    let seen = events_for(&mut m, Duration::from_secs(5)).await;
+    let idle = spoof.join().unwrap();
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Up(u) if u.hello.node == "spoof")),
+        "a spoofed hello was taken: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Cpu(c) if c.sample.busy_pct == 99.25)),
+        "a spoofed sample was taken"
+    );
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Down(_))),
+        "the real node was taken down"
+    );
+    let real_samples = seen
+        .iter()
+        .filter(|e| matches!(e, Event::Cpu(c) if c.host.host.to_string() == "127.0.0.9"))
+        .count();
+    assert!(
+        real_samples >= 10,
+        "the agent's samples kept flowing: {real_samples}"
+    );
+    // Refused and counted by reason; logged once a minute, not once per connection.
+    let counted = m.metrics.counted();
+    for reason in ["unauthenticated", "too_many"] {
+        let line = format!(
+            "autoscaler_report_channels_refused_total{{host=\"127.0.0.9\",reason=\"{reason}\"}}"
+        );
+        assert!(counted.contains(&line), "{line} missing:\n{counted}");
+    }
+    let log = m.log.text();
+    let logged = log.matches("closed before it proved").count()
+        + log.matches("Report channel refused").count();
+    assert_eq!(logged, 1, "{log}");
+    drop(idle);
+
+    // The agent itself restarts with another secret: refused, and the node is not up.
+    drop(_node);
+    m.down("127.0.0.9").await;
+    let wrong = m.dir.path().join("wrong.key");
+    std::fs::write(&wrong, "f".repeat(64)).unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (_bad_node, _bd) = start_node(report_port, None, &wrong);
+    let seen = events_for(&mut m, Duration::from_secs(4)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Up(_) | Event::Cpu(_))),
+        "an agent with another secret was heard: {seen:?}"
+    );
+    drop(_bad_node);
+    // And with the right one again, it is.
+    let (_good, _gd) = start_node(report_port, None, &secret_of(&m.cfg));
+    let again = m.up("127.0.0.9").await;
+    assert_ne!(again.hello.boot, real.hello.boot);
+}
+
+/// Two masters (the highly available pair): each forwards its own report port from the same
+/// node, the agent reports to both, and each master hears it first-hand; one master going
+/// away costs the other nothing.
+#[actix_rt::test]
+async fn two_masters_each_get_the_agents_reports() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir1, mut cfg1) = Master::dir_with_key();
+    let (dir2, mut cfg2) = Master::dir_with_key();
+    // One fleet: the same SSH identity and the same report secret.
+    std::fs::copy(&cfg1.ssh.identity_file, &cfg2.ssh.identity_file).unwrap();
+    crate::common::copy_secret(&secret_of(&cfg1), &secret_of(&cfg2));
+    let (p1, p2) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    cfg1.node.report_port = p1;
+    cfg2.node.report_port = p2;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.10",
+        None,
+        &pub_of(&cfg1.ssh.identity_file),
+        None,
+    );
+    let (_node, _nd) = start_node_for(p1, &[p2], None, &secret_of(&cfg1));
+    let mut a = Master::start(dir1, cfg1);
+    let mut b = Master::start(dir2, cfg2);
+    for m in [&a, &b] {
+        m.trust(&sshd);
+        m.add_host(&sshd, 8080);
+    }
+    let (up_a, up_b) = (a.up("127.0.0.10").await, b.up("127.0.0.10").await);
+    assert_eq!(up_a.hello.boot, up_b.hello.boot, "the same agent run");
+    let sa = a.samples("127.0.0.10", 3).await;
+    let sb = b.samples("127.0.0.10", 3).await;
+    assert!(strictly_increasing(&sa) && strictly_increasing(&sb));
+    // Master A goes away: B keeps hearing the node, and is never told it went down.
+    drop(a);
+    let more = b.samples("127.0.0.10", 5).await;
+    assert!(more.first() > sb.last(), "{sb:?} then {more:?}");
+    let seen = events_for(&mut b, Duration::from_secs(2)).await;
+    assert!(!seen.iter().any(|e| matches!(e, Event::Down(_))));
 }

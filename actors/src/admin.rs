@@ -31,6 +31,8 @@ pub enum AdminError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Initialised {
     pub config_file: PathBuf,
+    /// The report secret (`[node] secret_file`): made for a master, to be copied to nodes.
+    pub report_secret: PathBuf,
     pub hosts_dir: PathBuf,
     /// True when an existing file was replaced (`--force`).
     pub replaced: bool,
@@ -66,6 +68,18 @@ pub fn init_file(file: &Path, role: Role, force: bool) -> Result<Initialised, Ad
     files::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
     if role == Role::Master {
         files::create_dir_all(&layout.state_dir, 0o700).map_err(write_err(&layout.state_dir))?;
+        // The report secret nodes prove they hold; an existing one is kept (nodes have it).
+        let secret = &layout.report_secret;
+        let text = format!("{}\n", crate::report::new_nonce());
+        match files::create_new(secret, text.as_bytes(), 0o600) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(AdminError::Write {
+                    path: secret.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
     }
     if force {
         files::atomic_write(&file, text.as_bytes(), 0o600).map_err(write_err(&file))?;
@@ -80,6 +94,7 @@ pub fn init_file(file: &Path, role: Role, force: bool) -> Result<Initialised, Ad
     }
     Ok(Initialised {
         config_file: file,
+        report_secret: layout.report_secret,
         hosts_dir: layout.hosts_dir,
         replaced: existed,
     })

@@ -44,6 +44,7 @@ pub struct Metrics {
     ssh_reconnects: Family<Labels, Counter>,
     frames_dropped: Family<Labels, Counter>,
     samples_missing: Family<Labels, Counter>,
+    channels_refused: Family<Labels, Counter>,
     // Read from the actors at each scrape.
     node_cpu: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     node_mean_up: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -73,6 +74,7 @@ impl Metrics {
             ssh_reconnects: Family::default(),
             frames_dropped: Family::default(),
             samples_missing: Family::default(),
+            channels_refused: Family::default(),
             node_cpu: Family::default(),
             node_mean_up: Family::default(),
             nodes: Family::default(),
@@ -126,6 +128,12 @@ impl Metrics {
             "report_samples_missing",
             "Samples a node's sequence numbers show were never received (lost on the node)",
             m.samples_missing.clone(),
+        );
+        r.register(
+            "report_channels_refused",
+            "Report channels closed before proving they are the agent's: unauthenticated (the hello \
+             did not answer the challenge), no_hello (none in time), too_many (waiting already)",
+            m.channels_refused.clone(),
         );
         r.register(
             "node_cpu_busy_percent",
@@ -214,6 +222,13 @@ impl Metrics {
             .inc();
     }
 
+    /// A report channel of `host` refused before it proved to be the agent's.
+    pub fn channel_refused(&self, host: &str, reason: &str) {
+        self.channels_refused
+            .get_or_create(&labels(&[("host", host), ("reason", reason)]))
+            .inc();
+    }
+
     /// `n` samples from `host` never arrived.
     pub fn samples_missing(&self, host: &str, n: u64) {
         self.samples_missing
@@ -248,6 +263,14 @@ impl Metrics {
                 .get_or_create(&labels(&[("server", &h.server)]))
                 .set(i64::from(h.state == "failing"));
         }
+    }
+
+    /// The counters and histograms as they stand (OpenMetrics text), without reading the
+    /// present from the actors.
+    pub fn counted(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
     }
 
     /// Every metric in the OpenMetrics text format, with the present read from `s`.

@@ -3,6 +3,7 @@
 //! run the same checks, so `check` finds whatever would stop the master (as `sshd -t` and
 //! `haproxy -c` do), and reports every problem at once, each naming the file, section and key.
 
+use crate::adapters::secret::{self, SecretError};
 use crate::config::{Config, ConfigError, Problem, ProvisionerKind, Role};
 use crate::render::HaproxyTemplate;
 
@@ -18,6 +19,23 @@ fn problem(cfg: &Config, section: &str, key: &str, message: String) -> Problem {
 /// Every problem that would stop `role` from starting with `cfg`.
 pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
     let mut out = Vec::new();
+    if let Some(configured) = &cfg.node.secret_file {
+        let path = secret::location(configured);
+        if let Err(e) = secret::read(&path) {
+            let hint = match (role, &e) {
+                (Role::Node, SecretError::Read { .. }) => {
+                    "; copy the master's report secret here (mode 0600, readable by the agent's user)"
+                        .to_string()
+                }
+                (Role::Master, SecretError::Read { .. }) => format!(
+                    "; make one with: (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {}) and copy it to the nodes",
+                    path.display()
+                ),
+                _ => String::new(),
+            };
+            out.push(problem(cfg, "node", "secret_file", format!("{e}{hint}")));
+        }
+    }
     if role != Role::Master {
         return out;
     }
@@ -112,6 +130,7 @@ pub async fn check(cfg: &Config, role: Role) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
     use crate::config::Layout;
+    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
     fn cfg(dir: &Path) -> Config {
@@ -121,9 +140,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_report_secret_must_be_there_and_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cfg(tmp.path());
+        let secret = c.node.secret_file.clone().unwrap();
+        for role in [Role::Master, Role::Node] {
+            let p = problems(&c, role).await;
+            let p = p
+                .iter()
+                .find(|p| p.key.as_deref() == Some("secret_file"))
+                .unwrap();
+            let hint = match role {
+                Role::Master => "od -An -tx1 -N32 /dev/urandom",
+                Role::Node => "copy the master's report secret here",
+            };
+            assert!(p.message.contains(hint), "{role}: {p}");
+        }
+        std::fs::write(&secret, "a".repeat(64)).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let p = problems(&c, Role::Node).await;
+        assert!(p[0].message.contains("chmod 600"), "{p:?}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(problems(&c, Role::Node).await.is_empty());
+    }
+
+    #[tokio::test]
     async fn finds_what_start_up_would_trip_on() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = cfg(tmp.path());
+        c.node.secret_file = None;
         let p: Vec<String> = problems(&c, Role::Master)
             .await
             .iter()

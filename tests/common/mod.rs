@@ -564,16 +564,63 @@ impl MasterProc {
     }
 }
 
-/// A stand-in node agent: connects to 127.0.0.1:`port` (a master's forward), says hello (an
-/// hour-old machine) and reports `busy` % every 200 ms; reconnects while the forward is away.
-/// Stops when dropped.
+/// Copies a report secret to `to`, mode 0600, as an operator copies the master's to a node.
+pub fn copy_secret(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap();
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
+/// Reads the master's challenge on `s` and answers with `hello` (its mac computed from the
+/// report secret at `secret`, when given), as the agent does. Err when the channel closed.
+pub fn answer_challenge(
+    s: &mut std::net::TcpStream,
+    mut hello: autoscaler_actors::report::Hello,
+    secret: Option<&Path>,
+) -> std::io::Result<()> {
+    use autoscaler_actors::report::{auth_tag, decode, encode, Frame};
+    use std::io::{Read, Write};
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(byte[0]);
+    }
+    let Ok(Frame::Challenge(c)) = decode(line.trim_ascii_end()) else {
+        return Err(std::io::Error::other(
+            "the master's first line is not a challenge",
+        ));
+    };
+    if let Some(p) = secret {
+        let key = std::fs::read_to_string(p)?;
+        hello.mac = Some(auth_tag(key.trim().as_bytes(), &c.nonce, &hello));
+    }
+    s.write_all(encode(&Frame::Hello(hello)).as_bytes())
+}
+
+/// A hello as the agent sends it.
+pub fn hello(node: &str, boot: u64, uptime_ms: Option<u64>) -> autoscaler_actors::report::Hello {
+    autoscaler_actors::report::Hello {
+        node: node.into(),
+        boot,
+        instance_id: None,
+        uptime_ms,
+        mac: None,
+    }
+}
+
+/// A stand-in node agent: connects to 127.0.0.1:`port` (a master's forward), answers the
+/// challenge with the report secret at `secret`, says hello (an hour-old machine) and
+/// reports `busy` % every 200 ms; reconnects while the forward is away. Stops when dropped.
 pub struct FakeAgent {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FakeAgent {
-    pub fn start(port: u16, busy: f64) -> FakeAgent {
+    pub fn start(port: u16, busy: f64, secret: &Path) -> FakeAgent {
+        let secret = secret.to_path_buf();
         use std::io::Write;
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -588,10 +635,9 @@ impl FakeAgent {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 };
-                let hello = format!(
-                    "{{\"v\":1,\"type\":\"hello\",\"node\":\"fake-{port}\",\"boot\":{boot},\"uptime_ms\":3600000}}\n"
-                );
-                if s.write_all(hello.as_bytes()).is_err() {
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let me = hello(&format!("fake-{port}"), boot, Some(3_600_000));
+                if answer_challenge(&mut s, me, Some(&secret)).is_err() {
                     continue;
                 }
                 while !flag.load(Ordering::SeqCst) {

@@ -9,6 +9,19 @@
 //! `age_ms` (optional, default 0) marks a sample resent from the node's buffer: how long ago,
 //! on the node's clock, it was taken.
 //!
+//! **Authentication.** The master opens every channel with a challenge, and the agent's hello
+//! answers it:
+//!
+//! ```text
+//! master → node  {"v":1,"type":"challenge","nonce":"9f0c…(64 hex digits)"}
+//! node → master  {"v":1,"type":"hello","node":"web-1","boot":8812734,"mac":"3a7e…"}
+//! ```
+//!
+//! `mac` is HMAC-SHA256, keyed with the report secret (`[node] secret_file`, readable only by
+//! the agent's user on a node), over the nonce, the node name and `boot` ([`auth_tag`]). A
+//! local user of the node who can connect to the forwarded port but cannot read the secret
+//! cannot produce it, and a captured hello does not answer another nonce.
+//!
 //! A channel starts with one `hello`; `boot` changes whenever the node agent restarts, so its
 //! sequence numbers can start again from 0. `uptime_ms` (optional) is how long the node's
 //! machine has been up: the master's warm-up counts from the node's boot. The node resends its buffer after every reconnect,
@@ -16,7 +29,9 @@
 //! oversized line, invalid UTF-8, an unknown version or type, an impossible value — is a
 //! [`DecodeError`] that closes that one channel; it never panics and never touches other nodes.
 
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use thiserror::Error;
 
 /// The protocol version this build speaks.
@@ -61,6 +76,16 @@ pub struct Hello {
     /// heard the node (which a master restart or an SSH blip would reset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
+    /// The answer to the channel's challenge ([`auth_tag`]), in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The master's first line on a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// 32 random bytes in hex, fresh for every channel.
+    pub nonce: String,
 }
 
 /// A decoded frame.
@@ -69,6 +94,8 @@ pub struct Hello {
 pub enum Frame {
     Hello(Hello),
     Cpu(CpuSample),
+    /// Master → node only.
+    Challenge(Challenge),
 }
 
 #[derive(Serialize)]
@@ -103,6 +130,8 @@ pub enum DecodeError {
     NoHello,
     #[error("second hello on the same channel")]
     RepeatedHello,
+    #[error("a challenge is the master's to send")]
+    UnexpectedChallenge,
 }
 
 /// Encodes a frame as one line, newline included.
@@ -174,6 +203,7 @@ impl ChannelState {
             (None, Frame::Cpu(_)) => Err(DecodeError::NoHello),
             (Some(_), Frame::Hello(_)) => Err(DecodeError::RepeatedHello),
             (Some(_), Frame::Cpu(_)) => Ok(frame),
+            (_, Frame::Challenge(_)) => Err(DecodeError::UnexpectedChallenge),
         }
     }
 
@@ -181,6 +211,53 @@ impl ChannelState {
     pub fn hello(&self) -> Option<&Hello> {
         self.hello.as_ref()
     }
+}
+
+/// A fresh challenge nonce: 32 random bytes in hex.
+pub fn new_nonce() -> String {
+    hex(&rand::random::<[u8; 32]>())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn mac_over(secret: &[u8], nonce: &str, node: &str, boot: u64) -> Hmac<Sha256> {
+    let mut m =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    // Length-prefixed fields: no two (nonce, node, boot) make the same message.
+    for field in [nonce.as_bytes(), node.as_bytes(), &boot.to_be_bytes()] {
+        m.update(&(field.len() as u64).to_be_bytes());
+        m.update(field);
+    }
+    m
+}
+
+/// The `mac` an agent holding `secret` puts in its hello to answer `nonce`.
+pub fn auth_tag(secret: &[u8], nonce: &str, hello: &Hello) -> String {
+    hex(&mac_over(secret, nonce, &hello.node, hello.boot)
+        .finalize()
+        .into_bytes())
+}
+
+/// Whether `hello` answers `nonce` with `secret` (compared in constant time).
+pub fn verify_hello(secret: &[u8], nonce: &str, hello: &Hello) -> bool {
+    let Some(tag) = hello.mac.as_deref().and_then(unhex) else {
+        return false;
+    };
+    mac_over(secret, nonce, &hello.node, hello.boot)
+        .verify_slice(&tag)
+        .is_ok()
 }
 
 /// Drops samples a node sends again (after a reconnect it resends its buffer) or out of order.
@@ -275,6 +352,7 @@ mod tests {
             boot: 42,
             instance_id: Some("i-0abc".into()),
             uptime_ms: Some(93_000),
+            mac: None,
         })
     }
 
@@ -291,6 +369,7 @@ mod tests {
             boot: 1,
             instance_id: None,
             uptime_ms: None,
+            mac: None,
         });
         assert_eq!(
             encode(&h),
@@ -473,5 +552,59 @@ mod tests {
             }
             let _ = decode(&line);
         }
+    }
+
+    #[test]
+    fn a_hello_proves_it_holds_the_secret() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let nonce = new_nonce();
+        assert_eq!(nonce.len(), 64);
+        assert_ne!(nonce, new_nonce(), "fresh every time");
+        let mut h = Hello {
+            node: "web-1".into(),
+            boot: 42,
+            instance_id: None,
+            uptime_ms: None,
+            mac: None,
+        };
+        assert!(!verify_hello(secret, &nonce, &h), "no mac");
+        h.mac = Some(auth_tag(secret, &nonce, &h));
+        assert!(verify_hello(secret, &nonce, &h));
+        // Through the codec too.
+        let line = encode(&Frame::Hello(h.clone()));
+        let Frame::Hello(back) = decode(line.trim_end().as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert!(verify_hello(secret, &nonce, &back));
+        // Another secret, another nonce, another node or run, a mangled tag: refused.
+        assert!(!verify_hello(b"another secret", &nonce, &h));
+        assert!(!verify_hello(secret, &new_nonce(), &h));
+        let other = Hello {
+            node: "web-2".into(),
+            ..h.clone()
+        };
+        assert!(!verify_hello(secret, &nonce, &other));
+        let other = Hello {
+            boot: 43,
+            ..h.clone()
+        };
+        assert!(!verify_hello(secret, &nonce, &other));
+        for bad in ["", "zz", "abc", &"0".repeat(64)] {
+            let other = Hello {
+                mac: Some(bad.to_string()),
+                ..h.clone()
+            };
+            assert!(!verify_hello(secret, &nonce, &other), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn challenges_go_one_way() {
+        let c = Frame::Challenge(Challenge { nonce: "ab".into() });
+        let line = encode(&c);
+        assert_eq!(line, "{\"v\":1,\"type\":\"challenge\",\"nonce\":\"ab\"}\n");
+        assert_eq!(decode(line.trim_end().as_bytes()).unwrap(), c);
+        let mut st = ChannelState::default();
+        assert_eq!(st.accept(c), Err(DecodeError::UnexpectedChallenge));
     }
 }

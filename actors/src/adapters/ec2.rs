@@ -85,8 +85,13 @@ pub struct SdkEc2 {
 
 impl SdkEc2 {
     /// Builds a client from `[aws]` (region, endpoint, profile, static keys or the standard
-    /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now.
-    pub async fn new(aws: &Aws, launch: &Launch) -> Result<SdkEc2, Ec2Error> {
+    /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now, with
+    /// [`REPORT_SECRET_PLACEHOLDER`] replaced by `report_secret`.
+    pub async fn new(
+        aws: &Aws,
+        launch: &Launch,
+        report_secret: Option<&[u8]>,
+    ) -> Result<SdkEc2, Ec2Error> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
             .timeout_config(
@@ -116,12 +121,20 @@ impl SdkEc2 {
         let user_data = match &launch.user_data_file {
             None => None,
             Some(p) => {
-                let bytes = std::fs::read(p).map_err(|e| Ec2Error {
+                let bad = |message: String| Ec2Error {
                     operation: "RunInstances",
-                    message: format!("cannot read [launch] user_data_file {}: {e}", p.display()),
+                    message,
                     retryable: false,
                     not_found: false,
+                };
+                let bytes = std::fs::read(p).map_err(|e| {
+                    bad(format!(
+                        "cannot read [launch] user_data_file {}: {e}",
+                        p.display()
+                    ))
                 })?;
+                let bytes = with_secret(bytes, report_secret)
+                    .map_err(|m| bad(format!("[launch] user_data_file {}: {m}", p.display())))?;
                 use base64::Engine;
                 Some(base64::engine::general_purpose::STANDARD.encode(bytes))
             }
@@ -132,6 +145,24 @@ impl SdkEc2 {
             user_data,
         })
     }
+}
+
+/// What a user-data file writes where the report secret goes (the shipped cloud-init file
+/// puts it in the node's report.key).
+pub const REPORT_SECRET_PLACEHOLDER: &str = "{{ report_secret }}";
+
+/// `user_data` with [`REPORT_SECRET_PLACEHOLDER`] replaced by `secret`.
+fn with_secret(user_data: Vec<u8>, secret: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let needle = REPORT_SECRET_PLACEHOLDER.as_bytes();
+    if !user_data.windows(needle.len()).any(|w| w == needle) {
+        return Ok(user_data);
+    }
+    let secret = secret.ok_or(
+        "it asks for the report secret ({{ report_secret }}) but [node] secret_file is empty",
+    )?;
+    let text = String::from_utf8(user_data).map_err(|_| "not UTF-8 text")?;
+    let secret = std::str::from_utf8(secret).map_err(|_| "the report secret is not text")?;
+    Ok(text.replace(REPORT_SECRET_PLACEHOLDER, secret).into_bytes())
 }
 
 fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
@@ -328,5 +359,23 @@ impl Ec2Api for SdkEc2 {
                 .unwrap_or_default();
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_secret_goes_where_the_user_data_asks() {
+        let plain = b"#cloud-config\nruncmd: []\n".to_vec();
+        assert_eq!(with_secret(plain.clone(), None).unwrap(), plain);
+        let asks = b"write_files:\n  - content: '{{ report_secret }}'\n".to_vec();
+        assert_eq!(
+            with_secret(asks.clone(), Some(b"s3cr3t")).unwrap(),
+            b"write_files:\n  - content: 's3cr3t'\n"
+        );
+        let e = with_secret(asks, None).unwrap_err();
+        assert!(e.contains("secret_file is empty"), "{e}");
     }
 }

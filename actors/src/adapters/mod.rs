@@ -16,4 +16,5 @@ pub mod haproxy;
 pub mod hosts_dir;
 pub mod known_hosts;
 pub mod process;
+pub mod secret;
 pub mod ssh;

@@ -546,6 +546,7 @@ mod tests {
             boot,
             instance_id: None,
             uptime_ms,
+            mac: None,
         }
     }
 

@@ -80,6 +80,10 @@ pub async fn start_master(
     let metrics = Arc::new(Metrics::new());
     let mut tunnel_settings = TunnelSettings::with_ssh(cfg, ssh.clone());
     tunnel_settings.metrics = metrics.clone();
+    tunnel_settings.secret = tunnels::report_secret(cfg)?;
+    if tunnel_settings.secret.is_none() {
+        slog::warn!(log, "Reports are not authenticated ([node] secret_file is empty): any local user of a node can send reports to this master");
+    }
     let provisioner = match cfg.scaling.dry_run {
         true => None,
         false => Some(Provisioner::from_config(cfg).await?),

@@ -127,6 +127,7 @@ mod tests {
                     boot: 1,
                     instance_id: None,
                     uptime_ms: None,
+                    mac: None,
                 },
             });
         }

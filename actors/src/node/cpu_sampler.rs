@@ -15,16 +15,16 @@ pub struct CpuSampler {
     sys: System,
     interval: Duration,
     seq: u64,
-    out: Recipient<CpuSampled>,
+    out: Vec<Recipient<CpuSampled>>,
     log: Logger,
 }
 
 impl CpuSampler {
-    /// A sampler that sends to `out`. `interval` must be at least 200 ms (config validation
+    /// A sampler that sends each sample to every one of `out`. `interval` must be at least 200 ms (config validation
     /// ensures it): closer readings are meaningless.
     pub fn new(
         interval: Duration,
-        out: Recipient<CpuSampled>,
+        out: Vec<Recipient<CpuSampled>>,
         log: &Logger,
     ) -> Result<CpuSampler, sysinfo::Error> {
         Ok(CpuSampler {
@@ -69,7 +69,7 @@ impl Actor for CpuSampler {
         debug!(self.log, "Sampling CPU"; "interval" => %humantime::format_duration(self.interval));
         ctx.run_interval(self.interval, |this, _| {
             let sample = this.sample();
-            this.out.do_send(CpuSampled(sample));
+            this.out.iter().for_each(|o| o.do_send(CpuSampled(sample)));
         });
     }
 }
@@ -97,7 +97,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let sink = Collect(tx).start();
         let log = Logger::root(slog::Discard, o!());
-        let _sampler = CpuSampler::new(Duration::from_millis(200), sink.recipient(), &log)
+        let _sampler = CpuSampler::new(Duration::from_millis(200), vec![sink.recipient()], &log)
             .unwrap()
             .start();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! CpuSampler ──CpuSampled──▶ ReportLink ──TCP 127.0.0.1:report_port──▶ (the master's SSH forward)
+//!            └─CpuSampled──▶ ReportLink per other_report_ports (one per further master)
 //! ```
 //!
 //! [`start_node`] is the only place that wires them.
@@ -14,6 +15,9 @@ use slog::Logger;
 
 use self::cpu_sampler::CpuSampler;
 use self::report_link::ReportLink;
+use std::sync::Arc;
+
+use crate::adapters::secret;
 use crate::config::Config;
 use crate::report::Hello;
 use crate::StartError;
@@ -21,7 +25,8 @@ use crate::StartError;
 /// The running node's actors.
 pub struct Node {
     pub sampler: Addr<CpuSampler>,
-    pub link: Addr<ReportLink>,
+    /// One link per master: report_port first, then other_report_ports.
+    pub links: Vec<Addr<ReportLink>>,
 }
 
 /// Starts the node role: CpuSampler → ReportLink.
@@ -36,8 +41,29 @@ pub fn start_node(cfg: &Config, log: &Logger) -> Result<Node, StartError> {
         instance_id: Some(cfg.node.instance_id.clone()).filter(|i| !i.is_empty()),
         // Set on every (re)connect from the machine's boot time (see ReportLink).
         uptime_ms: None,
+        mac: None,
     };
-    let link = ReportLink::new(cfg.node.report_port, hello, cfg.node.buffer, log).start();
-    let sampler = CpuSampler::new(cfg.node.sample_interval, link.clone().recipient(), log)?.start();
-    Ok(Node { sampler, link })
+    let secret = match &cfg.node.secret_file {
+        Some(p) => Some(Arc::new(
+            secret::read(&secret::location(p))
+                .map_err(crate::master::tunnels::TunnelError::from)?,
+        )),
+        None => {
+            slog::warn!(log, "Reports carry no proof ([node] secret_file is empty): a master with a secret refuses them");
+            None
+        }
+    };
+    let links: Vec<Addr<ReportLink>> = std::iter::once(cfg.node.report_port)
+        .chain(cfg.node.other_report_ports.iter().copied())
+        .map(|port| {
+            ReportLink::new(port, hello.clone(), cfg.node.buffer, secret.clone(), log).start()
+        })
+        .collect();
+    let sampler = CpuSampler::new(
+        cfg.node.sample_interval,
+        links.iter().map(|l| l.clone().recipient()).collect(),
+        log,
+    )?
+    .start();
+    Ok(Node { sampler, links })
 }

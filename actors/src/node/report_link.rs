@@ -1,12 +1,16 @@
 //! ReportLink (node role): the node's side of the tunnel. Streams `hello` then one `cpu` frame
 //! per sample to 127.0.0.1:report_port, where the master's SSH remote forward listens.
 //!
+//! The master speaks first: a challenge, which the hello answers with the report secret
+//! ([`crate::report::auth_tag`]), so the master knows the reports are the agent's.
+//!
 //! The forward exists only while the master holds its SSH session, so the link reconnects with
 //! jittered backoff. It keeps the last `[node] buffer` samples and resends them after every
 //! reconnect (the master drops the ones it already has), so a short outage loses nothing; what
 //! falls out of the buffer unsent is counted and logged.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Context, Handler, Message};
@@ -16,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::report::{encode, CpuSample, Frame, Hello};
+use crate::report::{auth_tag, decode, encode, CpuSample, Frame, Hello, LineBuffer};
 
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -32,18 +36,27 @@ pub struct ReportLink {
     port: u16,
     hello: Hello,
     buffer: usize,
+    secret: Option<Arc<Vec<u8>>>,
     log: Logger,
 }
 
 impl ReportLink {
-    /// A link to 127.0.0.1:`port` introducing itself with `hello`, keeping `buffer` samples.
-    pub fn new(port: u16, hello: Hello, buffer: usize, log: &Logger) -> ReportLink {
+    /// A link to 127.0.0.1:`port` introducing itself with `hello`, keeping `buffer` samples,
+    /// proving `secret` (None: the hello carries no proof).
+    pub fn new(
+        port: u16,
+        hello: Hello,
+        buffer: usize,
+        secret: Option<Arc<Vec<u8>>>,
+        log: &Logger,
+    ) -> ReportLink {
         ReportLink {
             tx: None,
             port,
             hello,
             buffer: buffer.max(1),
-            log: log.new(o!("actor" => "ReportLink")),
+            secret,
+            log: log.new(o!("actor" => "ReportLink", "port" => port)),
         }
     }
 }
@@ -59,8 +72,11 @@ impl Actor for ReportLink {
         tokio::spawn(run(
             rx,
             self.port,
-            self.hello.clone(),
-            booted,
+            Greeting {
+                hello: self.hello.clone(),
+                booted,
+                secret: self.secret.clone(),
+            },
             self.buffer,
             self.log.clone(),
         ));
@@ -149,11 +165,21 @@ fn machine_boot() -> Option<std::time::Instant> {
     std::time::Instant::now().checked_sub(up)
 }
 
+/// What the agent says first on every connection.
+struct Greeting {
+    hello: Hello,
+    /// When the machine booted: the hello carries its uptime.
+    booted: Option<std::time::Instant>,
+    secret: Option<Arc<Vec<u8>>>,
+}
+
+/// How long the agent waits for the master's challenge on a new connection.
+const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn run(
     mut rx: mpsc::Receiver<CpuSample>,
     port: u16,
-    mut hello: Hello,
-    booted: Option<std::time::Instant>,
+    mut greeting: Greeting,
     cap: usize,
     log: Logger,
 ) {
@@ -171,8 +197,8 @@ async fn run(
                 backoff.reset();
                 waiting_logged = false;
                 // The node's age, so the master's warm-up counts from this machine's boot.
-                hello.uptime_ms = booted.map(|b| b.elapsed().as_millis() as u64);
-                match serve(stream, &mut rx, &mut ring, &hello).await {
+                greeting.hello.uptime_ms = greeting.booted.map(|b| b.elapsed().as_millis() as u64);
+                match serve(stream, &mut rx, &mut ring, &greeting).await {
                     Ended::Stopped => return,
                     Ended::Lost(why) => {
                         warn!(log, "Link to the master lost; reconnecting"; "error" => why)
@@ -200,15 +226,53 @@ async fn run(
     }
 }
 
+/// Reads the master's challenge: the first line on the connection.
+async fn challenge(rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<String, String> {
+    let mut lines = LineBuffer::default();
+    let mut buf = [0u8; 512];
+    let read = async {
+        loop {
+            let n = rd.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before the master's challenge".to_string());
+            }
+            if let Some(line) = lines
+                .push(&buf[..n])
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .next()
+            {
+                return match decode(&line) {
+                    Ok(Frame::Challenge(c)) => Ok(c.nonce),
+                    Ok(_) => Err("the master's first line is not a challenge".to_string()),
+                    Err(e) => Err(format!("the master's challenge: {e}")),
+                };
+            }
+        }
+    };
+    tokio::time::timeout(CHALLENGE_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err("no challenge from the master".to_string()))
+}
+
 async fn serve(
     stream: TcpStream,
     rx: &mut mpsc::Receiver<CpuSample>,
     ring: &mut Ring,
-    hello: &Hello,
+    greeting: &Greeting,
 ) -> Ended {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
-    let mut out = encode(&Frame::Hello(hello.clone()));
+    let nonce = match challenge(&mut rd).await {
+        Ok(n) => n,
+        Err(e) => return Ended::Lost(e),
+    };
+    let mut hello = greeting.hello.clone();
+    hello.mac = greeting
+        .secret
+        .as_deref()
+        .map(|secret| auth_tag(secret, &nonce, &hello));
+    let mut out = encode(&Frame::Hello(hello));
     let mut last = None;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -239,7 +303,7 @@ async fn serve(
                 }
                 ring.mark_sent(s.seq);
             }
-            // The master sends nothing; a read only tells that the forward went away.
+            // The master sends nothing more; a read only tells that the forward went away.
             r = rd.read(&mut scratch) => match r {
                 Ok(0) => return Ended::Lost("closed by the master".into()),
                 Ok(_) => {}
@@ -252,8 +316,21 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{decode, LineBuffer};
+    use crate::report::{new_nonce, verify_hello, Challenge};
     use tokio::net::TcpListener;
+
+    /// Accepts the agent's next connection and challenges it, as the master does.
+    async fn accept(listener: &TcpListener, nonce: &str) -> TcpStream {
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let c = encode(&Frame::Challenge(Challenge {
+            nonce: nonce.into(),
+        }));
+        conn.write_all(c.as_bytes()).await.unwrap();
+        conn
+    }
 
     fn s(seq: u64) -> CpuSample {
         CpuSample {
@@ -312,18 +389,29 @@ mod tests {
             boot: 9,
             instance_id: None,
             uptime_ms: None,
+            mac: None,
         };
         let log = Logger::root(slog::Discard, o!());
-        let booted = Some(std::time::Instant::now() - Duration::from_secs(3600));
-        let task = tokio::spawn(run(rx, port, hello.clone(), booted, 4, log));
+        let secret = Arc::new(b"a report secret of at least 32 chars".to_vec());
+        let greeting = Greeting {
+            hello: hello.clone(),
+            booted: Some(std::time::Instant::now() - Duration::from_secs(3600)),
+            secret: Some(secret.clone()),
+        };
+        let task = tokio::spawn(run(rx, port, greeting, 4, log));
         for i in 0..6 {
             tx.send(s(i)).await.unwrap();
         }
-        let (mut conn, _) = listener.accept().await.unwrap();
+        let nonce = new_nonce();
+        let mut conn = accept(&listener, &nonce).await;
         let frames = read_frames(&mut conn, 1).await;
         let Frame::Hello(said) = &frames[0] else {
             panic!("{frames:?}")
         };
+        assert!(
+            verify_hello(&secret, &nonce, said),
+            "the hello answers the challenge"
+        );
         assert!(
             said.uptime_ms.is_some_and(|u| u >= 3_600_000),
             "the hello says how long the machine has been up: {said:?}"
@@ -342,12 +430,12 @@ mod tests {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
         drop(conn);
         tx.send(s(7)).await.unwrap();
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-            .await
-            .unwrap()
-            .unwrap();
+        // A new connection, a new challenge, a new answer.
+        let second = new_nonce();
+        let mut conn = accept(&listener, &second).await;
         let frames = read_frames(&mut conn, 5).await;
-        assert!(matches!(&frames[0], Frame::Hello(h) if h.boot == hello.boot));
+        assert!(matches!(&frames[0], Frame::Hello(h) if h.boot == hello.boot
+            && verify_hello(&secret, &second, h) && !verify_hello(&secret, &nonce, h)));
         let resent: Vec<u64> = frames[1..]
             .iter()
             .map(|f| match f {

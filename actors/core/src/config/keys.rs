@@ -6,8 +6,8 @@
 use super::kinds::{
     check_bound, quote_if_needed, unquote, Binds, Bound, CheckCommand, Choice, Command, ConfigWord,
     Cx, Dur, FilePath, Flag, Fraction, GroupTag, Kind, OptionalListen, OptionalName, OptionalPath,
-    Percent, Port, RequiredCommand, SecretText, SocketPath, Targets, Text, UrlOrEmpty, UrlPath,
-    UserName, Whole, Words,
+    Percent, Port, Ports, RequiredCommand, SecretText, SocketPath, Targets, Text, UrlOrEmpty,
+    UrlPath, UserName, Whole, Words,
 };
 use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
 use super::{Config, Layout};
@@ -153,6 +153,14 @@ pub static KEYS: &[Key] = &[
         "Name the node reports in its hello (empty: this machine's host name)."),
     key!("node", node.instance_id: Text = T(""),
         "Instance id the node reports (empty: none)."),
+    key!("node", node.secret_file: OptionalPath = At(|l| l.report_secret.display().to_string()),
+        "Report secret shared by the master and its nodes: each report channel proves the agent\n\
+         holds it (HMAC over the master's challenge). `autoscaler init` makes it on the master;\n\
+         copy it to every node, mode 0600, readable only by the agent's user. Empty: reports\n\
+         are not authenticated, and any local user of a node could send some."),
+    key!("node", node.other_report_ports: Ports = T(""),
+        "Several masters: each forwards its own report_port; list the others' here (node), and\n\
+         the agent reports to every one."),
     // [scaling]
     key!("scaling", scaling.policy: Choice<Policy> = T("instance"),
         "instance: scale up when any node's mean busy CPU over scale_up_window reaches\n\

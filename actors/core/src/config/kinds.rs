@@ -286,6 +286,26 @@ impl Kind for SecretText {
 }
 
 /// A TCP port, 1–65535.
+/// A comma-separated list of distinct ports; empty for none.
+pub struct Ports;
+impl Kind for Ports {
+    type Value = Vec<u16>;
+    fn parse(v: &str, _: &Cx) -> Result<Vec<u16>, String> {
+        let mut out: Vec<u16> = Vec::new();
+        for p in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let p = parse_port(p).map_err(|e| e.to_string())?;
+            if out.contains(&p) {
+                return Err(format!("port {p} is listed twice"));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+    fn show(v: &Vec<u16>) -> String {
+        v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
 pub struct Port;
 impl Kind for Port {
     type Value = u16;

@@ -72,6 +72,11 @@ pub struct NodeSection {
     pub name: String,
     /// Instance id reported in the hello (empty: none).
     pub instance_id: String,
+    /// The report secret (HMAC key) agents prove they hold; None: reports are not
+    /// authenticated.
+    pub secret_file: Option<PathBuf>,
+    /// Report ports of other masters; the agent reports to each (and to report_port).
+    pub other_report_ports: Vec<u16>,
 }
 
 /// `[scaling]`: the decision policy and its guards.
@@ -198,6 +203,7 @@ pub struct Layout {
     pub hosts_dir: PathBuf,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    pub report_secret: PathBuf,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub haproxy_config: PathBuf,
@@ -220,6 +226,7 @@ impl Layout {
             hosts_dir: inside("hosts.d"),
             state_dir: either("/var/lib/autoscaler", "state"),
             control_socket: either("/run/autoscaler/master.sock", "master.sock"),
+            report_secret: inside("report.key"),
             identity_file: inside("id_ed25519"),
             known_hosts: inside("known_hosts"),
             haproxy_config: either("/etc/haproxy/haproxy.cfg", "haproxy.cfg"),
@@ -380,6 +387,20 @@ impl Config {
                 message,
             })
         };
+        if self
+            .node
+            .other_report_ports
+            .contains(&self.node.report_port)
+        {
+            bad(
+                "node",
+                "other_report_ports",
+                format!(
+                    "lists report_port ({}); each master needs a port of its own",
+                    self.node.report_port
+                ),
+            );
+        }
         let s = &self.scaling;
         if s.min_nodes > s.max_nodes {
             bad(

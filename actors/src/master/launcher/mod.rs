@@ -124,7 +124,22 @@ impl Provisioner {
     pub async fn from_config(cfg: &Config) -> Result<Provisioner, Ec2Error> {
         Ok(match cfg.launch.launcher {
             ProvisionerKind::Ec2 => {
-                Provisioner::Ec2(Arc::new(SdkEc2::new(&cfg.aws, &cfg.launch).await?))
+                // The user data may hand the report secret to the node it starts.
+                let secret = match &cfg.node.secret_file {
+                    Some(p) => Some(
+                        crate::adapters::secret::read(&crate::adapters::secret::location(p))
+                            .map_err(|e| Ec2Error {
+                                operation: "RunInstances",
+                                message: e.to_string(),
+                                retryable: false,
+                                not_found: false,
+                            })?,
+                    ),
+                    None => None,
+                };
+                Provisioner::Ec2(Arc::new(
+                    SdkEc2::new(&cfg.aws, &cfg.launch, secret.as_deref()).await?,
+                ))
             }
             ProvisionerKind::Command => Provisioner::Command(CommandProvisioner::from_config(cfg)),
         })
