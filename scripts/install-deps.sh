@@ -2,7 +2,8 @@
 # Installs what autoscaler's tests and demo need on Debian (run as root):
 #   apt: haproxy, openssh-server, openssh-client, iproute2, cloud-init (its schema checker),
 #        systemd (systemd-analyze verify), prometheus (promtool check metrics), groff-base
-#        (the man page is rendered), and python3-venv when missing
+#        (the man page is rendered), etcd-server (the cluster tests' etcd), protobuf-compiler
+#        and libprotobuf-dev (the etcd client's build), and python3-venv when missing
 #   a check that the Rust toolchain is at least the workspace's rust-version
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
@@ -26,10 +27,13 @@ fi
 
 need=()
 for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
-    cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base; do
+    cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
+    etcd:etcd-server protoc:protobuf-compiler; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
+# etcd-client compiles etcd's protos at build time: protoc and its well-known types.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need[*]}" >&2

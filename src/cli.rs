@@ -89,6 +89,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy every host of hosts_dir into etcd ([cluster]): the move from one master to
+    /// several. Idempotent; hosts_dir is left as it is.
+    ImportHosts,
     /// Render the HAProxy configuration from hosts_dir, validate it and install it.
     Generate {
         /// Where to write it (default: [haproxy] config_path; `-` for standard output).

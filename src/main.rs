@@ -55,7 +55,19 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         EX_DATAERR
     } else if let Some(ControlError::NoMaster { .. }) = e.downcast_ref::<ControlError>() {
         EX_UNAVAILABLE
+    } else if etcd_unavailable(e) {
+        EX_UNAVAILABLE
     } else {
         1
     }
+}
+
+/// Whether the failure is etcd's (not reachable, refused): the host list is unavailable.
+fn etcd_unavailable(e: &anyhow::Error) -> bool {
+    use autoscaler_actors::adapters::hosts_dir::HostsError;
+    use autoscaler_actors::admin::AdminError;
+    matches!(
+        e.downcast_ref::<AdminError>(),
+        Some(AdminError::Etcd(_)) | Some(AdminError::Hosts(HostsError::Etcd(_)))
+    ) || matches!(e.downcast_ref::<HostsError>(), Some(HostsError::Etcd(_)))
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use autoscaler_actors::adapters::haproxy::{Installed, Validation};
-use autoscaler_actors::adapters::hosts_dir::{AddOutcome, HostsDir};
+use autoscaler_actors::adapters::hosts_dir::AddOutcome;
 use autoscaler_actors::admin::{self, AdminError, Output};
 use autoscaler_actors::config::{Config, ConfigError, Role, CONFIG_FILE_NAME};
 use autoscaler_actors::hosts::{parse_port, Host, HostKey, HostName};
@@ -40,6 +40,7 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             no_validate,
         } => generate(cli, output.as_deref(), *no_validate, log),
         Command::Check => check(cli, log),
+        Command::ImportHosts => import_hosts(cli, log),
         Command::Status { json } => status(cli, *json, log),
         Command::Simulate {
             trace,
@@ -64,6 +65,22 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs `f` to its end on a runtime of its own (the one-shot commands are synchronous).
+fn block<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn import_hosts(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
+    let cfg = load(cli)?;
+    let done = block(async { Ok(admin::import_hosts(&cfg).await?) })?;
+    info!(log, "Imported hosts.d into etcd"; "from" => %cfg.general.hosts_dir.display(),
+        "added" => done.added, "already_there" => done.already, "updated" => done.updated);
+    Ok(())
 }
 
 fn load(cli: &Cli) -> Result<Config, ConfigError> {
@@ -118,12 +135,16 @@ fn add_host(
     entry.ssh_port = ssh_port.map(parse_port).transpose()?;
     entry.report_port = report_port.map(parse_port).transpose()?;
     let cfg = load(cli)?;
-    let dir = HostsDir::new(&cfg.general.hosts_dir);
     let key = entry.key();
-    match dir.add(&entry)? {
+    let (store, outcome) = block(async {
+        let store = admin::host_store(&cfg).await?;
+        let outcome = store.add(&entry).await?;
+        Ok::<_, anyhow::Error>((store, outcome))
+    })?;
+    match outcome {
         AddOutcome::Added => {
             info!(log, "Added host"; "host" => %key.host, "port" => key.port,
-                "file" => %dir.path().join(key.file_name()).display())
+                "store" => store.describe())
         }
         AddOutcome::AlreadyPresent => {
             info!(log, "Host already registered; nothing changed";
@@ -142,14 +163,18 @@ fn remove_host(cli: &Cli, host: &str, port: &str, log: &Logger) -> anyhow::Resul
         port: parse_port(port)?,
     };
     let cfg = load(cli)?;
-    HostsDir::new(&cfg.general.hosts_dir).remove(&key)?;
+    block(async {
+        admin::host_store(&cfg).await?.remove(&key).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
     info!(log, "Removed host"; "host" => %key.host, "port" => key.port);
     Ok(())
 }
 
 fn list_hosts(cli: &Cli, json: bool, log: &Logger) -> anyhow::Result<()> {
     let cfg = load(cli)?;
-    let (hosts, errors) = HostsDir::new(&cfg.general.hosts_dir).load()?;
+    let (hosts, errors) =
+        block(async { Ok::<_, anyhow::Error>(admin::host_store(&cfg).await?.load().await?) })?;
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &hosts)?;

@@ -12,7 +12,6 @@ use autoscaler_actors::adapters::ec2::{Ec2Api, SdkEc2};
 use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::Config;
 use autoscaler_actors::hosts::{Host, HostName, Origin};
-use autoscaler_actors::master::launcher::intents::{pending_drains, pending_intents};
 
 use crate::common::ec2_proxy::{Ec2Proxy, Fault};
 use crate::common::moto::{console_with_key, moto_bin, Moto};
@@ -180,14 +179,14 @@ impl Rig {
             let ok = live.len() == 1
                 && launched.len() == 1
                 && launched[0].instance_id.as_deref() == Some(live[0].as_str())
-                && pending_intents(self.state()).is_empty();
+                && crate::common::intents_in(self.state()).is_empty();
             if ok {
                 break;
             }
             assert!(
                 Instant::now() < end,
                 "not settled: instances {live:?}, hosts {launched:?}, intents {:?}",
-                pending_intents(self.state())
+                crate::common::intents_in(self.state())
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -217,7 +216,7 @@ async fn ec2_killed_before_run_instances_reaches_ec2() {
         .wait_for("RunInstances", 1, Duration::from_secs(30))
         .await;
     assert_eq!(
-        pending_intents(r.state()).len(),
+        crate::common::intents_in(r.state()).len(),
         1,
         "the intent comes first"
     );
@@ -278,7 +277,7 @@ async fn ec2_killed_while_pending() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(r.launched().is_empty(), "not registered while pending");
     assert_eq!(
-        pending_intents(r.state()).len(),
+        crate::common::intents_in(r.state()).len(),
         1,
         "the launch is not forgotten"
     );
@@ -363,7 +362,7 @@ async fn drain_completed(r: &Rig, launched: &Host) {
     eventually(
         "the drain record is removed",
         Duration::from_secs(40),
-        || pending_drains(r.state()).is_empty(),
+        || crate::common::drains_in(r.state()).is_empty(),
     )
     .await;
     assert!(
@@ -389,7 +388,7 @@ async fn ec2_killed_during_a_drain() {
     let m = r.master();
     logged(&m, "the drain", |v| v["msg"] == "Draining: out of the pool").await;
     m.kill();
-    assert_eq!(pending_drains(r.state()).len(), 1);
+    assert_eq!(crate::common::drains_in(r.state()).len(), 1);
     let m = r.master();
     for _ in 0..10 {
         assert!(
@@ -489,7 +488,7 @@ async fn command_killed_while_the_scale_up_command_runs() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(r.launched().len(), 1);
     assert_eq!(lines(&dir.join("started")), 1, "one host started, ever");
-    assert!(pending_intents(r.state()).is_empty());
+    assert!(crate::common::intents_in(r.state()).is_empty());
 }
 
 /// Command launcher, killed after the command printed its host, before registration (the
@@ -511,9 +510,9 @@ async fn command_killed_before_registration() {
         "the command printed its host",
         Duration::from_secs(30),
         || {
-            pending_intents(r.state())
+            crate::common::intents_in(r.state())
                 .first()
-                .is_some_and(|(_, i)| !i.launched.is_empty())
+                .is_some_and(|i| !i.launched.is_empty())
         },
     )
     .await;
@@ -525,7 +524,7 @@ async fn command_killed_before_registration() {
     })
     .await;
     assert_eq!(lines(&dir.join("runs")), 1, "not run again");
-    assert!(pending_intents(r.state()).is_empty());
+    assert!(crate::common::intents_in(r.state()).is_empty());
 }
 
 /// Command launcher, killed while the scale-down command runs: the restarted master runs it
@@ -599,7 +598,7 @@ async fn the_master_rides_out_api_faults() {
     assert!(r.live().await.len() <= 2);
     e.proxy.hold_pending(false);
     let end = Instant::now() + Duration::from_secs(60);
-    while !(r.launched().len() == 2 && pending_intents(r.state()).is_empty()) {
+    while !(r.launched().len() == 2 && crate::common::intents_in(r.state()).is_empty()) {
         assert!(
             Instant::now() < end,
             "floor not reached: {:?} / {:?}",

@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod cluster;
 mod contrib;
 mod crash;
 mod haproxy_writer;

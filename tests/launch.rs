@@ -14,9 +14,7 @@ use autoscaler_actors::config::{CommandLine, Config, Role, Secret};
 use autoscaler_actors::hosts::{Host, HostName, Origin};
 use autoscaler_actors::master::decider::{LaunchFinished, Reconciled};
 use autoscaler_actors::master::launcher::command::CommandProvisioner;
-use autoscaler_actors::master::launcher::intents::{
-    pending_drains, pending_intents, write_intent, Intent, Launched,
-};
+use autoscaler_actors::master::launcher::intents::{Intent, Launched};
 use autoscaler_actors::master::launcher::{
     DrainHost, LaunchInstances, LaunchSettings, Launcher, LauncherOutputs, Provisioner,
 };
@@ -244,7 +242,7 @@ async fn launches_tags_registers_and_drains() {
         "{l:?}"
     );
     assert!(
-        pending_intents(&cfg.general.state_dir).is_empty(),
+        crate::common::intents_in(&cfg.general.state_dir).is_empty(),
         "intent removed"
     );
 
@@ -258,13 +256,13 @@ async fn launches_tags_registers_and_drains() {
     );
     assert_eq!(r.hosts(1).await[0], hosts[1]);
     for _ in 0..100 {
-        if pending_drains(&cfg.general.state_dir).is_empty() {
+        if crate::common::drains_in(&cfg.general.state_dir).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        pending_drains(&cfg.general.state_dir).is_empty(),
+        crate::common::drains_in(&cfg.general.state_dir).is_empty(),
         "drain record removed"
     );
 }
@@ -285,9 +283,9 @@ async fn restart_reconciles_intents_and_instances() {
         launched: vec![],
     };
     // Crash between the intent and the API call: an intent, no instance.
-    write_intent(&cfg.general.state_dir, &intent("as-crash-before")).unwrap();
+    crate::common::write_intent(&cfg.general.state_dir, &intent("as-crash-before")).unwrap();
     // Crash after the call: an intent and its instance, not in hosts.d.
-    write_intent(&cfg.general.state_dir, &intent("as-crash-after")).unwrap();
+    crate::common::write_intent(&cfg.general.state_dir, &intent("as-crash-after")).unwrap();
     let launched = direct.run_instances(1, "as-crash-after").await.unwrap();
     // And a launched host whose instance has since been terminated elsewhere.
     let gone = direct.run_instances(1, "as-old").await.unwrap();
@@ -322,7 +320,7 @@ async fn restart_reconciles_intents_and_instances() {
         adopted[0].instance_id.as_deref(),
         Some(launched[0].instance_id.as_str())
     );
-    assert!(pending_intents(&cfg.general.state_dir).is_empty());
+    assert!(crate::common::intents_in(&cfg.general.state_dir).is_empty());
     // Exactly the expected instances exist: nothing was launched again.
     assert_eq!(live(&direct).await.len(), 1);
 }
@@ -335,7 +333,7 @@ async fn a_pending_instance_of_a_crashed_launch_is_resumed() {
     let Some((_moto, proxy, cfg, api, direct)) = ec2_set_up(tmp.path()).await else {
         return;
     };
-    write_intent(
+    crate::common::write_intent(
         &cfg.general.state_dir,
         &Intent {
             decision_id: "as-pending".into(),
@@ -354,7 +352,7 @@ async fn a_pending_instance_of_a_crashed_launch_is_resumed() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        pending_intents(&cfg.general.state_dir).len(),
+        crate::common::intents_in(&cfg.general.state_dir).len(),
         1,
         "kept while pending"
     );
@@ -366,7 +364,7 @@ async fn a_pending_instance_of_a_crashed_launch_is_resumed() {
         ("as-pending", None)
     );
     assert_eq!(r.hosts(1).await.len(), 1);
-    assert!(pending_intents(&cfg.general.state_dir).is_empty());
+    assert!(crate::common::intents_in(&cfg.general.state_dir).is_empty());
     assert_eq!(live(&direct).await.len(), 1);
 }
 
@@ -543,12 +541,12 @@ async fn a_drain_survives_a_restart_and_is_never_adopted_again() {
     proxy.release("TerminateInstances");
     wait_live(&direct, 0).await;
     for _ in 0..100 {
-        if pending_drains(&cfg.general.state_dir).is_empty() {
+        if crate::common::drains_in(&cfg.general.state_dir).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(pending_drains(&cfg.general.state_dir).is_empty());
+    assert!(crate::common::drains_in(&cfg.general.state_dir).is_empty());
 }
 
 /// A launched host's SSH keys come from its console output (cloud-init's block), go into
@@ -826,7 +824,7 @@ async fn command_launches_resume_after_a_crash() {
         host: Host::launched(HostName::parse("127.0.1.60").unwrap(), 80, None),
         host_keys: vec![],
     };
-    write_intent(
+    crate::common::write_intent(
         &cfg.general.state_dir,
         &Intent {
             decision_id: "as-printed".into(),
@@ -836,7 +834,7 @@ async fn command_launches_resume_after_a_crash() {
         },
     )
     .unwrap();
-    write_intent(
+    crate::common::write_intent(
         &cfg.general.state_dir,
         &Intent {
             decision_id: "as-unprinted".into(),
@@ -875,7 +873,7 @@ async fn command_launches_resume_after_a_crash() {
         "as-unprinted\n",
         "run again only where nothing was printed, with the same decision"
     );
-    assert!(pending_intents(&cfg.general.state_dir).is_empty());
+    assert!(crate::common::intents_in(&cfg.general.state_dir).is_empty());
 }
 
 /// dry_run: the master starts and decides with no launch settings at all.

@@ -8,7 +8,8 @@ use thiserror::Error;
 
 use crate::adapters::files;
 use crate::adapters::haproxy::{self, Check, HaproxyError, Installed, OnMissing, Validation};
-use crate::adapters::hosts_dir::{HostsDir, HostsError};
+use crate::adapters::host_store::HostStore;
+use crate::adapters::hosts_dir::{AddOutcome, HostsDir, HostsError};
 use crate::config::{Config, Layout, Role, CONFIG_FILE_NAME};
 use crate::render::{self, RenderError};
 
@@ -25,6 +26,55 @@ pub enum AdminError {
     Render(#[from] RenderError),
     #[error(transparent)]
     Haproxy(#[from] HaproxyError),
+    #[error(transparent)]
+    Etcd(#[from] crate::adapters::etcd::EtcdError),
+    #[error("[cluster] etcd_endpoints is empty: there is no etcd to import into")]
+    NotClustered,
+}
+
+/// The host list the configuration names, for an operator's command: hosts.d, or etcd with
+/// `[cluster]` (written without the leader's guard: an operator's change, like editing
+/// hosts.d).
+pub async fn host_store(cfg: &Config) -> Result<HostStore, AdminError> {
+    Ok(match cfg.cluster.enabled() {
+        false => HostStore::Dir(HostsDir::new(&cfg.general.hosts_dir)),
+        true => HostStore::Etcd {
+            etcd: crate::adapters::etcd::Etcd::connect(
+                &cfg.cluster,
+                Some(cfg.cluster.etcd_timeout),
+            )
+            .await?,
+            lead: None,
+        },
+    })
+}
+
+/// What `import-hosts` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub added: usize,
+    pub already: usize,
+    pub updated: usize,
+}
+
+/// Copies every host of hosts.d into etcd (a master moving from one to several). Idempotent;
+/// hosts.d is left as it is. A host file that cannot be read stops it before anything is
+/// written.
+pub async fn import_hosts(cfg: &Config) -> Result<Imported, AdminError> {
+    let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
+    let HostStore::Etcd { etcd, .. } = host_store(cfg).await? else {
+        return Err(AdminError::NotClustered);
+    };
+    let store = HostStore::Etcd { etcd, lead: None };
+    let mut done = Imported::default();
+    for h in &hosts {
+        match store.add(h).await? {
+            AddOutcome::Added => done.added += 1,
+            AddOutcome::AlreadyPresent => done.already += 1,
+            AddOutcome::Updated => done.updated += 1,
+        }
+    }
+    Ok(done)
 }
 
 /// What `init` wrote.
@@ -131,7 +181,10 @@ pub async fn generate(
     output: &Output,
     validate: bool,
 ) -> Result<Generated, AdminError> {
-    let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
+    let (hosts, mut errors) = host_store(cfg).await?.load().await?;
+    if !errors.is_empty() {
+        return Err(errors.remove(0).into());
+    }
     let text = render::render_haproxy(cfg, &hosts)?;
     let check = Check {
         command: &cfg.haproxy.check_command,

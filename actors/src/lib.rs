@@ -77,6 +77,8 @@ pub enum StartError {
     Ec2(#[from] Ec2Error),
     #[error(transparent)]
     Template(#[from] RenderError),
+    #[error(transparent)]
+    Etcd(#[from] crate::adapters::etcd::EtcdError),
     /// The control socket or the metrics address cannot be bound.
     #[error("cannot listen on {what}: {source}")]
     Listen {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ec2_proxy;
+pub mod etcd;
 pub mod moto;
 
 use std::io::{BufRead, BufReader};
@@ -673,6 +674,19 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     http_get_accept(addr, path, "*/*")
 }
 
+/// [`http_get`], or None when nothing answers.
+pub fn http_get_try(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
 /// [`http_get`] with an `Accept` header.
 pub fn http_get_accept(addr: &str, path: &str, accept: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -717,4 +731,47 @@ pub fn promtool_check(promtool: &Path, text: &str) -> Option<String> {
         true => None,
         false => Some(said),
     }
+}
+
+/// The launch intents on disk in a state directory (`intents/*.json`), as the reconciler
+/// reads them.
+pub fn intents_in(state: &Path) -> Vec<autoscaler_actors::master::launcher::intents::Intent> {
+    json_values(&state.join("intents"))
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect()
+}
+
+/// The drain records on disk in a state directory.
+pub fn drains_in(state: &Path) -> Vec<autoscaler_actors::master::launcher::intents::Drain> {
+    json_values(&state.join("drains"))
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect()
+}
+
+/// Writes a launch intent as a master killed after writing it would have left it.
+pub fn write_intent(
+    state: &Path,
+    i: &autoscaler_actors::master::launcher::intents::Intent,
+) -> std::io::Result<()> {
+    let dir = state.join("intents");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join(format!("{}.json", i.decision_id)),
+        serde_json::to_vec(i).unwrap(),
+    )
+}
+
+fn json_values(dir: &Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
 }

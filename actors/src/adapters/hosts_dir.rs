@@ -22,6 +22,8 @@ pub enum HostsError {
     Write { path: PathBuf, source: io::Error },
     #[error("host {0} is not registered (see `autoscaler list-hosts`)")]
     NotFound(HostKey),
+    #[error(transparent)]
+    Etcd(#[from] super::etcd::EtcdError),
 }
 
 /// What [`HostsDir::add`] did.

@@ -11,10 +11,13 @@
 //!   a good config with a bad one.
 
 pub mod ec2;
+pub mod etcd;
 pub mod files;
 pub mod haproxy;
+pub mod host_store;
 pub mod hosts_dir;
 pub mod known_hosts;
 pub mod process;
+pub mod records;
 pub mod secret;
 pub mod ssh;

@@ -19,7 +19,9 @@ use super::haproxy_writer::{GetServerStatus, HaproxyWriter, ServerStatus};
 use super::launcher::intents::{now_ms, pending_drains, pending_intents};
 use super::node_status::{ListNodes, NodeStatus};
 use super::registry::{HostRegistry, ListHosts};
+use crate::adapters::etcd::{current, Etcd, LeadCell};
 use crate::adapters::files;
+use crate::adapters::records::Records;
 use crate::hosts::Origin;
 
 /// What `autoscaler status` shows.
@@ -39,6 +41,18 @@ pub struct Status {
     pub launches: Vec<(String, u32)>,
     pub drains: Vec<DrainLine>,
     pub haproxy: Vec<HaproxyLine>,
+    /// Several masters: who this is, and who leads.
+    #[serde(default)]
+    pub cluster: Option<ClusterLine>,
+}
+
+/// This master in its group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterLine {
+    pub name: String,
+    pub leading: bool,
+    /// The leader's name, if there is one.
+    pub leader: Option<String>,
 }
 
 /// One HAProxy server's last apply.
@@ -93,7 +107,10 @@ pub struct Sources {
     pub nodes: Addr<NodeStatus>,
     pub decider: Addr<ScaleDecider>,
     pub writer: Addr<HaproxyWriter>,
-    pub state_dir: PathBuf,
+    /// Launch intents and drains.
+    pub records: Records,
+    /// With several masters: the election, and this master's name in it.
+    pub cluster: Option<(Etcd, LeadCell, String)>,
 }
 
 impl Sources {
@@ -103,6 +120,21 @@ impl Sources {
         let views = self.nodes.send(ListNodes).await?;
         let d = self.decider.send(GetDecisionStatus).await?;
         let servers = self.writer.send(GetServerStatus).await?;
+        // Records and the leader's name are best effort: a status must come even when etcd
+        // does not answer.
+        let intents = pending_intents(&self.records).await.unwrap_or_default();
+        let drains = pending_drains(&self.records).await.unwrap_or_default();
+        let cluster = match &self.cluster {
+            None => None,
+            Some((etcd, lead, name)) => Some(ClusterLine {
+                name: name.clone(),
+                leading: current(lead).is_some(),
+                leader: etcd
+                    .leader()
+                    .await
+                    .unwrap_or_else(|e| Some(format!("unknown ({e})"))),
+            }),
+        };
         let nodes = hosts
             .iter()
             .map(|h| {
@@ -150,21 +182,22 @@ impl Sources {
             launches_last_hour: d.launches_last_hour,
             launches: {
                 let mut l = d.in_flight;
-                for (_, i) in pending_intents(&self.state_dir) {
+                for i in intents {
                     if !l.iter().any(|(id, _)| *id == i.decision_id) {
                         l.push((i.decision_id, i.count));
                     }
                 }
                 l
             },
-            drains: pending_drains(&self.state_dir)
+            drains: drains
                 .into_iter()
-                .map(|(_, d)| DrainLine {
+                .map(|d| DrainLine {
                     name: d.name(),
                     instance_id: d.instance_id.clone(),
                     deadline_in_s: d.deadline_ms.saturating_sub(now) as f64 / 1000.0,
                 })
                 .collect(),
+            cluster,
             haproxy: servers
                 .into_iter()
                 .map(|(server, s)| {
@@ -367,6 +400,13 @@ impl Status {
             out += &format!("cooldown: {} left\n", span(c));
         }
         out += &format!("launches in the last hour: {}\n", self.launches_last_hour);
+        if let Some(c) = &self.cluster {
+            out += &match (c.leading, &c.leader) {
+                (true, _) => format!("cluster: {} leads (decides and launches)\n", c.name),
+                (false, Some(l)) => format!("cluster: {} follows; {l} leads\n", c.name),
+                (false, None) => format!("cluster: {} follows; no leader now\n", c.name),
+            };
+        }
         out += "\n";
         let mut rows = vec![[
             "HOST",
@@ -496,6 +536,7 @@ mod tests {
                 instance_id: Some("i-0def".into()),
                 deadline_in_s: 30.0,
             }],
+            cluster: None,
             haproxy: vec![HaproxyLine {
                 server: "local".into(),
                 state: "applied".into(),

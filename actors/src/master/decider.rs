@@ -21,13 +21,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient, WrapFuture,
+};
 use serde::{Deserialize, Serialize};
 use slog::{info, o, warn, Logger};
 
 use super::launcher::{DrainHost, LaunchInstances};
+use super::leadership::Leading;
 use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::adapters::files;
+use crate::adapters::records::Records;
 use crate::config::Scaling;
 use crate::hosts::{Host, HostKey, Origin};
 use crate::metrics::Metrics;
@@ -127,6 +131,10 @@ pub struct ScaleDecider {
     out: Option<DeciderOutputs>,
     /// `state_dir/decider.json`, when decisions act (not in dry-run).
     memory: Option<PathBuf>,
+    /// With several masters: the memory in etcd (written before acting, read on taking the
+    /// lead), and whether this master leads; only the leader acts.
+    shared: Option<Records>,
+    leading: bool,
     tick: Duration,
     /// The decider's clock starts when this actor is created (see [`ScaleDecider::now`]).
     epoch: Instant,
@@ -178,11 +186,21 @@ impl ScaleDecider {
             last_hold: None,
             holding: None,
             last_action: None,
+            shared: None,
+            leading: true,
             metrics: Arc::default(),
             log,
         };
         d.recall();
         d
+    }
+
+    /// Several masters: acts only after [`Leading`], with its memory in `shared`.
+    pub fn following(mut self, shared: Records) -> ScaleDecider {
+        self.leading = false;
+        self.memory = None;
+        self.shared = Some(shared);
+        self
     }
 
     /// Counts its decisions in `metrics`.
@@ -215,6 +233,11 @@ impl ScaleDecider {
             },
             Err(_) => return,
         };
+        self.apply_memory(m);
+    }
+
+    /// Takes remembered guards (Unix ms) onto the decider's clock.
+    fn apply_memory(&mut self, m: Remembered) {
         let (now, wall) = (self.now(), wall_ms());
         let to_clock = |t: u64| now.saturating_sub(wall.saturating_sub(t));
         self.hist.last_scale_up_ms = m.last_scale_up_ms.map(to_clock);
@@ -223,16 +246,51 @@ impl ScaleDecider {
         info!(self.log, "Recalled the guards' history"; "launches_last_hour" => self.hist.launches_ms.len());
     }
 
-    /// Writes the guards' history to `memory`, before the decision is carried out.
-    fn remember(&self) {
-        let Some(path) = &self.memory else { return };
+    /// The guards' history as it is remembered (Unix ms).
+    fn memory_now(&self) -> Remembered {
         let (now, wall) = (self.now(), wall_ms());
         let to_wall = |t: u64| wall.saturating_sub(now.saturating_sub(t));
-        let m = Remembered {
+        Remembered {
             last_scale_up_ms: self.hist.last_scale_up_ms.map(to_wall),
             last_scale_down_ms: self.hist.last_scale_down_ms.map(to_wall),
             launches_ms: self.hist.launches_ms.iter().copied().map(to_wall).collect(),
+        }
+    }
+
+    /// Carries out `act` once the memory is durable: at once with a file (written here), after
+    /// etcd took it with several masters (not at all if etcd refuses: this master no longer
+    /// leads, and its launch in flight is forgotten).
+    fn remember_then(
+        &mut self,
+        ctx: &mut Context<Self>,
+        decision: Option<String>,
+        act: impl FnOnce() + 'static,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            self.remember();
+            act();
+            return;
         };
+        let m = self.memory_now();
+        ctx.spawn(
+            async move { shared.put("", "decider", &m).await }
+                .into_actor(self)
+                .map(move |written, this, _| match written {
+                    Ok(()) => act(),
+                    Err(e) => {
+                        warn!(this.log, "Decision not carried out: its record was refused"; "error" => %e);
+                        if let Some(id) = decision {
+                            this.pending.remove(&id);
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// Writes the guards' history to `memory`, before the decision is carried out.
+    fn remember(&self) {
+        let Some(path) = &self.memory else { return };
+        let m = self.memory_now();
         let text = serde_json::to_string(&m).unwrap_or_default();
         let written = path
             .parent()
@@ -262,7 +320,7 @@ impl ScaleDecider {
             .collect()
     }
 
-    fn evaluate(&mut self) {
+    fn evaluate(&mut self, ctx: &mut Context<Self>) {
         if !(self.hosts_known && self.reconciled) {
             return;
         }
@@ -276,7 +334,10 @@ impl ScaleDecider {
             "mean_up_pct" => sum.mean_up.map(|m| format!("{m:.1}")), "hottest_pct" => sum.hottest.map(|m| format!("{m:.1}")),
             "mean_down_pct" => sum.mean_down.map(|m| format!("{m:.1}")), "policy" => self.cfg.policy.as_str());
         let log = self.log.new(inputs);
-        let acting = self.out.clone().filter(|_| !self.cfg.dry_run);
+        let acting = self
+            .out
+            .clone()
+            .filter(|_| !self.cfg.dry_run && self.leading);
         match decision {
             Decision::Hold(h) => {
                 self.metrics.decision("hold", h.kind());
@@ -302,12 +363,12 @@ impl ScaleDecider {
                     .launches_ms
                     .extend(std::iter::repeat_n(now, count as usize));
                 if let Some(out) = acting {
-                    self.remember();
                     self.pending.insert(id.clone(), count);
-                    out.launch.do_send(LaunchInstances {
+                    let msg = LaunchInstances {
                         count,
-                        decision_id: id,
-                    });
+                        decision_id: id.clone(),
+                    };
+                    self.remember_then(ctx, Some(id), move || out.launch.do_send(msg));
                 }
             }
             Decision::ScaleDown { host, reason } => {
@@ -321,8 +382,8 @@ impl ScaleDecider {
                     "drain" => %humantime::format_duration(self.cfg.drain_timeout));
                 self.hist.last_scale_down_ms = Some(now);
                 if let (Some(out), Some(h)) = (acting, self.hosts.get(&host)) {
-                    self.remember();
-                    out.drain.do_send(DrainHost { host: h.clone() });
+                    let msg = DrainHost { host: h.clone() };
+                    self.remember_then(ctx, None, move || out.drain.do_send(msg));
                 }
             }
         }
@@ -337,7 +398,7 @@ impl Actor for ScaleDecider {
     fn started(&mut self, ctx: &mut Context<Self>) {
         info!(self.log, "Deciding"; "policy" => %self.cfg.policy, "dry_run" => self.cfg.dry_run,
             "launcher" => if self.out.is_some() { "configured" } else { "none" });
-        ctx.run_interval(self.tick, |this, _| this.evaluate());
+        ctx.run_interval(self.tick, |this, ctx| this.evaluate(ctx));
     }
 }
 
@@ -447,6 +508,45 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
                 .filter(|&&t| t > hour_ago)
                 .count(),
         })
+    }
+}
+
+impl Handler<Leading> for ScaleDecider {
+    type Result = ();
+    fn handle(&mut self, m: Leading, ctx: &mut Context<Self>) {
+        match m.0 {
+            true => {
+                // The last leader's guards first, then wait for the launcher to reconcile
+                // (its launches in flight count before any decision).
+                self.reconciled = self.out.is_none();
+                self.pending.clear();
+                let Some(shared) = self.shared.clone() else {
+                    self.leading = true;
+                    return;
+                };
+                ctx.spawn(
+                    async move { shared.get::<Remembered>("", "decider").await }
+                        .into_actor(self)
+                        .map(|memory, this, _| {
+                            match memory {
+                                Ok(Some(m)) => this.apply_memory(m),
+                                Ok(None) => {}
+                                Err(e) => {
+                                    warn!(this.log, "Cannot read the guards' history; starting without it"; "error" => %e)
+                                }
+                            }
+                            this.leading = true;
+                            info!(this.log, "Leading: decisions act");
+                        }),
+                );
+            }
+            false => {
+                self.leading = false;
+                self.pending.clear();
+                self.reconciled = self.out.is_none();
+                info!(self.log, "Following: decisions are logged, not carried out");
+            }
+        }
     }
 }
 

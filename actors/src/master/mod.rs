@@ -20,11 +20,13 @@
 //! One actor per file; [`messages`] holds what several of them receive. [`start_master`] is
 //! the only place that knows who talks to whom.
 
+pub mod cluster_sync;
 pub mod control;
 pub mod decider;
 pub mod haproxy_worker;
 pub mod haproxy_writer;
 pub mod launcher;
+pub mod leadership;
 pub mod messages;
 pub mod node_status;
 pub mod registry;
@@ -42,7 +44,10 @@ use self::launcher::{LaunchSettings, Launcher, LauncherOutputs, Provisioner};
 use self::node_status::NodeStatus;
 use self::registry::HostRegistry;
 use self::tunnels::{TunnelError, TunnelManager, TunnelOutputs, TunnelSettings};
+use crate::adapters::etcd::{Etcd, LeadCell};
+use crate::adapters::host_store::HostStore;
 use crate::adapters::hosts_dir::HostsDir;
+use crate::adapters::records::Records;
 use crate::adapters::ssh::SshSettings;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -59,6 +64,14 @@ pub struct Master {
     pub launcher: Option<Addr<Launcher>>,
     pub writer: Addr<HaproxyWriter>,
     pub metrics: Arc<Metrics>,
+    /// Several masters: the election and the known_hosts sync (aborted on drop).
+    pub cluster_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.cluster_tasks.iter().for_each(|t| t.abort());
+    }
 }
 
 /// Starts the master role. `poll` is how often hosts.d is rescanned, `tick` how often the
@@ -84,6 +97,29 @@ pub async fn start_master(
     if tunnel_settings.secret.is_none() {
         slog::warn!(log, "Reports are not authenticated ([node] secret_file is empty): any local user of a node can send reports to this master");
     }
+    // Several masters: etcd holds the hosts and records, and elects who acts.
+    let cluster = match cfg.cluster.enabled() {
+        false => None,
+        true => {
+            let etcd = Etcd::connect(&cfg.cluster, Some(cfg.cluster.etcd_timeout)).await?;
+            let lead: LeadCell = Arc::default();
+            Some((etcd, lead, leadership::name_of(&cfg.cluster)))
+        }
+    };
+    let records = match &cluster {
+        Some((etcd, lead, _)) => Records::Etcd {
+            etcd: etcd.clone(),
+            lead: lead.clone(),
+        },
+        None => Records::Files(cfg.general.state_dir.clone()),
+    };
+    let host_store = match &cluster {
+        Some((etcd, lead, _)) => HostStore::Etcd {
+            etcd: etcd.clone(),
+            lead: Some(lead.clone()),
+        },
+        None => HostStore::Dir(HostsDir::new(&cfg.general.hosts_dir)),
+    };
     let provisioner = match cfg.scaling.dry_run {
         true => None,
         false => Some(Provisioner::from_config(cfg).await?),
@@ -100,7 +136,7 @@ pub async fn start_master(
     let decider_ctx = actix::Context::<ScaleDecider>::new();
     let decider = decider_ctx.address();
     let launcher = provisioner.map(|p| {
-        Launcher::new(
+        let l = Launcher::new(
             p,
             LaunchSettings::from_config(cfg),
             LauncherOutputs {
@@ -114,7 +150,11 @@ pub async fn start_master(
             log,
         )
         .with_metrics(metrics.clone())
-        .start()
+        .with_records(records.clone());
+        match cluster.is_some() {
+            true => l.following().start(),
+            false => l.start(),
+        }
     });
     let outputs = launcher.as_ref().map(|l| DeciderOutputs {
         launch: l.clone().recipient(),
@@ -124,10 +164,12 @@ pub async fn start_master(
     let memory = launcher
         .as_ref()
         .map(|_| cfg.general.state_dir.join("decider.json"));
-    decider_ctx.run(
-        ScaleDecider::new(cfg.scaling.clone(), outputs, memory, tick, log)
-            .with_metrics(metrics.clone()),
-    );
+    let decider_actor = ScaleDecider::new(cfg.scaling.clone(), outputs, memory, tick, log)
+        .with_metrics(metrics.clone());
+    decider_ctx.run(match cluster.is_some() {
+        true => decider_actor.following(records.clone()),
+        false => decider_actor,
+    });
     let tunnels = TunnelManager::new(
         tunnel_settings,
         TunnelOutputs {
@@ -138,8 +180,8 @@ pub async fn start_master(
         log,
     )
     .start();
-    registry_ctx.run(HostRegistry::new(
-        HostsDir::new(&cfg.general.hosts_dir),
+    registry_ctx.run(HostRegistry::over(
+        host_store,
         vec![
             tunnels.clone().recipient(),
             decider.clone().recipient(),
@@ -154,7 +196,8 @@ pub async fn start_master(
         nodes: status.clone(),
         decider: decider.clone(),
         writer: writer.clone(),
-        state_dir: cfg.general.state_dir.clone(),
+        records: records.clone(),
+        cluster: cluster.clone(),
     };
     if let Some(addr) = cfg.general.metrics_address {
         crate::metrics::serve(addr, metrics.clone(), sources.clone(), log).map_err(|source| {
@@ -165,6 +208,28 @@ pub async fn start_master(
         })?;
     }
     control::serve(control, sources, log);
+    // The election last: leading starts once everyone it tells is running.
+    let election = cluster.map(|(etcd, lead, name)| {
+        let mut subscribers = vec![decider.clone().recipient()];
+        if let Some(l) = &launcher {
+            subscribers.push(l.clone().recipient());
+        }
+        let sync = tokio::spawn(cluster_sync::known_hosts(
+            etcd,
+            cfg.ssh.known_hosts.clone(),
+            cfg.ssh.port,
+            poll,
+            log.clone(),
+        ));
+        let run = tokio::spawn(leadership::run(
+            cfg.cluster.clone(),
+            name,
+            lead,
+            subscribers,
+            log.clone(),
+        ));
+        vec![run, sync]
+    });
     Ok(Master {
         registry,
         tunnels,
@@ -173,5 +238,6 @@ pub async fn start_master(
         launcher,
         writer,
         metrics,
+        cluster_tasks: election.unwrap_or_default(),
     })
 }

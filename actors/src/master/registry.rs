@@ -1,7 +1,9 @@
-//! HostRegistry (master role): the registered hosts, kept in hosts.d.
+//! HostRegistry (master role): the registered hosts, kept in hosts.d (one master) or etcd
+//! (several, [`HostStore`]).
 //!
-//! Loads hosts.d at start and rescans it every `poll` (so `autoscaler add-host` run beside the
-//! daemon takes effect within that time); writes it for [`RegisterHost`] / [`DeregisterHost`].
+//! Loads the store at start and rescans it every `poll` (so `autoscaler add-host` run beside
+//! the daemon, or a registration by the leader, takes effect within that time); writes it for
+//! [`RegisterHost`] / [`DeregisterHost`] (in etcd, only while this master leads).
 //! Every change is announced as one [`HostsChanged`] with the full list. A host file that
 //! becomes unreadable keeps its last good version in the list and is logged: an editor's
 //! half-written file never takes a backend out of rotation.
@@ -10,10 +12,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient, ResponseActFuture,
+    WrapFuture,
+};
 use slog::{info, o, warn, Logger};
 
 use super::messages::HostsChanged;
+use crate::adapters::host_store::HostStore;
 use crate::adapters::hosts_dir::{AddOutcome, HostsDir, HostsError};
 use crate::hosts::{Host, HostKey};
 
@@ -37,7 +43,9 @@ pub struct ListHosts;
 
 /// The registry actor.
 pub struct HostRegistry {
-    dir: HostsDir,
+    store: HostStore,
+    /// A rescan is under way: the next tick skips.
+    scanning: bool,
     hosts: Arc<Vec<Host>>,
     /// File name → error text, to log each bad file once.
     bad: BTreeMap<String, String>,
@@ -54,8 +62,19 @@ impl HostRegistry {
         poll: Duration,
         log: &Logger,
     ) -> HostRegistry {
+        HostRegistry::over(HostStore::Dir(dir), subscribers, poll, log)
+    }
+
+    /// A registry over any store.
+    pub fn over(
+        store: HostStore,
+        subscribers: Vec<Recipient<HostsChanged>>,
+        poll: Duration,
+        log: &Logger,
+    ) -> HostRegistry {
         HostRegistry {
-            dir,
+            store,
+            scanning: false,
             hosts: Arc::new(Vec::new()),
             bad: BTreeMap::new(),
             subscribers,
@@ -64,12 +83,27 @@ impl HostRegistry {
         }
     }
 
-    /// Reloads hosts.d; announces the list if it changed (or `force`).
-    fn rescan(&mut self, force: bool) {
-        let (mut hosts, errors) = match self.dir.load() {
+    /// Reloads the store in the background; announces the list if it changed (or `force`).
+    fn rescan(&mut self, force: bool, ctx: &mut Context<Self>) {
+        if self.scanning {
+            return;
+        }
+        self.scanning = true;
+        let store = self.store.clone();
+        ctx.spawn(async move { store.load().await }.into_actor(self).map(
+            move |loaded, this, _| {
+                this.scanning = false;
+                this.apply(loaded, force);
+            },
+        ));
+    }
+
+    /// Takes what the store holds as the list; announces it if it changed (or `force`).
+    fn apply(&mut self, loaded: Result<(Vec<Host>, Vec<HostsError>), HostsError>, force: bool) {
+        let (mut hosts, errors) = match loaded {
             Ok(r) => r,
             Err(e) => {
-                warn!(self.log, "Cannot read the hosts directory; keeping the last list"; "error" => %e);
+                warn!(self.log, "Cannot read the hosts; keeping the last list"; "store" => self.store.describe(), "error" => %e);
                 return;
             }
         };
@@ -109,30 +143,54 @@ impl Actor for HostRegistry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.rescan(true);
-        ctx.run_interval(self.poll, |this, _| this.rescan(false));
+        self.rescan(true, ctx);
+        ctx.run_interval(self.poll, |this, ctx| this.rescan(false, ctx));
     }
 }
 
 impl Handler<RegisterHost> for HostRegistry {
-    type Result = Result<AddOutcome, HostsError>;
+    type Result = ResponseActFuture<Self, Result<AddOutcome, HostsError>>;
 
     fn handle(&mut self, msg: RegisterHost, _: &mut Context<Self>) -> Self::Result {
-        let outcome = self.dir.add(&msg.0)?;
-        info!(self.log, "Registered host"; "host" => %msg.0.host, "port" => msg.0.port, "outcome" => ?outcome);
-        self.rescan(false);
-        Ok(outcome)
+        let store = self.store.clone();
+        let host = msg.0;
+        Box::pin(
+            async move {
+                let outcome = store.add(&host).await;
+                let loaded = store.load().await;
+                (host, outcome, loaded)
+            }
+            .into_actor(self)
+            .map(|(host, outcome, loaded), this, _| {
+                let outcome = outcome?;
+                info!(this.log, "Registered host"; "host" => %host.host, "port" => host.port, "outcome" => ?outcome);
+                this.apply(loaded, false);
+                Ok(outcome)
+            }),
+        )
     }
 }
 
 impl Handler<DeregisterHost> for HostRegistry {
-    type Result = Result<(), HostsError>;
+    type Result = ResponseActFuture<Self, Result<(), HostsError>>;
 
     fn handle(&mut self, msg: DeregisterHost, _: &mut Context<Self>) -> Self::Result {
-        self.dir.remove(&msg.0)?;
-        info!(self.log, "Deregistered host"; "host" => %msg.0.host, "port" => msg.0.port);
-        self.rescan(false);
-        Ok(())
+        let store = self.store.clone();
+        let key = msg.0;
+        Box::pin(
+            async move {
+                let removed = store.remove(&key).await;
+                let loaded = store.load().await;
+                (key, removed, loaded)
+            }
+            .into_actor(self)
+            .map(|(key, removed, loaded), this, _| {
+                removed?;
+                info!(this.log, "Deregistered host"; "host" => %key.host, "port" => key.port);
+                this.apply(loaded, false);
+                Ok(())
+            }),
+        )
     }
 }
 

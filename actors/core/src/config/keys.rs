@@ -305,6 +305,30 @@ pub static KEYS: &[Key] = &[
         "Interval between health checks of each server."),
     key!("haproxy", haproxy.debounce: Dur = T("1s"),
         "Host-list changes closer together than this are applied as one."),
+    // [cluster]
+    key!("cluster", cluster.etcd_endpoints: Words = T(""),
+        "Several masters (one per HAProxy machine): etcd endpoints, e.g.\n\
+         https://10.0.0.1:2379, https://10.0.0.2:2379. The masters elect one leader, which alone\n\
+         decides, launches and terminates; every master applies its own HAProxy servers. Hosts,\n\
+         launch and drain records and the decision history then live in etcd, not in\n\
+         hosts_dir and state_dir. Empty: one master, local files."),
+    key!("cluster", cluster.group: ConfigWord = T("default"),
+        "Masters of one group share a leader and a host list (etcd prefix /autoscaler/GROUP/)."),
+    key!("cluster", cluster.name: Text = T(""),
+        "This master's name in the election (empty: the host name)."),
+    key!("cluster", cluster.lease_ttl: Dur = T("10s"), Bound::AtLeast("2s"), "",
+        "The leader's lease: a leader that cannot renew it stops acting within two thirds of\n\
+         it; another master takes over after it expires."),
+    key!("cluster", cluster.etcd_timeout: Dur = T("5s"), Bound::Above("0s"), "",
+        "Each etcd request's time limit."),
+    key!("cluster", cluster.etcd_ca_file: OptionalPath = T(""),
+        "TLS to etcd: the CA that signed its certificates (https:// endpoints)."),
+    key!("cluster", cluster.etcd_cert_file: OptionalPath = T(""),
+        "TLS client certificate, when etcd asks for one (--client-cert-auth)."),
+    key!("cluster", cluster.etcd_key_file: OptionalPath = T(""), ""),
+    key!("cluster", cluster.etcd_user: Text = T(""),
+        "etcd user (etcd auth enabled); its password is read from etcd_password_file."),
+    key!("cluster", cluster.etcd_password_file: OptionalPath = T(""), ""),
 ];
 
 /// The sections, in file order.

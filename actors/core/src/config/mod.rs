@@ -152,6 +152,31 @@ pub struct Launch {
     pub command_timeout: Duration,
 }
 
+/// `[cluster]`: several masters, one leader, state in etcd. Empty `etcd_endpoints`: one
+/// master with hosts.d and the state directory on local disk.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Cluster {
+    pub etcd_endpoints: Vec<String>,
+    /// Masters of one group elect one leader and share one host list.
+    pub group: String,
+    /// This master's name in the election (empty: the host name).
+    pub name: String,
+    pub lease_ttl: Duration,
+    pub etcd_timeout: Duration,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    pub etcd_user: String,
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// Whether masters share state in etcd.
+    pub fn enabled(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+    }
+}
+
 /// `[haproxy]`: the generated configuration and the servers that receive it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Haproxy {
@@ -190,6 +215,7 @@ pub struct Config {
     pub aws: Aws,
     pub launch: Launch,
     pub haproxy: Haproxy,
+    pub cluster: Cluster,
 }
 
 /// The paths a fresh configuration points at. The system layout under `/etc/autoscaler` uses
@@ -265,6 +291,7 @@ impl Config {
             aws: Aws::default(),
             launch: Launch::default(),
             haproxy: Haproxy::default(),
+            cluster: Cluster::default(),
         }
     }
 
@@ -400,6 +427,34 @@ impl Config {
                     self.node.report_port
                 ),
             );
+        }
+        let c = &self.cluster;
+        if c.etcd_cert_file.is_some() != c.etcd_key_file.is_some() {
+            bad(
+                "cluster",
+                "etcd_cert_file",
+                "etcd_cert_file and etcd_key_file are set together or not at all".into(),
+            );
+        }
+        if c.etcd_user.is_empty() != c.etcd_password_file.is_none() {
+            bad(
+                "cluster",
+                "etcd_user",
+                "etcd_user and etcd_password_file are set together or not at all".into(),
+            );
+        }
+        for e in &c.etcd_endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            if rest.is_empty() || rest.contains(['/', ' ']) || !rest.contains(':') {
+                bad(
+                    "cluster",
+                    "etcd_endpoints",
+                    format!("{e:?} is not an etcd endpoint (HOST:PORT, http://HOST:PORT or https://HOST:PORT)"),
+                );
+            }
         }
         let s = &self.scaling;
         if s.min_nodes > s.max_nodes {

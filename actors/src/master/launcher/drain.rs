@@ -3,14 +3,13 @@
 //! the scale-down command), its known_hosts lines removed, and the record deleted. A step that
 //! fails is retried with backoff, for as long as it takes; each failure is logged.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use slog::{info, o, warn, Logger};
 
 use super::command::Stopped;
-use super::intents::{now_ms, Drain};
+use super::intents::{now_ms, remove_drain, Drain};
 use super::{Inner, LaunchError, Provisioner};
 use crate::adapters::hosts_dir::HostsError;
 use crate::adapters::known_hosts;
@@ -21,15 +20,15 @@ use crate::master::registry::DeregisterHost;
 /// Longest wait between two tries of a failing drain.
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// Starts settling `d` (recorded at `path`) unless this process already is.
-pub fn start(inner: &Arc<Inner>, path: PathBuf, d: Drain) {
+/// Starts settling `d` (recorded) unless this process already is.
+pub fn start(inner: &Arc<Inner>, d: Drain) {
     if !inner.busy().drains.insert(d.key()) {
         return;
     }
-    tokio::spawn(settle(inner.clone(), path, d));
+    inner.spawn(settle(inner.clone(), d));
 }
 
-async fn settle(inner: Arc<Inner>, path: PathBuf, d: Drain) {
+async fn settle(inner: Arc<Inner>, d: Drain) {
     let log = inner.log.new(o!("drain" => d.name()));
     let mut backoff = Backoff::new(inner.settings.retry_base, RETRY_MAX);
     let began = std::time::Instant::now();
@@ -48,7 +47,9 @@ async fn settle(inner: Arc<Inner>, path: PathBuf, d: Drain) {
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
+    if let Err(e) = remove_drain(&inner.records, &d).await {
+        warn!(log, "Cannot remove the finished drain's record; the next reconciliation settles it"; "error" => %e);
+    }
     inner.busy().drains.remove(&d.key());
 }
 
@@ -98,6 +99,7 @@ async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError>
     }
     if let Some(h) = &d.host {
         let port = h.ssh_port.unwrap_or(s.ssh_port);
+        crate::master::cluster_sync::unshare(&inner.records, &h.host.to_string(), port).await?;
         known_hosts::remove(&s.known_hosts, &h.host.to_string(), port).map_err(|source| {
             LaunchError::KnownHosts {
                 path: s.known_hosts.clone(),

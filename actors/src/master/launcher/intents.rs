@@ -1,5 +1,6 @@
-//! The launcher's durable records in `state_dir`, written before the side effect they stand
-//! for and settled by the reconciler after any crash:
+//! The launcher's durable records ([`Records`]: `state_dir`, or etcd with several masters),
+//! written before the side effect they stand for and settled by the reconciler after any
+//! crash or a change of leader:
 //!
 //! - `intents/DECISION.json`: a launch; written before RunInstances (or the scale-up
 //!   command), holding what the command printed as soon as it is known; removed when the
@@ -7,13 +8,12 @@
 //! - `drains/NAME.json`: a host leaving; written before it is taken out of HAProxy, removed
 //!   once its instance is terminated (or the scale-down command succeeded).
 
-use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use super::LaunchError;
-use crate::adapters::files;
+use crate::adapters::records::Records;
 use crate::hosts::{Host, HostKey};
 
 /// A host a provisioner started, with the SSH host keys it learnt for it (OpenSSH text).
@@ -73,57 +73,38 @@ pub enum DrainKey {
     Instance(String),
 }
 
-fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<PathBuf, LaunchError> {
-    let path = dir.join(format!("{name}.json"));
-    let text = serde_json::to_string(value).unwrap_or_default();
-    files::create_dir_all(dir, 0o700)
-        .and_then(|()| files::atomic_write(&path, text.as_bytes(), 0o600))
-        .map_err(|source| LaunchError::Record {
-            path: path.clone(),
-            source,
-        })?;
-    Ok(path)
-}
-
-fn read_all<T: DeserializeOwned>(dir: &Path) -> Vec<(PathBuf, T)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(PathBuf, T)> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .filter_map(|e| {
-            let text = std::fs::read_to_string(e.path()).ok()?;
-            Some((e.path(), serde_json::from_str(&text).ok()?))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-/// Where the intent of `decision` lives.
-pub fn intent_path(state: &Path, decision: &str) -> PathBuf {
-    state.join("intents").join(format!("{decision}.json"))
-}
+/// The record kinds.
+pub const INTENTS: &str = "intents";
+pub const DRAINS: &str = "drains";
 
 /// Records (or updates) a launch intent durably.
-pub fn write_intent(state: &Path, i: &Intent) -> Result<PathBuf, LaunchError> {
-    write(&state.join("intents"), &i.decision_id, i)
+pub async fn write_intent(r: &Records, i: &Intent) -> Result<(), LaunchError> {
+    Ok(r.put(INTENTS, &i.decision_id, i).await?)
 }
 
-/// Every intent left in the state directory (a launch that did not finish).
-pub fn pending_intents(state: &Path) -> Vec<(PathBuf, Intent)> {
-    read_all(&state.join("intents"))
+/// Every launch intent left (a launch that did not finish).
+pub async fn pending_intents(r: &Records) -> Result<Vec<Intent>, LaunchError> {
+    Ok(r.list(INTENTS).await?.into_iter().map(|(_, i)| i).collect())
+}
+
+/// Settles an intent: the launch is done, one way or another.
+pub async fn remove_intent(r: &Records, decision: &str) -> Result<(), LaunchError> {
+    Ok(r.delete(INTENTS, decision).await?)
 }
 
 /// Records a drain durably.
-pub fn write_drain(state: &Path, d: &Drain) -> Result<PathBuf, LaunchError> {
-    write(&state.join("drains"), &d.name(), d)
+pub async fn write_drain(r: &Records, d: &Drain) -> Result<(), LaunchError> {
+    Ok(r.put(DRAINS, &d.name(), d).await?)
 }
 
 /// Every drain not finished yet.
-pub fn pending_drains(state: &Path) -> Vec<(PathBuf, Drain)> {
-    read_all(&state.join("drains"))
+pub async fn pending_drains(r: &Records) -> Result<Vec<Drain>, LaunchError> {
+    Ok(r.list(DRAINS).await?.into_iter().map(|(_, d)| d).collect())
+}
+
+/// Settles a drain: its host is gone.
+pub async fn remove_drain(r: &Records, d: &Drain) -> Result<(), LaunchError> {
+    Ok(r.delete(DRAINS, &d.name()).await?)
 }
 
 /// Wall-clock milliseconds, for records that outlive the process.
@@ -138,24 +119,27 @@ mod tests {
     use super::*;
     use crate::hosts::HostName;
 
-    #[test]
-    fn records_round_trip() {
+    #[tokio::test]
+    async fn records_round_trip() {
         let tmp = tempfile::tempdir().unwrap();
+        let r = Records::Files(tmp.path().to_path_buf());
         let mut i = Intent {
             decision_id: "d-1".into(),
             count: 2,
             at_ms: 5,
             launched: vec![],
         };
-        let p = write_intent(tmp.path(), &i).unwrap();
-        assert_eq!(p, intent_path(tmp.path(), "d-1"));
-        assert_eq!(pending_intents(tmp.path()), vec![(p.clone(), i.clone())]);
+        write_intent(&r, &i).await.unwrap();
+        assert!(tmp.path().join("intents/d-1.json").is_file());
+        assert_eq!(pending_intents(&r).await.unwrap(), vec![i.clone()]);
         i.launched.push(Launched {
             host: Host::launched(HostName::parse("127.0.1.5").unwrap(), 80, None),
             host_keys: vec!["ssh-ed25519 AAAA".into()],
         });
-        write_intent(tmp.path(), &i).unwrap();
-        assert_eq!(pending_intents(tmp.path()), vec![(p, i)]);
+        write_intent(&r, &i).await.unwrap();
+        assert_eq!(pending_intents(&r).await.unwrap(), vec![i]);
+        remove_intent(&r, "d-1").await.unwrap();
+        assert!(pending_intents(&r).await.unwrap().is_empty());
         let d = Drain {
             host: Some(Host::launched(
                 HostName::parse("127.0.1.6").unwrap(),
@@ -166,8 +150,10 @@ mod tests {
             since_ms: 1,
             deadline_ms: 2,
         };
-        let p = write_drain(tmp.path(), &d).unwrap();
-        assert!(p.ends_with("drains/127.0.1.6_80.json"), "{}", p.display());
-        assert_eq!(pending_drains(tmp.path()), vec![(p, d)]);
+        write_drain(&r, &d).await.unwrap();
+        assert!(tmp.path().join("drains/127.0.1.6_80.json").is_file());
+        assert_eq!(pending_drains(&r).await.unwrap(), vec![d.clone()]);
+        remove_drain(&r, &d).await.unwrap();
+        assert!(pending_drains(&r).await.unwrap().is_empty());
     }
 }

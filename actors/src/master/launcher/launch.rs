@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::command::Stopped;
 use super::drain;
-use super::intents::{intent_path, now_ms, write_drain, write_intent, Drain, Intent, Launched};
+use super::intents::{now_ms, remove_intent, write_drain, write_intent, Drain, Intent, Launched};
 use super::{ec2, Inner, LaunchError, Provisioner};
 use crate::adapters::known_hosts;
 use crate::hosts::{Host, HostKey, HostName};
@@ -72,7 +72,9 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
         }
     }
     // Settled either way: registered, terminated, or handed to a drain record.
-    let _ = std::fs::remove_file(intent_path(&s.state_dir, &decision));
+    if let Err(e) = remove_intent(&inner.records, &decision).await {
+        warn!(log, "Cannot remove the settled launch's record; the next reconciliation settles it"; "error" => %e);
+    }
     inner.busy().launches.remove(&decision);
     inner.out.finished.do_send(LaunchFinished {
         decision_id: decision,
@@ -99,7 +101,7 @@ async fn steps(
     };
     if resume.is_none() {
         // Durable before the call that costs money.
-        write_intent(&s.state_dir, &intent)?;
+        write_intent(&inner.records, &intent).await?;
     }
     let launched = match (&inner.provisioner, resume) {
         (Provisioner::Ec2(api), resume) => {
@@ -127,7 +129,7 @@ async fn steps(
             let launched = c.provision(decision, count).await?;
             intent.launched = launched.clone();
             // Once the command has printed its hosts, a crash resumes from them.
-            write_intent(&s.state_dir, &intent)?;
+            write_intent(&inner.records, &intent).await?;
             launched
         }
     };
@@ -175,6 +177,7 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
                 }
             })?;
             info!(log, "Recorded the host's SSH keys"; "host" => &host, "keys" => keys.len());
+            crate::master::cluster_sync::share(&inner.records, &host, s.ssh_port, &keys).await?;
         }
     }
     if s.health_check {
@@ -192,6 +195,12 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
     for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
         if let Err(e) = known_hosts::remove(&s.known_hosts, &l.host.host.to_string(), s.ssh_port) {
             warn!(log, "Cannot remove a failed host's known_hosts lines"; "host" => %l.host.host, "error" => %e);
+        }
+        let host = l.host.host.to_string();
+        if let Err(e) =
+            crate::master::cluster_sync::unshare(&inner.records, &host, s.ssh_port).await
+        {
+            warn!(log, "Cannot withdraw a failed host's shared SSH keys"; "host" => %l.host.host, "error" => %e);
         }
     }
     match &inner.provisioner {
@@ -213,7 +222,7 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
                     }
                     Err(e) => {
                         warn!(log, "Cannot terminate instance of a failed launch; retrying later"; "instance_id" => id, "error" => %e);
-                        later(inner, None, Some(id.clone()), log);
+                        later(inner, None, Some(id.clone()), log).await;
                     }
                 }
             }
@@ -230,7 +239,7 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
                     }
                     Err(e) => {
                         warn!(log, "Cannot stop host of a failed launch; retrying later"; "host" => %l.host.host, "error" => %e);
-                        later(inner, Some(l.host.clone()), l.host.instance_id.clone(), log);
+                        later(inner, Some(l.host.clone()), l.host.instance_id.clone(), log).await;
                     }
                 }
             }
@@ -239,7 +248,7 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
 }
 
 /// Hands a host (or an instance) that could not be stopped to a drain record due now.
-fn later(inner: &Arc<Inner>, host: Option<Host>, instance_id: Option<String>, log: &Logger) {
+async fn later(inner: &Arc<Inner>, host: Option<Host>, instance_id: Option<String>, log: &Logger) {
     let now = now_ms();
     let d = Drain {
         host,
@@ -247,8 +256,8 @@ fn later(inner: &Arc<Inner>, host: Option<Host>, instance_id: Option<String>, lo
         since_ms: now,
         deadline_ms: now,
     };
-    match write_drain(&inner.settings.state_dir, &d) {
-        Ok(path) => drain::start(inner, path, d),
+    match write_drain(&inner.records, &d).await {
+        Ok(()) => drain::start(inner, d),
         Err(e) => {
             warn!(log, "Cannot record it either: the next start adopts it if it runs"; "error" => %e)
         }

@@ -32,16 +32,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, Recipient};
-use slog::{error, o, Logger};
+use slog::{error, o, warn, Logger};
 use thiserror::Error;
 
 use self::command::CommandProvisioner;
 use self::intents::{now_ms, write_drain, Drain, DrainKey};
 use super::decider::{LaunchFinished, Reconciled};
 use super::haproxy_writer::WaitDrained;
+use super::leadership::Leading;
 use super::registry::{DeregisterHost, ListHosts, RegisterHost};
 use crate::adapters::ec2::{Ec2Api, Ec2Error, SdkEc2};
 use crate::adapters::process::CommandFailed;
+use crate::adapters::records::{RecordError, Records};
 use crate::config::{Config, ProvisionerKind};
 use crate::hosts::Host;
 use crate::metrics::Metrics;
@@ -78,11 +80,8 @@ pub struct DrainHost {
 pub enum LaunchError {
     #[error(transparent)]
     Api(#[from] Ec2Error),
-    #[error("cannot write {path}: {source}")]
-    Record {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Record(#[from] RecordError),
     #[error("instances {ids:?} not running with a private IP after {timeout:?}")]
     NotRunning { ids: Vec<String>, timeout: Duration },
     #[error("instance {instance_id} is {state}")]
@@ -206,6 +205,9 @@ struct Busy {
     /// Drains whose task runs.
     drains: HashSet<DrainKey>,
     reconciling: bool,
+    /// Every task started (launches, drains, reconciliations): aborted when this master stops
+    /// leading.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 /// Everything the launcher's tasks share.
@@ -214,6 +216,10 @@ struct Inner {
     settings: LaunchSettings,
     out: LauncherOutputs,
     busy: Mutex<Busy>,
+    /// Whether this master leads (always, without `[cluster]`): only the leader acts.
+    leading: std::sync::atomic::AtomicBool,
+    /// Launch intents and drains.
+    records: Records,
     metrics: Arc<Metrics>,
     log: Logger,
 }
@@ -221,6 +227,18 @@ struct Inner {
 impl Inner {
     fn busy(&self) -> std::sync::MutexGuard<'_, Busy> {
         self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs `f` as a task that stepping down aborts.
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(f).abort_handle();
+        let mut busy = self.busy();
+        busy.tasks.retain(|t| !t.is_finished());
+        busy.tasks.push(handle);
     }
 }
 
@@ -239,13 +257,31 @@ impl Launcher {
         Launcher {
             inner: Arc::new(Inner {
                 provisioner,
+                records: Records::Files(settings.state_dir.clone()),
                 settings,
                 out,
                 busy: Mutex::default(),
+                leading: std::sync::atomic::AtomicBool::new(true),
                 metrics: Arc::default(),
                 log: log.new(o!("actor" => "Launcher")),
             }),
         }
+    }
+
+    /// Waits for [`Leading`] before it acts (several masters). Before the actor starts.
+    pub fn following(self) -> Launcher {
+        self.inner
+            .leading
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self
+    }
+
+    /// Keeps its records in `records` (etcd, with several masters). Before the actor starts.
+    pub fn with_records(mut self, records: Records) -> Launcher {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.records = records;
+        }
+        self
     }
 
     /// Counts launches and terminations in `metrics`. Before the actor starts.
@@ -261,10 +297,40 @@ impl Actor for Launcher {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        tokio::spawn(reconcile::run(self.inner.clone()));
+        if self.inner.leading() {
+            self.inner.spawn(reconcile::run(self.inner.clone()));
+        }
         ctx.run_interval(self.inner.settings.reconcile_every, |this, _| {
-            tokio::spawn(reconcile::run(this.inner.clone()));
+            if this.inner.leading() {
+                this.inner.spawn(reconcile::run(this.inner.clone()));
+            }
         });
+    }
+}
+
+impl Handler<Leading> for Launcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leading, _: &mut Context<Self>) {
+        let inner = &self.inner;
+        inner
+            .leading
+            .store(msg.0, std::sync::atomic::Ordering::SeqCst);
+        match msg.0 {
+            // The records say what the last leader left in flight: reconcile resumes it.
+            true => inner.spawn(reconcile::run(inner.clone())),
+            false => {
+                let mut busy = inner.busy();
+                let n = busy.tasks.iter().filter(|t| !t.is_finished()).count();
+                busy.tasks.drain(..).for_each(|t| t.abort());
+                busy.launches.clear();
+                busy.drains.clear();
+                busy.reconciling = false;
+                if n > 0 {
+                    warn!(inner.log, "Not leading: launches and drains in progress stopped (the next leader resumes them from their records)"; "tasks" => n);
+                }
+            }
+        }
     }
 }
 
@@ -272,8 +338,12 @@ impl Handler<LaunchInstances> for Launcher {
     type Result = ();
 
     fn handle(&mut self, msg: LaunchInstances, _: &mut Context<Self>) {
+        if !self.inner.leading() {
+            warn!(self.inner.log, "Launch asked while not leading; ignored"; "decision" => &msg.decision_id);
+            return;
+        }
         self.inner.busy().launches.insert(msg.decision_id.clone());
-        tokio::spawn(launch::run(
+        self.inner.spawn(launch::run(
             self.inner.clone(),
             msg.decision_id,
             msg.count,
@@ -286,6 +356,10 @@ impl Handler<DrainHost> for Launcher {
     type Result = ();
 
     fn handle(&mut self, msg: DrainHost, _: &mut Context<Self>) {
+        if !self.inner.leading() {
+            warn!(self.inner.log, "Drain asked while not leading; ignored"; "host" => %msg.host.host);
+            return;
+        }
         let now = now_ms();
         let d = Drain {
             instance_id: msg.host.instance_id.clone(),
@@ -295,11 +369,14 @@ impl Handler<DrainHost> for Launcher {
         };
         // Recorded before anything moves: a master killed from here on finishes the drain
         // when it starts again.
-        match write_drain(&self.inner.settings.state_dir, &d) {
-            Ok(path) => drain::start(&self.inner, path, d),
-            Err(e) => {
-                error!(self.inner.log, "Cannot record the drain; the host stays in service"; "host" => d.name(), "error" => %e)
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            match write_drain(&inner.records, &d).await {
+                Ok(()) => drain::start(&inner, d),
+                Err(e) => {
+                    error!(inner.log, "Cannot record the drain; the host stays in service"; "host" => d.name(), "error" => %e)
+                }
             }
-        }
+        });
     }
 }

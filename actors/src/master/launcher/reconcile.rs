@@ -19,7 +19,7 @@ use std::sync::Arc;
 use slog::{info, warn};
 
 use super::drain;
-use super::intents::{pending_drains, pending_intents};
+use super::intents::{pending_drains, pending_intents, remove_intent};
 use super::launch::{self, Resume};
 use super::{Inner, LaunchError, Provisioner};
 use crate::adapters::known_hosts;
@@ -47,12 +47,13 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
     let s = &inner.settings;
     let log = &inner.log;
     let active: HashSet<String> = inner.busy().launches.clone();
-    let drains = pending_drains(&s.state_dir);
+    let drains = pending_drains(&inner.records).await?;
+    let intents = pending_intents(&inner.records).await?;
     let mut resumed = Vec::new();
     match &inner.provisioner {
         Provisioner::Ec2(api) => {
             let all = api.describe(None).await?;
-            for (path, intent) in pending_intents(&s.state_dir) {
+            for intent in intents {
                 if active.contains(&intent.decision_id) {
                     continue;
                 }
@@ -65,7 +66,7 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
                 if instance_ids.is_empty() {
                     info!(log, "Pending launch has no live instance (it never reached EC2, or they are gone); dropped";
                         "decision" => &intent.decision_id);
-                    let _ = std::fs::remove_file(path);
+                    remove_intent(&inner.records, &intent.decision_id).await?;
                 } else {
                     resumed.push((intent, Resume::Ec2 { instance_ids }));
                 }
@@ -77,7 +78,7 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
                 .collect();
             let draining: HashSet<&str> = drains
                 .iter()
-                .filter_map(|(_, d)| d.instance_id.as_deref())
+                .filter_map(|d| d.instance_id.as_deref())
                 .collect();
             let hosts = inner
                 .out
@@ -119,6 +120,16 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
                             ) {
                                 warn!(log, "Cannot record the adopted instance's SSH keys"; "error" => %e);
                             }
+                            let addr = ip.to_string();
+                            let shared = crate::master::cluster_sync::share(
+                                &inner.records,
+                                &addr,
+                                s.ssh_port,
+                                &keys,
+                            );
+                            if let Err(e) = shared.await {
+                                warn!(log, "Cannot share the adopted instance's SSH keys"; "error" => %e);
+                            }
                         }
                     }
                 }
@@ -140,10 +151,16 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
                 if let Err(e) = known_hosts::remove(&s.known_hosts, &h.host.to_string(), port) {
                     warn!(log, "Cannot remove its known_hosts lines"; "error" => %e);
                 }
+                let host = h.host.to_string();
+                if let Err(e) =
+                    crate::master::cluster_sync::unshare(&inner.records, &host, port).await
+                {
+                    warn!(log, "Cannot withdraw its shared SSH keys"; "error" => %e);
+                }
             }
         }
         Provisioner::Command(_) => {
-            for (_, intent) in pending_intents(&s.state_dir) {
+            for intent in intents {
                 if !active.contains(&intent.decision_id) {
                     let launched = intent.launched.clone();
                     resumed.push((intent, Resume::Command { launched }));
@@ -160,15 +177,15 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
     });
     for (intent, resume) in resumed {
         inner.busy().launches.insert(intent.decision_id.clone());
-        tokio::spawn(launch::run(
+        inner.spawn(launch::run(
             inner.clone(),
             intent.decision_id,
             intent.count,
             Some(resume),
         ));
     }
-    for (path, d) in drains {
-        drain::start(inner, path, d);
+    for d in drains {
+        drain::start(inner, d);
     }
     Ok(())
 }

@@ -1,0 +1,233 @@
+//! etcd, for several masters (`[cluster]`): the connection (TLS, auth), records under the
+//! group's prefix, writes guarded by the leader's lease, and the election.
+//!
+//! Layout under `/autoscaler/GROUP/`:
+//!
+//! ```text
+//! leader/…              the election (etcd's election API: one key per candidate, on its lease)
+//! hosts/HOST_PORT       a registered host (JSON)
+//! intents/DECISION      a launch not finished (JSON)
+//! drains/HOST_PORT      a drain not finished (JSON)
+//! decider/memory        the guards' history: last scale-up/in, launches of the last hour
+//! ```
+//!
+//! A leader's writes are transactions that compare its election key's create revision: once
+//! its lease is gone (expired, revoked) the key is gone, the comparison fails, and the write
+//! is refused — a deposed leader cannot write, however late its request arrives.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
+};
+
+use crate::config::Cluster;
+
+/// Why an etcd operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd: cannot read {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd ({endpoints}): {source}")]
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd: {0}")]
+    Request(#[from] etcd_client::Error),
+    #[error("etcd: {0} timed out")]
+    Timeout(&'static str),
+    /// A guarded write while this master does not lead (or no longer does).
+    #[error("not the leader (the lease is gone or another master leads): write refused")]
+    NotLeader,
+}
+
+/// This master's leadership, as the election granted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lead {
+    /// The election key and its create revision: what guarded writes compare.
+    pub key: Vec<u8>,
+    pub rev: i64,
+    pub lease: i64,
+}
+
+/// Shared by the leadership task (which sets it) and everyone who writes (who read it).
+pub type LeadCell = Arc<RwLock<Option<Lead>>>;
+
+/// The current lead, if any.
+pub fn current(cell: &LeadCell) -> Option<Lead> {
+    cell.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// A connection to etcd for one group (cheap to clone).
+#[derive(Clone)]
+pub struct Etcd(Arc<Inner>);
+
+struct Inner {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::File {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Etcd {
+    /// Connects to `c.etcd_endpoints` with its TLS and auth settings. `timeout` bounds each
+    /// request (None: unbounded, for the election's campaign, which waits for its turn).
+    pub async fn connect(c: &Cluster, timeout: Option<Duration>) -> Result<Etcd, EtcdError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(c.etcd_timeout)
+            .with_keep_alive(Duration::from_secs(2), c.etcd_timeout)
+            // A member cut off from its quorum answers nothing rather than stale data.
+            .with_require_leader(true);
+        if let Some(t) = timeout {
+            opts = opts.with_timeout(t);
+        }
+        let tls = c.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls || c.etcd_ca_file.is_some() {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &c.etcd_ca_file {
+                t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&c.etcd_cert_file, &c.etcd_key_file) {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(t);
+        }
+        if let Some(p) = &c.etcd_password_file {
+            let password = String::from_utf8_lossy(&read(p)?).trim().to_string();
+            opts = opts.with_user(c.etcd_user.clone(), password);
+        }
+        let client = tokio::time::timeout(
+            c.etcd_timeout,
+            Client::connect(c.etcd_endpoints.clone(), Some(opts)),
+        )
+        .await
+        .map_err(|_| EtcdError::Timeout("connect"))?
+        .map_err(|source| EtcdError::Connect {
+            endpoints: c.etcd_endpoints.join(", "),
+            source,
+        })?;
+        Ok(Etcd(Arc::new(Inner {
+            client,
+            prefix: format!("/autoscaler/{}/", c.group),
+            timeout: c.etcd_timeout,
+        })))
+    }
+
+    /// The client, for the election and leases.
+    pub fn client(&self) -> Client {
+        self.0.client.clone()
+    }
+
+    /// The election's name (its key prefix).
+    pub fn election(&self) -> String {
+        format!("{}leader", self.0.prefix)
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        match kind {
+            "" => format!("{}{name}", self.0.prefix),
+            k => format!("{}{k}/{name}", self.0.prefix),
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, EtcdError> {
+        tokio::time::timeout(self.0.timeout, f)
+            .await
+            .map_err(|_| EtcdError::Timeout(what))?
+            .map_err(EtcdError::from)
+    }
+
+    /// Every record of `kind`: (name, value), sorted by name.
+    pub async fn list(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+        let dir = self.key(kind, "");
+        let mut c = self.0.client.clone();
+        let resp = self
+            .bounded(
+                "get",
+                c.get(dir.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let name = String::from_utf8_lossy(kv.key())
+                    .trim_start_matches(dir.as_str())
+                    .to_string();
+                (name, kv.value().to_vec())
+            })
+            .collect())
+    }
+
+    /// Writes a record: under `lead` (refused unless it still leads), or unguarded (an
+    /// operator's command, e.g. `add-host`).
+    pub async fn put(
+        &self,
+        kind: &str,
+        name: &str,
+        value: Vec<u8>,
+        lead: Option<&Lead>,
+    ) -> Result<(), EtcdError> {
+        self.guarded(TxnOp::put(self.key(kind, name), value, None), lead)
+            .await
+    }
+
+    /// Deletes a record (guarded as [`Etcd::put`]). Deleting a missing record is no error.
+    pub async fn delete(
+        &self,
+        kind: &str,
+        name: &str,
+        lead: Option<&Lead>,
+    ) -> Result<(), EtcdError> {
+        self.guarded(TxnOp::delete(self.key(kind, name), None), lead)
+            .await
+    }
+
+    async fn guarded(&self, op: TxnOp, lead: Option<&Lead>) -> Result<(), EtcdError> {
+        let txn = match lead {
+            Some(l) => Txn::new()
+                .when([Compare::create_revision(
+                    l.key.clone(),
+                    CompareOp::Equal,
+                    l.rev,
+                )])
+                .and_then([op]),
+            None => Txn::new().and_then([op]),
+        };
+        let mut c = self.0.client.clone();
+        let resp = self.bounded("txn", c.txn(txn)).await?;
+        match resp.succeeded() {
+            true => Ok(()),
+            false => Err(EtcdError::NotLeader),
+        }
+    }
+
+    /// The current leader's name, if any.
+    pub async fn leader(&self) -> Result<Option<String>, EtcdError> {
+        let mut c = self.0.client.clone();
+        match self.bounded("leader", c.leader(self.election())).await {
+            Ok(r) => Ok(r
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // No leader: the election service answers with an error.
+            Err(EtcdError::Request(e)) if e.to_string().contains("no leader") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
