@@ -132,11 +132,14 @@ async fn one_leader_failover_after_the_lease_and_step_down_without_etcd() {
     cells[first].write().unwrap().take();
     let (second, leading, at) = next(&mut rx, ttl * 4).await;
     assert!(leading && second != first);
+    // Its last renewal was at most ttl/3 before the kill, so its lease lasted at least 2/3
+    // of the TTL after it; an election that ignored leases would be over in milliseconds.
     let took = at - killed;
     assert!(
-        took >= ttl - Duration::from_millis(300),
+        took >= ttl * 2 / 3 - Duration::from_millis(100),
         "took over after {took:?}, before the lease expired"
     );
+    eprintln!("failover (lease {ttl:?}): new leader after {took:?}");
     assert_eq!(leaders(&cells), 1);
 
     // etcd goes away: the leader steps down on its own, within 2/3 of the TTL of its last
@@ -156,4 +159,532 @@ async fn one_leader_failover_after_the_lease_and_step_down_without_etcd() {
     assert!(leading);
     assert_eq!(leaders(&cells), 1);
     tasks.iter().for_each(|t| t.abort());
+}
+
+use crate::common::{current_user, free_port, tool, FakeAgent, MasterProc, Sandbox, Sshd};
+
+/// Masters of one group as processes: one etcd, one node (a real sshd on loopback) with a
+/// stand-in agent per master's report port, and a scale-up command that records each run.
+struct Rig {
+    etcd: EtcdServer,
+    masters: Vec<(Sandbox, Option<MasterProc>)>,
+    ports: Vec<u16>,
+    _sshd: Sshd,
+    agents: Vec<FakeAgent>,
+    shared: tempfile::TempDir,
+}
+
+impl Rig {
+    /// `n` masters; the scale-up command takes `delay` before it prints its host.
+    fn new(n: usize, delay: Duration) -> Option<Rig> {
+        let (Some(sshd_bin), Some(_), Some(_)) =
+            (tool("sshd"), tool("haproxy"), tool("ssh-keygen"))
+        else {
+            return None;
+        };
+        let etcd = EtcdServer::start()?;
+        let shared = tempfile::tempdir().unwrap();
+        let script = shared.path().join("grow.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n# Idempotent per decision: the same host for the same decision.\n\
+                 echo \"$AUTOSCALER_DECISION\" >> {log}\nsleep {delay}\n\
+                 echo '{{\"host\": \"127.0.1.93\", \"port\": 8080, \"instance_id\": \"'\"$AUTOSCALER_DECISION\"'\"}}'\n",
+                log = shared.path().join("launches.log").display(),
+                delay = delay.as_secs_f64(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let first = Sandbox::new();
+        let mut masters = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n {
+            let s = Sandbox::new();
+            // One fleet: the same SSH identity and report secret on every master.
+            for f in ["id_ed25519", "id_ed25519.pub", "report.key"] {
+                std::fs::copy(first.path().join(f), s.path().join(f)).unwrap();
+            }
+            let port = free_port("127.0.0.1");
+            ports.push(port);
+            for (section, key, value) in [
+                ("cluster", "etcd_endpoints", etcd.endpoint.clone()),
+                ("cluster", "group", "rig".into()),
+                ("cluster", "name", format!("m{i}")),
+                ("cluster", "lease_ttl", "2s".into()),
+                ("cluster", "etcd_timeout", "1s".into()),
+                ("ssh", "user", current_user()),
+                ("ssh", "host_key_policy", "accept-new".into()),
+                ("node", "report_port", port.to_string()),
+                ("scaling", "dry_run", "false".into()),
+                ("scaling", "warmup", "0s".into()),
+                ("scaling", "scale_up_window", "2s".into()),
+                ("scaling", "stale_after", "2s".into()),
+                ("scaling", "cooldown", "10m".into()),
+                ("scaling", "max_nodes", "3".into()),
+                ("launch", "launcher", "command".into()),
+                ("launch", "scale_up_command", script.display().to_string()),
+                ("launch", "health_check", "false".into()),
+                ("haproxy", "reload_command", "true".into()),
+                ("haproxy", "debounce", "100ms".into()),
+            ] {
+                s.set(section, key, &value);
+            }
+            masters.push((s, None));
+        }
+        let sshd = Sshd::start(
+            &sshd_bin,
+            "127.0.0.11",
+            None,
+            &first.path().join("id_ed25519.pub"),
+            None,
+        );
+        // The node goes into etcd through the CLI, as an operator adds it.
+        let out = masters[0].0.run(&[
+            "add-host",
+            "127.0.0.11",
+            "8080",
+            "--ssh-port",
+            &sshd.port.to_string(),
+        ]);
+        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+        drop(first);
+        Some(Rig {
+            etcd,
+            masters,
+            ports,
+            _sshd: sshd,
+            agents: Vec::new(),
+            shared,
+        })
+    }
+
+    fn start_all(&mut self) {
+        for (s, p) in &mut self.masters {
+            *p = Some(MasterProc::spawn(&s.config(), &[]));
+        }
+    }
+
+    /// The node's agent reports `busy` % to every master.
+    fn load(&mut self, busy: f64) {
+        self.agents.clear();
+        for (i, port) in self.ports.iter().enumerate() {
+            let secret = self.masters[i].0.path().join("report.key");
+            self.agents.push(FakeAgent::start(*port, busy, &secret));
+        }
+    }
+
+    /// The first master (index) whose log has a record matching `pred`, within `limit`.
+    fn any(&self, what: &str, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        let end = Instant::now() + limit;
+        loop {
+            for (i, (_, p)) in self.masters.iter().enumerate() {
+                if p.as_ref().is_some_and(|p| !p.matching(&pred).is_empty()) {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "no master logged {what} within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn launches(&self) -> Vec<String> {
+        std::fs::read_to_string(self.shared.path().join("launches.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(p) = self.masters[i].1.take() {
+            p.kill();
+        }
+    }
+
+    fn leading(&self) -> Vec<usize> {
+        // "Leading" after the last "Stepped down" of each master.
+        self.masters
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, p))| {
+                p.as_ref().is_some_and(|p| {
+                    let all = p.matching(|v| {
+                        v["msg"] == "Leading" || v["msg"] == "Stepped down: no longer leading"
+                    });
+                    all.last().is_some_and(|v| v["msg"] == "Leading")
+                })
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for i in 0..self.masters.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn is_leading(v: &serde_json::Value) -> bool {
+    v["msg"] == "Leading"
+}
+
+/// Three masters, one node under load: exactly one launch. The leader is SIGKILLed while its
+/// scale-up command runs: another master takes over after the lease, resumes that launch from
+/// its record (the command runs again with the same decision id and prints the same host),
+/// registers the host once, and both remaining masters' HAProxy configurations list it. No
+/// second decision is taken for the same load.
+#[test]
+fn one_launch_and_a_killed_leaders_launch_finished_by_the_next() {
+    let Some(mut r) = Rig::new(3, Duration::from_secs(3)) else {
+        return;
+    };
+    r.start_all();
+    let leader = r.any("Leading", Duration::from_secs(20), is_leading);
+    assert_eq!(r.leading(), vec![leader], "exactly one leader");
+    r.load(95.0);
+    // The leader decides and its command starts.
+    let end = Instant::now() + Duration::from_secs(30);
+    while r.launches().is_empty() {
+        assert!(Instant::now() < end, "no launch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let decision = r.launches()[0].clone();
+    let killed = Instant::now();
+    r.kill(leader);
+    let next = r.any(
+        "Leading after the kill",
+        Duration::from_secs(20),
+        is_leading,
+    );
+    assert_ne!(next, leader);
+    let failover = killed.elapsed();
+    r.any("the launch finished", Duration::from_secs(30), |v| {
+        v["msg"] == "Launch finished" && v["actor"] == "Launcher"
+    });
+    let runs = r.launches();
+    assert!(
+        runs.iter().all(|d| *d == decision) && runs.len() <= 2,
+        "one decision, its command run at most twice (resumed): {runs:?}"
+    );
+    let survivor = if next == 0 { 1 } else { 0 };
+    let survivor = if survivor == leader { 2 } else { survivor };
+    let out = r.masters[survivor].0.run(&["list-hosts", "--json"]);
+    let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let launched: Vec<_> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["origin"] == "launched")
+        .collect();
+    assert_eq!(launched.len(), 1, "{hosts}");
+    assert_eq!(launched[0]["instance_id"], decision.as_str());
+    // Every surviving master renders the same list into its own HAProxy configuration.
+    for i in (0..r.masters.len()).filter(|i| *i != leader) {
+        let cfg = r.masters[i].0.path().join("haproxy.cfg");
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+            if text.contains("server 127.0.1.93_8080 127.0.1.93:8080")
+                && text.contains("server 127.0.0.11_8080")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "master {i}'s HAProxy never listed both:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The new leader's status says so, and the cooldown the old leader started holds.
+    let st = r.masters[next].0.run(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["cluster"]["leading"], true, "{st}");
+    assert_eq!(st["cluster"]["leader"], format!("m{next}"), "{st}");
+    assert!(
+        st["cooldown_left_s"].as_f64().is_some_and(|c| c > 60.0),
+        "{st}"
+    );
+    eprintln!("failover (leader SIGKILLed → next leader): {failover:?}");
+}
+
+/// etcd stops: the leader steps down and no master launches, though every master decides
+/// it would (the decisions are logged as a follower's); etcd returns: one master leads and
+/// launches once.
+#[test]
+fn no_master_launches_while_etcd_is_down() {
+    let Some(mut r) = Rig::new(2, Duration::from_millis(100)) else {
+        return;
+    };
+    r.start_all();
+    let leader = r.any("Leading", Duration::from_secs(20), is_leading);
+    r.etcd.stop();
+    r.any("a step-down", Duration::from_secs(10), |v| {
+        v["msg"] == "Stepped down: no longer leading"
+    });
+    assert!(r.leading().is_empty());
+    r.load(95.0);
+    // Both would scale up, as followers: nothing is carried out.
+    for i in 0..2 {
+        let p = r.masters[i].1.as_ref().unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while p
+            .matching(|v| {
+                v["msg"] == "Decision" && v["action"] == "scale_up" && v["following"] == true
+            })
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < end,
+                "master {i} never decided to scale up as a follower: {:#?}",
+                p.matching(|v| v["level"] != "DEBUG")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        r.launches().is_empty(),
+        "launched without etcd: {:?}",
+        r.launches()
+    );
+    r.etcd.resume();
+    let end = Instant::now() + Duration::from_secs(30);
+    while r.launches().is_empty() {
+        assert!(Instant::now() < end, "no launch after etcd returned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r.any("the launch finished", Duration::from_secs(30), |v| {
+        v["msg"] == "Launch finished" && v["actor"] == "Launcher"
+    });
+    assert_eq!(r.launches().len(), 1, "{:?}", r.launches());
+    let _ = leader;
+}
+
+/// With `[cluster]`, the host commands use etcd: add, list, remove, a second add a no-op; a
+/// hosts.d of a single master moves in with `import-hosts` (idempotent, hosts.d untouched);
+/// `generate` renders from etcd; with etcd down they say so and exit 69.
+#[test]
+fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
+    let Some(mut server) = EtcdServer::start() else {
+        return;
+    };
+    let s = Sandbox::new();
+    // A single master's hosts.d first.
+    assert!(s.run(&["add-host", "10.0.0.5", "80"]).status.success());
+    assert!(s
+        .run(&["add-host", "web-2.internal", "8080", "--ssh-port", "2222"])
+        .status
+        .success());
+    s.set("cluster", "etcd_endpoints", &server.endpoint);
+    s.set("cluster", "group", "cli");
+    let hosts = |s: &Sandbox| crate::common::stdout(&s.run(&["list-hosts"]));
+    assert_eq!(hosts(&s), "", "etcd starts empty");
+    let out = s.run(&["import-hosts"]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(
+        crate::common::stderr(&out).contains("added: 2"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert_eq!(hosts(&s), "10.0.0.5 80\nweb-2.internal 8080\n");
+    let again = crate::common::stderr(&s.run(&["import-hosts"]));
+    assert!(
+        again.contains("added: 0") && again.contains("already_there: 2"),
+        "{again}"
+    );
+    assert_eq!(
+        std::fs::read_dir(s.path().join("hosts.d")).unwrap().count(),
+        2,
+        "hosts.d kept"
+    );
+    let json = crate::common::stdout(&s.run(&["list-hosts", "--json"]));
+    assert!(json.contains("\"ssh_port\": 2222"), "{json}");
+    // Another master of the group sees the same list.
+    let other = Sandbox::new();
+    other.set("cluster", "etcd_endpoints", &server.endpoint);
+    other.set("cluster", "group", "cli");
+    assert!(other.run(&["add-host", "10.0.0.6", "80"]).status.success());
+    assert!(
+        crate::common::stderr(&other.run(&["add-host", "10.0.0.6", "80"]))
+            .contains("already registered")
+    );
+    assert_eq!(hosts(&s), "10.0.0.5 80\n10.0.0.6 80\nweb-2.internal 8080\n");
+    assert!(s.run(&["remove-host", "10.0.0.5", "80"]).status.success());
+    assert_eq!(
+        s.run(&["remove-host", "10.0.0.5", "80"]).status.code(),
+        Some(1)
+    );
+    let rendered = crate::common::stdout(&s.run(&["generate", "--output", "-", "--no-validate"]));
+    assert!(
+        rendered.contains("server 10.0.0.6_80 10.0.0.6:80"),
+        "{rendered}"
+    );
+    assert!(!rendered.contains("10.0.0.5"), "{rendered}");
+    // Another group is another list.
+    other.set("cluster", "group", "other");
+    assert_eq!(hosts(&other), "");
+    // etcd down: a clear error and EX_UNAVAILABLE, nothing half-done.
+    server.stop();
+    let out = s.run(&["add-host", "10.0.0.7", "80"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(
+        crate::common::stderr(&out).contains("etcd"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+}
+
+/// Two masters launching into EC2 (moto, behind the fault-injecting proxy): the floor
+/// (min_nodes 1, no host) makes the leader launch; its instance is held pending and the
+/// leader SIGKILLed. The other master takes over, finds the launch in etcd, waits for that
+/// instance instead of launching another, and registers it once; its SSH key reaches the
+/// other master's known_hosts through etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
+    use crate::common::ec2_proxy::Ec2Proxy;
+    use crate::common::moto::{console_with_key, moto_bin, Moto};
+    use autoscaler_actors::adapters::ec2::{Ec2Api, SdkEc2};
+    let (Some(moto_bin), Some(_), Some(server)) =
+        (moto_bin(), tool("ssh-keygen"), EtcdServer::start())
+    else {
+        return;
+    };
+    let moto = Moto::start(&moto_bin).await;
+    let proxy = Ec2Proxy::start(&moto.endpoint).await;
+    let first = Sandbox::new();
+    crate::common::keygen(&first.path().join("instance_host_key"));
+    let host_key = std::fs::read_to_string(first.path().join("instance_host_key.pub")).unwrap();
+    proxy.set_console(None, &console_with_key(&host_key));
+    let masters: Vec<Sandbox> = (0..2).map(|_| Sandbox::new()).collect();
+    for (i, s) in masters.iter().enumerate() {
+        for f in ["id_ed25519", "id_ed25519.pub", "report.key"] {
+            std::fs::copy(first.path().join(f), s.path().join(f)).unwrap();
+        }
+        for (section, key, value) in [
+            ("cluster", "etcd_endpoints", server.endpoint.clone()),
+            ("cluster", "group", "ec2".into()),
+            ("cluster", "name", format!("m{i}")),
+            ("cluster", "lease_ttl", "2s".into()),
+            ("cluster", "etcd_timeout", "1s".into()),
+            ("ssh", "user", current_user()),
+            ("scaling", "dry_run", "false".into()),
+            ("scaling", "min_nodes", "1".into()),
+            ("scaling", "max_nodes", "3".into()),
+            ("launch", "app_port", "8080".into()),
+            ("launch", "health_check", "false".into()),
+            ("launch", "launch_timeout", "60s".into()),
+            ("launch", "health_timeout", "60s".into()),
+            ("aws", "endpoint", proxy.endpoint.clone()),
+            ("aws", "region", "us-east-1".into()),
+            ("aws", "access_key_id", "testing".into()),
+            ("aws", "secret_access_key", "testing".into()),
+            ("aws", "api_timeout", "2s".into()),
+            ("launch", "image_id", "ami-12c6146b".into()),
+            ("launch", "subnet_id", moto.subnet.clone()),
+            ("launch", "group", "cluster".into()),
+            ("haproxy", "reload_command", "true".into()),
+            ("haproxy", "check_command", "test -f {config}".into()),
+            ("haproxy", "debounce", "100ms".into()),
+        ] {
+            s.set(section, key, &value);
+        }
+    }
+    let mut direct_cfg = Config::load(&masters[0].config()).unwrap();
+    direct_cfg.aws.endpoint = moto.endpoint.clone();
+    let direct = SdkEc2::new(&direct_cfg.aws, &direct_cfg.launch, None)
+        .await
+        .unwrap();
+    let live = || async {
+        direct
+            .describe(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.is_live())
+            .map(|i| i.instance_id)
+            .collect::<Vec<_>>()
+    };
+    proxy.hold_pending(true);
+    let mut procs: Vec<Option<MasterProc>> = masters
+        .iter()
+        .map(|s| Some(MasterProc::spawn(&s.config(), &[])))
+        .collect();
+    // Whoever leads launches for the floor; its instance stays pending.
+    let end = Instant::now() + Duration::from_secs(30);
+    while proxy.count("RunInstances") == 0 {
+        assert!(Instant::now() < end, "no launch for the floor");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = procs
+        .iter()
+        .position(|p| {
+            p.as_ref()
+                .is_some_and(|p| !p.matching(|v| v["msg"] == "Launching").is_empty())
+        })
+        .expect("the leader logged its launch");
+    let created = {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = live().await;
+            if !l.is_empty() || Instant::now() > end {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(created.len(), 1);
+    procs[leader].take().unwrap().kill();
+    let other = 1 - leader;
+    let p = procs[other].as_ref().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while p
+        .matching(|v| v["msg"] == "Resuming a launch of an earlier run")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < end,
+            "the next leader never resumed the launch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live().await, created, "not launched again while pending");
+    proxy.hold_pending(false);
+    let end = Instant::now() + Duration::from_secs(40);
+    loop {
+        let out = masters[other].run(&["list-hosts", "--json"]);
+        let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let ids: Vec<String> = hosts
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["instance_id"].as_str().map(String::from))
+            .collect();
+        if ids == created {
+            break;
+        }
+        assert!(Instant::now() < end, "never registered: {hosts}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(live().await, created, "one instance in all");
+    assert_eq!(proxy.count("RunInstances"), 1, "RunInstances called once");
+    // The instance's SSH key, learnt by the new leader from the console, is in its
+    // known_hosts (shared through etcd for the others).
+    let kh = std::fs::read_to_string(masters[other].path().join("known_hosts")).unwrap_or_default();
+    let key_b64 = host_key.split_whitespace().nth(1).unwrap();
+    assert!(kh.contains(key_b64), "{kh}");
+    drop(procs);
 }

@@ -135,6 +135,8 @@ pub struct ScaleDecider {
     /// lead), and whether this master leads; only the leader acts.
     shared: Option<Records>,
     leading: bool,
+    /// Counts leadership changes: a memory read for an earlier term is dropped.
+    term: u64,
     tick: Duration,
     /// The decider's clock starts when this actor is created (see [`ScaleDecider::now`]).
     epoch: Instant,
@@ -188,6 +190,7 @@ impl ScaleDecider {
             last_action: None,
             shared: None,
             leading: true,
+            term: 0,
             metrics: Arc::default(),
             log,
         };
@@ -321,7 +324,9 @@ impl ScaleDecider {
     }
 
     fn evaluate(&mut self, ctx: &mut Context<Self>) {
-        if !(self.hosts_known && self.reconciled) {
+        // A follower decides too (logged, never carried out), so an operator sees what it
+        // would do; a leader waits for the launcher's first reconciliation.
+        if !(self.hosts_known && (self.reconciled || !self.leading)) {
             return;
         }
         let now = self.now();
@@ -333,7 +338,10 @@ impl ScaleDecider {
         let inputs = slog::o!("nodes" => fleet, "eligible" => sum.eligible, "in_flight" => in_flight,
             "mean_up_pct" => sum.mean_up.map(|m| format!("{m:.1}")), "hottest_pct" => sum.hottest.map(|m| format!("{m:.1}")),
             "mean_down_pct" => sum.mean_down.map(|m| format!("{m:.1}")), "policy" => self.cfg.policy.as_str());
-        let log = self.log.new(inputs);
+        let log = match self.leading {
+            true => self.log.new(inputs),
+            false => self.log.new(inputs).new(o!("following" => true)),
+        };
         let acting = self
             .out
             .clone()
@@ -514,12 +522,18 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
 impl Handler<Leading> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: Leading, ctx: &mut Context<Self>) {
+        self.term += 1;
+        let term = self.term;
         match m.0 {
             true => {
                 // The last leader's guards first, then wait for the launcher to reconcile
                 // (its launches in flight count before any decision).
                 self.reconciled = self.out.is_none();
                 self.pending.clear();
+                // What it decided while following was never carried out: the guards start
+                // from the last leader's memory.
+                self.hist = History::default();
+                self.last_action = None;
                 let Some(shared) = self.shared.clone() else {
                     self.leading = true;
                     return;
@@ -527,7 +541,10 @@ impl Handler<Leading> for ScaleDecider {
                 ctx.spawn(
                     async move { shared.get::<Remembered>("", "decider").await }
                         .into_actor(self)
-                        .map(|memory, this, _| {
+                        .map(move |memory, this, _| {
+                            if this.term != term {
+                                return;
+                            }
                             match memory {
                                 Ok(Some(m)) => this.apply_memory(m),
                                 Ok(None) => {}
