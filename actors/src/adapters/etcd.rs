@@ -175,6 +175,15 @@ impl Etcd {
             .collect())
     }
 
+    /// One record's value, if it exists.
+    pub async fn get(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        let mut c = self.0.client.clone();
+        let resp = self
+            .bounded("get", c.get(self.key(kind, name), None))
+            .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
     /// Writes a record: under `lead` (refused unless it still leads), or unguarded (an
     /// operator's command, e.g. `add-host`).
     pub async fn put(

@@ -76,11 +76,9 @@ impl HostStore {
                 let lead = Self::lead(lead)?;
                 let name = host.file_name();
                 let existing = etcd
-                    .list(KIND)
+                    .get(KIND, &name)
                     .await?
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .and_then(|(_, v)| Host::from_file_text(&String::from_utf8_lossy(&v)).ok());
+                    .and_then(|v| Host::from_file_text(&String::from_utf8_lossy(&v)).ok());
                 let outcome = match existing {
                     Some(h) if &h == host => return Ok(AddOutcome::AlreadyPresent),
                     Some(_) => AddOutcome::Updated,
@@ -100,7 +98,7 @@ impl HostStore {
             HostStore::Etcd { etcd, lead } => {
                 let lead = Self::lead(lead)?;
                 let name = key.file_name();
-                if !etcd.list(KIND).await?.iter().any(|(n, _)| *n == name) {
+                if etcd.get(KIND, &name).await?.is_none() {
                     return Err(HostsError::NotFound(key.clone()));
                 }
                 etcd.delete(KIND, &name, lead.as_ref()).await?;

@@ -112,12 +112,19 @@ impl Records {
         kind: &str,
         name: &str,
     ) -> Result<Option<T>, RecordError> {
-        Ok(self
-            .list::<T>(kind)
-            .await?
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v))
+        match self {
+            Records::Files(_) => Ok(self
+                .list::<T>(kind)
+                .await?
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)),
+            // One key, not the group's whole prefix.
+            Records::Etcd { etcd, .. } => Ok(etcd
+                .get(kind, name)
+                .await?
+                .and_then(|v| serde_json::from_slice(&v).ok())),
+        }
     }
 
     /// Removes a record; a missing one is no error.
