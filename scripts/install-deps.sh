@@ -3,7 +3,8 @@
 #   apt: haproxy, openssh-server, openssh-client, iproute2, cloud-init (its schema checker),
 #        systemd (systemd-analyze verify), prometheus (promtool check metrics), groff-base
 #        (the man page is rendered), etcd-server (the cluster tests' etcd), protobuf-compiler
-#        and libprotobuf-dev (the etcd client's build), and python3-venv when missing
+#        and libprotobuf-dev (the etcd client's build), openssl (the etcd TLS test's
+#        certificates), and python3-venv when missing
 #   a check that the Rust toolchain is at least the workspace's rust-version
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
@@ -28,7 +29,7 @@ fi
 need=()
 for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
     cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
-    etcd:etcd-server protoc:protobuf-compiler; do
+    etcd:etcd-server protoc:protobuf-compiler openssl:openssl; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -267,12 +267,22 @@ impl Rig {
         }
     }
 
+    fn start(&mut self, i: usize) {
+        let (s, p) = &mut self.masters[i];
+        *p = Some(MasterProc::spawn(&s.config(), &[]));
+    }
+
     /// The node's agent reports `busy` % to every master.
     fn load(&mut self, busy: f64) {
+        self.load_each(&vec![busy; self.ports.len()]);
+    }
+
+    /// The node's agent reports `busy[i]` % to master `i`.
+    fn load_each(&mut self, busy: &[f64]) {
         self.agents.clear();
         for (i, port) in self.ports.iter().enumerate() {
             let secret = self.masters[i].0.path().join("report.key");
-            self.agents.push(FakeAgent::start(*port, busy, &secret));
+            self.agents.push(FakeAgent::start(*port, busy[i], &secret));
         }
     }
 
@@ -484,21 +494,52 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
         .run(&["add-host", "web-2.internal", "8080", "--ssh-port", "2222"])
         .status
         .success());
+    // ... and a launch in flight and the guards' history in its state directory.
+    let state = s.path().join("state");
+    std::fs::create_dir_all(state.join("intents")).unwrap();
+    std::fs::write(state.join("intents/as-1-0a.json"), br#"{"count":1}"#).unwrap();
+    std::fs::write(state.join("decider.json"), br#"{"launches_ms":[5]}"#).unwrap();
     s.set("cluster", "etcd_endpoints", &server.endpoint);
     s.set("cluster", "group", "cli");
     let hosts = |s: &Sandbox| crate::common::stdout(&s.run(&["list-hosts"]));
     assert_eq!(hosts(&s), "", "etcd starts empty");
+    // While a master still answers here, its launch in flight is not copied.
+    let running = std::os::unix::net::UnixListener::bind(s.path().join("master.sock")).unwrap();
     let out = s.run(&["import-hosts"]);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        crate::common::stderr(&out).contains("added: 2"),
+        crate::common::stderr(&out).contains("stop that master first"),
         "{}",
         crate::common::stderr(&out)
     );
+    assert_eq!(hosts(&s), "", "nothing imported");
+    drop(running);
+    std::fs::remove_file(s.path().join("master.sock")).unwrap();
+    let out = s.run(&["import-hosts"]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(
+        crate::common::stderr(&out).contains("added: 2")
+            && crate::common::stderr(&out).contains("records: 2"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let mut c = cluster(&server, Duration::from_secs(5));
+    c.group = "cli".into();
+    let etcd = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let e = Etcd::connect(&c, Some(c.etcd_timeout)).await.unwrap();
+        (
+            e.get("intents", "as-1-0a").await.unwrap(),
+            e.get("", "decider").await.unwrap(),
+        )
+    });
+    assert_eq!(etcd.0.as_deref(), Some(&br#"{"count":1}"#[..]));
+    assert_eq!(etcd.1.as_deref(), Some(&br#"{"launches_ms":[5]}"#[..]));
     assert_eq!(hosts(&s), "10.0.0.5 80\nweb-2.internal 8080\n");
     let again = crate::common::stderr(&s.run(&["import-hosts"]));
     assert!(
-        again.contains("added: 0") && again.contains("already_there: 2"),
+        again.contains("added: 0")
+            && again.contains("already_there: 2")
+            && again.contains("records: 0"),
         "{again}"
     );
     assert_eq!(
@@ -687,4 +728,214 @@ async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
     let key_b64 = host_key.split_whitespace().nth(1).unwrap();
     assert!(kh.contains(key_b64), "{kh}");
     drop(procs);
+}
+
+/// How the leader is lost.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// SIGKILL of its process.
+    Killed,
+    /// Its connections to etcd cut (a partition; the process and its tunnels stay).
+    Partitioned,
+}
+
+/// Two masters, master 0 leads (its etcd connection runs through a [`Cut`]). The node is hot
+/// in what it reports to master 1 and cool in what it reports to master 0, so the leader
+/// holds while the follower's window already says "scale up". The leader is lost: master 1
+/// leads and acts on the hot node within the lease TTL plus one window, and one instance is
+/// launched. Returns the time from the loss to master 1's first acting decision.
+fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
+    use crate::common::cut::Cut;
+    let mut r = Rig::new(2, Duration::from_millis(100))?;
+    let ttl = Duration::from_secs(2);
+    let window = Duration::from_secs(2);
+    let proxy = Cut::to(r.etcd.endpoint.trim_start_matches("http://"));
+    r.masters[0].0.set(
+        "cluster",
+        "etcd_endpoints",
+        &format!("http://{}", proxy.addr),
+    );
+    r.start(0);
+    r.any("Leading", Duration::from_secs(20), is_leading);
+    r.start(1);
+    r.load_each(&[10.0, 95.0]);
+    // The follower would scale up; the leader holds.
+    let follower = r.masters[1].1.as_ref().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while follower
+        .matching(|v| v["msg"] == "Decision" && v["action"] == "scale_up")
+        .is_empty()
+    {
+        assert!(Instant::now() < end, "master 1 never decided, following");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(r.leading(), vec![0]);
+    assert!(r.launches().is_empty(), "{:?}", r.launches());
+
+    let lost = Instant::now();
+    match how {
+        Loss::Killed => r.kill(0),
+        Loss::Partitioned => proxy.cut(),
+    }
+    let acting = |v: &serde_json::Value| {
+        v["msg"] == "Decision" && v["action"] == "scale_up" && v["following"].is_null()
+    };
+    let end = lost + Duration::from_secs(20);
+    let took = loop {
+        let follower = r.masters[1].1.as_ref().unwrap();
+        if !follower.matching(acting).is_empty() {
+            break lost.elapsed();
+        }
+        assert!(
+            Instant::now() < end,
+            "master 1 never acted after the leader was {how:?}: {:#?}",
+            follower.matching(|v| v["level"] != "DEBUG")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Polled every 20 ms; scheduling on a loaded machine gets a second.
+    assert!(
+        took <= ttl + window + Duration::from_secs(1),
+        "acted {took:?} after the leader was {how:?}"
+    );
+    if let Loss::Partitioned = how {
+        // The cut-off leader stepped down on its own and never acted.
+        let old = r.masters[0].1.as_ref().unwrap();
+        assert!(!old
+            .matching(|v| v["msg"] == "Stepped down: no longer leading")
+            .is_empty());
+        assert!(old.matching(acting).is_empty());
+        proxy.heal();
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while r.launches().is_empty() {
+        assert!(Instant::now() < end, "no launch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r.any("the launch finished", Duration::from_secs(30), |v| {
+        v["msg"] == "Launch finished" && v["actor"] == "Launcher"
+    });
+    assert_eq!(r.launches().len(), 1, "{:?}", r.launches());
+    if let Loss::Partitioned = how {
+        // Back in touch with etcd, the old leader follows: one leader.
+        std::thread::sleep(ttl);
+        assert_eq!(r.leading(), vec![1]);
+    }
+    eprintln!("failover to an acting decision (leader {how:?}, lease {ttl:?}, window {window:?}): {took:?}");
+    Some(took)
+}
+
+/// The leader's process is SIGKILLed while a node is hot.
+#[test]
+fn a_hot_node_is_acted_on_after_the_leader_is_killed() {
+    hot_node_acted_on_after_the_leader_is_lost(Loss::Killed);
+}
+
+/// The leader is cut off from etcd while a node is hot: it steps down, the other acts.
+#[test]
+fn a_hot_node_is_acted_on_after_the_leader_is_partitioned_from_etcd() {
+    hot_node_acted_on_after_the_leader_is_lost(Loss::Partitioned);
+}
+
+/// etcd as its operators run it: TLS with client certificates, and auth with a password. The
+/// host commands work with the right `[cluster]` settings; without the client certificate,
+/// or with a wrong password, they fail with exit 69 and a message naming etcd, and the
+/// password never appears in what they print.
+#[test]
+fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
+    use crate::common::etcd::Certs;
+    let Some(certs) = Certs::make() else {
+        return;
+    };
+    let Some(server) = EtcdServer::start_tls(&certs) else {
+        return;
+    };
+    assert!(server.endpoint.starts_with("https://127.0.0.1:"));
+    let s = Sandbox::new();
+    s.set("cluster", "etcd_endpoints", &server.endpoint);
+    s.set("cluster", "etcd_timeout", "3s");
+    s.set(
+        "cluster",
+        "etcd_ca_file",
+        certs.path("ca.pem").to_str().unwrap(),
+    );
+    // Without a client certificate, etcd (--client-cert-auth) refuses the connection.
+    let out = s.run(&["add-host", "10.0.0.5", "80"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(crate::common::stderr(&out).contains("etcd"));
+    s.set(
+        "cluster",
+        "etcd_cert_file",
+        certs.path("client.pem").to_str().unwrap(),
+    );
+    s.set(
+        "cluster",
+        "etcd_key_file",
+        certs.path("client.key").to_str().unwrap(),
+    );
+    let out = s.run(&["add-host", "10.0.0.5", "80"]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert_eq!(
+        crate::common::stdout(&s.run(&["list-hosts"])),
+        "10.0.0.5 80\n"
+    );
+    drop(server);
+
+    // Auth: a root user with a password, auth enabled.
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let c = cluster(&server, Duration::from_secs(5));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = Etcd::connect(&c, Some(c.etcd_timeout))
+            .await
+            .unwrap()
+            .client();
+        client.user_add("root", "s3cret-pw", None).await.unwrap();
+        client.user_grant_role("root", "root").await.unwrap();
+        client.auth_enable().await.unwrap();
+    });
+    let s = Sandbox::new();
+    s.set("cluster", "etcd_endpoints", &server.endpoint);
+    s.set("cluster", "etcd_timeout", "3s");
+    let out = s.run(&["add-host", "10.0.0.6", "80"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "no user: {}",
+        crate::common::stderr(&out)
+    );
+    let pw = s.path().join("etcd.password");
+    std::fs::write(&pw, "wrong-pw\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    s.set("cluster", "etcd_user", "root");
+    s.set("cluster", "etcd_password_file", pw.to_str().unwrap());
+    let out = s.run(&["add-host", "10.0.0.6", "80"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let err = crate::common::stderr(&out);
+    assert!(err.contains("etcd") && !err.contains("wrong-pw"), "{err}");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    let out = s.run(&["add-host", "10.0.0.6", "80"]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert_eq!(
+        crate::common::stdout(&s.run(&["list-hosts"])),
+        "10.0.0.6 80\n"
+    );
+    let check = s.run(&["check"]);
+    let all = format!(
+        "{}{}",
+        crate::common::stdout(&check),
+        crate::common::stderr(&check)
+    );
+    assert!(!all.contains("s3cret-pw"), "{all}");
 }

@@ -30,6 +30,10 @@ pub enum AdminError {
     Etcd(#[from] crate::adapters::etcd::EtcdError),
     #[error("[cluster] etcd_endpoints is empty: there is no etcd to import into")]
     NotClustered,
+    #[error("a master answers on {socket} and {state_dir} holds launches or drains in flight; stop that master first, so that none of them is carried out twice")]
+    MasterRunning { socket: PathBuf, state_dir: PathBuf },
+    #[error(transparent)]
+    Record(#[from] crate::adapters::records::RecordError),
 }
 
 /// The host list the configuration names, for an operator's command: hosts.d, or etcd with
@@ -55,18 +59,56 @@ pub struct Imported {
     pub added: usize,
     pub already: usize,
     pub updated: usize,
+    /// Records of state_dir copied: launches and drains in flight, the guards' history.
+    pub records: usize,
 }
 
-/// Copies every host of hosts.d into etcd (a master moving from one to several). Idempotent;
-/// hosts.d is left as it is. A host file that cannot be read stops it before anything is
-/// written.
+/// The single master's records that must follow the hosts into etcd: a launch or drain in
+/// flight left behind would be an instance nobody finishes or terminates, and the guards'
+/// history keeps the cooldowns and the hourly launch cap.
+const MOVED_RECORDS: [&str; 2] = [
+    crate::master::launcher::intents::INTENTS,
+    crate::master::launcher::intents::DRAINS,
+];
+
+/// Copies every host of hosts.d, and state_dir's launches and drains in flight and the
+/// decider's memory, into etcd (a master moving from one to several). Idempotent; hosts.d
+/// and state_dir are left as they are, and a record etcd already has is not replaced. A host
+/// file that cannot be read stops it before anything is written, and so does a master still
+/// running here with launches or drains in flight.
 pub async fn import_hosts(cfg: &Config) -> Result<Imported, AdminError> {
+    use crate::adapters::records::Records;
     let hosts = HostsDir::new(&cfg.general.hosts_dir).load_strict()?;
+    let files = Records::Files(cfg.general.state_dir.clone());
+    let mut records = Vec::new();
+    for kind in MOVED_RECORDS {
+        for (name, v) in files.list::<serde_json::Value>(kind).await? {
+            records.push((kind, name, v));
+        }
+    }
+    let in_flight = !records.is_empty();
+    if let Some(memory) = files.get::<serde_json::Value>("", "decider").await? {
+        records.push(("", "decider".into(), memory));
+    }
+    let socket = &cfg.general.control_socket;
+    if in_flight && std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(AdminError::MasterRunning {
+            socket: socket.clone(),
+            state_dir: cfg.general.state_dir.clone(),
+        });
+    }
     let HostStore::Etcd { etcd, .. } = host_store(cfg).await? else {
         return Err(AdminError::NotClustered);
     };
-    let store = HostStore::Etcd { etcd, lead: None };
     let mut done = Imported::default();
+    for (kind, name, v) in records {
+        if etcd.get(kind, &name).await?.is_none() {
+            let text = serde_json::to_vec(&v).unwrap_or_default();
+            etcd.put(kind, &name, text, None).await?;
+            done.records += 1;
+        }
+    }
+    let store = HostStore::Etcd { etcd, lead: None };
     for h in &hosts {
         match store.add(h).await? {
             AddOutcome::Added => done.added += 1,

@@ -2,6 +2,7 @@
 //! finding the real tools (HAProxy, sshd, moto) the edge tests need.
 #![allow(dead_code)]
 
+pub mod cut;
 pub mod ec2_proxy;
 pub mod etcd;
 pub mod moto;
