@@ -2,7 +2,10 @@
 # Master fan-in: N concurrent tunnels against one loopback sshd, each carrying RATE reports a
 # second for DURATION seconds from a load generator standing in for N node agents. Prints the
 # master's CPU time per report (utime+stime over the load window) and its peak RSS, and the
-# extrapolation to 10,000 nodes at 1 Hz.
+# extrapolation to 10,000 nodes at 1 Hz. Every channel is authenticated as an agent's is
+# (the master's challenge answered with an HMAC keyed by report.key).
+# FANIN_ETCD=1: the master runs with [cluster] on a one-member etcd started here on loopback
+# (the host list imported into it), as one master of several does.
 # Usage: benches/master-fanin.sh [N=200] [RATE=5] [DURATION=20]   (root: sshd needs it)
 set -euo pipefail
 n=${1:-200} rate=${2:-5} dur=${3:-20}
@@ -41,12 +44,33 @@ for ((i = 0; i < n; i++)); do
   printf 'host = 127.0.0.1\nport = %d\nssh_port = %d\nreport_port = %d\n' $((base + i)) "$ssh_port" $((base + 20000 + i)) \
     >"$tmp/m/hosts.d/127.0.0.1_$((base + i)).host"
 done
+if [ -n "${FANIN_ETCD:-}" ]; then
+  cp=$(free_port) pp=$(free_port)
+  etcd --name b --data-dir "$tmp/etcd" --listen-client-urls "http://127.0.0.1:$cp" \
+    --advertise-client-urls "http://127.0.0.1:$cp" --listen-peer-urls "http://127.0.0.1:$pp" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$pp" --initial-cluster "b=http://127.0.0.1:$pp" \
+    --log-level error >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do
+    python3 -c "import urllib.request,sys; sys.exit('true' not in urllib.request.urlopen('http://127.0.0.1:$cp/health').read().decode())" 2>/dev/null && break
+    sleep 0.1
+  done
+  sed -i "s|^etcd_endpoints = .*|etcd_endpoints = http://127.0.0.1:$cp|" "$tmp/m/autoscaler.ini"
+  AUTOSCALER_CONFIG="$tmp/m/autoscaler.ini" "$bin" -q import-hosts
+  echo "master on etcd (127.0.0.1:$cp), $n hosts imported"
+fi
 AUTOSCALER_CONFIG="$tmp/m/autoscaler.ini" "$bin" ${FANIN_LOG_ARGS:--q} master 2>"$tmp/master.log" &
 master=$!; pids+=($master)
 
-python3 - "$n" "$rate" "$dur" "$base" "$master" <<'PY' || echo "load generator failed" >&2
-import asyncio, json, os, sys, time
-n, rate, dur, base, master = map(int, sys.argv[1:])
+python3 - "$n" "$rate" "$dur" "$base" "$master" "$tmp/m/report.key" <<'PY' || echo "load generator failed" >&2
+import asyncio, hashlib, hmac, json, os, struct, sys, time
+n, rate, dur, base, master = map(int, sys.argv[1:6])
+secret = open(sys.argv[6]).read().strip().encode()
+def mac(nonce, node, boot):
+    m = hmac.new(secret, digestmod=hashlib.sha256)
+    for f in (nonce.encode(), node.encode(), struct.pack(">Q", boot)):
+        m.update(struct.pack(">Q", len(f))); m.update(f)
+    return m.hexdigest()
 tck = os.sysconf("SC_CLK_TCK")
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -65,8 +89,10 @@ async def main():
     t0 = time.time()
     conns = await asyncio.gather(*(connect(i) for i in range(n)))
     print(f"{n} forwards up after {time.time() - t0:.1f}s")
-    for i, (_, w) in enumerate(conns):
-        w.write((json.dumps({"v": 1, "type": "hello", "node": f"n{i}", "boot": 1}) + "\n").encode())
+    for i, (r, w) in enumerate(conns):
+        nonce = json.loads(await r.readline())["nonce"]
+        w.write((json.dumps({"v": 1, "type": "hello", "node": f"n{i}", "boot": 1,
+                             "mac": mac(nonce, f"n{i}", 1)}) + "\n").encode())
     await asyncio.sleep(2)
     c0, start, sent, seq = cpu(master), time.time(), 0, 0
     while time.time() - start < dur:
