@@ -437,6 +437,15 @@ fn no_master_launches_while_etcd_is_down() {
     };
     r.start_all();
     let leader = r.any("Leading", Duration::from_secs(20), is_leading);
+    // Every master has read the host list and reached the node before etcd goes.
+    for (i, (_, p)) in r.masters.iter().enumerate() {
+        let p = p.as_ref().unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while p.matching(|v| v["msg"] == "Tunnel up").is_empty() {
+            assert!(Instant::now() < end, "master {i} never reached the node");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     r.etcd.stop();
     r.any("a step-down", Duration::from_secs(10), |v| {
         v["msg"] == "Stepped down: no longer leading"

@@ -55,6 +55,8 @@ pub mod metrics;
 pub mod node;
 pub mod plot;
 pub mod preflight;
+#[cfg(test)]
+mod test_log;
 
 pub use master::{start_master, Master};
 pub use node::{start_node, Node};

@@ -914,27 +914,7 @@ mod tests {
         );
     }
 
-    /// Log records as "msg key=value …" lines.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<String>>>);
-    struct Kv(String);
-    impl slog::Serializer for Kv {
-        fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
-            self.0.push_str(&format!(" {key}={val}"));
-            Ok(())
-        }
-    }
-    impl slog::Drain for Lines {
-        type Ok = ();
-        type Err = slog::Never;
-        fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
-            let mut line = Kv(r.msg().to_string());
-            let _ = slog::KV::serialize(&r.kv(), r, &mut line);
-            let _ = slog::KV::serialize(kv, r, &mut line);
-            self.0.lock().unwrap().push(line.0);
-            Ok(())
-        }
-    }
+    use crate::test_log::Lines;
 
     /// A cooldown hold is logged once, not every second: its text has no countdown.
     #[actix_rt::test]

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient, ResponseActFuture,
@@ -51,8 +51,14 @@ pub struct HostRegistry {
     bad: BTreeMap<String, String>,
     subscribers: Vec<Recipient<HostsChanged>>,
     poll: Duration,
+    /// The store cannot be read: since when, and when that was last logged (an etcd outage
+    /// is logged when it starts, once a minute while it lasts, and when it ends).
+    unreadable: Option<(Instant, Instant)>,
     log: Logger,
 }
+
+/// How often a lasting failure to read the store is logged again.
+const REPEAT_FAILURE_LOG: Duration = Duration::from_secs(60);
 
 impl HostRegistry {
     /// A registry over `dir` announcing changes to `subscribers`.
@@ -79,6 +85,7 @@ impl HostRegistry {
             bad: BTreeMap::new(),
             subscribers,
             poll,
+            unreadable: None,
             log: log.new(o!("actor" => "HostRegistry")),
         }
     }
@@ -103,10 +110,26 @@ impl HostRegistry {
         let (mut hosts, errors) = match loaded {
             Ok(r) => r,
             Err(e) => {
-                warn!(self.log, "Cannot read the hosts; keeping the last list"; "store" => self.store.describe(), "error" => %e);
+                let now = Instant::now();
+                match &mut self.unreadable {
+                    None => {
+                        warn!(self.log, "Cannot read the hosts; keeping the last list"; "store" => self.store.describe(), "error" => %e);
+                        self.unreadable = Some((now, now));
+                    }
+                    Some((since, logged)) if now.duration_since(*logged) >= REPEAT_FAILURE_LOG => {
+                        warn!(self.log, "Still cannot read the hosts; keeping the last list"; "store" => self.store.describe(),
+                            "for" => %humantime::format_duration(Duration::from_secs(now.duration_since(*since).as_secs())), "error" => %e);
+                        *logged = now;
+                    }
+                    Some(_) => {}
+                }
                 return;
             }
         };
+        if let Some((since, _)) = self.unreadable.take() {
+            info!(self.log, "Hosts readable again"; "store" => self.store.describe(),
+                "after" => %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())));
+        }
         let mut bad = BTreeMap::new();
         for e in errors {
             if let HostsError::BadFile { path, message } = &e {
@@ -225,6 +248,44 @@ mod tests {
             .unwrap()
             .unwrap();
         hosts.iter().map(|h| h.key().to_string()).collect()
+    }
+
+    /// A store that cannot be read (etcd away, here a hosts_dir that is a file) is logged
+    /// when the failure starts, not at every rescan, and its end is logged too.
+    #[actix_rt::test]
+    async fn an_unreadable_store_is_logged_once_and_its_return() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("hosts.d");
+        std::fs::write(&path, "not a directory").unwrap();
+        let lines = crate::test_log::Lines::default();
+        let log = Logger::root(lines.clone(), o!());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Collect(tx).start();
+        let reg = HostRegistry::new(
+            HostsDir::new(&path),
+            vec![sink.recipient()],
+            Duration::from_millis(20),
+            &log,
+        )
+        .start();
+        // About 25 rescans fail.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            lines.starting("Cannot read the hosts").len(),
+            1,
+            "{:#?}",
+            lines.0.lock().unwrap()
+        );
+        assert!(lines.starting("Still cannot").is_empty());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        HostsDir::new(&path)
+            .add(&Host::manual(HostName::parse("127.0.0.5").unwrap(), 80))
+            .unwrap();
+        assert_eq!(next(&mut rx).await, vec!["127.0.0.5 80"]);
+        let back = lines.starting("Hosts readable again");
+        assert_eq!(back.len(), 1, "{:#?}", lines.0.lock().unwrap());
+        drop(reg);
     }
 
     #[actix_rt::test]
