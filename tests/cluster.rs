@@ -209,29 +209,16 @@ impl Rig {
             }
             let port = free_port("127.0.0.1");
             ports.push(port);
-            for (section, key, value) in [
+            s.set_all(&crate::common::quick_command_master(port, &script));
+            s.set_all(&[
                 ("cluster", "etcd_endpoints", etcd.endpoint.clone()),
                 ("cluster", "group", "rig".into()),
                 ("cluster", "name", format!("m{i}")),
                 ("cluster", "lease_ttl", "2s".into()),
                 ("cluster", "etcd_timeout", "1s".into()),
-                ("ssh", "user", current_user()),
-                ("ssh", "host_key_policy", "accept-new".into()),
-                ("node", "report_port", port.to_string()),
-                ("scaling", "dry_run", "false".into()),
-                ("scaling", "warmup", "0s".into()),
-                ("scaling", "scale_up_window", "2s".into()),
-                ("scaling", "stale_after", "2s".into()),
                 ("scaling", "cooldown", "10m".into()),
                 ("scaling", "max_nodes", "3".into()),
-                ("launch", "launcher", "command".into()),
-                ("launch", "scale_up_command", script.display().to_string()),
-                ("launch", "health_check", "false".into()),
-                ("haproxy", "reload_command", "true".into()),
-                ("haproxy", "debounce", "100ms".into()),
-            ] {
-                s.set(section, key, &value);
-            }
+            ]);
             masters.push((s, None));
         }
         let sshd = Sshd::start(
@@ -624,7 +611,7 @@ async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
         for f in ["id_ed25519", "id_ed25519.pub", "report.key"] {
             std::fs::copy(first.path().join(f), s.path().join(f)).unwrap();
         }
-        for (section, key, value) in [
+        s.set_all(&[
             ("cluster", "etcd_endpoints", server.endpoint.clone()),
             ("cluster", "group", "ec2".into()),
             ("cluster", "name", format!("m{i}")),
@@ -638,20 +625,15 @@ async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
             ("launch", "health_check", "false".into()),
             ("launch", "launch_timeout", "60s".into()),
             ("launch", "health_timeout", "60s".into()),
-            ("aws", "endpoint", proxy.endpoint.clone()),
-            ("aws", "region", "us-east-1".into()),
-            ("aws", "access_key_id", "testing".into()),
-            ("aws", "secret_access_key", "testing".into()),
-            ("aws", "api_timeout", "2s".into()),
-            ("launch", "image_id", "ami-12c6146b".into()),
-            ("launch", "subnet_id", moto.subnet.clone()),
-            ("launch", "group", "cluster".into()),
             ("haproxy", "reload_command", "true".into()),
             ("haproxy", "check_command", "test -f {config}".into()),
             ("haproxy", "debounce", "100ms".into()),
-        ] {
-            s.set(section, key, &value);
-        }
+        ]);
+        s.set_all(&crate::common::moto::ec2_settings(
+            &proxy.endpoint,
+            &moto.subnet,
+            "cluster",
+        ));
     }
     let mut direct_cfg = Config::load(&masters[0].config()).unwrap();
     direct_cfg.aws.endpoint = moto.endpoint.clone();

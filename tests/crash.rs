@@ -90,16 +90,11 @@ impl Rig {
                 let moto = Moto::start(&moto_bin()?).await;
                 let proxy = Ec2Proxy::start(&moto.endpoint).await;
                 proxy.set_console(None, &console_with_key(&host_key));
-                sets.extend([
-                    ("aws", "endpoint", proxy.endpoint.clone()),
-                    ("aws", "region", "us-east-1".into()),
-                    ("aws", "access_key_id", "testing".into()),
-                    ("aws", "secret_access_key", "testing".into()),
-                    ("aws", "api_timeout", "2s".into()),
-                    ("launch", "image_id", "ami-12c6146b".into()),
-                    ("launch", "subnet_id", moto.subnet.clone()),
-                    ("launch", "group", "crash".into()),
-                ]);
+                sets.extend(crate::common::moto::ec2_settings(
+                    &proxy.endpoint,
+                    &moto.subnet,
+                    "crash",
+                ));
                 Some((moto, proxy))
             }
         };

@@ -591,23 +591,8 @@ fn master_binary_scales_up_end_to_end() {
     )
     .unwrap();
     std::fs::set_permissions(&grow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    for (section, key, value) in [
-        ("ssh", "user", crate::common::current_user()),
-        ("ssh", "host_key_policy", "accept-new".into()),
-        ("node", "report_port", report_port.to_string()),
-        ("scaling", "dry_run", "false".into()),
-        ("scaling", "warmup", "0s".into()),
-        ("scaling", "scale_up_window", "2s".into()),
-        ("scaling", "stale_after", "2s".into()),
-        ("launch", "launcher", "command".into()),
-        ("launch", "scale_up_command", grow.display().to_string()),
-        ("launch", "health_check", "false".into()),
-        ("haproxy", "reload_command", "true".into()),
-        ("haproxy", "debounce", "100ms".into()),
-        ("autoscaler", "metrics_address", metrics.clone()),
-    ] {
-        s.set(section, key, &value);
-    }
+    s.set_all(&crate::common::quick_command_master(report_port, &grow));
+    s.set("autoscaler", "metrics_address", &metrics);
     let sshd = Sshd::start(&sshd_bin, "127.0.0.8", None, &pub_of(&key), None);
     let out = s.run(&[
         "add-host",

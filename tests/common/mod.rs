@@ -81,6 +81,40 @@ impl Sandbox {
         assert!(done, "[{section}] {key} not found");
         std::fs::write(self.config(), out).unwrap();
     }
+
+    /// [`Sandbox::set`] for each `(section, key, value)`.
+    pub fn set_all(&self, settings: &[Setting]) {
+        for (section, key, value) in settings {
+            self.set(section, key, value);
+        }
+    }
+}
+
+/// One `[section] key = value` of autoscaler.ini.
+pub type Setting = (&'static str, &'static str, String);
+
+/// A master that acts on a hot node at once and leaves this machine's HAProxy alone: no
+/// warm-up, 2 s windows, not a dry run, the command launcher running `scale_up_command`
+/// with no health gate, reports on `report_port`, new host keys accepted.
+pub fn quick_command_master(report_port: u16, scale_up_command: &Path) -> Vec<Setting> {
+    vec![
+        ("ssh", "user", current_user()),
+        ("ssh", "host_key_policy", "accept-new".into()),
+        ("node", "report_port", report_port.to_string()),
+        ("scaling", "dry_run", "false".into()),
+        ("scaling", "warmup", "0s".into()),
+        ("scaling", "scale_up_window", "2s".into()),
+        ("scaling", "stale_after", "2s".into()),
+        ("launch", "launcher", "command".into()),
+        (
+            "launch",
+            "scale_up_command",
+            scale_up_command.display().to_string(),
+        ),
+        ("launch", "health_check", "false".into()),
+        ("haproxy", "reload_command", "true".into()),
+        ("haproxy", "debounce", "100ms".into()),
+    ]
 }
 
 pub fn stdout(o: &Output) -> String {

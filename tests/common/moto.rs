@@ -91,3 +91,18 @@ pub fn console_with_key(pub_key: &str) -> String {
         pub_key.trim()
     )
 }
+
+/// `[aws]` and `[launch]` settings that launch into moto through `endpoint` (moto itself or
+/// a proxy in front of it), in its loopback `subnet`, instances tagged with `group`.
+pub fn ec2_settings(endpoint: &str, subnet: &str, group: &str) -> Vec<super::Setting> {
+    vec![
+        ("aws", "endpoint", endpoint.to_string()),
+        ("aws", "region", "us-east-1".into()),
+        ("aws", "access_key_id", "testing".into()),
+        ("aws", "secret_access_key", "testing".into()),
+        ("aws", "api_timeout", "2s".into()),
+        ("launch", "image_id", "ami-12c6146b".into()),
+        ("launch", "subnet_id", subnet.to_string()),
+        ("launch", "group", group.to_string()),
+    ]
+}
