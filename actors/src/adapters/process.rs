@@ -44,7 +44,11 @@ pub async fn run(
     c.args(args)
         .env_clear()
         .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
+        // Its own process group: what a script starts goes with it on a timeout.
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     for (k, v) in std::env::vars() {
         if k == "PATH" || k == "HOME" || k.starts_with("AWS_") {
             c.env(k, v);
@@ -53,24 +57,26 @@ pub async fn run(
     for (k, v) in extra {
         c.env(k, v);
     }
-    let out = match tokio::time::timeout(timeout, c.output()).await {
+    let child = c.spawn().map_err(|e| CommandFailed {
+        not_found: matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+        ),
+        ..fail(format!("cannot run: {e}"))
+    })?;
+    let group = GroupKill(child.id());
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => {
             return Err(fail(format!(
                 "did not finish within {}",
                 humantime::format_duration(timeout)
             )))
         }
-        Ok(Err(e)) => {
-            return Err(CommandFailed {
-                not_found: matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-                ),
-                ..fail(format!("cannot run: {e}"))
-            })
-        }
+        Ok(Err(e)) => return Err(fail(format!("cannot run: {e}"))),
         Ok(Ok(o)) => o,
     };
+    // It ran to its end: what it left running in the background is its business.
+    group.disarm();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -88,10 +94,113 @@ pub async fn run(
     String::from_utf8(out.stdout).map_err(|_| fail("printed something that is not UTF-8".into()))
 }
 
+/// Kills a command's whole process group when dropped before [`GroupKill::disarm`]: on a
+/// timeout, or when the task running it is aborted (a master stepping down), the script's
+/// children (`aws …`, `sleep`) stop with it instead of running on unattended.
+struct GroupKill(Option<u32>);
+
+impl GroupKill {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // The group may be gone already (ESRCH): nothing left to stop.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    fn alive(pid: &str) -> bool {
+        // A zombie (not yet reaped by init) has stopped running, too.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+
+    /// Waits (bounded) until `pid` has stopped; false if it still runs after 5 s.
+    async fn stops(pid: &str) -> bool {
+        for _ in 0..100 {
+            if !alive(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// A script that starts a child and waits: `sleep` stands for `aws ec2 …`. On a timeout
+    /// and when the task running it is aborted, the child stops too; a script that finishes
+    /// keeps what it started in the background.
+    #[tokio::test]
+    async fn a_timed_out_or_abandoned_command_takes_its_children_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("child.pid");
+        let script = |wait: &str| -> CommandLine {
+            CommandLine(vec![
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 60 & echo $! > {}; {wait}", pidfile.display()),
+            ])
+        };
+        let e = run(&script("wait"), &[], Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("did not finish"), "{e}");
+        let child = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(
+            stops(child.trim()).await,
+            "the script's child survived the timeout"
+        );
+
+        std::fs::remove_file(&pidfile).unwrap();
+        let cmd = script("wait");
+        let task = tokio::spawn(async move { run(&cmd, &[], Duration::from_secs(60)).await });
+        while !pidfile.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task.abort();
+        let _ = task.await;
+        let child = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(
+            stops(child.trim()).await,
+            "the script's child survived the abort"
+        );
+
+        std::fs::remove_file(&pidfile).unwrap();
+        // A daemon started as one should (its output not on the command's pipes).
+        let daemon = CommandLine(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("sleep 60 >/dev/null 2>&1 & echo $! > {}", pidfile.display()),
+        ]);
+        let done = run(&daemon, &[], Duration::from_secs(10)).await.unwrap();
+        assert_eq!(done, "");
+        let child = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(
+            alive(child.trim()),
+            "a finished script's background child was killed"
+        );
+        let _ = std::process::Command::new("kill")
+            .arg(child.trim())
+            .status();
+    }
 
     #[tokio::test]
     async fn commands_run_without_a_shell_with_timeout_and_clean_env() {
