@@ -55,19 +55,28 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         EX_DATAERR
     } else if let Some(ControlError::NoMaster { .. }) = e.downcast_ref::<ControlError>() {
         EX_UNAVAILABLE
-    } else if etcd_unavailable(e) {
+    } else if etcd_error(e).is_some_and(|e| e.is_configuration()) {
+        EX_CONFIG
+    } else if etcd_error(e).is_some() {
         EX_UNAVAILABLE
     } else {
         1
     }
 }
 
-/// Whether the failure is etcd's (not reachable, refused): the host list is unavailable.
-fn etcd_unavailable(e: &anyhow::Error) -> bool {
+/// The etcd failure behind `e`, if it is one: etcd not reachable or refusing (the host list
+/// is unavailable), or one of `[cluster]`'s files unusable (a configuration error).
+fn etcd_error(e: &anyhow::Error) -> Option<&autoscaler_actors::adapters::etcd::EtcdError> {
     use autoscaler_actors::adapters::hosts_dir::HostsError;
     use autoscaler_actors::admin::AdminError;
-    matches!(
+    match (
         e.downcast_ref::<AdminError>(),
-        Some(AdminError::Etcd(_)) | Some(AdminError::Hosts(HostsError::Etcd(_)))
-    ) || matches!(e.downcast_ref::<HostsError>(), Some(HostsError::Etcd(_)))
+        e.downcast_ref::<HostsError>(),
+    ) {
+        (Some(AdminError::Etcd(x)), _) | (Some(AdminError::Hosts(HostsError::Etcd(x))), _) => {
+            Some(x)
+        }
+        (_, Some(HostsError::Etcd(x))) => Some(x),
+        _ => None,
+    }
 }

@@ -903,9 +903,26 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     );
     let pw = s.path().join("etcd.password");
     std::fs::write(&pw, "wrong-pw\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     s.set("cluster", "etcd_user", "root");
     s.set("cluster", "etcd_password_file", pw.to_str().unwrap());
+    // A password file others may read is refused before it is used: a configuration error.
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = s.run(&["add-host", "10.0.0.6", "80"]);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(crate::common::stderr(&out).contains("chmod 600"));
+    let check = s.run(&["check"]);
+    assert_eq!(check.status.code(), Some(78));
+    assert!(
+        crate::common::stderr(&check).contains("[cluster] etcd_password_file"),
+        "{}",
+        crate::common::stderr(&check)
+    );
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let out = s.run(&["add-host", "10.0.0.6", "80"]);
     assert_eq!(
         out.status.code(),

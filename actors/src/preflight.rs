@@ -39,6 +39,11 @@ pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
     if role != Role::Master {
         return out;
     }
+    if cfg.cluster.enabled() {
+        for (key, e) in crate::adapters::etcd::file_problems(&cfg.cluster) {
+            out.push(problem(cfg, "cluster", key, e.to_string()));
+        }
+    }
     let id = &cfg.ssh.identity_file;
     let keygen = format!("ssh-keygen -t ed25519 -N '' -f {}", id.display());
     match std::fs::metadata(id) {
@@ -200,5 +205,57 @@ mod tests {
             .filter_map(|p| p.key.clone())
             .collect();
         assert_eq!(keys, ["identity_file", "user_data_file"]);
+    }
+
+    /// `[cluster]`'s files are read as the etcd connection reads them: a credential another
+    /// user may read, a certificate that is not PEM, an empty password are each named.
+    #[tokio::test]
+    async fn etcd_credentials_are_private_and_usable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.node.secret_file = None;
+        // The problems in [cluster] (the identity key is missing here; another test's case).
+        async fn cluster(c: &Config) -> Vec<(String, String)> {
+            problems(c, Role::Master)
+                .await
+                .into_iter()
+                .filter(|p| p.section == "cluster")
+                .map(|p| (p.key.unwrap_or_default(), p.message))
+                .collect()
+        }
+        let file = |name: &str, text: &str, mode: u32| {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            Some(p)
+        };
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        c.cluster.etcd_endpoints = vec!["https://127.0.0.1:2379".into()];
+        c.cluster.etcd_ca_file = file("ca.pem", pem, 0o644);
+        c.cluster.etcd_cert_file = file("client.pem", "garbage", 0o644);
+        c.cluster.etcd_key_file = file("client.key", "-----BEGIN PRIVATE KEY-----\n", 0o640);
+        c.cluster.etcd_user = "autoscaler".into();
+        c.cluster.etcd_password_file = file("etcd.password", "\n", 0o600);
+        let p = cluster(&c).await;
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["etcd_cert_file", "etcd_key_file", "etcd_password_file"],
+            "{p:#?}"
+        );
+        assert!(p[0].1.contains("not PEM"), "{p:#?}");
+        assert!(
+            p[1].1.contains("mode 640") && p[1].1.contains("chmod 600"),
+            "{p:#?}"
+        );
+        assert!(p[2].1.contains("empty"), "{p:#?}");
+        c.cluster.etcd_cert_file = file("client.pem", pem, 0o644);
+        c.cluster.etcd_key_file = file("client.key", "-----BEGIN PRIVATE KEY-----\n", 0o600);
+        c.cluster.etcd_password_file = file("etcd.password", "pw\n", 0o600);
+        assert_eq!(cluster(&c).await, []);
+        // Without [cluster], its files are not looked at.
+        c.cluster.etcd_endpoints.clear();
+        c.cluster.etcd_password_file = file("etcd.password", "pw\n", 0o644);
+        assert_eq!(cluster(&c).await, []);
     }
 }

@@ -109,6 +109,14 @@ impl Certs {
                 &extfile,
             ]);
         }
+        // Private keys are credentials: only their owner reads them (the client refuses more).
+        for key in ["ca.key", "server.key", "client.key"] {
+            std::fs::set_permissions(
+                dir.path().join(key),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
         Some(Certs { dir })
     }
 

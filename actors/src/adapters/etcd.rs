@@ -33,6 +33,13 @@ pub enum EtcdError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("etcd: {path} may be read by group or others (mode {mode:03o}); it holds a credential: chmod 600 it")]
+    Loose { path: std::path::PathBuf, mode: u32 },
+    #[error("etcd: {path}: {what}")]
+    Unusable {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
     #[error("etcd ({endpoints}): {source}")]
     Connect {
         endpoints: String,
@@ -45,6 +52,17 @@ pub enum EtcdError {
     /// A guarded write while this master does not lead (or no longer does).
     #[error("not the leader (the lease is gone or another master leads): write refused")]
     NotLeader,
+}
+
+impl EtcdError {
+    /// Whether `[cluster]` names a file that cannot be used (an operator's fix, not etcd's
+    /// availability).
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            EtcdError::File { .. } | EtcdError::Loose { .. } | EtcdError::Unusable { .. }
+        )
+    }
 }
 
 /// This master's leadership, as the election granted it.
@@ -81,6 +99,64 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
     })
 }
 
+/// What `[cluster]` names as one of etcd's files, and how it must be.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A PEM certificate anyone may read.
+    Certificate,
+    /// A PEM private key: only its owner may read it.
+    Key,
+    /// A password, on the file's first line: only its owner may read it.
+    Password,
+}
+
+/// Reads one of `[cluster]`'s files as [`Etcd::connect`] uses it, refusing a credential
+/// that group or others may read, a PEM file without a PEM block, an empty password.
+fn read_as(path: &std::path::Path, kind: Kind) -> Result<Vec<u8>, EtcdError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Kind::Key | Kind::Password = kind {
+        let meta = std::fs::metadata(path).map_err(|source| EtcdError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(EtcdError::Loose {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    let bytes = read(path)?;
+    let unusable = |what| EtcdError::Unusable {
+        path: path.to_path_buf(),
+        what,
+    };
+    match kind {
+        Kind::Certificate | Kind::Key if !bytes.windows(11).any(|w| w == b"-----BEGIN ") => {
+            Err(unusable("not PEM (no -----BEGIN line)"))
+        }
+        Kind::Password if String::from_utf8_lossy(&bytes).trim().is_empty() => {
+            Err(unusable("empty: no password in it"))
+        }
+        _ => Ok(bytes),
+    }
+}
+
+/// Every problem with the files `[cluster]` names, as (key, error): what `check` and the
+/// master's start report before any connection is tried.
+pub fn file_problems(c: &Cluster) -> Vec<(&'static str, EtcdError)> {
+    [
+        ("etcd_ca_file", &c.etcd_ca_file, Kind::Certificate),
+        ("etcd_cert_file", &c.etcd_cert_file, Kind::Certificate),
+        ("etcd_key_file", &c.etcd_key_file, Kind::Key),
+        ("etcd_password_file", &c.etcd_password_file, Kind::Password),
+    ]
+    .into_iter()
+    .filter_map(|(key, path, kind)| Some((key, read_as(path.as_ref()?, kind).err()?)))
+    .collect()
+}
+
 impl Etcd {
     /// Connects to `c.etcd_endpoints` with its TLS and auth settings. `timeout` bounds each
     /// request (None: unbounded, for the election's campaign, which waits for its turn).
@@ -97,15 +173,20 @@ impl Etcd {
         if tls || c.etcd_ca_file.is_some() {
             let mut t = TlsOptions::new();
             if let Some(ca) = &c.etcd_ca_file {
-                t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+                t = t.ca_certificate(Certificate::from_pem(read_as(ca, Kind::Certificate)?));
             }
             if let (Some(cert), Some(key)) = (&c.etcd_cert_file, &c.etcd_key_file) {
-                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+                t = t.identity(Identity::from_pem(
+                    read_as(cert, Kind::Certificate)?,
+                    read_as(key, Kind::Key)?,
+                ));
             }
             opts = opts.with_tls(t);
         }
         if let Some(p) = &c.etcd_password_file {
-            let password = String::from_utf8_lossy(&read(p)?).trim().to_string();
+            let password = String::from_utf8_lossy(&read_as(p, Kind::Password)?)
+                .trim()
+                .to_string();
             opts = opts.with_user(c.etcd_user.clone(), password);
         }
         let client = tokio::time::timeout(
