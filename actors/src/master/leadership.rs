@@ -33,6 +33,8 @@ pub struct Leading(pub bool);
 
 /// How often the lead's validity is checked.
 const CHECK: Duration = Duration::from_millis(100);
+/// How often a lasting failure to reach the election is logged again.
+const REPEAT_FAILURE_LOG: Duration = Duration::from_secs(60);
 
 /// Runs the election for this master until aborted: campaigns, leads while the lease is kept,
 /// steps down and campaigns again when it is not.
@@ -45,15 +47,30 @@ pub async fn run(
 ) {
     let log = log.new(o!("actor" => "Leadership", "name" => name.clone()));
     let mut backoff = Backoff::new(Duration::from_millis(500), cluster.lease_ttl);
+    // Failing to reach the election: since when, and when last logged (at the start, then
+    // once a minute, not at every retry through an etcd outage).
+    let mut failing: Option<(Instant, Instant)> = None;
     loop {
         let started = Instant::now();
         let (end, was) = term(&cluster, &name, &lead, &subscribers, &log).await;
         match end {
-            Ok(()) => {}
+            Ok(()) => failing = None,
             Err(e) if was => {
+                failing = None;
                 warn!(log, "Stepped down: no longer leading"; "error" => %e)
             }
-            Err(e) => warn!(log, "Cannot take part in the election; retrying"; "error" => %e),
+            Err(e) => match &mut failing {
+                None => {
+                    warn!(log, "Cannot take part in the election; retrying"; "error" => %e);
+                    failing = Some((Instant::now(), Instant::now()));
+                }
+                Some((since, logged)) if logged.elapsed() >= REPEAT_FAILURE_LOG => {
+                    warn!(log, "Still cannot take part in the election; retrying"; "error" => %e,
+                        "for" => %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())));
+                    *logged = Instant::now();
+                }
+                Some(_) => {}
+            },
         }
         if started.elapsed() > cluster.lease_ttl * 3 {
             backoff.reset();
