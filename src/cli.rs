@@ -89,8 +89,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Copy every host of hosts_dir, and state_dir's launches and drains in flight and the
-    /// guards' history, into etcd ([cluster]): the move from one master to several.
+    /// Copy every host of hosts_dir, state_dir's launches and drains in flight and the
+    /// guards' history, and the known_hosts keys of launched hosts, into etcd ([cluster]):
+    /// the move from one master to several.
     /// Idempotent; hosts_dir and state_dir are left as they are.
     ImportHosts,
     /// Render the HAProxy configuration from hosts_dir, validate it and install it.

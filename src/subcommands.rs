@@ -80,7 +80,8 @@ fn import_hosts(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
     let done = block(async { Ok(admin::import_hosts(&cfg).await?) })?;
     info!(log, "Imported hosts.d into etcd"; "from" => %cfg.general.hosts_dir.display(),
         "added" => done.added, "already_there" => done.already, "updated" => done.updated,
-        "records" => done.records, "records_from" => %cfg.general.state_dir.display());
+        "records" => done.records, "records_from" => %cfg.general.state_dir.display(),
+        "host_keys" => done.host_keys);
     Ok(())
 }
 

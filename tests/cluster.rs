@@ -502,6 +502,29 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
     std::fs::create_dir_all(state.join("intents")).unwrap();
     std::fs::write(state.join("intents/as-1-0a.json"), br#"{"count":1}"#).unwrap();
     std::fs::write(state.join("decider.json"), br#"{"launches_ms":[5]}"#).unwrap();
+    // ... and a host it launched, whose SSH key it learnt: the other masters need that key.
+    let launched = autoscaler_actors::hosts::Host::launched(
+        autoscaler_actors::hosts::HostName::parse("127.0.1.44").unwrap(),
+        8080,
+        Some("i-0abc".into()),
+    );
+    std::fs::write(
+        s.path().join("hosts.d").join(launched.file_name()),
+        launched.to_file_text(),
+    )
+    .unwrap();
+    crate::common::keygen(&s.path().join("node_key"));
+    let node_key = std::fs::read_to_string(s.path().join("node_key.pub")).unwrap();
+    let node_key = node_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(
+        s.path().join("known_hosts"),
+        format!("127.0.1.44 {node_key}\n127.0.0.9 {node_key}\n"),
+    )
+    .unwrap();
     s.set("cluster", "etcd_endpoints", &server.endpoint);
     s.set("cluster", "group", "cli");
     let hosts = |s: &Sandbox| crate::common::stdout(&s.run(&["list-hosts"]));
@@ -521,8 +544,9 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
     let out = s.run(&["import-hosts"]);
     assert!(out.status.success(), "{}", crate::common::stderr(&out));
     assert!(
-        crate::common::stderr(&out).contains("added: 2")
-            && crate::common::stderr(&out).contains("records: 2"),
+        crate::common::stderr(&out).contains("added: 3")
+            && crate::common::stderr(&out).contains("records: 2")
+            && crate::common::stderr(&out).contains("host_keys: 1"),
         "{}",
         crate::common::stderr(&out)
     );
@@ -533,21 +557,28 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
         (
             e.get("intents", "as-1-0a").await.unwrap(),
             e.get("", "decider").await.unwrap(),
+            e.get("host_keys", "127.0.1.44_22").await.unwrap(),
         )
     });
     assert_eq!(etcd.0.as_deref(), Some(&br#"{"count":1}"#[..]));
     assert_eq!(etcd.1.as_deref(), Some(&br#"{"launches_ms":[5]}"#[..]));
-    assert_eq!(hosts(&s), "10.0.0.5 80\nweb-2.internal 8080\n");
+    let shared: serde_json::Value = serde_json::from_slice(&etcd.2.unwrap()).unwrap();
+    assert_eq!(shared["keys"], serde_json::json!([node_key]), "{shared}");
+    assert_eq!(
+        hosts(&s),
+        "10.0.0.5 80\n127.0.1.44 8080\nweb-2.internal 8080\n"
+    );
     let again = crate::common::stderr(&s.run(&["import-hosts"]));
     assert!(
         again.contains("added: 0")
-            && again.contains("already_there: 2")
-            && again.contains("records: 0"),
+            && again.contains("already_there: 3")
+            && again.contains("records: 0")
+            && again.contains("host_keys: 0"),
         "{again}"
     );
     assert_eq!(
         std::fs::read_dir(s.path().join("hosts.d")).unwrap().count(),
-        2,
+        3,
         "hosts.d kept"
     );
     let json = crate::common::stdout(&s.run(&["list-hosts", "--json"]));
@@ -561,7 +592,10 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
         crate::common::stderr(&other.run(&["add-host", "10.0.0.6", "80"]))
             .contains("already registered")
     );
-    assert_eq!(hosts(&s), "10.0.0.5 80\n10.0.0.6 80\nweb-2.internal 8080\n");
+    assert_eq!(
+        hosts(&s),
+        "10.0.0.5 80\n10.0.0.6 80\n127.0.1.44 8080\nweb-2.internal 8080\n"
+    );
     assert!(s.run(&["remove-host", "10.0.0.5", "80"]).status.success());
     assert_eq!(
         s.run(&["remove-host", "10.0.0.5", "80"]).status.code(),

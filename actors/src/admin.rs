@@ -20,6 +20,8 @@ pub enum AdminError {
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Hosts(#[from] HostsError),
     #[error(transparent)]
@@ -61,6 +63,9 @@ pub struct Imported {
     pub updated: usize,
     /// Records of state_dir copied: launches and drains in flight, the guards' history.
     pub records: usize,
+    /// Launched hosts whose SSH host keys (from this master's known_hosts) were shared, so
+    /// every master checks them strictly.
+    pub host_keys: usize,
 }
 
 /// The single master's records that must follow the hosts into etcd: a launch or drain in
@@ -71,8 +76,8 @@ const MOVED_RECORDS: [&str; 2] = [
     crate::master::launcher::intents::DRAINS,
 ];
 
-/// Copies every host of hosts.d, and state_dir's launches and drains in flight and the
-/// decider's memory, into etcd (a master moving from one to several). Idempotent; hosts.d
+/// Copies every host of hosts.d, state_dir's launches and drains in flight and the decider's
+/// memory, and the known_hosts keys of the hosts it launched, into etcd (a master moving from one to several). Idempotent; hosts.d
 /// and state_dir are left as they are, and a record etcd already has is not replaced. A host
 /// file that cannot be read stops it before anything is written, and so does a master still
 /// running here with launches or drains in flight.
@@ -84,6 +89,26 @@ pub async fn import_hosts(cfg: &Config) -> Result<Imported, AdminError> {
     for kind in MOVED_RECORDS {
         for (name, v) in files.list::<serde_json::Value>(kind).await? {
             records.push((kind, name, v));
+        }
+    }
+    // The keys this master learnt for the hosts it launched: other masters have never seen
+    // those hosts, and under the strict policy could not reach them without.
+    use crate::master::cluster_sync::{self, SharedKeys};
+    let mut shared_keys = Vec::new();
+    for h in hosts
+        .iter()
+        .filter(|h| h.origin == crate::hosts::Origin::Launched)
+    {
+        let (host, port) = (h.host.to_string(), h.ssh_port.unwrap_or(cfg.ssh.port));
+        let keys = crate::adapters::known_hosts::keys_of(&cfg.ssh.known_hosts, &host, port)
+            .map_err(|source| AdminError::Read {
+                path: cfg.ssh.known_hosts.clone(),
+                source,
+            })?;
+        if !keys.is_empty() {
+            let keys = keys.iter().filter_map(|k| k.to_openssh().ok()).collect();
+            let name = cluster_sync::record_name(&host, port);
+            shared_keys.push((name, SharedKeys { host, port, keys }));
         }
     }
     let in_flight = !records.is_empty();
@@ -106,6 +131,13 @@ pub async fn import_hosts(cfg: &Config) -> Result<Imported, AdminError> {
             let text = serde_json::to_vec(&v).unwrap_or_default();
             etcd.put(kind, &name, text, None).await?;
             done.records += 1;
+        }
+    }
+    for (name, shared) in shared_keys {
+        if etcd.get(cluster_sync::KIND, &name).await?.is_none() {
+            let text = serde_json::to_vec(&shared).unwrap_or_default();
+            etcd.put(cluster_sync::KIND, &name, text, None).await?;
+            done.host_keys += 1;
         }
     }
     let store = HostStore::Etcd { etcd, lead: None };

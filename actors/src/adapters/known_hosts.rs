@@ -102,6 +102,25 @@ fn key_line(pattern: &str, key: &PublicKey) -> io::Result<String> {
     Ok(format!("{pattern} {}\n", text.trim()))
 }
 
+/// The keys recorded for exactly `host:port` (plain entries; hashed ones cannot be matched
+/// by name and are left out). A missing file holds none.
+pub fn keys_of(path: &Path, host: &str, port: u16) -> io::Result<Vec<PublicKey>> {
+    let pattern = host_pattern(host, port);
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .filter(|(names, _)| names.split(',').any(|n| n == pattern))
+        .filter_map(|(_, key)| parse_key(key))
+        .collect())
+}
+
 /// Makes `keys` the only keys recorded for `host:port`.
 pub fn replace(path: &Path, host: &str, port: u16, keys: &[PublicKey]) -> io::Result<()> {
     let pattern = host_pattern(host, port);
@@ -192,5 +211,26 @@ mod tests {
             .ends_with(&format!("[127.0.1.6]:2222 {ED}\n")));
         assert!(parse_key(RSA).is_none(), "RSA is not used by the SSH stack");
         assert!(parse_key("garbage").is_none());
+    }
+
+    /// Exactly `host:port`'s plain entries: not another port, not a longer name, not a
+    /// comment or a hashed entry, not a key type the stack cannot use.
+    #[test]
+    fn keys_of_finds_exactly_one_hosts_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("known_hosts");
+        assert_eq!(keys_of(&path, "127.0.1.5", 22).unwrap(), []);
+        let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBD1Pb6qTXxb0q0Fn3wqtWI/AbJ0XVwVovV+FR4KNuPY2yYsrp8Yt3GCtI8pevkRFLmMp1yiMLY8ku4PQzyGsyUY=";
+        fs::write(
+            &path,
+            format!(
+                "# 127.0.1.5 {ED}\n127.0.1.50 {ED}\n[127.0.1.5]:2222 {ED}\n|1|abc=|def= {ED}\n\
+                 web,127.0.1.5 {ecdsa} comment\n127.0.1.5 {RSA}\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(keys_of(&path, "127.0.1.5", 22).unwrap(), [key(ecdsa)]);
+        assert_eq!(keys_of(&path, "127.0.1.5", 2222).unwrap(), [key(ED)]);
+        assert_eq!(keys_of(&path, "127.0.1.6", 22).unwrap(), []);
     }
 }

@@ -26,7 +26,8 @@ pub struct SharedKeys {
     pub keys: Vec<String>,
 }
 
-fn name(host: &str, port: u16) -> String {
+/// The record's name for `host:port`.
+pub fn record_name(host: &str, port: u16) -> String {
     format!("{host}_{port}")
 }
 
@@ -46,7 +47,7 @@ pub async fn share(
         port,
         keys,
     };
-    records.put(KIND, &name(host, port), &shared).await
+    records.put(KIND, &record_name(host, port), &shared).await
 }
 
 /// Withdraws the keys of `host:port` (the host is gone).
@@ -54,7 +55,7 @@ pub async fn unshare(records: &Records, host: &str, port: u16) -> Result<(), Rec
     if let Records::Files(_) = records {
         return Ok(());
     }
-    records.delete(KIND, &name(host, port)).await
+    records.delete(KIND, &record_name(host, port)).await
 }
 
 /// Every `poll`: known_hosts made to hold exactly the shared keys of the hosts that have them
