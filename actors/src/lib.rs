@@ -46,7 +46,9 @@
 //! the actors.
 #![forbid(unsafe_code)]
 
-pub use autoscaler_core::{backoff, config, haproxy_api, hosts, policy, render, report, simulate};
+pub use autoscaler_core::{
+    backoff, config, haproxy_api, hosts, outage, policy, render, report, simulate,
+};
 
 pub mod adapters;
 pub mod admin;

@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod config;
 pub mod haproxy_api;
 pub mod hosts;
+pub mod outage;
 pub mod policy;
 pub mod render;
 pub mod report;

@@ -25,6 +25,7 @@ use slog::{info, o, warn, Logger};
 use crate::adapters::etcd::{Etcd, EtcdError, Lead, LeadCell};
 use crate::backoff::Backoff;
 use crate::config::Cluster;
+use crate::outage::{Outage, Say};
 
 /// This master starts or stops leading.
 #[derive(Debug, Clone, Copy, Message)]
@@ -47,29 +48,29 @@ pub async fn run(
 ) {
     let log = log.new(o!("actor" => "Leadership", "name" => name.clone()));
     let mut backoff = Backoff::new(Duration::from_millis(500), cluster.lease_ttl);
-    // Failing to reach the election: since when, and when last logged (at the start, then
-    // once a minute, not at every retry through an etcd outage).
-    let mut failing: Option<(Instant, Instant)> = None;
+    // Failing to reach the election is logged at the start, then once a minute, not at
+    // every retry through an etcd outage.
+    let mut failing = Outage::new(REPEAT_FAILURE_LOG);
     loop {
         let started = Instant::now();
         let (end, was) = term(&cluster, &name, &lead, &subscribers, &log).await;
         match end {
-            Ok(()) => failing = None,
+            Ok(()) => {
+                failing.ended(Instant::now());
+            }
             Err(e) if was => {
-                failing = None;
+                failing.ended(Instant::now());
                 warn!(log, "Stepped down: no longer leading"; "error" => %e)
             }
-            Err(e) => match &mut failing {
-                None => {
-                    warn!(log, "Cannot take part in the election; retrying"; "error" => %e);
-                    failing = Some((Instant::now(), Instant::now()));
+            Err(e) => match failing.failed(Instant::now()) {
+                Some(Say::Started) => {
+                    warn!(log, "Cannot take part in the election; retrying"; "error" => %e)
                 }
-                Some((since, logged)) if logged.elapsed() >= REPEAT_FAILURE_LOG => {
+                Some(Say::Lasting(d)) => {
                     warn!(log, "Still cannot take part in the election; retrying"; "error" => %e,
-                        "for" => %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())));
-                    *logged = Instant::now();
+                        "for" => %humantime::format_duration(d))
                 }
-                Some(_) => {}
+                None => {}
             },
         }
         if started.elapsed() > cluster.lease_ttl * 3 {

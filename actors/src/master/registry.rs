@@ -22,6 +22,7 @@ use super::messages::HostsChanged;
 use crate::adapters::host_store::HostStore;
 use crate::adapters::hosts_dir::{AddOutcome, HostsDir, HostsError};
 use crate::hosts::{Host, HostKey};
+use crate::outage::{Outage, Say};
 
 /// How often hosts.d is rescanned by default.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
@@ -51,9 +52,9 @@ pub struct HostRegistry {
     bad: BTreeMap<String, String>,
     subscribers: Vec<Recipient<HostsChanged>>,
     poll: Duration,
-    /// The store cannot be read: since when, and when that was last logged (an etcd outage
-    /// is logged when it starts, once a minute while it lasts, and when it ends).
-    unreadable: Option<(Instant, Instant)>,
+    /// The store cannot be read (an etcd outage): logged when it starts, once a minute while
+    /// it lasts, and when it ends.
+    unreadable: Outage,
     log: Logger,
 }
 
@@ -85,7 +86,7 @@ impl HostRegistry {
             bad: BTreeMap::new(),
             subscribers,
             poll,
-            unreadable: None,
+            unreadable: Outage::new(REPEAT_FAILURE_LOG),
             log: log.new(o!("actor" => "HostRegistry")),
         }
     }
@@ -110,25 +111,22 @@ impl HostRegistry {
         let (mut hosts, errors) = match loaded {
             Ok(r) => r,
             Err(e) => {
-                let now = Instant::now();
-                match &mut self.unreadable {
-                    None => {
-                        warn!(self.log, "Cannot read the hosts; keeping the last list"; "store" => self.store.describe(), "error" => %e);
-                        self.unreadable = Some((now, now));
+                match self.unreadable.failed(Instant::now()) {
+                    Some(Say::Started) => {
+                        warn!(self.log, "Cannot read the hosts; keeping the last list"; "store" => self.store.describe(), "error" => %e)
                     }
-                    Some((since, logged)) if now.duration_since(*logged) >= REPEAT_FAILURE_LOG => {
+                    Some(Say::Lasting(d)) => {
                         warn!(self.log, "Still cannot read the hosts; keeping the last list"; "store" => self.store.describe(),
-                            "for" => %humantime::format_duration(Duration::from_secs(now.duration_since(*since).as_secs())), "error" => %e);
-                        *logged = now;
+                            "for" => %humantime::format_duration(d), "error" => %e)
                     }
-                    Some(_) => {}
+                    None => {}
                 }
                 return;
             }
         };
-        if let Some((since, _)) = self.unreadable.take() {
+        if let Some(d) = self.unreadable.ended(Instant::now()) {
             info!(self.log, "Hosts readable again"; "store" => self.store.describe(),
-                "after" => %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())));
+                "after" => %humantime::format_duration(d));
         }
         let mut bad = BTreeMap::new();
         for e in errors {
