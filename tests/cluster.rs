@@ -168,7 +168,7 @@ async fn one_leader_failover_after_the_lease_and_step_down_without_etcd() {
     tasks.iter().for_each(|t| t.abort());
 }
 
-use crate::common::{current_user, free_port, tool, FakeAgent, MasterProc, Sandbox, Sshd};
+use crate::common::{assert_fails, free_port, tool, FakeAgent, MasterProc, Sandbox, Sshd};
 
 /// Masters of one group as processes: one etcd, one node (a real sshd on loopback) with a
 /// stand-in agent per master's report port, and a scale-up command that records each run.
@@ -613,17 +613,7 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
     // etcd down: a clear error and EX_UNAVAILABLE, nothing half-done.
     server.stop();
     let out = s.run(&["add-host", "10.0.0.7", "80"]);
-    assert_eq!(
-        out.status.code(),
-        Some(69),
-        "{}",
-        crate::common::stderr(&out)
-    );
-    assert!(
-        crate::common::stderr(&out).contains("etcd"),
-        "{}",
-        crate::common::stderr(&out)
-    );
+    assert_fails(&out, 69, "etcd");
 }
 
 /// Two masters launching into EC2 (moto, behind the fault-injecting proxy): the floor
@@ -652,23 +642,13 @@ async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
         for f in ["id_ed25519", "id_ed25519.pub", "report.key"] {
             std::fs::copy(first.path().join(f), s.path().join(f)).unwrap();
         }
+        s.set_all(&crate::common::floor_master());
         s.set_all(&[
             ("cluster", "etcd_endpoints", server.endpoint.clone()),
             ("cluster", "group", "ec2".into()),
             ("cluster", "name", format!("m{i}")),
             ("cluster", "lease_ttl", "2s".into()),
             ("cluster", "etcd_timeout", "1s".into()),
-            ("ssh", "user", current_user()),
-            ("scaling", "dry_run", "false".into()),
-            ("scaling", "min_nodes", "1".into()),
-            ("scaling", "max_nodes", "3".into()),
-            ("launch", "app_port", "8080".into()),
-            ("launch", "health_check", "false".into()),
-            ("launch", "launch_timeout", "60s".into()),
-            ("launch", "health_timeout", "60s".into()),
-            ("haproxy", "reload_command", "true".into()),
-            ("haproxy", "check_command", "test -f {config}".into()),
-            ("haproxy", "debounce", "100ms".into()),
         ]);
         s.set_all(&crate::common::moto::ec2_settings(
             &proxy.endpoint,
@@ -893,13 +873,7 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     );
     // Without a client certificate, etcd (--client-cert-auth) refuses the connection.
     let out = s.run(&["add-host", "10.0.0.5", "80"]);
-    assert_eq!(
-        out.status.code(),
-        Some(69),
-        "{}",
-        crate::common::stderr(&out)
-    );
-    assert!(crate::common::stderr(&out).contains("etcd"));
+    assert_fails(&out, 69, "etcd");
     s.set(
         "cluster",
         "etcd_cert_file",
@@ -949,13 +923,7 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     // A password file others may read is refused before it is used: a configuration error.
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let out = s.run(&["add-host", "10.0.0.6", "80"]);
-    assert_eq!(
-        out.status.code(),
-        Some(78),
-        "{}",
-        crate::common::stderr(&out)
-    );
-    assert!(crate::common::stderr(&out).contains("chmod 600"));
+    assert_fails(&out, 78, "chmod 600");
     let check = s.run(&["check"]);
     assert_eq!(check.status.code(), Some(78));
     assert!(
@@ -965,14 +933,8 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     );
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let out = s.run(&["add-host", "10.0.0.6", "80"]);
-    assert_eq!(
-        out.status.code(),
-        Some(69),
-        "{}",
-        crate::common::stderr(&out)
-    );
-    let err = crate::common::stderr(&out);
-    assert!(err.contains("etcd") && !err.contains("wrong-pw"), "{err}");
+    let err = assert_fails(&out, 69, "etcd");
+    assert!(!err.contains("wrong-pw"), "{err}");
     std::fs::write(&pw, "s3cret-pw\n").unwrap();
     let out = s.run(&["add-host", "10.0.0.6", "80"]);
     assert!(out.status.success(), "{}", crate::common::stderr(&out));

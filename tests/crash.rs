@@ -15,7 +15,7 @@ use autoscaler_actors::hosts::{Host, HostName, Origin};
 
 use crate::common::ec2_proxy::{Ec2Proxy, Fault};
 use crate::common::moto::{console_with_key, moto_bin, Moto};
-use crate::common::{current_user, free_port, keygen, tool, FakeAgent, MasterProc, Sandbox, Sshd};
+use crate::common::{free_port, keygen, tool, FakeAgent, MasterProc, Sandbox, Sshd};
 
 /// Waits (bounded, without blocking the runtime the proxy runs on) for a record of `m`.
 async fn logged(m: &MasterProc, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
@@ -59,12 +59,9 @@ impl Rig {
         let s = Sandbox::new();
         keygen(&s.path().join("instance_host_key"));
         let host_key = std::fs::read_to_string(s.path().join("instance_host_key.pub")).unwrap();
-        let mut sets: Vec<(&str, &str, String)> = vec![
-            ("ssh", "user", current_user()),
+        let mut sets = crate::common::floor_master();
+        sets.extend([
             ("ssh", "connect_timeout", "2s".into()),
-            ("scaling", "dry_run", "false".into()),
-            ("scaling", "min_nodes", "1".into()),
-            ("scaling", "max_nodes", "3".into()),
             ("scaling", "warmup", "0s".into()),
             ("scaling", "stale_after", "3s".into()),
             ("scaling", "scale_up_window", "2s".into()),
@@ -72,14 +69,7 @@ impl Rig {
             ("scaling", "scale_down_threshold", "50".into()),
             ("scaling", "scale_up_threshold", "90".into()),
             ("scaling", "scale_down_cooldown", "0s".into()),
-            ("launch", "app_port", "8080".into()),
-            ("launch", "health_check", "false".into()),
-            ("launch", "launch_timeout", "60s".into()),
-            ("launch", "health_timeout", "60s".into()),
-            ("haproxy", "reload_command", "true".into()),
-            ("haproxy", "check_command", "test -f {config}".into()),
-            ("haproxy", "debounce", "100ms".into()),
-        ];
+        ]);
         let ec2 = match ec2 {
             false => {
                 sets.push(("launch", "launcher", "command".into()));

@@ -239,20 +239,10 @@ fn completions_and_man_page_come_from_the_command_line_definition() {
     assert!(man.contains(".TH autoscaler 1"), "{man}");
     assert!(man.contains("add\\-host"), "subcommands listed");
     if let Some(groff) = tool("groff") {
-        let mut child = Command::new(groff)
-            .args(["-man", "-Tutf8", "-ww", "-z"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(man.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = crate::common::output_with_stdin(
+            Command::new(groff).args(["-man", "-Tutf8", "-ww", "-z"]),
+            &man,
+        );
         assert!(
             out.status.success() && out.stderr.is_empty(),
             "{}",

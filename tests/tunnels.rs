@@ -727,17 +727,7 @@ fn master_binary_scales_up_end_to_end() {
     master.wait_msg("Stopped");
     // With no master, `status` says so and exits 69 (EX_UNAVAILABLE).
     let out = s.run(&["status"]);
-    assert_eq!(
-        out.status.code(),
-        Some(69),
-        "{}",
-        crate::common::stderr(&out)
-    );
-    assert!(
-        crate::common::stderr(&out).contains("no master answers on"),
-        "{}",
-        crate::common::stderr(&out)
-    );
+    crate::common::assert_fails(&out, 69, "no master answers on");
 }
 
 /// Everything the master reported within `d`.

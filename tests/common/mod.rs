@@ -93,6 +93,24 @@ impl Sandbox {
 /// One `[section] key = value` of autoscaler.ini.
 pub type Setting = (&'static str, &'static str, String);
 
+/// A master that keeps a floor of one node (at most three), launching for it without
+/// health-gating the launched hosts, and leaves this machine's HAProxy alone.
+pub fn floor_master() -> Vec<Setting> {
+    vec![
+        ("ssh", "user", current_user()),
+        ("scaling", "dry_run", "false".into()),
+        ("scaling", "min_nodes", "1".into()),
+        ("scaling", "max_nodes", "3".into()),
+        ("launch", "app_port", "8080".into()),
+        ("launch", "health_check", "false".into()),
+        ("launch", "launch_timeout", "60s".into()),
+        ("launch", "health_timeout", "60s".into()),
+        ("haproxy", "reload_command", "true".into()),
+        ("haproxy", "check_command", "test -f {config}".into()),
+        ("haproxy", "debounce", "100ms".into()),
+    ]
+}
+
 /// A master that acts on a hot node at once and leaves this machine's HAProxy alone: no
 /// warm-up, 2 s windows, not a dry run, the command launcher running `scale_up_command`
 /// with no health gate, reports on `report_port`, new host keys accepted.
@@ -123,6 +141,16 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts that a command exited with `code` and said `needle` on standard error (both shown
+/// when not); returns what it said there.
+#[track_caller]
+pub fn assert_fails(out: &Output, code: i32, needle: &str) -> String {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "no {needle:?} in: {err}");
+    err
 }
 
 /// Finds a program on PATH or at one of the usual sbin paths. A test that needs it and does not
@@ -743,11 +771,10 @@ pub fn http_get_accept(addr: &str, path: &str, accept: &str) -> (u16, String) {
     (code, body.to_string())
 }
 
-/// `promtool check metrics` on `text`: None when it is clean, else what promtool said.
-pub fn promtool_check(promtool: &Path, text: &str) -> Option<String> {
+/// Runs `cmd` with `text` on its standard input; its output and status.
+pub fn output_with_stdin(cmd: &mut Command, text: &str) -> Output {
     use std::io::Write;
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -759,7 +786,12 @@ pub fn promtool_check(promtool: &Path, text: &str) -> Option<String> {
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `promtool check metrics` on `text`: None when it is clean, else what promtool said.
+pub fn promtool_check(promtool: &Path, text: &str) -> Option<String> {
+    let out = output_with_stdin(Command::new(promtool).args(["check", "metrics"]), text);
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     match out.status.success() && said.trim().is_empty() {
