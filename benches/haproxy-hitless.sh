@@ -13,17 +13,9 @@
 #   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
-[ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
+# shellcheck source=common.sh
+. "$root/benches/common.sh"
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do pkill -9 -P "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 front=$(free_port)
 
 # The backends: one HAProxy process, ten "servers" answering with their name.

@@ -10,18 +10,10 @@
 set -euo pipefail
 n=${1:-200} rate=${2:-5} dur=${3:-20}
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
-[ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do pkill -9 -P "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+# shellcheck source=common.sh
+. "$root/benches/common.sh"
 # shellcheck source=../scripts/loopback-sshd.sh
 . "$root/scripts/loopback-sshd.sh"
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # sshd on 127.0.0.1 with throwaway keys.
 ssh_port=$(free_port)

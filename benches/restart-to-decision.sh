@@ -11,18 +11,10 @@
 #   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
-[ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do pkill -9 -P "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+# shellcheck source=common.sh
+. "$root/benches/common.sh"
 # shellcheck source=../scripts/loopback-sshd.sh
 . "$root/scripts/loopback-sshd.sh"
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 ssh_port=$(free_port) report_port=$(free_port)
 "$bin" -q init --dir "$tmp/m"
