@@ -625,7 +625,7 @@ fn host_commands_use_etcd_and_import_moves_hosts_d_in() {
 async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
     use crate::common::ec2_proxy::Ec2Proxy;
     use crate::common::moto::{console_with_key, moto_bin, Moto};
-    use autoscaler_actors::adapters::ec2::{Ec2Api, SdkEc2};
+    use autoscaler_actors::adapters::ec2::SdkEc2;
     let (Some(moto_bin), Some(_), Some(server)) =
         (moto_bin(), tool("ssh-keygen"), EtcdServer::start())
     else {
@@ -661,16 +661,7 @@ async fn ec2_a_killed_leaders_pending_instance_is_never_launched_twice() {
     let direct = SdkEc2::new(&direct_cfg.aws, &direct_cfg.launch, None)
         .await
         .unwrap();
-    let live = || async {
-        direct
-            .describe(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|i| i.is_live())
-            .map(|i| i.instance_id)
-            .collect::<Vec<_>>()
-    };
+    let live = || crate::common::moto::live_instances(&direct);
     proxy.hold_pending(true);
     let mut procs: Vec<Option<MasterProc>> = masters
         .iter()

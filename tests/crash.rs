@@ -143,15 +143,7 @@ impl Rig {
     }
 
     async fn live(&self) -> Vec<String> {
-        self.ec2()
-            .direct
-            .describe(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|i| i.is_live())
-            .map(|i| i.instance_id)
-            .collect()
+        crate::common::moto::live_instances(&self.ec2().direct).await
     }
 
     /// After a restart: exactly one instance exists, registered once, with its SSH key in

@@ -106,3 +106,15 @@ pub fn ec2_settings(endpoint: &str, subnet: &str, group: &str) -> Vec<super::Set
         ("launch", "group", group.to_string()),
     ]
 }
+
+/// The ids of the instances EC2 (moto, asked directly) has pending or running.
+pub async fn live_instances(ec2: &autoscaler_actors::adapters::ec2::SdkEc2) -> Vec<String> {
+    use autoscaler_actors::adapters::ec2::Ec2Api;
+    ec2.describe(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.is_live())
+        .map(|i| i.instance_id)
+        .collect()
+}
