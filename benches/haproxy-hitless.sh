@@ -11,8 +11,10 @@
 #      (median of 5).
 # Usage: benches/haproxy-hitless.sh      (root; about 4 minutes; installs wrk if missing)
 #   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
+# Exits non-zero when any request failed or a new server was never served.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+failed=0
 # shellcheck source=common.sh
 . "$root/benches/common.sh"
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
@@ -84,6 +86,10 @@ PY
   errors=$(awk '/Socket errors/ {gsub(",",""); s=0; for (i=1;i<=NF;i++) if ($i ~ /^[0-9]+$/) s+=$i; print s}' "$m/wrk.txt")
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$m/wrk.txt")
   echo "$mode: $requests requests under 50 changes, socket errors ${errors:-0}, non-2xx ${non2xx:-0}, HAProxy workers started $((workers - before))"
+  [ -n "$requests" ] || { echo "$mode: wrk reported nothing:" >&2; cat "$m/wrk.txt" >&2; failed=1; }
+  if [ "${errors:-0}" != 0 ] || [ "${non2xx:-0}" != 0 ]; then
+    echo "$mode: FAILED: requests failed under host changes" >&2; failed=1
+  fi
 
   # add-host → first request answered by the new server.
   local times=()
@@ -93,10 +99,15 @@ PY
     local t0 t1
     t0=$(date +%s.%N)
     "$bin" -q add-host 127.0.1.7 8080
+    local served=no
     for _ in $(seq 2000); do
-      curl -s "http://127.0.0.1:$front/" | grep -q be7 && break
+      if curl -s "http://127.0.0.1:$front/" | grep -q be7; then served=yes; break; fi
     done
     t1=$(date +%s.%N)
+    if [ "$served" = no ]; then
+      echo "$mode: FAILED: 127.0.1.7 was never served after add-host (trial $trial)" >&2
+      failed=1; continue
+    fi
     times+=("$(echo "$t1 - $t0" | bc)")
   done
   local median; median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
@@ -122,3 +133,4 @@ PY
 
 run_mode runtime
 run_mode reload
+exit "$failed"

@@ -54,7 +54,7 @@ fi
 AUTOSCALER_CONFIG="$tmp/m/autoscaler.ini" "$bin" ${FANIN_LOG_ARGS:--q} master 2>"$tmp/master.log" &
 master=$!; pids+=($master)
 
-python3 - "$n" "$rate" "$dur" "$base" "$master" "$tmp/m/report.key" <<'PY' || echo "load generator failed" >&2
+python3 - "$n" "$rate" "$dur" "$base" "$master" "$tmp/m/report.key" <<'PY' || { echo "load generator failed: no figure" >&2; exit 1; }
 import asyncio, hashlib, hmac, json, os, struct, sys, time
 n, rate, dur, base, master = map(int, sys.argv[1:6])
 secret = open(sys.argv[6]).read().strip().encode()

@@ -29,7 +29,8 @@ fi
 need=()
 for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
     cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
-    etcd:etcd-server protoc:protobuf-compiler openssl:openssl; do
+    etcd:etcd-server protoc:protobuf-compiler openssl:openssl unshare:util-linux \
+    setpriv:util-linux nsenter:util-linux bash:bash; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

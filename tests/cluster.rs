@@ -334,6 +334,8 @@ impl Drop for Rig {
         for i in 0..self.masters.len() {
             self.kill(i);
         }
+        // Scale-up commands of SIGKILLed masters run on in their own process groups.
+        crate::common::kill_mentioning(self.shared.path());
     }
 }
 
@@ -374,11 +376,23 @@ fn one_launch_and_a_killed_leaders_launch_finished_by_the_next() {
     r.any("the launch finished", Duration::from_secs(30), |v| {
         v["msg"] == "Launch finished" && v["actor"] == "Launcher"
     });
+    // The killed leader's run, then the next leader's resumed run of the same decision.
     let runs = r.launches();
-    assert!(
-        runs.iter().all(|d| *d == decision) && runs.len() <= 2,
-        "one decision, its command run at most twice (resumed): {runs:?}"
+    assert_eq!(
+        runs,
+        [decision.clone(), decision.clone()],
+        "one decision, its command run twice (resumed)"
     );
+    // The next leader took over once the old lease could have expired (renewed at most a
+    // third of the TTL before the kill; half allows for a late keepalive), and not much later.
+    let ttl = Duration::from_secs(2);
+    assert!(
+        failover >= ttl / 2 && failover <= ttl * 2 + Duration::from_secs(2),
+        "the next leader led {failover:?} after the kill (lease {ttl:?})"
+    );
+    r.any("the resumed launch", Duration::from_secs(1), |v| {
+        v["msg"] == "Resuming a launch of an earlier run"
+    });
     let survivor = if next == 0 { 1 } else { 0 };
     let survivor = if survivor == leader { 2 } else { survivor };
     let out = r.masters[survivor].0.run(&["list-hosts", "--json"]);
@@ -743,10 +757,12 @@ enum Loss {
 }
 
 /// Two masters, master 0 leads (its etcd connection runs through a [`Cut`]). The node is hot
-/// in what it reports to master 1 and cool in what it reports to master 0, so the leader
-/// holds while the follower's window already says "scale up". The leader is lost: master 1
-/// leads and acts on the hot node within the lease TTL plus one window, and one instance is
-/// launched. Returns the time from the loss to master 1's first acting decision.
+/// in what it reports to both, but master 0 looks at a longer window (8 s against 2 s), so
+/// the leader holds while the follower's window already says "scale up". The leader is lost:
+/// master 1 leads and acts on the hot node after the old lease (not before half the TTL,
+/// within the TTL plus one window), and one instance is launched. A partitioned leader, whose
+/// own window fills while it is cut off, decides only as a follower. Returns the time from the
+/// loss to master 1's first acting decision.
 fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
     use crate::common::cut::Cut;
     let mut r = Rig::new(2, Duration::from_millis(100))?;
@@ -758,10 +774,11 @@ fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
         "etcd_endpoints",
         &format!("http://{}", proxy.addr),
     );
+    r.masters[0].0.set("scaling", "scale_up_window", "8s");
     r.start(0);
     r.any("Leading", Duration::from_secs(20), is_leading);
     r.start(1);
-    r.load_each(&[10.0, 95.0]);
+    r.load(95.0);
     // The follower would scale up; the leader holds.
     let follower = r.masters[1].1.as_ref().unwrap();
     let end = Instant::now() + Duration::from_secs(20);
@@ -796,18 +813,37 @@ fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    // Polled every 20 ms; scheduling on a loaded machine gets a second.
+    // Polled every 20 ms; scheduling on a loaded machine gets a second. Not before the old
+    // lease can have expired: it was renewed at most a third of the TTL before the loss (half,
+    // allowing for a late keepalive).
     assert!(
-        took <= ttl + window + Duration::from_secs(1),
+        took <= ttl + window + Duration::from_secs(1) && took >= ttl / 2,
         "acted {took:?} after the leader was {how:?}"
     );
     if let Loss::Partitioned = how {
-        // The cut-off leader stepped down on its own and never acted.
+        // The cut-off leader stepped down on its own; its own window filled while cut off,
+        // and it decided as a follower, never acting.
         let old = r.masters[0].1.as_ref().unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while old
+            .matching(|v| v["msg"] == "Decision" && v["action"] == "scale_up")
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < end,
+                "the cut-off leader's window never filled: {:#?}",
+                old.matching(|v| v["level"] != "DEBUG")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert!(!old
             .matching(|v| v["msg"] == "Stepped down: no longer leading")
             .is_empty());
-        assert!(old.matching(acting).is_empty());
+        assert!(
+            old.matching(acting).is_empty(),
+            "the cut-off leader acted: {:#?}",
+            old.matching(acting)
+        );
         proxy.heal();
     }
     let end = Instant::now() + Duration::from_secs(30);
@@ -824,20 +860,24 @@ fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
         std::thread::sleep(ttl);
         assert_eq!(r.leading(), vec![1]);
     }
-    eprintln!("failover to an acting decision (leader {how:?}, lease {ttl:?}, window {window:?}): {took:?}");
     Some(took)
 }
 
 /// The leader's process is SIGKILLed while a node is hot.
 #[test]
 fn a_hot_node_is_acted_on_after_the_leader_is_killed() {
-    hot_node_acted_on_after_the_leader_is_lost(Loss::Killed);
+    // None: skipped for a missing tool (a failure under the test command).
+    if let Some(took) = hot_node_acted_on_after_the_leader_is_lost(Loss::Killed) {
+        eprintln!("failover to an acting decision (leader killed): {took:?}");
+    }
 }
 
 /// The leader is cut off from etcd while a node is hot: it steps down, the other acts.
 #[test]
 fn a_hot_node_is_acted_on_after_the_leader_is_partitioned_from_etcd() {
-    hot_node_acted_on_after_the_leader_is_lost(Loss::Partitioned);
+    if let Some(took) = hot_node_acted_on_after_the_leader_is_lost(Loss::Partitioned) {
+        eprintln!("failover to an acting decision (leader partitioned): {took:?}");
+    }
 }
 
 /// etcd as its operators run it: TLS with client certificates, and auth with a password. The

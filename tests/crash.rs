@@ -198,8 +198,12 @@ async fn ec2_killed_before_run_instances_reaches_ec2() {
         "the intent comes first"
     );
     m.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The held call's caller is gone: it can never reach EC2, released or not.
+    e.proxy
+        .wait_abandoned("RunInstances", 1, Duration::from_secs(10))
+        .await;
     e.proxy.release("RunInstances");
+    assert_eq!(e.proxy.forwarded("RunInstances"), 0);
     assert!(r.live().await.is_empty(), "the call never reached EC2");
     let _m = r.master();
     r.settled_on_one_instance().await;
@@ -250,8 +254,17 @@ async fn ec2_killed_while_pending() {
         .await;
     assert_eq!(r.live().await.len(), 1);
     m.kill();
-    let _m = r.master();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = r.master();
+    // The restarted master has taken the launch up and looked at the pending instance
+    // several times: still not registered.
+    logged(&m, "the resumed launch", |v| {
+        v["msg"] == "Resuming a launch of an earlier run"
+    })
+    .await;
+    let n = e.proxy.count("DescribeInstances");
+    e.proxy
+        .wait_for("DescribeInstances", n + 3, Duration::from_secs(30))
+        .await;
     assert!(r.launched().is_empty(), "not registered while pending");
     assert_eq!(
         crate::common::intents_in(r.state()).len(),
@@ -401,8 +414,11 @@ async fn ec2_killed_before_termination() {
         .wait_for("TerminateInstances", 1, Duration::from_secs(40))
         .await;
     m.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    e.proxy
+        .wait_abandoned("TerminateInstances", 1, Duration::from_secs(10))
+        .await;
     e.proxy.release("TerminateInstances");
+    assert_eq!(e.proxy.forwarded("TerminateInstances"), 0);
     assert_eq!(r.live().await.len(), 1, "the call never reached EC2");
     let _m = r.master();
     drain_completed(&r, &fleet.launched).await;
@@ -428,7 +444,7 @@ fn idempotent_up(dir: &Path, host: &str, port: u16) -> PathBuf {
              if [ ! -e \"$state\" ]; then echo \"$AUTOSCALER_DECISION\" >> {d}/started; \
              echo '{{\"host\": \"{host}\", \"port\": {port}}}' > \"$state\"; fi\n\
              echo run >> {d}/runs\n\
-             while [ ! -e {d}/go ]; do sleep 0.1; done\n\
+             i=0; while [ ! -e {d}/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
              cat \"$state\""
         ),
     )
@@ -518,7 +534,7 @@ async fn command_killed_during_the_scale_down_command() {
         "down.sh",
         &format!(
             "echo \"$AUTOSCALER_HOST\" >> {d}/downs\n\
-             while [ ! -e {d}/go-down ]; do sleep 0.1; done\n\
+             i=0; while [ ! -e {d}/go-down ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
              echo \"$AUTOSCALER_HOST\" >> {d}/stopped"
         ),
     );

@@ -13,36 +13,59 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{current_user, free_port, keygen, shell_user, tool, LogBuf, Netns, Proc, Sshd};
+use crate::common::{
+    current_user, free_port, keygen, root, shell_user, tool, LogBuf, Netns, Proc, Sshd,
+};
 use actix::{Actor, Addr};
 use autoscaler_actors::adapters::ssh::SshSettings;
 use autoscaler_actors::admin::{self, Output};
 use autoscaler_actors::config::{CommandLine, Config, HaproxyTarget, Role};
 use autoscaler_actors::hosts::{Host, HostName};
 use autoscaler_actors::master::haproxy_worker::WorkerSettings;
-use autoscaler_actors::master::haproxy_writer::{HaproxyWriter, WaitDrained};
+use autoscaler_actors::master::haproxy_writer::{DrainOutcome, HaproxyWriter, WaitDrained};
 use autoscaler_actors::master::messages::HostsChanged;
 use autoscaler_actors::render::{HaproxyTemplate, HAPROXY_TEMPLATE};
 
-/// One runtime API command, answered.
-fn api(sock: &Path, cmd: &str) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return String::new();
-    };
-    let _ = s.write_all(format!("{cmd}\n").as_bytes());
+/// One runtime API command, answered; Err when HAProxy cannot be asked or says nothing.
+fn try_api(sock: &Path, cmd: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
     let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    s.read_to_string(&mut out)?;
+    match out.is_empty() {
+        true => Err(std::io::Error::other("empty answer")),
+        false => Ok(out),
+    }
+}
+
+/// One runtime API command, answered. A HAProxy that does not answer fails the test: "no
+/// servers" must never pass because HAProxy is dead.
+#[track_caller]
+fn api(sock: &Path, cmd: &str) -> String {
+    try_api(sock, cmd).unwrap_or_else(|e| panic!("{cmd:?} on {}: {e}", sock.display()))
 }
 
 /// The server names HAProxy has in the backend, with their admin state.
+#[track_caller]
 fn servers(sock: &Path) -> Vec<(String, u32)> {
-    api(sock, "show servers state app")
+    let answer = api(sock, "show servers state app");
+    // Version 1 of the format, then its header: anything else ("Can't find backend.") is
+    // not an empty backend.
+    assert!(
+        answer.starts_with(
+            "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state"
+        ),
+        "not a server state answer: {answer}"
+    );
+    answer
         .lines()
-        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f[3].to_string(), f[6].parse().unwrap_or(0))
+            assert!(f.len() > 6, "short server state line: {l}");
+            (f[3].to_string(), f[6].parse().expect("srv_admin_state"))
         })
         .collect()
 }
@@ -89,7 +112,7 @@ impl Lb {
             sock: sock.to_path_buf(),
         };
         let end = Instant::now() + Duration::from_secs(10);
-        while !lb.pidfile.exists() || api(&lb.sock, "show info").is_empty() {
+        while !lb.pidfile.exists() || try_api(&lb.sock, "show info").is_err() {
             assert!(
                 Instant::now() < end,
                 "HAProxy {} did not start",
@@ -350,8 +373,9 @@ async fn server_changes_go_through_the_runtime_api_without_reloads() {
     assert!(!file.contains(&c.name()));
 }
 
-/// Scale-in drains for real: the server goes to DRAIN, and WaitDrained resolves only once its
-/// last session has ended (or the time given is up); then the server is removed.
+/// Scale-in drains for real: the server goes to DRAIN, and WaitDrained resolves (Drained) only
+/// once its last session has ended, and soon after; then the server is removed. A wait
+/// shorter than the session says it timed out.
 #[actix_rt::test]
 async fn a_drain_waits_for_the_last_session() {
     let Some(haproxy) = tool("haproxy") else {
@@ -360,7 +384,8 @@ async fn a_drain_waits_for_the_last_session() {
     let tmp = tempfile::tempdir().unwrap();
     let (cfg, port) = lb_config(tmp.path());
     let lb = start_lb(&haproxy, &cfg).await;
-    let slow = Backend::start("slow", Duration::from_secs(2));
+    let hold = Duration::from_secs(2);
+    let slow = Backend::start("slow", hold);
     let log = LogBuf::default();
     let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
     w.do_send(hosts(&[&slow]));
@@ -369,44 +394,106 @@ async fn a_drain_waits_for_the_last_session() {
     })
     .await;
     // A request that takes 2 s is in flight when the host leaves.
+    let in_flight = |b: &Backend| {
+        let line = format!("app,{},0,0,1,", b.name());
+        move |sock: &Path| api(sock, "show stat app 4 -1").contains(&line)
+    };
+    let is_draining = |b: &Backend| {
+        let name = b.name();
+        move |sock: &Path| {
+            servers(sock)
+                .iter()
+                .any(|(n, admin)| *n == name && admin & DRAIN != 0)
+        }
+    };
+    let started = Instant::now();
     let client = std::thread::spawn(move || get(port));
+    let busy = in_flight(&slow);
     wait_until("the session is counted", Duration::from_secs(5), || {
-        api(&lb.sock, "show stat app 4 -1").contains(&format!("app,{},0,0,1,", slow.name()))
+        busy(&lb.sock)
     })
     .await;
     w.do_send(hosts(&[]));
-    let t = Instant::now();
-    w.send(WaitDrained {
-        server: slow.host().key(),
-        within: Duration::from_secs(10),
+    let draining = is_draining(&slow);
+    wait_until("slow in DRAIN", Duration::from_secs(5), || {
+        draining(&lb.sock)
     })
-    .await
-    .unwrap();
-    let waited = t.elapsed();
+    .await;
+    let outcome = w
+        .send(WaitDrained {
+            server: slow.host().key(),
+            within: Duration::from_secs(10),
+        })
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(outcome, DrainOutcome::Drained);
     assert_eq!(
         client.join().unwrap().unwrap(),
         "slow",
         "the session ended normally"
     );
+    // Not before the backend answered; within a few looks (every 100 ms here) after it.
     assert!(
-        waited >= Duration::from_millis(800),
-        "WaitDrained resolved before the session ended ({waited:?})"
+        waited >= hold - Duration::from_millis(100) && waited <= hold + Duration::from_millis(1500),
+        "WaitDrained resolved {waited:?} after a {hold:?} request began"
     );
     wait_until("the drained server removed", Duration::from_secs(5), || {
         names(&lb.sock).is_empty()
     })
     .await;
-    // Nothing to wait for: a server HAProxy does not have is drained at once; and the time
-    // given bounds the wait.
+    // Nothing to wait for: a server HAProxy does not have is drained at once.
     let t = Instant::now();
-    w.send(WaitDrained {
-        server: slow.host().key(),
-        within: Duration::from_secs(10),
-    })
-    .await
-    .unwrap();
+    let outcome = w
+        .send(WaitDrained {
+            server: slow.host().key(),
+            within: Duration::from_secs(10),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, DrainOutcome::Drained);
     assert!(t.elapsed() < Duration::from_secs(3));
+    // The time given bounds the wait, and the caller learns that it ran out.
+    let slower = Backend::start("slower", Duration::from_secs(4));
+    w.do_send(hosts(&[&slower]));
+    wait_until("slower in HAProxy", Duration::from_secs(15), || {
+        names(&lb.sock) == [slower.name()]
+    })
+    .await;
+    let client = std::thread::spawn(move || get(port));
+    let busy = in_flight(&slower);
+    wait_until(
+        "the second session is counted",
+        Duration::from_secs(5),
+        || busy(&lb.sock),
+    )
+    .await;
+    w.do_send(hosts(&[]));
+    let draining = is_draining(&slower);
+    wait_until("slower in DRAIN", Duration::from_secs(5), || {
+        draining(&lb.sock)
+    })
+    .await;
+    let t = Instant::now();
+    let outcome = w
+        .send(WaitDrained {
+            server: slower.host().key(),
+            within: Duration::from_millis(500),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, DrainOutcome::TimedOut);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!client.is_finished(), "the session was still open");
+    let _ = client.join();
 }
+
+/// `srv_admin_state` bit of a server set to DRAIN through the runtime API (SRV_ADMF_FDRAIN).
+const DRAIN: u32 = 0x08;
 
 /// A template HAProxy rejects never replaces the live configuration; HAProxy's own message
 /// is logged; HAProxy keeps serving the last good one.
@@ -553,11 +640,12 @@ async fn failures_are_retried_until_haproxy_runs_the_configuration() {
 /// comes back.
 #[actix_rt::test]
 async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
-    let (Some(haproxy), Some(sshd_bin), Some(_), Some(_)) = (
+    let (Some(haproxy), Some(sshd_bin), Some(_), Some(_), true) = (
         tool("haproxy"),
         tool("sshd"),
         tool("unshare"),
         tool("setpriv"),
+        root(),
     ) else {
         return;
     };

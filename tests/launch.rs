@@ -876,9 +876,13 @@ async fn command_launches_resume_after_a_crash() {
     assert!(crate::common::intents_in(&cfg.general.state_dir).is_empty());
 }
 
-/// dry_run: the master starts and decides with no launch settings at all.
+/// dry_run: the master starts and decides with no launch settings at all: a hot node gets a
+/// scale-up decision, logged as a dry run, and nothing is launched.
 #[actix_rt::test]
 async fn dry_run_master_needs_no_launch_settings() {
+    use autoscaler_actors::master::decider::GetDecisionStatus;
+    use autoscaler_actors::master::messages::{CpuReported, NodeUp};
+    use autoscaler_actors::report::CpuSample;
     let tmp = tempfile::tempdir().unwrap();
     autoscaler_actors::admin::init(tmp.path(), Role::Master, false).unwrap();
     let mut cfg = Config::load(&tmp.path().join("autoscaler.ini")).unwrap();
@@ -886,15 +890,63 @@ async fn dry_run_master_needs_no_launch_settings() {
     keygen(&cfg.ssh.identity_file);
     // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
     cfg.haproxy.reload_command = CommandLine(vec!["true".into()]);
-    let log = slog::Logger::root(slog::Discard, slog::o!());
+    cfg.scaling.warmup = Duration::ZERO;
+    cfg.scaling.scale_up_window = Duration::from_secs(1);
+    let node = Host::manual(
+        HostName::parse("127.0.0.1").unwrap(),
+        free_port("127.0.0.1"),
+    );
+    HostsDir::new(&cfg.general.hosts_dir).add(&node).unwrap();
+    let log = LogBuf::default();
     let m = autoscaler_actors::start_master(
         &cfg,
-        Duration::from_secs(1),
         Duration::from_millis(100),
-        &log,
+        Duration::from_millis(100),
+        &log.logger(),
     )
     .await
     .unwrap();
+    // The node is hot (as its tunnel would say).
+    m.decider.do_send(NodeUp {
+        host: node.key(),
+        hello: crate::common::hello("web", 1, Some(3_600_000)),
+    });
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seq = 0;
+    while !log.text().contains("\"action\":\"scale_up\"") {
+        assert!(
+            std::time::Instant::now() < end,
+            "no decision:\n{}",
+            log.text()
+        );
+        m.decider.do_send(CpuReported {
+            host: node.key(),
+            sample: CpuSample {
+                seq,
+                ts_ms: 1,
+                busy_pct: 97.0,
+                cores: 2,
+                age_ms: 0,
+            },
+        });
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let decision = log
+        .text()
+        .lines()
+        .find(|l| l.contains("\"action\":\"scale_up\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .unwrap();
+    assert_eq!(decision["dry_run"], true, "{decision}");
+    let st = m.decider.send(GetDecisionStatus).await.unwrap();
+    assert!(st.dry_run && st.in_flight.is_empty(), "{st:?}");
+    assert!(
+        st.last_action
+            .as_ref()
+            .is_some_and(|(a, _, _)| a == "scale_up 1"),
+        "{st:?}"
+    );
     assert!(m.launcher.is_none());
     // Without dry_run and without an AMI, the configuration itself is refused.
     cfg.scaling.dry_run = false;

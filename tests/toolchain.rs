@@ -78,3 +78,43 @@ fn rust_version_covers_every_locked_crate() {
         "README does not say Rust {declared} or newer"
     );
 }
+
+/// The README's test command cannot pass by skipping: it runs the suite with
+/// `AUTOSCALER_TEST_STRICT=1`, under which a missing tool fails the test and names the
+/// package to install; a bare `cargo test` skips such a test, loudly.
+#[test]
+fn the_test_command_fails_on_a_missing_tool() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let script = std::fs::read_to_string(format!("{root}/scripts/test.sh")).unwrap();
+    let strict = script
+        .find("export AUTOSCALER_TEST_STRICT=1")
+        .expect("scripts/test.sh runs the suite strict");
+    assert!(
+        script.find("cargo test").is_some_and(|t| t > strict),
+        "the strict setting precedes cargo test"
+    );
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
+    assert!(ci.contains("exec bash scripts/test.sh"), "{ci}");
+    let failed = std::panic::catch_unwind(|| {
+        crate::common::tool_in(true, "haproxy-but-not-installed");
+    })
+    .expect_err("strict: a missing tool is a failure");
+    let said = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        said.contains("`haproxy-but-not-installed` is not installed"),
+        "{said}"
+    );
+    assert!(
+        crate::common::tool_in(false, "haproxy-but-not-installed").is_none(),
+        "a bare cargo test skips"
+    );
+    // Every program the tests look for is one scripts/install-deps.sh installs, from the
+    // package a failure names.
+    let deps = std::fs::read_to_string(format!("{root}/scripts/install-deps.sh")).unwrap();
+    for (tool, package) in crate::common::PACKAGES {
+        assert!(
+            deps.contains(&format!("{tool}:{package}")),
+            "install-deps.sh does not install {tool} ({package})"
+        );
+    }
+}

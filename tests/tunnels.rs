@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{bin, free_port, keygen, tool, LogBuf, MasterProc, Netns, Proc, Sshd};
+use crate::common::{bin, free_port, keygen, root, tool, LogBuf, MasterProc, Netns, Proc, Sshd};
 use actix::{Actor, Addr, Context, Handler};
 use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
@@ -320,13 +320,22 @@ async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
     drop(m.dir);
 }
 
+/// A refused host: `said` was logged for a second attempt, and in all that time (with an
+/// agent on the node ready to report) no tunnel came up and no event reached the master.
+async fn refused(m: &mut Master, said: &str) {
+    m.log.wait_for_count(said, 2, Duration::from_secs(20)).await;
+    assert!(!m.log.text().contains("Tunnel up"), "{}", m.log.text());
+    assert!(m.events.try_recv().is_err(), "no event from a refused host");
+}
+
 #[actix_rt::test]
 async fn host_keys_are_verified() {
     let Some(sshd_bin) = tool("sshd") else { return };
 
-    // Unknown key, strict policy: refused with a clear message, no NodeUp.
+    // Unknown key, strict policy: refused with a clear message, no tunnel, no NodeUp.
     let (dir, mut cfg) = Master::dir_with_key();
-    cfg.node.report_port = free_port("127.0.0.1");
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
     let sshd = Sshd::start(
         &sshd_bin,
         "127.0.0.3",
@@ -334,14 +343,16 @@ async fn host_keys_are_verified() {
         &pub_of(&cfg.ssh.identity_file),
         None,
     );
-    let m = Master::start(dir, cfg);
+    let (_node, _nd) = start_node(report_port, None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
     m.add_host(&sshd, 8080);
-    m.log.wait_for("is not in", Duration::from_secs(10)).await;
+    refused(&mut m, "is not in").await;
     assert!(m.log.text().contains("host_key_policy = accept-new"));
 
     // A changed key (known_hosts holds another key for this address): refused, loudly.
     let (dir, mut cfg) = Master::dir_with_key();
-    cfg.node.report_port = free_port("127.0.0.1");
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
     let other = tempfile::tempdir().unwrap();
     keygen(&other.path().join("k"));
     let other_pub = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
@@ -351,15 +362,10 @@ async fn host_keys_are_verified() {
         format!("[127.0.0.3]:{} ssh-ed25519 {b64}\n", sshd.port),
     )
     .unwrap();
+    let (_node2, _nd2) = start_node(report_port, None, &secret_of(&cfg));
     let mut m2 = Master::start(dir, cfg);
     m2.add_host(&sshd, 8080);
-    m2.log
-        .wait_for("HOST KEY OF 127.0.0.3 HAS CHANGED", Duration::from_secs(10))
-        .await;
-    assert!(
-        m2.events.try_recv().is_err(),
-        "no event from a refused host"
-    );
+    refused(&mut m2, "HOST KEY OF 127.0.0.3 HAS CHANGED").await;
 
     // accept-new: the key is recorded on first contact and the session comes up.
     let (dir, mut cfg) = Master::dir_with_key();
@@ -383,8 +389,10 @@ async fn host_keys_are_verified() {
     // accept-new, but known_hosts records a key of another type for this host: that is not a
     // new host, and an attacker need only offer a type the real host never recorded.
     let (dir, mut cfg) = Master::dir_with_key();
-    cfg.node.report_port = free_port("127.0.0.1");
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
     cfg.ssh.host_key_policy = HostKeyPolicy::AcceptNew;
+    let (_node4, _nd4) = start_node(report_port, None, &secret_of(&cfg));
     let other = tempfile::tempdir().unwrap();
     let st = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-f"])
@@ -402,13 +410,7 @@ async fn host_keys_are_verified() {
     .unwrap();
     let mut m4 = Master::start(dir, cfg);
     m4.add_host(&sshd4, 8080);
-    m4.log
-        .wait_for("it presents a ssh-ed25519 key", Duration::from_secs(10))
-        .await;
-    assert!(
-        m4.events.try_recv().is_err(),
-        "no event from a refused host"
-    );
+    refused(&mut m4, "it presents a ssh-ed25519 key").await;
     let after = std::fs::read_to_string(&m4.cfg.ssh.known_hosts).unwrap();
     assert_eq!(after.lines().count(), 1, "nothing learnt: {after}");
 }
@@ -437,7 +439,7 @@ async fn a_busy_report_port_on_the_node_is_reported() {
 
 #[actix_rt::test]
 async fn two_nodes_in_their_own_network_namespaces() {
-    let (Some(sshd_bin), Some(_)) = (tool("sshd"), tool("ip")) else {
+    let (Some(sshd_bin), Some(_), true) = (tool("sshd"), tool("ip"), root()) else {
         return;
     };
     let (dir, mut cfg) = Master::dir_with_key();

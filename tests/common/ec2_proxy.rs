@@ -39,6 +39,10 @@ struct Rules {
     console: HashMap<String, String>,
     console_default: Option<String>,
     counts: HashMap<String, usize>,
+    /// Calls that reached EC2 (moto), per action.
+    forwarded: HashMap<String, usize>,
+    /// Held calls whose caller hung up before the release: never forwarded.
+    abandoned: HashMap<String, usize>,
 }
 
 /// The proxy; stops when dropped.
@@ -115,6 +119,24 @@ impl Ec2Proxy {
     /// How many calls of `action` arrived.
     pub fn count(&self, action: &str) -> usize {
         self.rules().counts.get(action).copied().unwrap_or(0)
+    }
+
+    /// How many calls of `action` reached EC2.
+    pub fn forwarded(&self, action: &str) -> usize {
+        self.rules().forwarded.get(action).copied().unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `n` held calls of `action` were abandoned by their caller: from
+    /// then on they can never reach EC2.
+    pub async fn wait_abandoned(&self, action: &str, n: usize, limit: Duration) {
+        let end = std::time::Instant::now() + limit;
+        while self.rules().abandoned.get(action).copied().unwrap_or(0) < n {
+            assert!(
+                std::time::Instant::now() < end,
+                "no held {action} was abandoned within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits (bounded) until `n` calls of `action` arrived.
@@ -198,10 +220,22 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Message
     }
 }
 
-/// Sends `req` to moto on a fresh connection and reads its whole answer.
-async fn forward(upstream: &str, req: &Message) -> Option<Message> {
+/// Sends `req` to moto on a fresh connection and reads its whole answer; counts it as
+/// forwarded once it is written.
+async fn forward(
+    upstream: &str,
+    req: &Message,
+    action: &str,
+    rules: &Arc<Mutex<Rules>>,
+) -> Option<Message> {
     let mut up = TcpStream::connect(upstream).await.ok()?;
     up.write_all(&req.to_bytes()).await.ok()?;
+    *rules
+        .lock()
+        .unwrap()
+        .forwarded
+        .entry(action.to_string())
+        .or_default() += 1;
     let mut raw = Vec::new();
     up.read_to_end(&mut raw).await.ok()?;
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -260,17 +294,21 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
                     match tokio::time::timeout(Duration::from_millis(20), conn.read(&mut byte))
                         .await
                     {
-                        Ok(Ok(0)) | Ok(Err(_)) => return, // the caller is gone
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            // The caller is gone.
+                            *rules.lock().unwrap().abandoned.entry(action).or_default() += 1;
+                            return;
+                        }
                         _ => {}
                     }
                 }
-                let Some(a) = forward(&upstream, &req).await else {
+                let Some(a) = forward(&upstream, &req, &action, &rules).await else {
                     return;
                 };
                 a
             }
             other => {
-                let Some(a) = forward(&upstream, &req).await else {
+                let Some(a) = forward(&upstream, &req, &action, &rules).await else {
                     return;
                 };
                 match other {

@@ -22,6 +22,14 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
 }
 
+/// Whatever still runs from the sandbox's directory when it goes (a scale command orphaned by
+/// a SIGKILLed master, say) goes with it.
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        kill_mentioning(self.dir.path());
+    }
+}
+
 impl Sandbox {
     /// A fresh, initialised configuration directory (role master) with the master's SSH key
     /// made, as the README's set-up does.
@@ -153,23 +161,95 @@ pub fn assert_fails(out: &Output, code: i32, needle: &str) -> String {
     err
 }
 
-/// Finds a program on PATH or at one of the usual sbin paths. A test that needs it and does not
-/// find it says so loudly and returns early; `.ci/run` installs every such tool.
+/// Set to `1` by the README's test command (scripts/test.sh, and so CI): a test that cannot
+/// find what it needs fails, naming the package that provides it, instead of skipping.
+pub const STRICT_ENV: &str = "AUTOSCALER_TEST_STRICT";
+
+/// Whether a missing tool fails the test ([`STRICT_ENV`]).
+pub fn strict() -> bool {
+    std::env::var_os(STRICT_ENV).is_some_and(|v| v == "1")
+}
+
+/// Something a test needs is not here: `what` is missing, `fix` says how to get it. Under the
+/// README's test command ([`strict`]) the test fails; under a bare `cargo test` it says so
+/// loudly (shown with `--nocapture`) and the caller returns early.
+#[track_caller]
+pub fn unavailable(what: &str, fix: &str) {
+    unavailable_in(strict(), what, fix)
+}
+
+#[track_caller]
+pub(crate) fn unavailable_in(strict: bool, what: &str, fix: &str) {
+    if strict {
+        panic!("{what}: {fix} (scripts/test.sh installs it; {STRICT_ENV}=1 makes this a failure)");
+    }
+    eprintln!(
+        "\n=============================================================\n\
+         SKIPPED: {what}: {fix}.\n\
+         bash scripts/test.sh installs everything and never skips.\n\
+         =============================================================\n"
+    );
+}
+
+/// The Debian package of each program the tests use.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("haproxy", "haproxy"),
+    ("sshd", "openssh-server"),
+    ("ssh-keygen", "openssh-client"),
+    ("ip", "iproute2"),
+    ("etcd", "etcd-server"),
+    ("promtool", "prometheus"),
+    ("cloud-init", "cloud-init"),
+    ("systemd-analyze", "systemd"),
+    ("groff", "groff-base"),
+    ("openssl", "openssl"),
+    ("unshare", "util-linux"),
+    ("setpriv", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("bash", "bash"),
+];
+
+/// Finds a program on PATH or at one of the usual sbin paths. When it is not there, see
+/// [`unavailable`]: a failure under the test command, a loud skip (None) otherwise.
+#[track_caller]
 pub fn tool(name: &str) -> Option<PathBuf> {
+    tool_in(strict(), name)
+}
+
+#[track_caller]
+pub(crate) fn tool_in(strict: bool, name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     dirs.extend(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
     let found = dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file());
     if found.is_none() {
-        eprintln!(
-            "\n=============================================================\n\
-             SKIPPED: `{name}` is not installed; this test needs the real one.\n\
-             Install it (bash .ci/run does) and run the tests again.\n\
-             =============================================================\n"
+        let package = PACKAGES
+            .iter()
+            .find(|(tool, _)| *tool == name)
+            .map_or("its package", |(_, p)| p);
+        unavailable_in(
+            strict,
+            &format!("`{name}` is not installed; this test needs the real one"),
+            &format!("apt-get install {package}"),
         );
     }
     found
+}
+
+/// Whether this process runs as root (network namespaces, the test user and HAProxy's
+/// privileged set-ups need it). When not, see [`unavailable`].
+#[track_caller]
+pub fn root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    let is_root = String::from_utf8_lossy(&out.stdout).trim() == "0";
+    if !is_root {
+        unavailable(
+            "this test needs root (network namespaces, a test user)",
+            "run the tests as root",
+        );
+    }
+    is_root
 }
 
 /// A port that was free a moment ago on `ip`.
@@ -221,7 +301,10 @@ pub fn shell_user() -> Option<String> {
             .status()
             .is_ok_and(|s| s.success());
         if !made {
-            eprintln!("\nSKIPPED: cannot create the test user {NAME} (run the tests as root)\n");
+            unavailable(
+                &format!("cannot create the test user {NAME}"),
+                "run the tests as root",
+            );
             return None;
         }
     }
@@ -380,18 +463,19 @@ impl Drop for Sshd {
     }
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop, with every process it started.
 pub struct Proc(pub std::process::Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        kill_tree(self.0.id());
         let _ = self.0.wait();
     }
 }
 
-/// A network namespace with a veth pair: 10.200.N.1 on the host side, 10.200.N.2 inside.
-/// Deleted on drop (the veth pair goes with it).
+/// A network namespace with a veth pair: 10.200.N.1 on the host side, 10.200.N.2 inside, N
+/// a subnet no interface of this machine has yet (so two runs of the suite, or two tests,
+/// never share one). Deleted on drop (the veth pair goes with it).
 pub struct Netns {
     pub name: String,
     pub inner: String,
@@ -399,6 +483,7 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// A new namespace; `n` tells a test's namespaces apart in their names.
     pub fn create(n: u8) -> Netns {
         let name = format!("as-test-{}-{n}", std::process::id());
         let host_if = format!("asv{}h{n}", std::process::id() % 10000);
@@ -411,17 +496,37 @@ impl Netns {
             .args(["netns", "del", &name])
             .stderr(std::process::Stdio::null())
             .status();
+        // Choosing a free subnet and taking it is one step for every process on the machine.
+        let lock = std::fs::File::create(std::env::temp_dir().join("autoscaler-test-netns.lock"))
+            .expect("the subnet lock file");
+        lock.lock().expect("the subnet lock");
+        let used = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        let used = String::from_utf8_lossy(&used.stdout).into_owned();
+        let subnet = (1..=254u8)
+            .map(|k| k.wrapping_add((std::process::id() % 251) as u8).max(1))
+            .find(|k| !used.contains(&format!(" 10.200.{k}.")))
+            .expect("a free 10.200.N.0/24 subnet");
         sh(&["netns", "add", &name]);
         let ns = Netns {
             name: name.clone(),
-            inner: format!("10.200.{n}.2"),
+            inner: format!("10.200.{subnet}.2"),
             host_if: host_if.clone(),
         };
         sh(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
         ]);
         sh(&["link", "set", &ns_if, "netns", &name]);
-        sh(&["addr", "add", &format!("10.200.{n}.1/24"), "dev", &host_if]);
+        sh(&[
+            "addr",
+            "add",
+            &format!("10.200.{subnet}.1/24"),
+            "dev",
+            &host_if,
+        ]);
+        drop(lock);
         sh(&["link", "set", &host_if, "up"]);
         sh(&[
             "netns",
@@ -430,7 +535,7 @@ impl Netns {
             "ip",
             "addr",
             "add",
-            &format!("10.200.{n}.2/24"),
+            &format!("10.200.{subnet}.2/24"),
             "dev",
             &ns_if,
         ]);
@@ -489,6 +594,27 @@ pub fn kill_tree(pid: u32) {
     }
     for p in all {
         let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+}
+
+/// SIGKILLs every process (and its descendants) whose command line mentions `path`: scripts a
+/// test wrote there and that outlived whoever started them.
+pub fn kill_mentioning(path: &Path) {
+    let needle = path.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if pid != me && cmdline.windows(needle.len()).any(|w| w == needle) {
+            kill_tree(pid);
+        }
     }
 }
 

@@ -17,12 +17,12 @@ pub fn moto_bin() -> Option<PathBuf> {
     if p.is_file() {
         return Some(p);
     }
-    eprintln!(
-        "\n=============================================================\n\
-         SKIPPED: moto_server not found at {}; this test needs the real EC2 API server.\n\
-         Run scripts/install-deps.sh (bash .ci/run does) and test again.\n\
-         =============================================================\n",
-        p.display()
+    super::unavailable(
+        &format!(
+            "moto_server not found at {}; this test needs the real EC2 API server",
+            p.display()
+        ),
+        "run scripts/install-deps.sh (it makes .venv-moto) or set MOTO_SERVER",
     );
     None
 }

@@ -642,12 +642,18 @@ mod tests {
             validate(&check(&c, OnMissing::Refuse), &odd).await.unwrap(),
             Validation::Valid
         );
-        std::env::set_var("AUTOSCALER_TEST_LEAK", "leak");
-        let c = cmd("sh -c 'test -z \"$AUTOSCALER_TEST_LEAK\"' check {config}");
+        let seen = tmp.path().join("env");
+        let c = cmd(&format!(
+            "sh -c 'env > {}' check {{config}}",
+            seen.display()
+        ));
         assert_eq!(
             validate(&check(&c, OnMissing::Refuse), &odd).await.unwrap(),
             Validation::Valid
         );
+        let seen =
+            crate::adapters::process::tests::env_names(&std::fs::read_to_string(&seen).unwrap());
+        crate::adapters::process::tests::assert_clean(&seen, &[]);
         let c = cmd("sh -c 'sleep 30' check {config}");
         let mut short = check(&c, OnMissing::Refuse);
         short.timeout = Duration::from_millis(200);

@@ -108,9 +108,10 @@ pub enum ServerEvent {
         error: String,
         retry_in: Duration,
     },
-    /// A watched server takes no traffic any more (or its time is up).
+    /// A watched server takes no traffic any more, or its time is up (`timed_out`).
     Drained {
         name: String,
+        timed_out: bool,
     },
 }
 
@@ -490,16 +491,16 @@ impl Worker {
             }
         }
         for (name, deadline) in self.watched.clone() {
-            let done = match state.get(&name) {
+            let drained = match state.get(&name) {
                 None => true,
-                Some(s) => {
-                    (s.leaving() && sessions.get(&name).copied().unwrap_or(0) == 0)
-                        || now >= deadline
-                }
+                Some(s) => s.leaving() && sessions.get(&name).copied().unwrap_or(0) == 0,
             };
-            if done {
+            if drained || now >= deadline {
                 self.watched.remove(&name);
-                self.report(ServerEvent::Drained { name });
+                self.report(ServerEvent::Drained {
+                    name,
+                    timed_out: !drained,
+                });
             }
         }
         Ok(())

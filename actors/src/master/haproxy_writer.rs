@@ -29,12 +29,25 @@ use crate::hosts::{Host, HostKey};
 use crate::metrics::Metrics;
 use crate::render::HaproxyTemplate;
 
-/// Resolves once `server` takes no traffic on any HAProxy server (or `within` is up).
+/// Resolves once `server` takes no traffic on any HAProxy server (or `within` is up), saying
+/// which of the two happened.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "DrainOutcome")]
 pub struct WaitDrained {
     pub server: HostKey,
     pub within: Duration,
+}
+
+/// How long past a [`WaitDrained`]'s time a worker that has not reported is waited for.
+const WORKER_GRACE: Duration = Duration::from_secs(1);
+
+/// How a [`WaitDrained`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every HAProxy server reported the server without sessions.
+    Drained,
+    /// The time given ran out first: sessions may still have been open.
+    TimedOut,
 }
 
 /// The last thing each HAProxy server did, for logs and status.
@@ -49,7 +62,9 @@ pub enum ServerStatus {
 struct Waiter {
     name: String,
     left: BTreeSet<String>,
-    reply: Option<oneshot::Sender<()>>,
+    /// Some server reported the time up rather than the sessions gone.
+    timed_out: bool,
+    reply: Option<oneshot::Sender<DrainOutcome>>,
 }
 
 /// The actor.
@@ -181,12 +196,16 @@ impl Handler<ServerReport> for HaproxyWriter {
                 self.metrics.haproxy_apply(&m.server, "failed");
                 self.status.insert(m.server, ServerStatus::Failing(error));
             }
-            ServerEvent::Drained { name } => {
+            ServerEvent::Drained { name, timed_out } => {
                 for w in self.waiters.iter_mut().filter(|w| w.name == name) {
                     w.left.remove(&m.server);
+                    w.timed_out |= timed_out;
                     if w.left.is_empty() {
                         if let Some(r) = w.reply.take() {
-                            let _ = r.send(());
+                            let _ = r.send(match w.timed_out {
+                                true => DrainOutcome::TimedOut,
+                                false => DrainOutcome::Drained,
+                            });
                         }
                     }
                 }
@@ -198,7 +217,7 @@ impl Handler<ServerReport> for HaproxyWriter {
 }
 
 impl Handler<WaitDrained> for HaproxyWriter {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<DrainOutcome>;
 
     fn handle(&mut self, m: WaitDrained, _: &mut Context<Self>) -> Self::Result {
         let name = m.server.server_name();
@@ -209,6 +228,7 @@ impl Handler<WaitDrained> for HaproxyWriter {
         self.waiters.push(Waiter {
             name: name.clone(),
             left: self.workers.keys().cloned().collect(),
+            timed_out: false,
             reply: Some(tx),
         });
         for tx in self.workers.values() {
@@ -219,8 +239,14 @@ impl Handler<WaitDrained> for HaproxyWriter {
         }
         let none = self.workers.is_empty();
         Box::pin(async move {
-            if !none {
-                let _ = tokio::time::timeout(m.within, rx).await;
+            if none {
+                return DrainOutcome::Drained;
+            }
+            // Each worker reports at its deadline, drained or not; this is only for a worker
+            // that cannot report at all.
+            match tokio::time::timeout(m.within + WORKER_GRACE, rx).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) | Err(_) => DrainOutcome::TimedOut,
             }
         })
     }

@@ -14,7 +14,7 @@ use super::{Inner, LaunchError, Provisioner};
 use crate::adapters::hosts_dir::HostsError;
 use crate::adapters::known_hosts;
 use crate::backoff::Backoff;
-use crate::master::haproxy_writer::WaitDrained;
+use crate::master::haproxy_writer::{DrainOutcome, WaitDrained};
 use crate::master::registry::DeregisterHost;
 
 /// Longest wait between two tries of a failing drain.
@@ -74,9 +74,16 @@ async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError>
                 server: h.key(),
                 within: left,
             });
-            let _ = tokio::time::timeout(left + Duration::from_secs(5), wait).await;
-            info!(log, "HAProxy has no more traffic for it"; "host" => %h.host, "port" => h.port,
-                "early_by" => ?Duration::from_millis(d.deadline_ms.saturating_sub(now_ms())));
+            match tokio::time::timeout(left + Duration::from_secs(5), wait).await {
+                Ok(Ok(DrainOutcome::Drained)) => {
+                    info!(log, "HAProxy has no more traffic for it"; "host" => %h.host, "port" => h.port,
+                        "early_by" => ?Duration::from_millis(d.deadline_ms.saturating_sub(now_ms())))
+                }
+                _ => {
+                    warn!(log, "Drain time is up; stopping the host with sessions possibly still open";
+                        "host" => %h.host, "port" => h.port)
+                }
+            }
         }
         _ => tokio::time::sleep(left).await,
     }
