@@ -23,6 +23,9 @@ start_loopback_sshd "$tmp/sshd" 127.0.0.1 "$ssh_port" "$tmp/m/id_ed25519.pub" $'
 pids+=("$SSHD_PID")
 echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$tmp/sshd/host.pub")" >"$tmp/m/known_hosts"
 sed -i "s/^user = .*/user = $(id -un)/" "$tmp/m/autoscaler.ini"
+# TCP forwards, one report port per host (each host file names its own); a build from before
+# report_socket has no such key.
+sed -i "s/^report_socket = .*/report_socket = /" "$tmp/m/autoscaler.ini"
 # This master must not touch the machine's HAProxy.
 sed -i "s/^reload_command = .*/reload_command = true/" "$tmp/m/autoscaler.ini"
 
@@ -58,11 +61,11 @@ python3 - "$n" "$rate" "$dur" "$base" "$master" "$tmp/m/report.key" <<'PY' || { 
 import asyncio, hashlib, hmac, json, os, struct, sys, time
 n, rate, dur, base, master = map(int, sys.argv[1:6])
 secret = open(sys.argv[6]).read().strip().encode()
-def mac(nonce, node, boot):
-    m = hmac.new(secret, digestmod=hashlib.sha256)
-    for f in (nonce.encode(), node.encode(), struct.pack(">Q", boot)):
+def mac(key, parts):
+    m = hmac.new(key, digestmod=hashlib.sha256)
+    for f in parts:
         m.update(struct.pack(">Q", len(f))); m.update(f)
-    return m.hexdigest()
+    return m.digest()
 tck = os.sysconf("SC_CLK_TCK")
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -77,22 +80,49 @@ async def connect(i):
         except OSError:
             await asyncio.sleep(0.1)
     raise SystemExit(f"forward {i} never came up")
+class Channel:
+    """One agent's channel, in the protocol the master speaks (v1: a MAC'd hello, plain
+    frames; v2: the hello bound to the forward, a welcome, a MAC on every frame)."""
+    def __init__(self, i, port, r, w):
+        self.i, self.via, self.r, self.w, self.session = i, f"tcp:{port}", r, w, None
+    async def handshake(self):
+        challenge = json.loads(await self.r.readline())
+        self.v = challenge["v"]
+        node, nonce = f"n{self.i}", challenge["nonce"]
+        if self.v == 1:
+            tag = mac(secret, [nonce.encode(), node.encode(), struct.pack(">Q", 1)]).hex()
+            self.w.write((json.dumps({"v": 1, "type": "hello", "node": node, "boot": 1, "mac": tag}) + "\n").encode())
+            return
+        hello = {"v": 2, "type": "hello", "node": node, "boot": 1, "interval_ms": 200, "buffer": 0,
+                 "nonce": os.urandom(32).hex()}
+        covered = json.dumps(hello, separators=(",", ":"))[:-1].encode()
+        parts = lambda what: [what, nonce.encode(), self.via.encode(), covered]
+        self.w.write(covered + b',"mac":"' + mac(secret, parts(b"hello")).hex().encode() + b'"}\n')
+        welcome = json.loads(await self.r.readline())
+        assert welcome["mac"] == mac(secret, parts(b"welcome")).hex(), "no welcome"
+        self.session = hmac.new(mac(secret, parts(b"session")), digestmod=hashlib.sha256)
+    def frame(self, seq, ts):
+        body = {"v": self.v, "type": "cpu", "seq": seq, "ts_ms": ts, "busy_pct": 42.0, "cores": 2}
+        if self.v == 1:
+            return (json.dumps(body) + "\n").encode()
+        covered = json.dumps(body, separators=(",", ":"))[:-1].encode()
+        m = self.session.copy(); m.update(covered)
+        return covered + b',"mac":"' + m.digest()[:16].hex().encode() + b'"}\n'
 async def main():
     t0 = time.time()
     conns = await asyncio.gather(*(connect(i) for i in range(n)))
     print(f"{n} forwards up after {time.time() - t0:.1f}s")
-    for i, (r, w) in enumerate(conns):
-        nonce = json.loads(await r.readline())["nonce"]
-        w.write((json.dumps({"v": 1, "type": "hello", "node": f"n{i}", "boot": 1,
-                             "mac": mac(nonce, f"n{i}", 1)}) + "\n").encode())
+    chans = [Channel(i, base + 20000 + i, r, w) for i, (r, w) in enumerate(conns)]
+    await asyncio.gather(*(c.handshake() for c in chans))
+    print(f"report protocol v{chans[0].v}")
     await asyncio.sleep(2)
     c0, start, sent, seq = cpu(master), time.time(), 0, 0
     while time.time() - start < dur:
         tick = time.time()
-        for _, w in conns:
-            w.write((json.dumps({"v": 1, "type": "cpu", "seq": seq, "ts_ms": int(tick * 1000), "busy_pct": 42.0, "cores": 2}) + "\n").encode())
+        for c in chans:
+            c.w.write(c.frame(seq, int(tick * 1000)))
         sent += n; seq += 1
-        await asyncio.gather(*(w.drain() for _, w in conns))
+        await asyncio.gather(*(c.w.drain() for c in chans))
         await asyncio.sleep(max(0, 1 / rate - (time.time() - tick)))
     await asyncio.sleep(1)
     used = cpu(master) - c0

@@ -48,7 +48,7 @@ PY
 }
 
 say "Configuration in $tmp"
-front=$(free_port) report=$(free_port) sshport=$(free_port) metrics=$(free_port)
+front=$(free_port) sshport=$(free_port) metrics=$(free_port)
 "$bin" -q init --dir "$tmp/master"
 "$bin" -q init --dir "$tmp/node" --role node
 cp -p "$tmp/master/report.key" "$tmp/node/report.key"   # the report secret, as an operator copies it
@@ -56,8 +56,10 @@ m="$tmp/master/autoscaler.ini"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/master/id_ed25519"
 set_key "$m" ssh user "$(id -un)"
 set_key "$m" ssh host_key_policy accept-new
-set_key "$m" node report_port "$report"
-set_key "$tmp/node/autoscaler.ini" node report_port "$report"
+# The master's forward appears as a Unix socket in the agent's private directory on the node
+# (the node's report_socket is $tmp/node/reports/master.sock: the agent reports to every
+# socket in $tmp/node/reports).
+set_key "$m" node report_socket "$tmp/node/reports/master.sock"
 set_key "$m" scaling dry_run false
 set_key "$m" scaling scale_up_threshold 60
 set_key "$m" scaling scale_down_threshold 5

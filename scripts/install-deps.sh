@@ -4,7 +4,8 @@
 #        systemd (systemd-analyze verify), prometheus (promtool check metrics), groff-base
 #        (the man page is rendered), etcd-server (the cluster tests' etcd), protobuf-compiler
 #        and libprotobuf-dev (the etcd client's build), openssl (the etcd TLS test's
-#        certificates), and python3-venv when missing
+#        certificates), nftables (the cloud-init metadata lock is applied in a test's network
+#        namespace), util-linux (unshare, setpriv, nsenter), and python3-venv when missing
 #   a check that the Rust toolchain is at least the workspace's rust-version
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
@@ -30,13 +31,15 @@ need=()
 for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ip:iproute2 \
     cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
     etcd:etcd-server protoc:protobuf-compiler openssl:openssl unshare:util-linux \
-    setpriv:util-linux nsenter:util-linux bash:bash; do
+    setpriv:util-linux nsenter:util-linux bash:bash nft:nftables; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
 # etcd-client compiles etcd's protos at build time: protoc and its well-known types.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3 python3-venv)
+# The tests' unprivileged "local user" runs its attacks in the system's Python.
+[ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need[*]}" >&2
   apt-get update -qq

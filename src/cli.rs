@@ -72,9 +72,14 @@ pub enum Command {
         /// SSH port of this host, when it differs from [ssh] port.
         #[arg(long)]
         ssh_port: Option<String>,
-        /// The node's report port, when it differs from [node] report_port.
+        /// The node's report port, when it differs from [node] report_port: a TCP forward
+        /// for this host.
         #[arg(long)]
         report_port: Option<String>,
+        /// The node's report socket, when it differs from [node] report_socket (an absolute
+        /// path ending in .sock).
+        #[arg(long)]
+        report_socket: Option<String>,
     },
     /// Remove a registered backend host.
     RemoveHost {

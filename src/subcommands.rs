@@ -8,7 +8,7 @@ use autoscaler_actors::adapters::haproxy::{Installed, Validation};
 use autoscaler_actors::adapters::hosts_dir::AddOutcome;
 use autoscaler_actors::admin::{self, AdminError, Output};
 use autoscaler_actors::config::{Config, ConfigError, Role, CONFIG_FILE_NAME};
-use autoscaler_actors::hosts::{parse_port, Host, HostKey, HostName};
+use autoscaler_actors::hosts::{parse_port, parse_report_socket, Host, HostKey, HostName};
 use autoscaler_actors::master::control;
 use clap::CommandFactory;
 use slog::{info, warn, Logger};
@@ -25,12 +25,14 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             port,
             ssh_port,
             report_port,
+            report_socket,
         } => add_host(
             cli,
             host,
             port,
             ssh_port.as_deref(),
             report_port.as_deref(),
+            report_socket.as_deref(),
             log,
         ),
         Command::RemoveHost { host, port } => remove_host(cli, host, port, log),
@@ -130,12 +132,14 @@ fn add_host(
     port: &str,
     ssh_port: Option<&str>,
     report_port: Option<&str>,
+    report_socket: Option<&str>,
     log: &Logger,
 ) -> anyhow::Result<()> {
     // Everything the user typed is validated before the configuration is even read.
     let mut entry = Host::manual(HostName::parse(host)?, parse_port(port)?);
     entry.ssh_port = ssh_port.map(parse_port).transpose()?;
     entry.report_port = report_port.map(parse_port).transpose()?;
+    entry.report_socket = report_socket.map(parse_report_socket).transpose()?;
     let cfg = load(cli)?;
     let key = entry.key();
     let (store, outcome) = block(async {

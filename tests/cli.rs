@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use crate::common::{bin, stderr, stdout, tool, Sandbox};
+use crate::common::{assert_fails, bin, stderr, stdout, tool, Sandbox};
 
 #[test]
 fn init_writes_a_private_complete_config_and_never_overwrites() {
@@ -108,6 +108,30 @@ fn add_list_remove_hosts() {
     );
     let out = s.run(&["add-host", "127.0.0.7", "81", "--ssh-port", "0"]);
     assert_eq!(out.status.code(), Some(65));
+    // A report socket of its own; a path that is not one is refused before anything is
+    // written.
+    let out = s.run(&[
+        "add-host",
+        "127.0.0.7",
+        "82",
+        "--report-socket",
+        "/run/autoscaler/reports/lb-2.sock",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&s.run(&["list-hosts", "--json"]).stdout).unwrap();
+    assert_eq!(v[3]["report_socket"], "/run/autoscaler/reports/lb-2.sock");
+    for bad in [
+        "run/x.sock",
+        "/run/x y.sock",
+        "/run/../x.sock",
+        "/run/x",
+        "/r\nx.sock",
+    ] {
+        let out = s.run(&["add-host", "127.0.0.7", "83", "--report-socket", bad]);
+        assert_fails(&out, 65, "report socket");
+    }
+    assert!(s.run(&["remove-host", "127.0.0.7", "82"]).status.success());
     assert!(s.run(&["remove-host", "127.0.0.7", "80"]).status.success());
 
     let out = s.run(&["remove-host", "127.0.0.2", "8080"]);

@@ -36,12 +36,18 @@ fn cloud_init_user_data_is_valid_cloud_config() {
     for want in [
         "ssh_authorized_keys:",
         "ssh_key_console_blacklist: []",
-        "AllowTcpForwarding remote",
+        "AllowStreamLocalForwarding remote",
+        "report_socket = /run/autoscaler/reports/master.sock",
+        "User=autoscaler",
+        "RuntimeDirectoryMode=0700",
         "enable, --now, autoscaler-node.service",
         // The report secret arrives from the master and reaches the agent as a credential.
         "content: '{{ report_secret }}'",
         "LoadCredential=report.key:/etc/autoscaler/report.key",
-        "meta skuid != 0 drop",
+        // The metadata lock covers both endpoints and fails loudly without nft.
+        "ip daddr 169.254.169.254 meta skuid != 0 drop",
+        "ip6 daddr fd00:ec2::254 meta skuid != 0 drop",
+        "exit 1",
     ] {
         assert!(text.contains(want), "missing {want:?}");
     }
@@ -95,4 +101,79 @@ fn systemd_units_verify() {
     assert!(master.contains("StateDirectory=autoscaler"));
     assert!(master.contains("RuntimeDirectory=autoscaler"));
     assert!(master.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+}
+
+/// The cloud-init metadata lock, as the node's bootcmd runs it, applied for real in a network
+/// namespace made here (twice: bootcmd runs every boot): both metadata endpoints are closed
+/// to every user but root.
+#[test]
+fn the_metadata_lock_applies_and_covers_both_endpoints() {
+    let (Some(_), Some(nft), true) = (tool("ip"), tool("nft"), crate::common::root()) else {
+        return;
+    };
+    let text = std::fs::read_to_string(contrib("cloud-init/node.yaml")).unwrap();
+    // The bootcmd entry is `sh -c <folded script>`: the script is its indented lines, joined
+    // with spaces as YAML folds them.
+    let start = text.find("bootcmd:").unwrap();
+    let script: String = text[start..]
+        .lines()
+        .skip(4)
+        .take_while(|l| l.starts_with("      "))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(script.contains("nft -f -"), "{script}");
+    let ns = crate::common::Netns::create(9);
+    for _ in 0..2 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sh", "-c", &script])
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/sbin:/usr/bin:/bin",
+                    nft.parent().unwrap().display()
+                ),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&nft)
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        rules.matches("table inet autoscaler_imds").count(),
+        1,
+        "{rules}"
+    );
+    assert!(
+        rules.contains("ip daddr 169.254.169.254 meta skuid != 0 drop"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("ip6 daddr fd00:ec2::254 meta skuid != 0 drop"),
+        "{rules}"
+    );
+    // Without nft (not on this PATH), the script says so and fails.
+    assert!(!Path::new("/usr/bin/nft").exists() && !Path::new("/bin/nft").exists());
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(script.replace("tee /dev/console", "tee /dev/null"))
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nft is missing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

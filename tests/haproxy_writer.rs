@@ -879,6 +879,7 @@ async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
             down: CommandLine(vec![down.display().to_string()]),
             timeout: Duration::from_secs(10),
             env: vec![],
+            secret: None,
         }),
         LaunchSettings::from_config(&cfg),
         LauncherOutputs {

@@ -646,6 +646,7 @@ fn commands(up: CommandLine, down: CommandLine, timeout: Duration) -> Provisione
             cfg.aws.profile = "fleet".into();
             CommandProvisioner::from_config(&cfg).env
         },
+        secret: None,
     })
 }
 

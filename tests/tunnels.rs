@@ -71,6 +71,8 @@ impl Master {
         cfg.ssh.connect_timeout = Duration::from_secs(5);
         cfg.ssh.keepalive = Duration::from_secs(2);
         cfg.scaling.stale_after = Duration::from_secs(3);
+        // TCP forwards, on ports the tests choose (Unix sockets have tests of their own).
+        cfg.node.report_socket = None;
         (dir, cfg)
     }
 
@@ -196,11 +198,18 @@ fn pub_of(key: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// A node agent process: `autoscaler node` with its own config, reporting every 200 ms.
-/// The real node agent in a fresh configuration directory, reporting to `report_port` with a
-/// copy of the master's report `secret`.
+/// Where a test's node agent reports.
+enum Via<'a> {
+    /// 127.0.0.1:port, and these other masters' ports.
+    Tcp(u16, &'a [u16]),
+    /// Every master socket in this socket's directory.
+    Unix(&'a Path),
+}
+
+/// The real node agent (`autoscaler node`) in a fresh configuration directory, sampling every
+/// 200 ms, reporting to `report_port` over TCP with a copy of the master's report `secret`.
 fn start_node(report_port: u16, netns: Option<&str>, secret: &Path) -> (Proc, tempfile::TempDir) {
-    start_node_for(report_port, &[], netns, secret)
+    start_agent(Via::Tcp(report_port, &[]), netns, secret)
 }
 
 /// [`start_node`] reporting to `others` too (one port per further master).
@@ -210,28 +219,42 @@ fn start_node_for(
     netns: Option<&str>,
     secret: &Path,
 ) -> (Proc, tempfile::TempDir) {
+    start_agent(Via::Tcp(report_port, others), netns, secret)
+}
+
+/// The real node agent reporting as `via` says.
+fn start_agent(via: Via, netns: Option<&str>, secret: &Path) -> (Proc, tempfile::TempDir) {
+    start_agent_as(via, netns, secret, "")
+}
+
+/// [`start_agent`] naming `instance_id` in its hello.
+fn start_agent_as(
+    via: Via,
+    netns: Option<&str>,
+    secret: &Path,
+    instance_id: &str,
+) -> (Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     autoscaler_actors::admin::init(dir.path(), Role::Node, false).unwrap();
     crate::common::copy_secret(secret, &dir.path().join("report.key"));
     let cfg = dir.path().join("autoscaler.ini");
-    let text = std::fs::read_to_string(&cfg)
+    let (socket, port, others) = match via {
+        Via::Tcp(port, others) => (String::new(), port, others),
+        Via::Unix(path) => (path.display().to_string(), 9700, &[][..]),
+    };
+    let others: Vec<String> = others.iter().map(u16::to_string).collect();
+    let text: String = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace(
-            "report_port = 9700",
-            &format!("report_port = {report_port}"),
-        )
-        .replace("sample_interval = 1s", "sample_interval = 200ms")
-        .replace(
-            "other_report_ports = \n",
-            &format!(
-                "other_report_ports = {}\n",
-                others
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
+        .lines()
+        .map(|l| match l.split_once(" = ").map(|(k, _)| k) {
+            Some("report_socket") => format!("report_socket = {socket}\n"),
+            Some("report_port") => format!("report_port = {port}\n"),
+            Some("other_report_ports") => format!("other_report_ports = {}\n", others.join(", ")),
+            Some("sample_interval") => "sample_interval = 200ms\n".to_string(),
+            Some("instance_id") => format!("instance_id = {instance_id}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
     std::fs::write(&cfg, text).unwrap();
     let mut cmd = match netns {
         Some(ns) => {
@@ -384,7 +407,10 @@ async fn host_keys_are_verified() {
     m3.add_host(&sshd4, 8080);
     m3.up("127.0.0.4").await;
     let recorded = std::fs::read_to_string(&m3.cfg.ssh.known_hosts).unwrap();
-    assert_eq!(recorded.trim(), sshd4.known_hosts_line().trim());
+    assert_eq!(
+        recorded.trim(),
+        format!("{} autoscaler-learnt", sshd4.known_hosts_line().trim())
+    );
 
     // accept-new, but known_hosts records a key of another type for this host: that is not a
     // new host, and an attacker need only offer a type the real host never recorded.
@@ -486,14 +512,15 @@ fn master_binary_follows_hosts_d() {
     let Some(sshd_bin) = tool("sshd") else { return };
     let s = crate::common::Sandbox::new();
     let key = s.path().join("id_ed25519");
-    let report_port = free_port("127.0.0.1");
     s.set("ssh", "user", &crate::common::current_user());
-    s.set("node", "report_port", &report_port.to_string());
     s.set("ssh", "host_key_policy", "accept-new");
     // The master also rewrites haproxy.cfg; never touch the machine's own HAProxy service.
     s.set("haproxy", "reload_command", "true");
     let sshd = Sshd::start(&sshd_bin, "127.0.0.6", None, &pub_of(&key), None);
-    let (_node, _nd) = start_node(report_port, None, &s.path().join("report.key"));
+    // The default transport: the master's forward is a Unix socket in the agent's private
+    // directory (node and master share this machine, so the path is the master's default).
+    let socket = s.path().join("reports/master.sock");
+    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
     let mut master = MasterProc::spawn(&s.config(), &["-v"]);
     let wait = |msg: &str| master.wait_msg(msg);
     wait("Started");
@@ -609,15 +636,16 @@ fn master_binary_scales_up_end_to_end() {
     // Stand in for the node agent: a hot node, one frame every 200 ms, for at most 10 s.
     let mut node = std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap();
     use std::io::Write;
-    crate::common::answer_challenge(
+    let ch = crate::common::handshake(
         &mut node,
         crate::common::hello("hot", 1, None),
         Some(&s.path().join("report.key")),
+        &format!("tcp:{report_port}"),
     )
     .unwrap();
     let feeder = std::thread::spawn(move || {
         for seq in 0..50u64 {
-            let line = format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":95.0,\"cores\":2}}\n");
+            let line = ch.sample(&crate::common::sample(seq, 95.0));
             // Frame 1 arrives twice (a resend): the master uses it once and counts the copy.
             let copies = if seq == 1 { 2 } else { 1 };
             if node.write_all(line.repeat(copies).as_bytes()).is_err() {
@@ -772,6 +800,9 @@ async fn a_spoofing_client_cannot_move_decisions_or_take_the_node_down() {
     let real = m.up("127.0.0.9").await;
     m.samples("127.0.0.9", 2).await;
 
+    // A key of the local user's own making.
+    let guess = m.dir.path().join("guess.key");
+    std::fs::write(&guess, "1".repeat(64)).unwrap();
     let spoof = std::thread::spawn(move || {
         use std::io::Write;
         let mut idle = Vec::new();
@@ -780,15 +811,25 @@ async fn a_spoofing_client_cannot_move_decisions_or_take_the_node_down() {
                 continue;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            // Answers the challenge without the secret: a made-up mac, or none.
-            let mut hello = crate::common::hello("spoof", 7 + i, Some(3_600_000));
-            if i % 2 == 0 {
-                hello.mac = Some("00".repeat(32));
-            }
-            let _ = crate::common::answer_challenge(&mut s, hello, None);
+            // Answers the challenge without the secret (a key of its own, or none), then
+            // writes samples with no MAC or a made-up one.
+            let hello = crate::common::hello("spoof", 7 + i, Some(3_600_000));
+            let key = (i % 2 == 0).then_some(guess.as_path());
+            let _ = crate::common::handshake(&mut s, hello, key, &format!("tcp:{report_port}"));
             for seq in 0..5 {
-                let _ = s.write_all(format!("{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":99.25,\"cores\":2}}\n").as_bytes());
+                let frame = autoscaler_actors::report::encode(
+                    &autoscaler_actors::report::Frame::Cpu(crate::common::sample(seq, 99.25)),
+                );
+                let frame = match seq % 2 {
+                    0 => frame,
+                    _ => {
+                        frame.trim_end().trim_end_matches('}').to_string()
+                            + &format!(",\"mac\":\"{}\"}}\n", "0".repeat(32))
+                    }
+                };
+                let _ = s.write_all(frame.as_bytes());
             }
+
             if i < 10 {
                 // Connections that never say anything, held open.
                 if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", report_port)) {
@@ -827,15 +868,15 @@ async fn a_spoofing_client_cannot_move_decisions_or_take_the_node_down() {
     );
     // Refused and counted by reason; logged once a minute, not once per connection.
     let counted = m.metrics.counted();
-    for reason in ["unauthenticated", "too_many"] {
+    for reason in ["unauthenticated", "evicted"] {
         let line = format!(
             "autoscaler_report_channels_refused_total{{host=\"127.0.0.9\",reason=\"{reason}\"}}"
         );
         assert!(counted.contains(&line), "{line} missing:\n{counted}");
     }
     let log = m.log.text();
-    let logged = log.matches("closed before it proved").count()
-        + log.matches("Report channel refused").count();
+    let logged =
+        log.matches("closed before it proved").count() + log.matches("closed to make room").count();
     assert_eq!(logged, 1, "{log}");
     drop(idle);
 
@@ -899,4 +940,353 @@ async fn two_masters_each_get_the_agents_reports() {
     assert!(more.first() > sb.last(), "{sb:?} then {more:?}");
     let seen = events_for(&mut b, Duration::from_secs(2)).await;
     assert!(!seen.iter().any(|e| matches!(e, Event::Down(_))));
+}
+
+/// tests/local_user.py run as the suite's unprivileged user (no secret, no root), in the
+/// background; None (loudly) when that user or setpriv is missing.
+fn local_user(args: &[String]) -> Option<std::process::Child> {
+    let setpriv = tool("setpriv")?;
+    // The system's Python: one under root's home (pyenv) is no use to another user.
+    let python = Path::new("/usr/bin/python3");
+    if !python.is_file() {
+        crate::common::unavailable(
+            "/usr/bin/python3 is missing (the local user's attacks run in it)",
+            "apt-get install python3",
+        );
+        return None;
+    }
+    let user = crate::common::shell_user()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/local_user.py");
+    Some(
+        Command::new(setpriv)
+            .args([
+                format!("--reuid={user}"),
+                format!("--regid={user}"),
+                "--clear-groups".into(),
+            ])
+            .arg(python)
+            .arg(script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What the local user's attack says it managed (its last line of output).
+async fn attack_result(child: std::process::Child) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "the attack said nothing usable ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn forged_sample_taken(seen: &[Event]) -> bool {
+    seen.iter()
+        .any(|e| matches!(e, Event::Cpu(c) if c.sample.busy_pct == 99.0))
+}
+
+/// Two masters' ports on the node; master A is down, so its port on the node's loopback is
+/// free. A local user binds it, the agent connects there, and the user passes master B's
+/// challenge to the agent and the agent's hello back to B, then writes frames claiming 99 %
+/// on that channel. B refuses the hello (it answers another forward), takes no sample from
+/// that channel, never loses the node, and hears the agent's own reports throughout.
+#[actix_rt::test]
+async fn a_hello_relayed_to_another_master_opens_nothing() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let (pa, pb) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    cfg.node.report_port = pb;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.12",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    // The local user holds A's port before the agent starts; the agent reports to A and B.
+    let Some(attack) = local_user(&["relay".into(), pa.to_string(), pb.to_string(), "8".into()])
+    else {
+        return;
+    };
+    let (_node, _nd) = start_node_for(pa, &[pb], None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    let seen = events_for(&mut m, Duration::from_secs(10)).await;
+    let said = attack_result(attack).await;
+    assert!(
+        said["agent_connected"] == true
+            && said["master_connected"] == true
+            && said["hello_relayed"] == true
+            && said["injected"].as_u64() > Some(0),
+        "the relay never happened: {said}"
+    );
+    assert!(
+        !forged_sample_taken(&seen),
+        "a forged sample was taken: {said}"
+    );
+    let ups = seen.iter().filter(|e| matches!(e, Event::Up(_))).count();
+    assert_eq!(ups, 1, "only the agent's own channel: {seen:?}");
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Down(_))),
+        "the node was taken down"
+    );
+    let real = seen.iter().filter(|e| matches!(e, Event::Cpu(_))).count();
+    assert!(real >= 20, "the agent's own samples flowed: {real}");
+    let counted = m.metrics.counted();
+    let line =
+        "autoscaler_report_channels_refused_total{host=\"127.0.0.12\",reason=\"unauthenticated\"}";
+    assert!(counted.contains(line), "{line} missing:\n{counted}");
+}
+
+/// One master, before its forward is up: a local user takes the report port, the agent
+/// connects there, the user lets the port go, and once the master's forward holds it the user
+/// relays the master's challenge, the agent's hello and the master's welcome — a true
+/// handshake, for this very forward — then writes frames claiming 99 %. Not one is taken (none
+/// carries the channel's MAC); the channel is closed, and the agent, reconnecting, is heard
+/// again within seconds.
+#[actix_rt::test]
+async fn frames_written_into_a_relayed_channel_are_refused() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let port = free_port("127.0.0.1");
+    cfg.node.report_port = port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.13",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let Some(mut attack) = local_user(&[
+        "relay".into(),
+        port.to_string(),
+        port.to_string(),
+        "10".into(),
+    ]) else {
+        return;
+    };
+    let (_node, _nd) = start_node(port, None, &secret_of(&cfg));
+    // The agent is in the user's hands before the master starts.
+    {
+        use std::io::BufRead;
+        let err = attack.stderr.take().unwrap();
+        let got = tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(err)
+                .lines()
+                .next()
+                .map(Result::unwrap)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.as_deref(), Some("agent connected"));
+    }
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    let t = Instant::now();
+    let seen = events_for(&mut m, Duration::from_secs(12)).await;
+    let said = attack_result(attack).await;
+    assert!(
+        said["hello_relayed"] == true && said["injected"].as_u64() > Some(0),
+        "the relay never happened: {said}"
+    );
+    assert_eq!(said["master_closed"], true, "{said}");
+    assert!(
+        !forged_sample_taken(&seen),
+        "a forged sample was taken: {said}"
+    );
+    let counted = m.metrics.counted();
+    let line = "autoscaler_report_channels_refused_total{host=\"127.0.0.13\",reason=\"forged\"}";
+    assert!(counted.contains(line), "{line} missing:\n{counted}");
+    // The agent's own channel afterwards: up, and its samples flow.
+    let last_up = seen
+        .iter()
+        .rposition(|e| matches!(e, Event::Up(_)))
+        .expect("the agent was heard");
+    let after = seen[last_up..]
+        .iter()
+        .filter(|e| matches!(e, Event::Cpu(_)))
+        .count();
+    assert!(
+        after >= 5,
+        "the agent's samples after the attack: {after} ({:?})",
+        t.elapsed()
+    );
+}
+
+/// A local user holds eight channels open on the forwarded port, each dripping a byte every
+/// 5 s and never finishing a hello (and opening another when one is closed); the agent
+/// restarts meanwhile. It is heard within the hello deadline plus its reconnect backoff:
+/// newer channels push out the one that waited longest, and a waiting channel's time counts
+/// from when it opened, however it spreads its bytes.
+#[actix_rt::test]
+async fn dripping_connections_cannot_keep_the_agent_out() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let port = free_port("127.0.0.1");
+    cfg.node.report_port = port;
+    // The default staleness: a waiting channel's time is the hello's 10 s, longer than the
+    // drip's 5 s.
+    cfg.scaling.stale_after = Duration::from_secs(10);
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.14",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (node, _nd) = start_node(port, None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    let first = m.up("127.0.0.14").await;
+    let Some(drip) = local_user(&["drip".into(), port.to_string(), "8".into(), "25".into()]) else {
+        return;
+    };
+    // The drippers fill every waiting slot, then the agent restarts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(node);
+    m.down("127.0.0.14").await;
+    let t = Instant::now();
+    let (_node2, _nd2) = start_node(port, None, &secret_of(&m.cfg));
+    let again = m.up("127.0.0.14").await;
+    let heard = t.elapsed();
+    assert_ne!(again.hello.boot, first.hello.boot);
+    assert!(
+        heard < autoscaler_actors::master::tunnels::HELLO_TIMEOUT + Duration::from_secs(5),
+        "heard {heard:?} after the restart"
+    );
+    m.samples("127.0.0.14", 3).await;
+    let said = attack_result(drip).await;
+    assert!(said["opened"].as_u64() >= Some(8), "{said}");
+    let counted = m.metrics.counted();
+    let line = "autoscaler_report_channels_refused_total{host=\"127.0.0.14\",reason=\"evicted\"}";
+    assert!(counted.contains(line), "{line} missing:\n{counted}");
+    eprintln!("agent restarted among 8 dripping channels: heard after {heard:?}");
+}
+
+/// The default transport: the master's forward is a Unix socket in a directory only the
+/// agent's user can open. A local user can neither connect to it nor put a socket of their
+/// own there, while the master hears the agent.
+#[actix_rt::test]
+async fn no_local_user_can_reach_a_unix_socket_forward() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    // The agent's directory, inside a temp dir other users may traverse.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = base.path().join("reports/m.sock");
+    cfg.node.report_socket = Some(socket.display().to_string());
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.15",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.up("127.0.0.15").await;
+    m.samples("127.0.0.15", 3).await;
+    let mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "the agent keeps its directory private");
+    let Some(probe) = local_user(&["probe-unix".into(), socket.display().to_string()]) else {
+        return;
+    };
+    let said = attack_result(probe).await;
+    assert_eq!(said["connect"], "PermissionError", "{said}");
+    assert_eq!(said["bind"], "PermissionError", "{said}");
+}
+
+/// A host a launch started reports with that launch's key (what its user data or the
+/// scale-up command gave it) and names its instance. An agent naming another instance is
+/// refused; so is one proving another launch's key.
+#[actix_rt::test]
+async fn a_launched_host_speaks_with_its_launch_key_and_instance_id() {
+    use autoscaler_actors::report::launch_key;
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let port = free_port("127.0.0.1");
+    cfg.node.report_port = port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.16",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let fleet = std::fs::read_to_string(secret_of(&cfg)).unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = |name: &str, text: String| {
+        let p = keys.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let own = key_file("own.key", launch_key(fleet.trim().as_bytes(), "as-1-aaaa"));
+    let other = key_file(
+        "other.key",
+        launch_key(fleet.trim().as_bytes(), "as-1-bbbb"),
+    );
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    let mut h = Host::launched(
+        HostName::parse("127.0.0.16").unwrap(),
+        8080,
+        Some("i-0launched".into()),
+    );
+    h.ssh_port = Some(sshd.port);
+    h.decision = Some("as-1-aaaa".into());
+    HostsDir::new(&m.cfg.general.hosts_dir).add(&h).unwrap();
+    // Its own launch's key, its own instance: heard.
+    let (node, _nd) = start_agent_as(Via::Tcp(port, &[]), None, &own, "i-0launched");
+    let up = m.up("127.0.0.16").await;
+    assert_eq!(up.hello.instance_id.as_deref(), Some("i-0launched"));
+    m.samples("127.0.0.16", 2).await;
+    drop(node);
+    m.down("127.0.0.16").await;
+    // Another instance (with the fleet's secret, which this host may use too): refused.
+    let (bad, _bd) = start_agent_as(Via::Tcp(port, &[]), None, &secret_of(&m.cfg), "i-0other");
+    let seen = events_for(&mut m, Duration::from_secs(3)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Up(_) | Event::Cpu(_))),
+        "{seen:?}"
+    );
+    drop(bad);
+    // Another launch's key: refused.
+    let (bad, _bd) = start_agent_as(Via::Tcp(port, &[]), None, &other, "i-0launched");
+    let seen = events_for(&mut m, Duration::from_secs(3)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Up(_) | Event::Cpu(_))),
+        "{seen:?}"
+    );
+    drop(bad);
+    let counted = m.metrics.counted();
+    for reason in ["wrong_instance", "unauthenticated"] {
+        let line = format!(
+            "autoscaler_report_channels_refused_total{{host=\"127.0.0.16\",reason=\"{reason}\"}}"
+        );
+        assert!(counted.contains(&line), "{line} missing:\n{counted}");
+    }
+    // The fleet's secret and the right instance: heard.
+    let (_good, _gd) = start_agent_as(Via::Tcp(port, &[]), None, &secret_of(&m.cfg), "i-0launched");
+    m.up("127.0.0.16").await;
 }

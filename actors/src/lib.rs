@@ -83,6 +83,8 @@ pub enum StartError {
     Template(#[from] RenderError),
     #[error(transparent)]
     Etcd(#[from] crate::adapters::etcd::EtcdError),
+    #[error(transparent)]
+    ReportDir(#[from] crate::node::report_dir::ReportDirError),
     /// The control socket or the metrics address cannot be bound.
     #[error("cannot listen on {what}: {source}")]
     Listen {

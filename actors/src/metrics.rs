@@ -32,6 +32,17 @@ fn long_buckets() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 14))
 }
 
+/// Why a report frame is not used.
+pub const FRAME_REASONS: &[&str] = &["duplicate", "malformed", "truncated"];
+/// Why a report channel is refused.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "forged",
+    "no_hello",
+    "wrong_instance",
+    "evicted",
+];
+
 /// Every metric the master exports.
 pub struct Metrics {
     registry: Registry,
@@ -215,15 +226,18 @@ impl Metrics {
             .inc();
     }
 
-    /// A report frame from `host` not used.
-    pub fn frame_dropped(&self, host: &str, reason: &str) {
+    /// A report frame from `host` not used; `reason` is one of [`FRAME_REASONS`].
+    pub fn frame_dropped(&self, host: &str, reason: &'static str) {
+        debug_assert!(FRAME_REASONS.contains(&reason), "{reason}");
         self.frames_dropped
             .get_or_create(&labels(&[("host", host), ("reason", reason)]))
             .inc();
     }
 
-    /// A report channel of `host` refused before it proved to be the agent's.
-    pub fn channel_refused(&self, host: &str, reason: &str) {
+    /// A report channel of `host` refused before it proved to be the agent's; `reason` is one
+    /// of [`REFUSAL_REASONS`].
+    pub fn channel_refused(&self, host: &str, reason: &'static str) {
+        debug_assert!(REFUSAL_REASONS.contains(&reason), "{reason}");
         self.channels_refused
             .get_or_create(&labels(&[("host", host), ("reason", reason)]))
             .inc();
@@ -234,6 +248,22 @@ impl Metrics {
         self.samples_missing
             .get_or_create(&labels(&[("host", host)]))
             .inc_by(n);
+    }
+
+    /// Removes every series of `host` (it left the registry): with launch churn they would
+    /// grow without end.
+    pub fn forget_host(&self, host: &str) {
+        let h = labels(&[("host", host)]);
+        self.ssh_reconnects.remove(&h);
+        self.samples_missing.remove(&h);
+        for r in FRAME_REASONS {
+            self.frames_dropped
+                .remove(&labels(&[("host", host), ("reason", r)]));
+        }
+        for r in REFUSAL_REASONS {
+            self.channels_refused
+                .remove(&labels(&[("host", host), ("reason", r)]));
+        }
     }
 
     /// Sets the gauges that describe the present from `s`.
@@ -380,6 +410,27 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_that_left_leaves_no_series() {
+        let m = Metrics::new();
+        for host in ["127.0.1.5", "127.0.1.6"] {
+            m.ssh_reconnect(host);
+            m.samples_missing(host, 2);
+            for r in FRAME_REASONS {
+                m.frame_dropped(host, r);
+            }
+            for r in REFUSAL_REASONS {
+                m.channel_refused(host, r);
+            }
+        }
+        let before = m.counted();
+        assert_eq!(before.matches("host=\"127.0.1.5\"").count(), 10, "{before}");
+        m.forget_host("127.0.1.5");
+        let after = m.counted();
+        assert!(!after.contains("127.0.1.5"), "{after}");
+        assert_eq!(after.matches("host=\"127.0.1.6\"").count(), 10, "{after}");
+    }
 
     #[test]
     fn classic_text_names_counters_by_their_series() {

@@ -36,6 +36,20 @@ pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
             out.push(problem(cfg, "node", "secret_file", format!("{e}{hint}")));
         }
     }
+    if role == Role::Node {
+        // The agent makes a missing directory at start; one that exists must be its own.
+        if let Some(dir) = cfg
+            .node
+            .report_socket
+            .as_deref()
+            .and_then(|s| std::path::Path::new(s).parent())
+            .filter(|d| d.exists())
+        {
+            if let Err(e) = crate::node::report_dir::inspect(dir) {
+                out.push(problem(cfg, "node", "report_socket", e.to_string()));
+            }
+        }
+    }
     if role != Role::Master {
         return out;
     }
@@ -166,6 +180,20 @@ mod tests {
         let p = problems(&c, Role::Node).await;
         assert!(p[0].message.contains("chmod 600"), "{p:?}");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(problems(&c, Role::Node).await.is_empty());
+        // A report socket directory others may enter is a node's problem too.
+        let dir = Path::new(c.node.report_socket.as_deref().unwrap())
+            .parent()
+            .unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = problems(&c, Role::Node).await;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].to_string().contains("[node] report_socket") && p[0].message.contains("chmod 700"),
+            "{p:?}"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         assert!(problems(&c, Role::Node).await.is_empty());
     }
 

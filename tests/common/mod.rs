@@ -121,11 +121,12 @@ pub fn floor_master() -> Vec<Setting> {
 
 /// A master that acts on a hot node at once and leaves this machine's HAProxy alone: no
 /// warm-up, 2 s windows, not a dry run, the command launcher running `scale_up_command`
-/// with no health gate, reports on `report_port`, new host keys accepted.
+/// with no health gate, reports over TCP on `report_port`, new host keys accepted.
 pub fn quick_command_master(report_port: u16, scale_up_command: &Path) -> Vec<Setting> {
     vec![
         ("ssh", "user", current_user()),
         ("ssh", "host_key_policy", "accept-new".into()),
+        ("node", "report_socket", String::new()),
         ("node", "report_port", report_port.to_string()),
         ("scaling", "dry_run", "false".into()),
         ("scaling", "warmup", "0s".into()),
@@ -207,6 +208,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("nsenter", "util-linux"),
     ("bash", "bash"),
+    ("nft", "nftables"),
 ];
 
 /// Finds a program on PATH or at one of the usual sbin paths. When it is not there, see
@@ -760,15 +762,8 @@ pub fn copy_secret(from: &Path, to: &Path) {
     std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }
 
-/// Reads the master's challenge on `s` and answers with `hello` (its mac computed from the
-/// report secret at `secret`, when given), as the agent does. Err when the channel closed.
-pub fn answer_challenge(
-    s: &mut std::net::TcpStream,
-    mut hello: autoscaler_actors::report::Hello,
-    secret: Option<&Path>,
-) -> std::io::Result<()> {
-    use autoscaler_actors::report::{auth_tag, decode, encode, Frame};
-    use std::io::{Read, Write};
+/// One line from `s`, read byte by byte (nothing past it is consumed).
+fn read_line(s: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while byte[0] != b'\n' {
@@ -777,32 +772,61 @@ pub fn answer_challenge(
         }
         line.push(byte[0]);
     }
-    let Ok(Frame::Challenge(c)) = decode(line.trim_ascii_end()) else {
-        return Err(std::io::Error::other(
-            "the master's first line is not a challenge",
-        ));
-    };
-    if let Some(p) = secret {
-        let key = std::fs::read_to_string(p)?;
-        hello.mac = Some(auth_tag(key.trim().as_bytes(), &c.nonce, &hello));
-    }
-    s.write_all(encode(&Frame::Hello(hello)).as_bytes())
+    line.pop();
+    Ok(line)
 }
 
-/// A hello as the agent sends it.
+/// The agent's handshake on `s`, a connection to the master's forward `via` (`tcp:PORT`):
+/// reads the challenge, says `hello` proving the report secret at `secret` (None: the empty
+/// key of a master without a secret), and checks the master's welcome. The channel to send
+/// samples with, or Err when the master did not accept the hello (or is not a master).
+pub fn handshake(
+    s: &mut (impl std::io::Read + std::io::Write),
+    hello: autoscaler_actors::report::Hello,
+    secret: Option<&Path>,
+    via: &str,
+) -> std::io::Result<autoscaler_actors::report::AgentChannel> {
+    use autoscaler_actors::report::AgentChannel;
+    let key = match secret {
+        Some(p) => std::fs::read_to_string(p)?.trim().as_bytes().to_vec(),
+        None => Vec::new(),
+    };
+    let challenge = read_line(s)?;
+    let (mut ch, line) =
+        AgentChannel::answer(&challenge, via, hello, &key).map_err(std::io::Error::other)?;
+    s.write_all(line.as_bytes())?;
+    let welcome = read_line(s)?;
+    ch.welcome(&welcome).map_err(std::io::Error::other)?;
+    Ok(ch)
+}
+
+/// A hello as the agent sends it, sampling every 200 ms.
 pub fn hello(node: &str, boot: u64, uptime_ms: Option<u64>) -> autoscaler_actors::report::Hello {
     autoscaler_actors::report::Hello {
         node: node.into(),
         boot,
         instance_id: None,
         uptime_ms,
-        mac: None,
+        interval_ms: 200,
+        buffer: 16,
+        nonce: String::new(),
     }
 }
 
-/// A stand-in node agent: connects to 127.0.0.1:`port` (a master's forward), answers the
-/// challenge with the report secret at `secret`, says hello (an hour-old machine) and
-/// reports `busy` % every 200 ms; reconnects while the forward is away. Stops when dropped.
+/// A sample of `busy` % numbered `seq`, taken now.
+pub fn sample(seq: u64, busy: f64) -> autoscaler_actors::report::CpuSample {
+    autoscaler_actors::report::CpuSample {
+        seq,
+        ts_ms: 1,
+        busy_pct: busy,
+        cores: 2,
+        age_ms: 0,
+    }
+}
+
+/// A stand-in node agent: connects to 127.0.0.1:`port` (a master's forward), proves the
+/// report secret at `secret`, says hello (an hour-old machine) and reports `busy` % every
+/// 200 ms; reconnects while the forward is away. Stops when dropped.
 pub struct FakeAgent {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -827,14 +851,14 @@ impl FakeAgent {
                 };
                 let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
                 let me = hello(&format!("fake-{port}"), boot, Some(3_600_000));
-                if answer_challenge(&mut s, me, Some(&secret)).is_err() {
+                let Ok(ch) = handshake(&mut s, me, Some(&secret), &format!("tcp:{port}")) else {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
-                }
+                };
                 while !flag.load(Ordering::SeqCst) {
-                    let line = format!(
-                        "{{\"v\":1,\"type\":\"cpu\",\"seq\":{seq},\"ts_ms\":1,\"busy_pct\":{busy},\"cores\":2}}\n"
-                    );
-                    if s.write_all(line.as_bytes()).is_err() {
+                    if s.write_all(ch.sample(&sample(seq, busy)).as_bytes())
+                        .is_err()
+                    {
                         break;
                     }
                     seq += 1;

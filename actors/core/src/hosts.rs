@@ -48,6 +48,8 @@ pub enum InvalidHost {
     BadNumeric(String),
     #[error("port {0:?} is not a number between 1 and 65535")]
     BadPort(String),
+    #[error("report socket: {0}")]
+    BadSocket(String),
 }
 
 impl HostName {
@@ -172,9 +174,17 @@ pub struct Host {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_port: Option<u16>,
     /// The node's report port when it differs from `[node] report_port` (that port is taken
-    /// on this node, or several agents share one machine).
+    /// on this node, or several agents share one machine); the forward is then TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_port: Option<u16>,
+    /// The node's report socket when it differs from `[node] report_socket`; wins over
+    /// `report_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_socket: Option<String>,
+    /// The launch decision that started it: its reports may prove that launch's key
+    /// ([`crate::report::launch_key`]) instead of the fleet's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
     /// EC2 instance id (or the launch command's id) when autoscaler launched it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
@@ -195,6 +205,8 @@ impl Host {
             port,
             ssh_port: None,
             report_port: None,
+            report_socket: None,
+            decision: None,
             instance_id: None,
             origin: Origin::Manual,
             registered_ms: None,
@@ -236,8 +248,14 @@ impl Host {
         if let Some(p) = self.report_port {
             s.push_str(&format!("report_port = {p}\n"));
         }
+        if let Some(p) = &self.report_socket {
+            s.push_str(&format!("report_socket = {p}\n"));
+        }
         if let Some(id) = &self.instance_id {
             s.push_str(&format!("instance_id = {id}\n"));
+        }
+        if let Some(d) = &self.decision {
+            s.push_str(&format!("decision = {d}\n"));
         }
         let origin = match self.origin {
             Origin::Manual => "manual",
@@ -268,12 +286,14 @@ impl Host {
                     | "port"
                     | "ssh_port"
                     | "report_port"
+                    | "report_socket"
                     | "instance_id"
+                    | "decision"
                     | "origin"
                     | "registered_ms"
             ) {
                 return Err(format!(
-                    "line {}: unknown key {k:?} (known: host, port, ssh_port, report_port, instance_id, origin, registered_ms)",
+                    "line {}: unknown key {k:?} (known: host, port, ssh_port, report_port, report_socket, instance_id, decision, origin, registered_ms)",
                     n + 1
                 ));
             }
@@ -293,8 +313,24 @@ impl Host {
             .get("report_port")
             .map(|p| parse_port(p).map_err(|e| format!("report_port: {e}")))
             .transpose()?;
+        let report_socket = fields
+            .get("report_socket")
+            .map(|p| {
+                validate_report_socket(p)
+                    .map(str::to_string)
+                    .map_err(|e| format!("report_socket: {e}"))
+            })
+            .transpose()?;
         let instance_id = match fields.get("instance_id") {
             Some(id) => Some(validate_instance_id(id)?.to_string()),
+            None => None,
+        };
+        let decision = match fields.get("decision") {
+            Some(d) => Some(
+                validate_instance_id(d)
+                    .map_err(|e| format!("decision: {e}"))?
+                    .to_string(),
+            ),
             None => None,
         };
         let origin = match fields.get("origin").copied() {
@@ -314,10 +350,42 @@ impl Host {
             port,
             ssh_port,
             report_port,
+            report_socket,
+            decision,
             instance_id,
             origin,
             registered_ms,
         })
+    }
+}
+
+/// A report socket path as a user typed it (`add-host --report-socket`).
+pub fn parse_report_socket(input: &str) -> Result<String, InvalidHost> {
+    validate_report_socket(input)
+        .map(str::to_string)
+        .map_err(InvalidHost::BadSocket)
+}
+
+/// A report socket path on a node, as the master asks the node's sshd to create it: absolute,
+/// at most 100 bytes (a Unix socket's path limit, with room), of letters, digits and
+/// `._-/`, no `..`, ending in `.sock`.
+pub fn validate_report_socket(path: &str) -> Result<&str, String> {
+    let ok_chars = path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    match () {
+        _ if !path.starts_with('/') => Err(format!("{path:?} is not an absolute path")),
+        _ if path.len() > 100 => Err(format!("{path:?} is longer than 100 bytes")),
+        _ if !ok_chars => Err(format!(
+            "{path:?} may hold only letters, digits and . _ - /"
+        )),
+        _ if path.split('/').any(|p| p == ".." || p == ".") => {
+            Err(format!("{path:?} has a . or .. component"))
+        }
+        _ if !path.ends_with(".sock") || path.ends_with("/.sock") => {
+            Err(format!("{path:?} does not name a file ending in .sock"))
+        }
+        _ => Ok(path),
     }
 }
 
@@ -501,6 +569,8 @@ mod tests {
             port: 8080,
             ssh_port: Some(2222),
             report_port: Some(9701),
+            report_socket: Some("/run/autoscaler/reports/lb-2.sock".into()),
+            decision: Some("as-1764000000-0a1b2c3d".into()),
             instance_id: Some("i-0abc".into()),
             origin: Origin::Launched,
             registered_ms: Some(1_764_000_000_000),
@@ -529,6 +599,23 @@ mod tests {
                 "registered_ms",
             ),
             ("host a\n", "line 1: expected"),
+            (
+                "host = a\nport = 80\nreport_socket = run/x.sock\n",
+                "not an absolute path",
+            ),
+            (
+                "host = a\nport = 80\nreport_socket = /run/../x.sock\n",
+                ".. component",
+            ),
+            (
+                "host = a\nport = 80\nreport_socket = /run/x y.sock\n",
+                "only letters",
+            ),
+            (
+                "host = a\nport = 80\nreport_socket = /run/x\n",
+                "ending in .sock",
+            ),
+            ("host = a\nport = 80\ndecision = a b\n", "decision"),
         ];
         for (text, want) in cases {
             let e = Host::from_file_text(text).unwrap_err();

@@ -1,33 +1,45 @@
-//! The node → master report protocol: newline-delimited JSON, one versioned frame per line.
+//! The node → master report protocol: newline-delimited JSON, one versioned frame per line,
+//! every frame the agent sends authenticated.
 //!
 //! ```text
-//! {"v":1,"type":"hello","node":"web-1","boot":8812734,"instance_id":"i-0abc","uptime_ms":93000}
-//! {"v":1,"type":"cpu","seq":17,"ts_ms":1764537600000,"busy_pct":73.2,"cores":2}
-//! {"v":1,"type":"cpu","seq":16,"ts_ms":1764537599000,"busy_pct":70.1,"cores":2,"age_ms":61000}
+//! master → node  {"v":2,"type":"challenge","nonce":"9f0c…(64 hex digits)"}
+//! node → master  {"v":2,"type":"hello","node":"web-1","boot":8812734,"instance_id":"i-0abc",
+//!                 "uptime_ms":93000,"interval_ms":1000,"buffer":300,"nonce":"51d2…","mac":"3a7e…"}
+//! master → node  {"v":2,"type":"welcome","mac":"c0de…"}
+//! node → master  {"v":2,"type":"cpu","seq":17,"ts_ms":1764537600000,"busy_pct":73.2,"cores":2,"mac":"77aa…"}
+//! node → master  {"v":2,"type":"cpu","seq":16,"ts_ms":1764537599000,"busy_pct":70.1,"cores":2,"age_ms":61000,"mac":"…"}
 //! ```
+//!
+//! **Both ends prove the report secret, and every sample is bound to its channel.** `K` is the
+//! report secret (`[node] secret_file`; for a host the master launched, also the key derived
+//! for that launch, [`launch_key`]). `via` names the forward the channel came through, as both
+//! ends see it on the node: `tcp:9700` or `unix:/run/autoscaler/report.sock`.
+//!
+//! - The hello's `mac` is HMAC-SHA256(K, "hello", master nonce, via, the hello's line up to its
+//!   `mac`) — so it covers the node's name, run (`boot`), instance id, its own nonce and every
+//!   other field as sent.
+//! - The master answers with a welcome: HMAC(K, "welcome", the same inputs). The agent sends
+//!   no sample before it has checked it: whoever listens on the report port without the
+//!   secret (a local user who bound it while the master's forward was down) learns nothing
+//!   and gets nothing.
+//! - Both derive the channel's session key S = HMAC(K, "session", the same inputs). Every
+//!   `cpu` frame ends with `mac` = the first 16 bytes of HMAC(S, the line up to its `mac`).
+//!
+//! So a relayed hello is worth nothing: a local user who passes one master's challenge to the
+//! agent and the agent's hello back cannot add a frame of their own (no S), a hello made for
+//! one forward does not open another (`via` differs), and frames of one channel do not verify
+//! on another. What a relay can still do is pass the agent's own frames along or drop them;
+//! forwards to a Unix socket in a directory only the agent's user can open (`[node]
+//! report_socket`) keep other users from connecting at all.
 //!
 //! `age_ms` (optional, default 0) marks a sample resent from the node's buffer: how long ago,
-//! on the node's clock, it was taken.
-//!
-//! **Authentication.** The master opens every channel with a challenge, and the agent's hello
-//! answers it:
-//!
-//! ```text
-//! master → node  {"v":1,"type":"challenge","nonce":"9f0c…(64 hex digits)"}
-//! node → master  {"v":1,"type":"hello","node":"web-1","boot":8812734,"mac":"3a7e…"}
-//! ```
-//!
-//! `mac` is HMAC-SHA256, keyed with the report secret (`[node] secret_file`, readable only by
-//! the agent's user on a node), over the nonce, the node name and `boot` ([`auth_tag`]). A
-//! local user of the node who can connect to the forwarded port but cannot read the secret
-//! cannot produce it, and a captured hello does not answer another nonce.
-//!
-//! A channel starts with one `hello`; `boot` changes whenever the node agent restarts, so its
-//! sequence numbers can start again from 0. `uptime_ms` (optional) is how long the node's
-//! machine has been up: the master's warm-up counts from the node's boot. The node resends its buffer after every reconnect,
-//! so the master drops samples it has already seen ([`SeqFilter`]). Anything malformed — an
-//! oversized line, invalid UTF-8, an unknown version or type, an impossible value — is a
-//! [`DecodeError`] that closes that one channel; it never panics and never touches other nodes.
+//! on the node's clock, it was taken. `boot` changes whenever the node agent restarts, so its
+//! sequence numbers can start again from 0; the master drops samples it has already seen
+//! ([`SeqFilter`]) and refuses jumps no agent could make. A channel carries at most
+//! `buffer` resent samples plus a few live ones per `interval_ms` ([`MasterChannel`]).
+//! Anything malformed — an oversized line, invalid UTF-8, an unknown version or type, an
+//! impossible value, a MAC that does not verify — is a [`DecodeError`] that closes that one
+//! channel; it never panics and never touches other nodes.
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -35,9 +47,19 @@ use sha2::Sha256;
 use thiserror::Error;
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
-/// Longest accepted line, newline excluded. Real frames are under 200 bytes.
+pub const VERSION: u32 = 2;
+/// Longest accepted line, newline excluded. Real frames are under 300 bytes.
 pub const MAX_LINE: usize = 4096;
+/// Bytes of a `cpu` frame's MAC (hex: twice as many characters).
+pub const FRAME_MAC: usize = 16;
+/// Live samples a channel may carry per `interval_ms`, on average.
+pub const LIVE_PER_INTERVAL: u64 = 3;
+/// Live samples a channel may carry at once beyond that rate.
+pub const LIVE_BURST: u64 = 10;
+/// The largest `buffer` a hello may declare.
+pub const MAX_BUFFER: u64 = 100_000;
+/// The shortest `interval_ms` a hello may declare (the agent samples at most 5 times a second).
+pub const MIN_INTERVAL_MS: u64 = 200;
 
 /// One CPU reading of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -61,7 +83,7 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-/// The first frame on a channel: who is reporting.
+/// The agent's first frame on a channel: who is reporting, and the answer to the challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// The node's name for itself (host name or `[node] name`).
@@ -76,9 +98,13 @@ pub struct Hello {
     /// heard the node (which a master restart or an SSH blip would reset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
-    /// The answer to the channel's challenge ([`auth_tag`]), in hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
+    /// How often the agent samples: the master bounds the channel's rate by it.
+    pub interval_ms: u64,
+    /// How many buffered samples the agent may resend after it connects.
+    pub buffer: u64,
+    /// The agent's own nonce, fresh for every channel (hex).
+    #[serde(default)]
+    pub nonce: String,
 }
 
 /// The master's first line on a channel.
@@ -88,7 +114,13 @@ pub struct Challenge {
     pub nonce: String,
 }
 
-/// A decoded frame.
+/// The master's answer to a hello: proof that it holds the secret too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub mac: String,
+}
+
+/// A decoded frame (without its MAC; see [`MasterChannel`] and [`AgentChannel`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Frame {
@@ -96,6 +128,8 @@ pub enum Frame {
     Cpu(CpuSample),
     /// Master → node only.
     Challenge(Challenge),
+    /// Master → node only.
+    Welcome(Welcome),
 }
 
 #[derive(Serialize)]
@@ -116,7 +150,7 @@ pub enum DecodeError {
     NotJson(String),
     #[error("missing or non-numeric protocol version \"v\"")]
     NoVersion,
-    #[error("unsupported protocol version {0} (this master speaks {VERSION})")]
+    #[error("unsupported protocol version {0} (this build speaks {VERSION}: run the same autoscaler release on the master and its nodes)")]
     Version(u64),
     #[error("bad frame: {0}")]
     BadFrame(String),
@@ -130,11 +164,25 @@ pub enum DecodeError {
     NoHello,
     #[error("second hello on the same channel")]
     RepeatedHello,
-    #[error("a challenge is the master's to send")]
-    UnexpectedChallenge,
+    #[error("a {0} is the master's to send")]
+    MastersFrame(&'static str),
+    #[error("the frame's MAC is missing or malformed")]
+    NoMac,
+    #[error("the hello does not prove the report secret")]
+    Unauthenticated,
+    #[error("the frame's MAC does not verify: not sent by this channel's agent")]
+    Forged,
+    #[error("the master's welcome does not prove the report secret")]
+    NotTheMaster,
+    #[error("the master's first line is not a challenge")]
+    NoChallenge,
+    #[error("more samples than the agent's interval and buffer allow")]
+    TooMany,
+    #[error("sequence number {seq} jumps past {limit}, more than the agent could have taken")]
+    SeqJump { seq: u64, limit: u64 },
 }
 
-/// Encodes a frame as one line, newline included.
+/// Encodes a frame as one line, newline included, without a MAC.
 pub fn encode(frame: &Frame) -> String {
     let mut s = serde_json::to_string(&Envelope { v: VERSION, frame })
         .expect("frames always serialise (finite numbers, string keys)");
@@ -142,7 +190,38 @@ pub fn encode(frame: &Frame) -> String {
     s
 }
 
-/// Decodes one line (without its newline; a trailing `\r` is tolerated).
+/// Encodes a frame with `mac` computed over the line up to it; the line ends `,"mac":"…"}\n`.
+fn encode_with_mac(frame: &Frame, mac: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+    let mut s = serde_json::to_string(&Envelope { v: VERSION, frame })
+        .expect("frames always serialise (finite numbers, string keys)");
+    s.pop(); // the closing brace
+    let tag = hex(&mac(s.as_bytes()));
+    s.push_str(MAC_FIELD);
+    s.push_str(&tag);
+    s.push_str("\"}\n");
+    s
+}
+
+const MAC_FIELD: &str = ",\"mac\":\"";
+
+/// A line's MAC and the bytes it covers: the line must end with `,"mac":"<hex>"}` and the
+/// MAC be `len` bytes long.
+fn split_mac(line: &[u8], len: usize) -> Result<(&[u8], Vec<u8>), DecodeError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let body = line.strip_suffix(b"\"}").ok_or(DecodeError::NoMac)?;
+    if body.len() < 2 * len + MAC_FIELD.len() {
+        return Err(DecodeError::NoMac);
+    }
+    let (covered, rest) = body.split_at(body.len() - 2 * len - MAC_FIELD.len());
+    let tag = rest
+        .strip_prefix(MAC_FIELD.as_bytes())
+        .and_then(|h| unhex(std::str::from_utf8(h).ok()?))
+        .ok_or(DecodeError::NoMac)?;
+    Ok((covered, tag))
+}
+
+/// Decodes one line (without its newline; a trailing `\r` is tolerated). A MAC in the line
+/// is not checked here (see [`MasterChannel`], [`AgentChannel`]).
 pub fn decode(line: &[u8]) -> Result<Frame, DecodeError> {
     if line.len() > MAX_LINE {
         return Err(DecodeError::TooLong);
@@ -161,6 +240,7 @@ pub fn decode(line: &[u8]) -> Result<Frame, DecodeError> {
     }
     let frame: Frame =
         serde_json::from_value(value).map_err(|e| DecodeError::BadFrame(e.to_string()))?;
+    let bad_hello = |m: &str| Err(DecodeError::BadHello(m.into()));
     match &frame {
         Frame::Cpu(s) if !(s.busy_pct.is_finite() && (0.0..=100.0).contains(&s.busy_pct)) => {
             Err(DecodeError::BadBusy(s.busy_pct))
@@ -169,102 +249,336 @@ pub fn decode(line: &[u8]) -> Result<Frame, DecodeError> {
         Frame::Hello(h)
             if h.node.is_empty() || h.node.len() > 255 || h.node.chars().any(char::is_control) =>
         {
-            Err(DecodeError::BadHello(
-                "node must be 1-255 printable characters".into(),
-            ))
+            bad_hello("node must be 1-255 printable characters")
         }
         Frame::Hello(h)
             if h.instance_id
                 .as_deref()
                 .is_some_and(|i| crate::hosts::validate_instance_id(i).is_err()) =>
         {
-            Err(DecodeError::BadHello(
-                "instance_id is not a valid instance id".into(),
-            ))
+            bad_hello("instance_id is not a valid instance id")
+        }
+        Frame::Hello(h) if h.interval_ms < MIN_INTERVAL_MS => {
+            bad_hello("interval_ms must be at least 200")
+        }
+        Frame::Hello(h) if h.buffer > MAX_BUFFER => bad_hello("buffer must be at most 100000"),
+        Frame::Hello(h) if h.nonce.len() != 64 || unhex(&h.nonce).is_none() => {
+            bad_hello("nonce must be 64 hex digits")
         }
         _ => Ok(frame),
     }
 }
 
-/// Per-channel state: a hello first, then samples.
-#[derive(Debug, Default)]
-pub struct ChannelState {
-    hello: Option<Hello>,
-}
-
-impl ChannelState {
-    /// Checks the frame against the channel's history.
-    pub fn accept(&mut self, frame: Frame) -> Result<Frame, DecodeError> {
-        match (&self.hello, &frame) {
-            (None, Frame::Hello(h)) => {
-                self.hello = Some(h.clone());
-                Ok(frame)
-            }
-            (None, Frame::Cpu(_)) => Err(DecodeError::NoHello),
-            (Some(_), Frame::Hello(_)) => Err(DecodeError::RepeatedHello),
-            (Some(_), Frame::Cpu(_)) => Ok(frame),
-            (_, Frame::Challenge(_)) => Err(DecodeError::UnexpectedChallenge),
-        }
-    }
-
-    /// The hello received on this channel.
-    pub fn hello(&self) -> Option<&Hello> {
-        self.hello.as_ref()
-    }
-}
-
-/// A fresh challenge nonce: 32 random bytes in hex.
+/// A fresh nonce: 32 random bytes in hex.
 pub fn new_nonce() -> String {
     hex(&rand::random::<[u8; 32]>())
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
+/// Lower-case hex only, as [`hex`] writes it: one spelling per value.
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+    b.chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
         .collect()
 }
 
-fn mac_over(secret: &[u8], nonce: &str, node: &str, boot: u64) -> Hmac<Sha256> {
+/// HMAC-SHA256 keyed by `key` over length-prefixed `parts`: no two lists of parts make the
+/// same message.
+fn mac_over(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     let mut m =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    // Length-prefixed fields: no two (nonce, node, boot) make the same message.
-    for field in [nonce.as_bytes(), node.as_bytes(), &boot.to_be_bytes()] {
-        m.update(&(field.len() as u64).to_be_bytes());
-        m.update(field);
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
+    for p in parts {
+        m.update(&(p.len() as u64).to_be_bytes());
+        m.update(p);
     }
     m
 }
 
-/// The `mac` an agent holding `secret` puts in its hello to answer `nonce`.
-pub fn auth_tag(secret: &[u8], nonce: &str, hello: &Hello) -> String {
-    hex(&mac_over(secret, nonce, &hello.node, hello.boot)
-        .finalize()
-        .into_bytes())
+fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    mac_over(key, parts).finalize().into_bytes().into()
 }
 
-/// Whether `hello` answers `nonce` with `secret` (compared in constant time).
-pub fn verify_hello(secret: &[u8], nonce: &str, hello: &Hello) -> bool {
-    let Some(tag) = hello.mac.as_deref().and_then(unhex) else {
-        return false;
+/// The report key of the hosts one launch decision started: what the master puts in their
+/// user data (or hands the scale-up command) instead of the fleet's secret, so that a leaked
+/// user data speaks for those hosts only. 64 hex digits, like the secret `init` writes.
+pub fn launch_key(secret: &[u8], decision: &str) -> String {
+    hex(&mac(secret, &[b"launch", decision.as_bytes()]))
+}
+
+/// What a hello's line (up to its MAC) proves, under `key`, for one channel.
+struct Proofs {
+    hello: [u8; 32],
+    welcome: [u8; 32],
+    session: [u8; 32],
+}
+
+fn proofs(key: &[u8], master_nonce: &str, via: &str, hello_covered: &[u8]) -> Proofs {
+    let parts = |what: &'static [u8]| -> [u8; 32] {
+        mac(
+            key,
+            &[what, master_nonce.as_bytes(), via.as_bytes(), hello_covered],
+        )
     };
-    mac_over(secret, nonce, &hello.node, hello.boot)
-        .verify_slice(&tag)
-        .is_ok()
+    Proofs {
+        hello: parts(b"hello"),
+        welcome: parts(b"welcome"),
+        session: parts(b"session"),
+    }
 }
 
-/// Drops samples a node sends again (after a reconnect it resends its buffer) or out of order.
-/// Kept per host across channels; a new `boot` starts the count again.
+/// Compares two MACs in constant time.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The per-frame MAC under a session key: a keyed state cloned for each frame.
+#[derive(Clone)]
+struct FrameMac(Hmac<Sha256>);
+
+impl FrameMac {
+    fn new(session: &[u8; 32]) -> FrameMac {
+        FrameMac(<Hmac<Sha256> as KeyInit>::new_from_slice(session).expect("any key length"))
+    }
+
+    fn tag(&self, covered: &[u8]) -> [u8; FRAME_MAC] {
+        let mut m = self.0.clone();
+        m.update(covered);
+        let full = m.finalize().into_bytes();
+        let mut out = [0u8; FRAME_MAC];
+        out.copy_from_slice(&full[..FRAME_MAC]);
+        out
+    }
+}
+
+impl std::fmt::Debug for FrameMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameMac")
+    }
+}
+
+/// What the master learnt from one line of a channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The agent proved the secret: `welcome` is the line to send back.
+    Hello {
+        hello: Hello,
+        /// Which of the candidate keys it proved (0: the first).
+        key: usize,
+        welcome: String,
+    },
+    /// An authenticated sample.
+    Sample(CpuSample),
+}
+
+/// The master's side of one report channel: the challenge out, a hello that proves one of
+/// the candidate keys, then samples that each carry the session's MAC, within the rate the
+/// hello declared. Time is an input (milliseconds on any steady clock).
+#[derive(Debug)]
+pub struct MasterChannel {
+    nonce: String,
+    via: String,
+    live: Option<Live>,
+}
+
+#[derive(Debug)]
+struct Live {
+    hello: Hello,
+    mac: FrameMac,
+    /// Resent samples the agent may still send (its declared buffer).
+    resend_left: u64,
+    /// Live-sample allowance (a token bucket), in thousandths of a sample.
+    tokens_milli: u64,
+    at_ms: u64,
+}
+
+impl MasterChannel {
+    /// A channel through `via`; returns it and the challenge line to send first.
+    pub fn open(via: &str) -> (MasterChannel, String) {
+        let nonce = new_nonce();
+        let line = encode(&Frame::Challenge(Challenge {
+            nonce: nonce.clone(),
+        }));
+        (
+            MasterChannel {
+                nonce,
+                via: via.to_string(),
+                live: None,
+            },
+            line,
+        )
+    }
+
+    /// The hello this channel accepted.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.live.as_ref().map(|l| &l.hello)
+    }
+
+    /// Takes one line. Before the hello, `keys` are the secrets the agent may prove (the
+    /// fleet's, and the host's launch key); afterwards they are not used.
+    pub fn accept(
+        &mut self,
+        line: &[u8],
+        keys: &[&[u8]],
+        now_ms: u64,
+    ) -> Result<Event, DecodeError> {
+        let frame = decode(line)?;
+        match (&mut self.live, frame) {
+            (_, Frame::Challenge(_)) => Err(DecodeError::MastersFrame("challenge")),
+            (_, Frame::Welcome(_)) => Err(DecodeError::MastersFrame("welcome")),
+            (None, Frame::Cpu(_)) => Err(DecodeError::NoHello),
+            (Some(_), Frame::Hello(_)) => Err(DecodeError::RepeatedHello),
+            (None, Frame::Hello(hello)) => {
+                let (covered, tag) = split_mac(line, 32)?;
+                let proven = keys.iter().enumerate().find_map(|(i, k)| {
+                    let p = proofs(k, &self.nonce, &self.via, covered);
+                    same(&p.hello, &tag).then_some((i, p))
+                });
+                let Some((key, p)) = proven else {
+                    return Err(DecodeError::Unauthenticated);
+                };
+                let welcome = encode(&Frame::Welcome(Welcome {
+                    mac: hex(&p.welcome),
+                }));
+                self.live = Some(Live {
+                    resend_left: hello.buffer,
+                    tokens_milli: LIVE_BURST * 1000,
+                    at_ms: now_ms,
+                    mac: FrameMac::new(&p.session),
+                    hello: hello.clone(),
+                });
+                Ok(Event::Hello {
+                    hello,
+                    key,
+                    welcome,
+                })
+            }
+            (Some(live), Frame::Cpu(sample)) => {
+                let (covered, tag) = split_mac(line, FRAME_MAC)?;
+                if !same(&live.mac.tag(covered), &tag) {
+                    return Err(DecodeError::Forged);
+                }
+                live.spend(&sample, now_ms)?;
+                Ok(Event::Sample(sample))
+            }
+        }
+    }
+}
+
+impl Live {
+    /// Counts `s` against what the hello declared: its buffer for resent samples, a few per
+    /// interval for live ones.
+    fn spend(&mut self, s: &CpuSample, now_ms: u64) -> Result<(), DecodeError> {
+        if s.age_ms > 0 && self.resend_left > 0 {
+            self.resend_left -= 1;
+            return Ok(());
+        }
+        let interval = self.hello.interval_ms.max(MIN_INTERVAL_MS);
+        let earned = now_ms.saturating_sub(self.at_ms) * LIVE_PER_INTERVAL * 1000 / interval;
+        self.tokens_milli = (self.tokens_milli + earned).min(LIVE_BURST * 1000);
+        // Only whole elapsed thousandths are earned: keep the remainder's time.
+        if earned > 0 {
+            self.at_ms = now_ms;
+        }
+        match self.tokens_milli >= 1000 {
+            true => {
+                self.tokens_milli -= 1000;
+                Ok(())
+            }
+            false => Err(DecodeError::TooMany),
+        }
+    }
+}
+
+/// The agent's side of one report channel: reads the challenge, says hello, checks the
+/// master's welcome, then MACs every sample it sends.
+#[derive(Debug)]
+pub struct AgentChannel {
+    welcome: [u8; 32],
+    mac: FrameMac,
+    /// The welcome was checked.
+    welcomed: bool,
+}
+
+impl AgentChannel {
+    /// Answers the challenge line `challenge` on forward `via` with `hello` (its nonce is
+    /// filled in here) under `key`; returns the channel and the hello line to send.
+    pub fn answer(
+        challenge: &[u8],
+        via: &str,
+        mut hello: Hello,
+        key: &[u8],
+    ) -> Result<(AgentChannel, String), DecodeError> {
+        let Frame::Challenge(c) = decode(challenge)? else {
+            return Err(DecodeError::NoChallenge);
+        };
+        if c.nonce.len() != 64 || unhex(&c.nonce).is_none() {
+            return Err(DecodeError::NoChallenge);
+        }
+        hello.nonce = new_nonce();
+        let mut proofs_made = None;
+        let line = encode_with_mac(&Frame::Hello(hello), |covered| {
+            let p = proofs(key, &c.nonce, via, covered);
+            let tag = p.hello.to_vec();
+            proofs_made = Some(p);
+            tag
+        });
+        let p = proofs_made.expect("the MAC was computed");
+        Ok((
+            AgentChannel {
+                welcome: p.welcome,
+                mac: FrameMac::new(&p.session),
+                welcomed: false,
+            },
+            line,
+        ))
+    }
+
+    /// Checks the master's welcome line; Ok once it proves the secret.
+    pub fn welcome(&mut self, line: &[u8]) -> Result<(), DecodeError> {
+        match decode(line)? {
+            Frame::Welcome(w) if unhex(&w.mac).is_some_and(|tag| same(&tag, &self.welcome)) => {
+                self.welcomed = true;
+                Ok(())
+            }
+            Frame::Welcome(_) => Err(DecodeError::NotTheMaster),
+            _ => Err(DecodeError::BadFrame(
+                "expected the master's welcome".into(),
+            )),
+        }
+    }
+
+    /// One sample as a line carrying the session's MAC. Only after the welcome.
+    pub fn sample(&self, s: &CpuSample) -> String {
+        debug_assert!(self.welcomed, "samples go out only after the welcome");
+        encode_with_mac(&Frame::Cpu(*s), |covered| self.mac.tag(covered).to_vec())
+    }
+}
+
+/// Drops samples a node sends again (after a reconnect it resends its buffer) or out of order,
+/// and refuses sequence numbers no agent could have reached. Kept per host across channels; a
+/// new `boot` starts the count again.
 #[derive(Debug, Default, Clone)]
 pub struct SeqFilter {
-    last: Option<(u64, u64)>,
+    /// (boot, last seq, when it arrived in ms).
+    last: Option<(u64, u64, u64)>,
 }
 
 /// What [`SeqFilter::check`] decided.
@@ -277,19 +591,38 @@ pub enum SeqVerdict {
 }
 
 impl SeqFilter {
-    /// Records `seq` of run `boot` if it is new.
-    pub fn check(&mut self, boot: u64, seq: u64) -> SeqVerdict {
+    /// Records `seq` of the run `hello` describes, arrived at `now_ms`, if it is new. A seq
+    /// beyond what the agent can have taken since its last one (or, for the first one heard,
+    /// since its machine booted) at `interval_ms` a sample, plus its buffer, is refused.
+    pub fn check(
+        &mut self,
+        hello: &Hello,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<SeqVerdict, DecodeError> {
+        let interval = hello.interval_ms.max(MIN_INTERVAL_MS);
+        let slack = |elapsed_ms: u64| 2 * (elapsed_ms / interval) + hello.buffer + 16;
         match self.last {
-            Some((b, last)) if b == boot && seq <= last => SeqVerdict::Old,
-            Some((b, last)) if b == boot => {
-                self.last = Some((boot, seq));
-                SeqVerdict::New {
-                    gap: seq - last - 1,
+            Some((b, last, _)) if b == hello.boot && seq <= last => Ok(SeqVerdict::Old),
+            Some((b, last, at)) if b == hello.boot => {
+                let limit = last.saturating_add(slack(now_ms.saturating_sub(at)));
+                if seq > limit {
+                    return Err(DecodeError::SeqJump { seq, limit });
                 }
+                self.last = Some((hello.boot, seq, now_ms));
+                Ok(SeqVerdict::New {
+                    gap: seq - last - 1,
+                })
             }
             _ => {
-                self.last = Some((boot, seq));
-                SeqVerdict::New { gap: 0 }
+                if let Some(up) = hello.uptime_ms {
+                    let limit = slack(up);
+                    if seq > limit {
+                        return Err(DecodeError::SeqJump { seq, limit });
+                    }
+                }
+                self.last = Some((hello.boot, seq, now_ms));
+                Ok(SeqVerdict::New { gap: 0 })
             }
         }
     }
@@ -306,14 +639,35 @@ impl LineBuffer {
     /// Appends bytes and returns every complete line (newline stripped).
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, DecodeError> {
         let mut lines = Vec::new();
+        self.each(bytes, |l| {
+            lines.push(l.to_vec());
+            Ok(())
+        })?;
+        Ok(lines)
+    }
+
+    /// Appends bytes and calls `f` with every complete line (newline stripped), stopping at
+    /// the first error; lines that arrive whole in `bytes` are not copied.
+    pub fn each(
+        &mut self,
+        bytes: &[u8],
+        mut f: impl FnMut(&[u8]) -> Result<(), DecodeError>,
+    ) -> Result<(), DecodeError> {
         for chunk in bytes.split_inclusive(|&b| b == b'\n') {
             match chunk.strip_suffix(b"\n") {
+                Some(rest) if self.buf.is_empty() => {
+                    if rest.len() > MAX_LINE {
+                        return Err(DecodeError::TooLong);
+                    }
+                    f(rest)?;
+                }
                 Some(rest) => {
                     self.buf.extend_from_slice(rest);
                     if self.buf.len() > MAX_LINE {
                         return Err(DecodeError::TooLong);
                     }
-                    lines.push(std::mem::take(&mut self.buf));
+                    let line = std::mem::take(&mut self.buf);
+                    f(&line)?;
                 }
                 None => {
                     self.buf.extend_from_slice(chunk);
@@ -323,7 +677,7 @@ impl LineBuffer {
                 }
             }
         }
-        Ok(lines)
+        Ok(())
     }
 
     /// Bytes of an unfinished line (non-empty at end of stream means a truncated frame).
@@ -333,278 +687,4 @@ impl LineBuffer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cpu(seq: u64, busy: f64) -> Frame {
-        Frame::Cpu(CpuSample {
-            seq,
-            ts_ms: 1_764_537_600_000u64.wrapping_add(seq),
-            busy_pct: busy,
-            cores: 2,
-            age_ms: seq % 3 * 1000,
-        })
-    }
-
-    fn hello() -> Frame {
-        Frame::Hello(Hello {
-            node: "web-1".into(),
-            boot: 42,
-            instance_id: Some("i-0abc".into()),
-            uptime_ms: Some(93_000),
-            mac: None,
-        })
-    }
-
-    #[test]
-    fn round_trip() {
-        for f in [hello(), cpu(0, 0.0), cpu(17, 73.2), cpu(u64::MAX, 100.0)] {
-            let line = encode(&f);
-            assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
-            assert!(line.starts_with("{\"v\":1,"), "{line}");
-            assert_eq!(decode(line.trim_end().as_bytes()).unwrap(), f);
-        }
-        let h = Frame::Hello(Hello {
-            node: "n".into(),
-            boot: 1,
-            instance_id: None,
-            uptime_ms: None,
-            mac: None,
-        });
-        assert_eq!(
-            encode(&h),
-            "{\"v\":1,\"type\":\"hello\",\"node\":\"n\",\"boot\":1}\n"
-        );
-    }
-
-    #[test]
-    fn accepts_documented_examples_and_unknown_fields() {
-        let ok = [
-            r#"{"v":1,"type":"cpu","seq":17,"ts_ms":1764537600000,"busy_pct":73.2,"cores":2}"#,
-            r#"{"type":"cpu","v":1,"seq":17,"ts_ms":1,"busy_pct":73,"cores":2,"future":"field"}"#,
-            "{\"v\":1,\"type\":\"hello\",\"node\":\"10.0.0.5:80\",\"boot\":7}\r",
-        ];
-        for line in ok {
-            decode(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
-        }
-    }
-
-    #[test]
-    fn refuses_bad_lines() {
-        let long = format!(
-            r#"{{"v":1,"type":"hello","node":"{}","boot":1}}"#,
-            "a".repeat(MAX_LINE)
-        );
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (long.into_bytes(), "longer than"),
-            (b"\xff\xfe{}".to_vec(), "UTF-8"),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"#.to_vec(),
-                "not a JSON object",
-            ),
-            (b"".to_vec(), "not a JSON object"),
-            (b"[1,2]".to_vec(), "not a JSON object"),
-            (b"garbage".to_vec(), "not a JSON object"),
-            (
-                br#"{"type":"cpu","seq":1,"ts_ms":1,"busy_pct":1,"cores":1}"#.to_vec(),
-                "version",
-            ),
-            (br#"{"v":"1","type":"cpu"}"#.to_vec(), "version"),
-            (
-                br#"{"v":2,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":1,"cores":1}"#.to_vec(),
-                "unsupported protocol version 2",
-            ),
-            (br#"{"v":1,"type":"mem","seq":1}"#.to_vec(), "bad frame"),
-            (
-                br#"{"v":1,"seq":1,"ts_ms":1,"busy_pct":1,"cores":1}"#.to_vec(),
-                "bad frame",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":-1,"ts_ms":1,"busy_pct":1,"cores":1}"#.to_vec(),
-                "bad frame",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":"high","cores":1}"#.to_vec(),
-                "bad frame",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"cores":1}"#.to_vec(),
-                "bad frame",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":-0.1,"cores":1}"#.to_vec(),
-                "busy_pct -0.1",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":100.01,"cores":1}"#.to_vec(),
-                "busy_pct 100.01",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":1e999,"cores":1}"#.to_vec(),
-                "not a JSON object",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":NaN,"cores":1}"#.to_vec(),
-                "not a JSON object",
-            ),
-            (
-                br#"{"v":1,"type":"cpu","seq":1,"ts_ms":1,"busy_pct":5,"cores":0}"#.to_vec(),
-                "cores",
-            ),
-            (
-                br#"{"v":1,"type":"hello","node":"","boot":1}"#.to_vec(),
-                "hello: node",
-            ),
-            (
-                b"{\"v\":1,\"type\":\"hello\",\"node\":\"a\\nb\",\"boot\":1}".to_vec(),
-                "hello: node",
-            ),
-            (
-                br#"{"v":1,"type":"hello","node":"a","boot":1,"instance_id":"i 1"}"#.to_vec(),
-                "instance_id",
-            ),
-            (br#"{"v":1,"type":"hello","boot":1}"#.to_vec(), "bad frame"),
-        ];
-        for (line, want) in cases {
-            let e = decode(&line).unwrap_err().to_string();
-            assert!(
-                e.contains(want),
-                "{:?}: {e}",
-                String::from_utf8_lossy(&line)
-            );
-        }
-    }
-
-    #[test]
-    fn channel_needs_one_hello_first() {
-        let mut ch = ChannelState::default();
-        assert_eq!(ch.accept(cpu(1, 5.0)), Err(DecodeError::NoHello));
-        assert!(ch.accept(hello()).is_ok());
-        assert_eq!(ch.hello().unwrap().node, "web-1");
-        assert!(ch.accept(cpu(1, 5.0)).is_ok());
-        assert_eq!(ch.accept(hello()), Err(DecodeError::RepeatedHello));
-    }
-
-    #[test]
-    fn duplicate_and_out_of_order_samples_are_dropped() {
-        let mut f = SeqFilter::default();
-        assert_eq!(f.check(1, 5), SeqVerdict::New { gap: 0 });
-        assert_eq!(f.check(1, 6), SeqVerdict::New { gap: 0 });
-        assert_eq!(f.check(1, 6), SeqVerdict::Old, "duplicate");
-        assert_eq!(f.check(1, 3), SeqVerdict::Old, "out of order");
-        assert_eq!(f.check(1, 10), SeqVerdict::New { gap: 3 });
-        // The agent restarted: its count starts again.
-        assert_eq!(f.check(2, 0), SeqVerdict::New { gap: 0 });
-        assert_eq!(f.check(2, 1), SeqVerdict::New { gap: 0 });
-        assert_eq!(f.check(2, 0), SeqVerdict::Old);
-    }
-
-    #[test]
-    fn line_buffer_splits_and_limits() {
-        let mut b = LineBuffer::default();
-        assert_eq!(b.push(b"ab").unwrap(), Vec::<Vec<u8>>::new());
-        assert_eq!(b.pending(), 2);
-        assert_eq!(
-            b.push(b"c\nde\n\nf").unwrap(),
-            vec![b"abc".to_vec(), b"de".to_vec(), b"".to_vec()]
-        );
-        assert_eq!(b.pending(), 1);
-        let mut b = LineBuffer::default();
-        assert_eq!(b.push(&vec![b'x'; MAX_LINE]).unwrap().len(), 0);
-        assert_eq!(
-            b.push(b"x"),
-            Err(DecodeError::TooLong),
-            "refused before the newline arrives"
-        );
-        let mut b = LineBuffer::default();
-        let mut exact = vec![b'y'; MAX_LINE];
-        exact.push(b'\n');
-        assert_eq!(b.push(&exact).unwrap().len(), 1);
-    }
-
-    /// Random byte soup and random mutations of valid frames never panic the decoder.
-    #[test]
-    fn decoder_survives_arbitrary_input() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let seeds = [encode(&hello()), encode(&cpu(3, 12.5))];
-        for i in 0..20_000 {
-            let mut line: Vec<u8> = if i % 2 == 0 {
-                (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
-            } else {
-                seeds[(i / 2) % 2].clone().into_bytes()
-            };
-            for _ in 0..rng.random_range(0..4) {
-                if line.is_empty() {
-                    break;
-                }
-                let at = rng.random_range(0..line.len());
-                line[at] = rng.random();
-            }
-            let mut ch = ChannelState::default();
-            let mut lb = LineBuffer::default();
-            if let Ok(lines) = lb.push(&line) {
-                for l in lines {
-                    if let Ok(f) = decode(&l) {
-                        let _ = ch.accept(f);
-                    }
-                }
-            }
-            let _ = decode(&line);
-        }
-    }
-
-    #[test]
-    fn a_hello_proves_it_holds_the_secret() {
-        let secret = b"0123456789abcdef0123456789abcdef";
-        let nonce = new_nonce();
-        assert_eq!(nonce.len(), 64);
-        assert_ne!(nonce, new_nonce(), "fresh every time");
-        let mut h = Hello {
-            node: "web-1".into(),
-            boot: 42,
-            instance_id: None,
-            uptime_ms: None,
-            mac: None,
-        };
-        assert!(!verify_hello(secret, &nonce, &h), "no mac");
-        h.mac = Some(auth_tag(secret, &nonce, &h));
-        assert!(verify_hello(secret, &nonce, &h));
-        // Through the codec too.
-        let line = encode(&Frame::Hello(h.clone()));
-        let Frame::Hello(back) = decode(line.trim_end().as_bytes()).unwrap() else {
-            panic!()
-        };
-        assert!(verify_hello(secret, &nonce, &back));
-        // Another secret, another nonce, another node or run, a mangled tag: refused.
-        assert!(!verify_hello(b"another secret", &nonce, &h));
-        assert!(!verify_hello(secret, &new_nonce(), &h));
-        let other = Hello {
-            node: "web-2".into(),
-            ..h.clone()
-        };
-        assert!(!verify_hello(secret, &nonce, &other));
-        let other = Hello {
-            boot: 43,
-            ..h.clone()
-        };
-        assert!(!verify_hello(secret, &nonce, &other));
-        for bad in ["", "zz", "abc", &"0".repeat(64)] {
-            let other = Hello {
-                mac: Some(bad.to_string()),
-                ..h.clone()
-            };
-            assert!(!verify_hello(secret, &nonce, &other), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn challenges_go_one_way() {
-        let c = Frame::Challenge(Challenge { nonce: "ab".into() });
-        let line = encode(&c);
-        assert_eq!(line, "{\"v\":1,\"type\":\"challenge\",\"nonce\":\"ab\"}\n");
-        assert_eq!(decode(line.trim_end().as_bytes()).unwrap(), c);
-        let mut st = ChannelState::default();
-        assert_eq!(st.accept(c), Err(DecodeError::UnexpectedChallenge));
-    }
-}
+mod tests;

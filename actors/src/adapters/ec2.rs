@@ -80,13 +80,34 @@ pub trait Ec2Api: Send + Sync {
 pub struct SdkEc2 {
     client: aws_sdk_ec2::Client,
     launch: Launch,
-    user_data: Option<String>,
+    user_data: Option<UserData>,
+}
+
+/// The user-data file, and the secret its launches' keys derive from.
+struct UserData {
+    text: Vec<u8>,
+    secret: Option<Vec<u8>>,
+}
+
+impl UserData {
+    /// The user data of one launch, base64: [`REPORT_SECRET_PLACEHOLDER`] replaced by the key
+    /// of that launch ([`crate::report::launch_key`]), never by the fleet's secret.
+    fn for_launch(&self, decision: &str) -> Result<String, String> {
+        let key = self
+            .secret
+            .as_deref()
+            .map(|s| crate::report::launch_key(s, decision));
+        let bytes = with_secret(self.text.clone(), key.as_deref().map(str::as_bytes))?;
+        use base64::Engine;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
 }
 
 impl SdkEc2 {
     /// Builds a client from `[aws]` (region, endpoint, profile, static keys or the standard
-    /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now, with
-    /// [`REPORT_SECRET_PLACEHOLDER`] replaced by `report_secret`.
+    /// chain) and keeps `[launch]` for RunInstances. Reads the user-data file now; each
+    /// launch gets it with [`REPORT_SECRET_PLACEHOLDER`] replaced by that launch's key,
+    /// derived from `report_secret`.
     pub async fn new(
         aws: &Aws,
         launch: &Launch,
@@ -133,10 +154,14 @@ impl SdkEc2 {
                         p.display()
                     ))
                 })?;
-                let bytes = with_secret(bytes, report_secret)
+                let data = UserData {
+                    text: bytes,
+                    secret: report_secret.map(<[u8]>::to_vec),
+                };
+                // A file that cannot be filled in is refused now, not at the first launch.
+                data.for_launch("check")
                     .map_err(|m| bad(format!("[launch] user_data_file {}: {m}", p.display())))?;
-                use base64::Engine;
-                Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+                Some(data)
             }
         };
         Ok(SdkEc2 {
@@ -273,7 +298,13 @@ impl Ec2Api for SdkEc2 {
                 });
             }
             if let Some(u) = &self.user_data {
-                req = req.user_data(u);
+                let text = u.for_launch(decision).map_err(|message| Ec2Error {
+                    operation: "RunInstances",
+                    message,
+                    retryable: false,
+                    not_found: false,
+                })?;
+                req = req.user_data(text);
             }
             // No blind retry: the launcher looks for the decision's instances first.
             let out = req
@@ -375,7 +406,27 @@ mod tests {
             with_secret(asks.clone(), Some(b"s3cr3t")).unwrap(),
             b"write_files:\n  - content: 's3cr3t'\n"
         );
-        let e = with_secret(asks, None).unwrap_err();
+        let e = with_secret(asks.clone(), None).unwrap_err();
         assert!(e.contains("secret_file is empty"), "{e}");
+        // Each launch gets its own key, derived from the secret: never the secret itself.
+        let data = UserData {
+            text: asks,
+            secret: Some(b"the fleet's report secret, 32+ chars".to_vec()),
+        };
+        use base64::Engine;
+        let decode = |b64: String| {
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let a = decode(data.for_launch("as-1-a").unwrap());
+        let b = decode(data.for_launch("as-1-b").unwrap());
+        let key_a = crate::report::launch_key(b"the fleet's report secret, 32+ chars", "as-1-a");
+        assert_eq!(a, format!("write_files:\n  - content: '{key_a}'\n"));
+        assert_ne!(a, b);
+        assert!(!a.contains("fleet"));
     }
 }

@@ -17,6 +17,10 @@ use super::files;
 /// Serialises every read-modify-write of known_hosts files in this process.
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
 
+/// The comment on every line autoscaler writes: a line for a host without it is the
+/// operator's, and a key shared by another master never replaces it.
+pub const LEARNT: &str = "autoscaler-learnt";
+
 /// The first marker of cloud-init's host key block on the console.
 const BEGIN_KEYS: &str = "-----BEGIN SSH HOST KEY KEYS-----";
 const END_KEYS: &str = "-----END SSH HOST KEY KEYS-----";
@@ -99,7 +103,31 @@ fn key_line(pattern: &str, key: &PublicKey) -> io::Result<String> {
     let text = key
         .to_openssh()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    Ok(format!("{pattern} {}\n", text.trim()))
+    // TYPE BASE64, without the key's own comment: ours says who wrote the line.
+    let mut words = text.split_whitespace();
+    let (alg, b64) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    Ok(format!("{pattern} {alg} {b64} {LEARNT}\n"))
+}
+
+/// Whether known_hosts holds a line for exactly `host:port` that autoscaler did not write
+/// (an operator pinned that host's key).
+pub fn pinned(path: &Path, host: &str, port: u16) -> io::Result<bool> {
+    let pattern = host_pattern(host, port);
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| {
+            w.first()
+                .is_some_and(|n| n.split(',').any(|n| n == pattern))
+        })
+        .any(|w| w.get(3) != Some(&LEARNT)))
 }
 
 /// The keys recorded for exactly `host:port` (plain entries; hashed ones cannot be matched
@@ -194,9 +222,18 @@ mod tests {
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(
             text,
-            format!("{other}127.0.1.5 {ED}\n"),
+            format!("{other}127.0.1.5 {ED} {LEARNT}\n"),
             "replaced, not duplicated"
         );
+        assert!(
+            !pinned(&path, "127.0.1.5", 22).unwrap(),
+            "autoscaler's line"
+        );
+        assert!(
+            pinned(&path, "127.0.1.5", 2200).unwrap(),
+            "the operator's line"
+        );
+        assert!(!pinned(&path, "127.0.1.77", 22).unwrap(), "no line");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
@@ -208,7 +245,7 @@ mod tests {
         learn(&path, "127.0.1.6", 2222, &key(ED)).unwrap();
         assert!(fs::read_to_string(&path)
             .unwrap()
-            .ends_with(&format!("[127.0.1.6]:2222 {ED}\n")));
+            .ends_with(&format!("[127.0.1.6]:2222 {ED} {LEARNT}\n")));
         assert!(parse_key(RSA).is_none(), "RSA is not used by the SSH stack");
         assert!(parse_key("garbage").is_none());
     }

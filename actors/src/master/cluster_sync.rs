@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use slog::{info, o, warn, Logger};
 
 use crate::adapters::etcd::Etcd;
+use crate::adapters::host_store::HostStore;
 use crate::adapters::known_hosts;
 use crate::adapters::records::{RecordError, Records};
+use crate::hosts::{HostName, Origin};
 
 /// The record kind.
 pub const KIND: &str = "host_keys";
@@ -58,16 +60,47 @@ pub async fn unshare(records: &Records, host: &str, port: u16) -> Result<(), Rec
     records.delete(KIND, &record_name(host, port)).await
 }
 
-/// Every `poll`: known_hosts made to hold exactly the shared keys of the hosts that have them
-/// (lines of other hosts untouched). Runs until aborted.
-pub async fn known_hosts(etcd: Etcd, path: PathBuf, _ssh_port: u16, poll: Duration, log: Logger) {
+/// Why a shared record is not applied here, if it is not: its host must be written as
+/// `add-host` would take it, be a host the masters launched (on its SSH port), and have no
+/// key an operator pinned in this master's known_hosts.
+fn refusal(k: &SharedKeys, launched: &[(String, u16)], pinned: bool) -> Option<&'static str> {
+    let valid = HostName::parse(&k.host).is_ok_and(|h| h.to_string() == k.host);
+    match () {
+        _ if !valid => Some("not a valid host name"),
+        _ if !launched.iter().any(|(h, p)| *h == k.host && *p == k.port) => {
+            Some("not a host the masters launched")
+        }
+        _ if pinned => Some("its key is pinned in known_hosts by hand"),
+        _ => None,
+    }
+}
+
+/// Every `poll`: known_hosts made to hold exactly the shared keys of the launched hosts that
+/// have them (lines of other hosts, and keys an operator pinned, untouched). Runs until
+/// aborted.
+pub async fn known_hosts(etcd: Etcd, path: PathBuf, ssh_port: u16, poll: Duration, log: Logger) {
     let log = log.new(o!("actor" => "KnownHostsSync"));
     let mut applied: BTreeMap<String, SharedKeys> = BTreeMap::new();
+    let mut refused: BTreeMap<String, &'static str> = BTreeMap::new();
     let mut failing = false;
+    let hosts = HostStore::Etcd {
+        etcd: etcd.clone(),
+        lead: None,
+    };
     loop {
-        match etcd.list(KIND).await {
-            Ok(records) => {
+        let read = async {
+            let records = etcd.list(KIND).await.map_err(|e| e.to_string())?;
+            let (hosts, _) = hosts.load().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((records, hosts))
+        };
+        match read.await {
+            Ok((records, hosts)) => {
                 failing = false;
+                let launched: Vec<(String, u16)> = hosts
+                    .iter()
+                    .filter(|h| h.origin == Origin::Launched)
+                    .map(|h| (h.host.to_string(), h.ssh_port.unwrap_or(ssh_port)))
+                    .collect();
                 let now: BTreeMap<String, SharedKeys> = records
                     .into_iter()
                     .filter_map(|(n, v)| Some((n, serde_json::from_slice(&v).ok()?)))
@@ -76,6 +109,14 @@ pub async fn known_hosts(etcd: Etcd, path: PathBuf, _ssh_port: u16, poll: Durati
                     if applied.get(n) == Some(k) {
                         continue;
                     }
+                    let pinned = known_hosts::pinned(&path, &k.host, k.port).unwrap_or(true);
+                    if let Some(why) = refusal(k, &launched, pinned) {
+                        if refused.insert(n.clone(), why) != Some(why) {
+                            warn!(log, "Shared SSH keys not recorded"; "host" => &k.host, "port" => k.port, "reason" => why);
+                        }
+                        continue;
+                    }
+                    refused.remove(n);
                     let keys: Vec<_> = k
                         .keys
                         .iter()
@@ -114,5 +155,46 @@ pub async fn known_hosts(etcd: Etcd, path: PathBuf, _ssh_port: u16, poll: Durati
             }
         }
         tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_valid_launched_unpinned_hosts_take_shared_keys() {
+        let k = |host: &str, port| SharedKeys {
+            host: host.into(),
+            port,
+            keys: vec![],
+        };
+        let launched = vec![("127.0.1.5".to_string(), 22)];
+        assert_eq!(refusal(&k("127.0.1.5", 22), &launched, false), None);
+        assert_eq!(
+            refusal(&k("127.0.1.5", 22), &launched, true),
+            Some("its key is pinned in known_hosts by hand")
+        );
+        assert_eq!(
+            refusal(&k("127.0.1.5", 2222), &launched, false),
+            Some("not a host the masters launched")
+        );
+        assert_eq!(
+            refusal(&k("10.0.0.1", 22), &launched, false),
+            Some("not a host the masters launched")
+        );
+        for bad in [
+            "127.0.1.5\n10.0.0.1",
+            "[127.0.1.5]:22",
+            "host name",
+            "Web-1",
+            "*",
+        ] {
+            assert_eq!(
+                refusal(&k(bad, 22), &[(bad.to_string(), 22)], false),
+                Some("not a valid host name"),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -249,6 +249,22 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// An error answer: one JSON object, whatever the message holds.
+fn error_answer(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// The error answer to a request that is not `status`: `read` is None when none came in
+/// time.
+fn refused(read: Option<std::io::Result<usize>>, line: &str) -> Option<String> {
+    match (read, line.trim()) {
+        (Some(Ok(_)), "status") => None,
+        (None, _) => Some(error_answer("no request within 5s")),
+        (Some(Err(e)), _) => Some(error_answer(&format!("cannot read the request: {e}"))),
+        (Some(Ok(_)), other) => Some(error_answer(&format!("unknown request {other:?}"))),
+    }
+}
+
 /// Answers status requests on `listener` until the master stops.
 pub fn serve(listener: UnixListener, sources: Sources, log: &Logger) {
     let log = log.new(slog::o!("actor" => "Control"));
@@ -263,12 +279,12 @@ pub fn serve(listener: UnixListener, sources: Sources, log: &Logger) {
                     BufReader::new(rd).take(256).read_line(&mut line),
                 )
                 .await;
-                let answer = match (read, line.trim()) {
-                    (Ok(Ok(_)), "status") => match sources.status().await {
+                let answer = match refused(read.ok(), &line) {
+                    Some(refusal) => refusal,
+                    None => match sources.status().await {
                         Ok(s) => serde_json::to_string(&s).unwrap_or_default(),
-                        Err(e) => format!("{{\"error\":\"{e}\"}}"),
+                        Err(e) => error_answer(&e.to_string()),
                     },
-                    (_, other) => format!("{{\"error\":\"unknown request {other:?}\"}}"),
                 };
                 if let Err(e) = wr.write_all(format!("{answer}\n").as_bytes()).await {
                     debug!(log, "Status request dropped"; "error" => %e);
@@ -489,6 +505,29 @@ impl Status {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_refusal_is_one_json_object() {
+        use super::refused;
+        assert_eq!(refused(Some(Ok(7)), "status\n"), None);
+        let cases = [
+            (refused(None, ""), "no request within 5s"),
+            (
+                refused(Some(Err(std::io::Error::other("reset"))), ""),
+                "cannot read the request: reset",
+            ),
+            (
+                refused(Some(Ok(9)), "stat\"us\\\n"),
+                "unknown request \"stat\\\"us\\\\\"",
+            ),
+        ];
+        for (answer, want) in cases {
+            let answer = answer.expect("refused");
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer}: {e}"));
+            assert_eq!(v["error"], want, "{answer}");
+        }
+    }
+
     use super::*;
 
     fn sample() -> Status {

@@ -663,7 +663,9 @@ mod tests {
             boot,
             instance_id: None,
             uptime_ms,
-            mac: None,
+            interval_ms: 1000,
+            buffer: 0,
+            nonce: String::new(),
         }
     }
 

@@ -127,7 +127,9 @@ mod tests {
                     boot: 1,
                     instance_id: None,
                     uptime_ms: None,
-                    mac: None,
+                    interval_ms: 1000,
+                    buffer: 0,
+                    nonce: String::new(),
                 },
             });
         }

@@ -1,37 +1,41 @@
 //! TunnelManager (master role): one SSH session per registered host, each asking the node's
-//! sshd for a remote port forward of 127.0.0.1:report_port back to the master.
+//! sshd for a remote forward back to the master: of a Unix socket (`[node] report_socket`,
+//! the default: `streamlocal-forward@openssh.com`) or of 127.0.0.1:report_port.
 //!
 //! ```text
 //!  node                                   master
-//!  ReportLink ──TCP──▶ sshd 127.0.0.1:report_port ══SSH══▶ session task ──▶ channel task
-//!                                                          (russh client)   decode frames
-//!                                                                           ├─▶ NodeUp / NodeDown
-//!                                                                           └─▶ CpuReported
+//!  ReportLink ──▶ sshd forward (socket or port) ══SSH══▶ session task ──▶ channel task
+//!                                                        (russh client)   MasterChannel
+//!                                                                         ├─▶ NodeUp / NodeDown
+//!                                                                         └─▶ CpuReported
 //! ```
 //!
-//! **Whose reports count.** The node's forwarded port is reachable by every local user of the
-//! node, so a channel proves it comes from the agent before anything it says is used: the
-//! master sends a challenge, and the hello must answer it with the report secret
-//! ([`crate::report`]). One authenticated channel per node is live; a newer authenticated one
-//! (the agent reconnected) replaces it. Channels still proving themselves are few (at most
-//! [`MAX_PENDING_CHANNELS`] per node, further ones refused) and short-lived (a hello within
-//! [`HELLO_TIMEOUT`]); what they send never reaches NodeStatus or the decider, and their end
-//! never marks the node down.
+//! **Whose reports count.** Every channel proves it comes from the agent before anything it
+//! says is used, and every sample carries the channel's MAC ([`crate::report`]): the master
+//! sends a challenge, the hello must answer it with the report secret (or, for a host a
+//! launch started, that launch's key) for this very forward, and the master's welcome proves
+//! the secret back. A hello that names another instance than the registered host's is
+//! refused. One authenticated channel per node is live; a newer authenticated one (the agent
+//! reconnected) replaces it. Channels still proving themselves are few (at most
+//! [`MAX_PENDING_CHANNELS`] per node; when full, the one waiting longest is closed to make
+//! room) and short-lived ([`HELLO_TIMEOUT`] from the moment they open, however slowly they
+//! drip); what they send never reaches NodeStatus or the decider, and their end never marks
+//! the node down.
 //!
 //! **Several masters** (DESIGN). Each master asks every node for a forward of its own
-//! `report_port`, and the agent reports to each of them (`[node] other_report_ports`): the
-//! node still needs no inbound rule, every master gets the same samples first-hand, and a
-//! master's failure costs the others nothing. A single forward relayed between masters
-//! would make the leader a relay that must be up for the others to see load; a shared
-//! store of samples would put every sample through etcd.
+//! (socket name, or `report_port`), and the agent reports to each of them: the node still
+//! needs no inbound rule, every master gets the same samples first-hand, and a master's
+//! failure costs the others nothing. A single forward relayed between masters would make the
+//! leader a relay that must be up for the others to see load; a shared store of samples
+//! would put every sample through etcd.
 //!
 //! Each session is a plain tokio task (russh is tokio-native and `Send`); the actor only starts
 //! and aborts them as [`HostsChanged`] arrives. Forwarded channels are handled in-process: no
 //! listener is opened on the master. Sessions and host keys are the SSH adapter's business
 //! ([`crate::adapters::ssh`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +46,7 @@ use russh::Channel;
 use slog::{debug, info, o, warn, Logger};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
 use crate::adapters::secret;
@@ -51,17 +56,17 @@ use crate::config::Config;
 use crate::hosts::{Host, HostKey};
 use crate::metrics::Metrics;
 use crate::report::{
-    decode, encode, new_nonce, verify_hello, Challenge, ChannelState, DecodeError, Frame,
-    LineBuffer, SeqFilter, SeqVerdict,
+    launch_key, DecodeError, Event, LineBuffer, MasterChannel, SeqFilter, SeqVerdict,
 };
 
 const RETRY_BASE: Duration = Duration::from_secs(1);
 /// SSH handshakes in progress at once (each costs key exchange on both ends).
 pub const MAX_HANDSHAKES: usize = 32;
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Report channels of one node still waiting for their hello; more are refused.
+/// Report channels of one node still waiting for their hello; a new one closes the one that
+/// has waited longest.
 pub const MAX_PENDING_CHANNELS: usize = 4;
-/// How long a new report channel has to send its hello.
+/// How long a new report channel has, from the moment it opens, to prove it is the agent's.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning a minute per node about refused report channels.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -77,6 +82,8 @@ pub enum TunnelError {
     Secret(#[from] secret::SecretError),
     #[error("the node refused the forward of 127.0.0.1:{port}: is report_port {port} already in use on the node, or AllowTcpForwarding off? ({message})")]
     ForwardRefused { port: u16, message: String },
+    #[error("the node refused the forward of {path}: does its directory exist (the agent makes it at start) and belong to the SSH user, is the socket left from an earlier session (the agent removes it; or StreamLocalBindUnlink yes), or is AllowStreamLocalForwarding off? ({message})")]
+    SocketRefused { path: String, message: String },
 }
 
 impl From<russh::Error> for TunnelError {
@@ -85,9 +92,39 @@ impl From<russh::Error> for TunnelError {
     }
 }
 
+/// Where a node's forward for this master appears on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// 127.0.0.1:port.
+    Tcp(u16),
+    /// A Unix socket at this path.
+    Unix(String),
+}
+
+impl Forward {
+    /// The forward's name in the report protocol (`via`), as the agent names it.
+    pub fn via(&self) -> String {
+        match self {
+            Forward::Tcp(p) => format!("tcp:{p}"),
+            Forward::Unix(p) => format!("unix:{p}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Forward::Tcp(p) => write!(f, "127.0.0.1:{p}"),
+            Forward::Unix(p) => f.write_str(p),
+        }
+    }
+}
+
 /// What every session needs, shared.
 pub struct TunnelSettings {
     pub ssh: Arc<SshSettings>,
+    /// The node's report socket (`[node] report_socket`); None: TCP on `report_port`.
+    pub report_socket: Option<String>,
     pub report_port: u16,
     /// A channel that carries no frame for this long is closed and its node marked down.
     pub stale_after: Duration,
@@ -95,7 +132,8 @@ pub struct TunnelSettings {
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Reconnects and dropped frames are counted here.
     pub metrics: Arc<Metrics>,
-    /// The report secret agents must prove they hold; None: reports are not authenticated.
+    /// The report secret agents must prove they hold; None: the empty key, which proves
+    /// nothing (reports are not authenticated).
     pub secret: Option<Arc<Vec<u8>>>,
 }
 
@@ -112,12 +150,25 @@ impl TunnelSettings {
     pub fn with_ssh(cfg: &Config, ssh: Arc<SshSettings>) -> TunnelSettings {
         TunnelSettings {
             ssh,
+            report_socket: cfg.node.report_socket.clone(),
             report_port: cfg.node.report_port,
             stale_after: cfg.scaling.stale_after,
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             metrics: Arc::default(),
             secret: None,
         }
+    }
+
+    /// (SSH port, forward) for a host: its own, or the configured defaults. A host's own
+    /// socket wins over its own port, which wins over the configured socket.
+    pub fn route(&self, h: &Host) -> (u16, Forward) {
+        let forward = match (&h.report_socket, h.report_port, &self.report_socket) {
+            (Some(s), _, _) => Forward::Unix(s.clone()),
+            (None, Some(p), _) => Forward::Tcp(p),
+            (None, None, Some(s)) => Forward::Unix(s.clone()),
+            (None, None, None) => Forward::Tcp(self.report_port),
+        };
+        (h.ssh_port.unwrap_or(self.ssh.default_port), forward)
     }
 }
 
@@ -153,8 +204,8 @@ impl TunnelOutputs {
 
 struct SessionHandle {
     task: tokio::task::JoinHandle<()>,
-    /// SSH and report port the session was opened with; a change reopens it.
-    ports: (u16, u16),
+    /// The host as the session was opened for it; a change of route or identity reopens it.
+    host: Host,
     up: Arc<AtomicBool>,
 }
 
@@ -177,14 +228,6 @@ impl TunnelManager {
         }
     }
 
-    /// (SSH port, report port) for a host: its own, or the configured defaults.
-    fn ports(&self, h: &Host) -> (u16, u16) {
-        (
-            h.ssh_port.unwrap_or(self.settings.ssh.default_port),
-            h.report_port.unwrap_or(self.settings.report_port),
-        )
-    }
-
     fn stop_session(&mut self, key: &HostKey, reason: &str) {
         if let Some(s) = self.sessions.remove(key) {
             s.task.abort();
@@ -196,6 +239,13 @@ impl TunnelManager {
             }
         }
     }
+}
+
+/// Whether a session opened for `a` serves `b` as well: same route, same identity and keys.
+fn same_session(settings: &TunnelSettings, a: &Host, b: &Host) -> bool {
+    settings.route(a) == settings.route(b)
+        && a.instance_id == b.instance_id
+        && a.decision == b.decision
 }
 
 impl Actor for TunnelManager {
@@ -217,32 +267,47 @@ impl Handler<HostsChanged> for TunnelManager {
         let gone: Vec<HostKey> = self
             .sessions
             .iter()
-            .filter(|(k, s)| wanted.get(*k).is_none_or(|h| self.ports(h) != s.ports))
+            .filter(|(k, s)| {
+                wanted
+                    .get(*k)
+                    .is_none_or(|h| !same_session(&self.settings, h, &s.host))
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
             info!(self.log, "Closing tunnel"; "host" => %k.host, "port" => k.port);
             self.stop_session(&k, "removed from the registry");
+            // Its series go too, unless another registered host has the same address.
+            if !wanted.keys().any(|w| w.host == k.host) {
+                self.settings.metrics.forget_host(&k.host.to_string());
+            }
         }
         for (key, host) in wanted {
             if self.sessions.contains_key(&key) {
                 continue;
             }
-            let ports = self.ports(host);
+            let (ssh_port, forward) = self.settings.route(host);
             let up = Arc::new(AtomicBool::new(false));
             let log = self.log.new(
-                o!("host" => key.host.to_string(), "app_port" => key.port, "ssh_port" => ports.0),
+                o!("host" => key.host.to_string(), "app_port" => key.port, "ssh_port" => ssh_port),
             );
-            info!(log, "Opening tunnel");
+            info!(log, "Opening tunnel"; "forward" => %forward);
             let task = tokio::spawn(session_loop(
-                key.clone(),
-                ports,
+                host.clone(),
+                (ssh_port, forward),
                 self.settings.clone(),
                 self.out.clone(),
                 up.clone(),
                 log,
             ));
-            self.sessions.insert(key, SessionHandle { task, ports, up });
+            self.sessions.insert(
+                key,
+                SessionHandle {
+                    task,
+                    host: host.clone(),
+                    up,
+                },
+            );
         }
     }
 }
@@ -250,18 +315,35 @@ impl Handler<HostsChanged> for TunnelManager {
 /// Connects, forwards, waits for the session to end, retries with backoff; forever, until
 /// aborted by the actor.
 async fn session_loop(
-    key: HostKey,
-    ports: (u16, u16),
+    host: Host,
+    route: (u16, Forward),
     settings: Arc<TunnelSettings>,
     out: TunnelOutputs,
     up: Arc<AtomicBool>,
     log: Logger,
 ) {
-    let chans = Arc::new(Channels::default());
+    let key = host.key();
+    // What a channel of this node may prove: the fleet's secret, and for a host a launch
+    // started, that launch's key.
+    let fleet: Arc<Vec<u8>> = settings.secret.clone().unwrap_or_default();
+    let mut keys = vec![fleet.to_vec()];
+    if let (Some(secret), Some(d)) = (&settings.secret, &host.decision) {
+        keys.push(launch_key(secret, d).into_bytes());
+    }
+    let chans = Arc::new(Channels {
+        keys,
+        via: route.1.via(),
+        host: host.clone(),
+        filter: Mutex::default(),
+        live: Mutex::default(),
+        next: AtomicU64::default(),
+        pending: Mutex::default(),
+        last_refusal_log: Mutex::default(),
+    });
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     loop {
         let started = Instant::now();
-        let result = run_session(&key, ports, &settings, &out, &up, &chans, &log).await;
+        let result = run_session(&key, &route, &settings, &out, &up, &chans, &log).await;
         // The session's channels went with it.
         *lock(&chans.live) = None;
         let reason = match &result {
@@ -287,7 +369,7 @@ async fn session_loop(
 
 async fn run_session(
     key: &HostKey,
-    (ssh_port, report_port): (u16, u16),
+    (ssh_port, forward): &(u16, Forward),
     settings: &Arc<TunnelSettings>,
     out: &TunnelOutputs,
     up: &Arc<AtomicBool>,
@@ -295,7 +377,7 @@ async fn run_session(
     log: &Logger,
 ) -> Result<(), TunnelError> {
     let host = key.host.to_string();
-    let check = HostKeyCheck::new(&settings.ssh, &host, ssh_port, log);
+    let check = HostKeyCheck::new(&settings.ssh, &host, *ssh_port, log);
     let handler = Client {
         key: key.clone(),
         check: check.clone(),
@@ -306,14 +388,24 @@ async fn run_session(
         log: log.clone(),
     };
     let setup = async {
-        let handle = ssh::connect(&settings.ssh, &host, ssh_port, &check, handler).await?;
-        handle
-            .tcpip_forward("127.0.0.1", u32::from(report_port))
-            .await
-            .map_err(|e| TunnelError::ForwardRefused {
-                port: report_port,
-                message: e.to_string(),
-            })?;
+        let handle = ssh::connect(&settings.ssh, &host, *ssh_port, &check, handler).await?;
+        match forward {
+            Forward::Tcp(port) => handle
+                .tcpip_forward("127.0.0.1", u32::from(*port))
+                .await
+                .map(|_| ())
+                .map_err(|e| TunnelError::ForwardRefused {
+                    port: *port,
+                    message: e.to_string(),
+                })?,
+            Forward::Unix(path) => handle
+                .streamlocal_forward(path.clone())
+                .await
+                .map_err(|e| TunnelError::SocketRefused {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?,
+        }
         Ok::<_, TunnelError>(handle)
     };
     // Bound the handshakes in progress, so a master (re)starting with thousands of nodes does
@@ -324,7 +416,7 @@ async fn run_session(
         .await
         .map_err(|_| SshError::ConnectTimeout(timeout))??;
     drop(permit);
-    info!(log, "Tunnel up"; "forward" => format!("127.0.0.1:{report_port}"));
+    info!(log, "Tunnel up"; "forward" => %forward);
     (&mut handle).await?;
     Ok(())
 }
@@ -341,14 +433,20 @@ struct Client {
 }
 
 /// One node's report channels, across its SSH sessions.
-#[derive(Default)]
 struct Channels {
+    /// The keys a hello may prove (the fleet's secret first).
+    keys: Vec<Vec<u8>>,
+    /// The forward's name in the protocol.
+    via: String,
+    /// The registered host these channels speak for.
+    host: Host,
     filter: Mutex<SeqFilter>,
     /// The live (authenticated) channel.
     live: Mutex<Option<u64>>,
     next: AtomicU64,
-    /// Channels open and not authenticated yet.
-    pending: AtomicUsize,
+    /// Channels open and not authenticated yet, oldest first, each with what tells it to
+    /// make room.
+    pending: Mutex<VecDeque<(u64, Arc<Notify>)>>,
     last_refusal_log: Mutex<Option<Instant>>,
 }
 
@@ -372,6 +470,27 @@ impl Channels {
             }
         }
     }
+
+    /// Takes a waiting slot for channel `id`; when all are taken, the channel that has waited
+    /// longest is told to go (returned, for the count).
+    fn wait(&self, id: u64) -> (Arc<Notify>, Option<u64>) {
+        let mut pending = lock(&self.pending);
+        let evicted = match pending.len() >= MAX_PENDING_CHANNELS {
+            true => pending.pop_front().map(|(old, n)| {
+                n.notify_one();
+                old
+            }),
+            false => None,
+        };
+        let notify = Arc::new(Notify::new());
+        pending.push_back((id, notify.clone()));
+        (notify, evicted)
+    }
+
+    /// Gives channel `id`'s waiting slot back (it proved itself, or ended).
+    fn done_waiting(&self, id: u64) {
+        lock(&self.pending).retain(|(p, _)| *p != id);
+    }
 }
 
 impl client::Handler for Client {
@@ -394,26 +513,43 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let host = self.key.host.to_string();
-        let pending = self.chans.pending.fetch_add(1, Ordering::SeqCst);
-        if pending >= MAX_PENDING_CHANNELS {
-            self.chans.pending.fetch_sub(1, Ordering::SeqCst);
-            self.settings.metrics.channel_refused(&host, "too_many");
-            if self.chans.log_refusal() {
-                warn!(self.log, "Report channel refused: too many waiting for their hello (someone on the node is connecting to the report port?)";
-                    "waiting" => pending, "from" => format!("{originator_address}:{originator_port}"));
-            }
-            reply
-                .reject(russh::ChannelOpenFailure::ResourceShortage)
-                .await;
-            return Ok(());
-        }
         reply.accept().await;
+        self.open(channel, format!("{originator_address}:{originator_port}"));
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        self.open(channel, socket_path.to_string());
+        Ok(())
+    }
+}
+
+impl Client {
+    /// A new report channel: it gets a waiting slot (the oldest waiting one may have to go)
+    /// and its own task.
+    fn open(&self, channel: Channel<client::Msg>, from: String) {
+        let host = self.key.host.to_string();
         let id = self.chans.next.fetch_add(1, Ordering::SeqCst);
-        debug!(self.log, "Report channel opened"; "channel" => id, "from" => format!("{originator_address}:{originator_port}"));
+        let (notify, evicted) = self.chans.wait(id);
+        if let Some(old) = evicted {
+            self.settings.metrics.channel_refused(&host, "evicted");
+            if self.chans.log_refusal() {
+                warn!(self.log, "Report channel closed to make room: too many waiting for their hello (someone on the node is connecting to the report port?)";
+                    "closed" => old, "waiting" => MAX_PENDING_CHANNELS, "from" => &from);
+            }
+        }
+        debug!(self.log, "Report channel opened"; "channel" => id, "from" => &from);
         tokio::spawn(read_channel(
             channel,
             id,
+            notify,
             self.key.clone(),
             self.out.clone(),
             self.up.clone(),
@@ -421,7 +557,6 @@ impl client::Handler for Client {
             self.settings.clone(),
             self.log.clone(),
         ));
-        Ok(())
     }
 }
 
@@ -430,10 +565,15 @@ impl client::Handler for Client {
 enum ChannelEnd {
     Closed,
     Stale(Duration),
-    /// No hello within the time a new channel gets.
+    /// No proven hello within the time a new channel gets.
     NoHello(Duration),
-    /// The hello did not answer the challenge.
-    Unauthenticated,
+    /// A newer channel needed the waiting slot.
+    Evicted,
+    /// The hello names another instance than the registered host's.
+    WrongInstance {
+        said: Option<String>,
+        registered: String,
+    },
     /// A newer channel of the agent took over.
     Replaced,
     Truncated,
@@ -449,9 +589,12 @@ impl std::fmt::Display for ChannelEnd {
             ChannelEnd::NoHello(d) => {
                 write!(f, "no hello within {}", humantime::format_duration(*d))
             }
-            ChannelEnd::Unauthenticated => {
-                f.write_str("the hello does not prove the report secret")
-            }
+            ChannelEnd::Evicted => f.write_str("closed to make room for a newer channel"),
+            ChannelEnd::WrongInstance { said, registered } => write!(
+                f,
+                "the hello names instance {} but this host is instance {registered}",
+                said.as_deref().unwrap_or("(none)")
+            ),
             ChannelEnd::Replaced => f.write_str("replaced by a newer channel of the agent"),
             ChannelEnd::Truncated => f.write_str("report channel closed in the middle of a frame"),
             ChannelEnd::Io(e) => write!(f, "report channel failed: {e}"),
@@ -460,14 +603,22 @@ impl std::fmt::Display for ChannelEnd {
     }
 }
 
-/// Reads one forwarded channel: a challenge out, a hello that answers it, then samples, until
-/// it closes, goes stale, sends something malformed or is replaced by a newer channel of the
-/// agent. Only this channel is affected by what arrives on it, and only the live one speaks
-/// for the node.
+/// Milliseconds on this process's steady clock, for the protocol's rate and jump bounds.
+fn steady_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Reads one forwarded channel: a challenge out, a hello that proves the secret for this
+/// forward and names this host, the welcome back, then authenticated samples, until it
+/// closes, goes stale, sends something malformed or forged, or is replaced by a newer
+/// channel of the agent. Only this channel is affected by what arrives on it, and only the
+/// live one speaks for the node.
 #[allow(clippy::too_many_arguments)]
 async fn read_channel(
     channel: Channel<client::Msg>,
     id: u64,
+    evict: Arc<Notify>,
     key: HostKey,
     out: TunnelOutputs,
     up: Arc<AtomicBool>,
@@ -478,51 +629,61 @@ async fn read_channel(
     let (stale_after, metrics) = (settings.stale_after, &settings.metrics);
     let host = key.host.to_string();
     let mut stream = channel.into_stream();
-    let nonce = new_nonce();
+    let (mut ch, challenge) = MasterChannel::open(&chans.via);
     let mut lines = LineBuffer::default();
-    let mut state = ChannelState::default();
     let mut buf = vec![0u8; 8192];
-    // Until its hello is accepted, a channel counts as pending and has HELLO_TIMEOUT.
+    // Until its hello is accepted, a channel holds a waiting slot and has HELLO_TIMEOUT from
+    // now, however it spreads its bytes.
+    let hello_by =
+        tokio::time::Instant::now() + HELLO_TIMEOUT.min(stale_after.max(Duration::from_secs(1)));
     let mut authenticated = false;
-    let challenge = encode(&Frame::Challenge(Challenge {
-        nonce: nonce.clone(),
-    }));
+    let keys: Vec<&[u8]> = chans.keys.iter().map(Vec::as_slice).collect();
     let end = match stream.write_all(challenge.as_bytes()).await {
         Err(e) => ChannelEnd::Io(e),
         Ok(()) => 'read: loop {
-            let wait = match authenticated {
-                true => stale_after,
-                false => HELLO_TIMEOUT.min(stale_after.max(Duration::from_secs(1))),
+            let read = stream.read(&mut buf);
+            let n = match authenticated {
+                true => match tokio::time::timeout(stale_after, read).await {
+                    Err(_) => break ChannelEnd::Stale(stale_after),
+                    Ok(r) => r,
+                },
+                false => tokio::select! {
+                    r = tokio::time::timeout_at(hello_by, read) => match r {
+                        Err(_) => break ChannelEnd::NoHello(HELLO_TIMEOUT),
+                        Ok(r) => r,
+                    },
+                    _ = evict.notified() => break ChannelEnd::Evicted,
+                },
             };
-            let n = match tokio::time::timeout(wait, stream.read(&mut buf)).await {
-                Err(_) if !authenticated => break ChannelEnd::NoHello(wait),
-                Err(_) => break ChannelEnd::Stale(stale_after),
-                Ok(Err(e)) => break ChannelEnd::Io(e),
-                Ok(Ok(0)) if lines.pending() > 0 => break ChannelEnd::Truncated,
-                Ok(Ok(0)) => break ChannelEnd::Closed,
-                Ok(Ok(n)) => n,
+            let n = match n {
+                Err(e) => break ChannelEnd::Io(e),
+                Ok(0) if lines.pending() > 0 => break ChannelEnd::Truncated,
+                Ok(0) => break ChannelEnd::Closed,
+                Ok(n) => n,
             };
             if authenticated && !chans.is_live(id) {
                 break ChannelEnd::Replaced;
             }
-            let complete = match lines.push(&buf[..n]) {
-                Ok(l) => l,
-                Err(e) => break ChannelEnd::Bad(e),
-            };
-            for line in complete {
-                match decode(&line).and_then(|f| state.accept(f)) {
-                    Err(e) => break 'read ChannelEnd::Bad(e),
-                    Ok(Frame::Hello(hello)) => {
-                        let proven = settings
-                            .secret
-                            .as_deref()
-                            .is_none_or(|secret| verify_hello(secret, &nonce, &hello));
-                        if !proven {
-                            break 'read ChannelEnd::Unauthenticated;
+            let now = steady_ms();
+            let mut welcome = None;
+            let mut ended = None;
+            let pushed = lines.each(&buf[..n], |line| {
+                match ch.accept(line, &keys, now)? {
+                    Event::Hello { hello, welcome: w, .. } => {
+                        // A launched host's agent must name the instance it was launched as.
+                        if let Some(registered) = &chans.host.instance_id {
+                            if hello.instance_id.as_ref() != Some(registered) {
+                                ended = Some(ChannelEnd::WrongInstance {
+                                    said: hello.instance_id.clone(),
+                                    registered: registered.clone(),
+                                });
+                                return Err(DecodeError::Unauthenticated);
+                            }
                         }
+                        // Proven: this channel is the node's live one (the welcome goes
+                        // back below, before anything else is read).
                         authenticated = true;
-                        chans.pending.fetch_sub(1, Ordering::SeqCst);
-                        // The newest channel of the agent is the live one.
+                        chans.done_waiting(id);
                         let replaced = lock(&chans.live).replace(id);
                         info!(log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
                             "channel" => id, "replaces" => replaced);
@@ -531,11 +692,11 @@ async fn read_channel(
                             host: key.clone(),
                             hello,
                         });
+                        welcome = Some(w);
                     }
-                    Ok(Frame::Cpu(sample)) => {
-                        let boot = state.hello().map_or(0, |h| h.boot);
-                        let verdict = lock(&chans.filter).check(boot, sample.seq);
-                        match verdict {
+                    Event::Sample(sample) => {
+                        let hello = ch.hello().expect("samples follow the hello");
+                        match lock(&chans.filter).check(hello, sample.seq, now)? {
                             SeqVerdict::New { gap } => {
                                 if gap > 0 {
                                     metrics.samples_missing(&host, gap);
@@ -549,25 +710,42 @@ async fn read_channel(
                             SeqVerdict::Old => metrics.frame_dropped(&host, "duplicate"),
                         }
                     }
-                    // ChannelState refuses a challenge from the node.
-                    Ok(Frame::Challenge(_)) => {
-                        break 'read ChannelEnd::Bad(DecodeError::UnexpectedChallenge)
-                    }
                 }
+                Ok(())
+            });
+            if let Some(e) = ended {
+                break e;
+            }
+            if let Some(w) = welcome {
+                if let Err(e) = stream.write_all(w.as_bytes()).await {
+                    break ChannelEnd::Io(e);
+                }
+            }
+            if let Err(e) = pushed {
+                break 'read ChannelEnd::Bad(e);
             }
         },
     };
     if !authenticated {
-        chans.pending.fetch_sub(1, Ordering::SeqCst);
+        chans.done_waiting(id);
     }
     match &end {
+        ChannelEnd::Bad(DecodeError::Unauthenticated | DecodeError::NoMac) if !authenticated => {
+            metrics.channel_refused(&host, "unauthenticated")
+        }
+        // A frame without the channel's MAC is not the agent's either.
+        ChannelEnd::Bad(DecodeError::Forged | DecodeError::NoMac) if authenticated => {
+            metrics.channel_refused(&host, "forged")
+        }
         ChannelEnd::Bad(_) => metrics.frame_dropped(&host, "malformed"),
         ChannelEnd::Truncated => metrics.frame_dropped(&host, "truncated"),
-        ChannelEnd::Unauthenticated => metrics.channel_refused(&host, "unauthenticated"),
         ChannelEnd::NoHello(_) => metrics.channel_refused(&host, "no_hello"),
+        ChannelEnd::WrongInstance { .. } => metrics.channel_refused(&host, "wrong_instance"),
         _ => {}
     }
     match (&end, authenticated) {
+        // Made room for a newer one: counted and logged where it happened.
+        (ChannelEnd::Evicted, _) => {}
         // What an unproven channel did says nothing about the node: logged sparingly.
         (_, false) => {
             if chans.log_refusal() {

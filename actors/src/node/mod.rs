@@ -1,6 +1,9 @@
 //! The node role: every web server samples its own CPU and streams it to the master.
 //!
 //! ```text
+//! CpuSampler ──CpuSampled──▶ ReportDir ──▶ ReportLink per master socket in the report socket
+//!                                          directory ──Unix socket──▶ (a master's SSH forward)
+//!     or, with [node] report_socket empty:
 //! CpuSampler ──CpuSampled──▶ ReportLink ──TCP 127.0.0.1:report_port──▶ (the master's SSH forward)
 //!            └─CpuSampled──▶ ReportLink per other_report_ports (one per further master)
 //! ```
@@ -8,13 +11,16 @@
 //! [`start_node`] is the only place that wires them.
 
 pub mod cpu_sampler;
+pub mod report_dir;
 pub mod report_link;
 
 use actix::{Actor, Addr};
 use slog::Logger;
 
 use self::cpu_sampler::CpuSampler;
-use self::report_link::ReportLink;
+use self::report_dir::ReportDir;
+use self::report_link::{CpuSampled, Endpoint, ReportLink};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::adapters::secret;
@@ -25,8 +31,10 @@ use crate::StartError;
 /// The running node's actors.
 pub struct Node {
     pub sampler: Addr<CpuSampler>,
-    /// One link per master: report_port first, then other_report_ports.
+    /// TCP: one link per master, report_port first, then other_report_ports.
     pub links: Vec<Addr<ReportLink>>,
+    /// Unix sockets: the directory watcher that runs a link per master socket.
+    pub dir: Option<Addr<ReportDir>>,
 }
 
 /// Starts the node role: CpuSampler → ReportLink.
@@ -41,7 +49,10 @@ pub fn start_node(cfg: &Config, log: &Logger) -> Result<Node, StartError> {
         instance_id: Some(cfg.node.instance_id.clone()).filter(|i| !i.is_empty()),
         // Set on every (re)connect from the machine's boot time (see ReportLink).
         uptime_ms: None,
-        mac: None,
+        interval_ms: cfg.node.sample_interval.as_millis() as u64,
+        buffer: cfg.node.buffer as u64,
+        // Fresh on every connection (see AgentChannel).
+        nonce: String::new(),
     };
     let secret = match &cfg.node.secret_file {
         Some(p) => Some(Arc::new(
@@ -53,17 +64,40 @@ pub fn start_node(cfg: &Config, log: &Logger) -> Result<Node, StartError> {
             None
         }
     };
-    let links: Vec<Addr<ReportLink>> = std::iter::once(cfg.node.report_port)
-        .chain(cfg.node.other_report_ports.iter().copied())
-        .map(|port| {
-            ReportLink::new(port, hello.clone(), cfg.node.buffer, secret.clone(), log).start()
-        })
+    let (links, dir) = match &cfg.node.report_socket {
+        Some(socket) => {
+            let dir = Path::new(socket).parent().unwrap_or(Path::new("/"));
+            report_dir::prepare(dir)?;
+            let d = ReportDir::new(dir, hello, cfg.node.buffer, secret, log).start();
+            (Vec::new(), Some(d))
+        }
+        None => {
+            let links: Vec<Addr<ReportLink>> = std::iter::once(cfg.node.report_port)
+                .chain(cfg.node.other_report_ports.iter().copied())
+                .map(|port| {
+                    let endpoint = Endpoint::Tcp(port);
+                    ReportLink::new(
+                        endpoint,
+                        hello.clone(),
+                        cfg.node.buffer,
+                        secret.clone(),
+                        log,
+                    )
+                    .start()
+                })
+                .collect();
+            (links, None)
+        }
+    };
+    let out: Vec<actix::Recipient<CpuSampled>> = links
+        .iter()
+        .map(|l| l.clone().recipient())
+        .chain(dir.iter().map(|d| d.clone().recipient()))
         .collect();
-    let sampler = CpuSampler::new(
-        cfg.node.sample_interval,
-        links.iter().map(|l| l.clone().recipient()).collect(),
-        log,
-    )?
-    .start();
-    Ok(Node { sampler, links })
+    let sampler = CpuSampler::new(cfg.node.sample_interval, out, log)?.start();
+    Ok(Node {
+        sampler,
+        links,
+        dir,
+    })
 }

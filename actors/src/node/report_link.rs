@@ -1,50 +1,88 @@
-//! ReportLink (node role): the node's side of the tunnel. Streams `hello` then one `cpu` frame
-//! per sample to 127.0.0.1:report_port, where the master's SSH remote forward listens.
+//! ReportLink (node role): the node's side of one master's forward. Streams a hello, then one
+//! `cpu` frame per sample, to the forward: a Unix socket (`[node] report_socket`: one link per
+//! master socket in that directory, see [`super::report_dir`]) or 127.0.0.1:report_port.
 //!
-//! The master speaks first: a challenge, which the hello answers with the report secret
-//! ([`crate::report::auth_tag`]), so the master knows the reports are the agent's.
+//! The master speaks first: a challenge, which the hello answers with the report secret; the
+//! master's welcome proves it holds the secret too, and only then do samples go out, each
+//! with the channel's MAC ([`crate::report`]). Whoever else listens on the forward's address
+//! (a local user who bound the TCP port while no master held it) gets a hello it cannot use
+//! and nothing more.
 //!
 //! The forward exists only while the master holds its SSH session, so the link reconnects with
-//! jittered backoff. It keeps the last `[node] buffer` samples and resends them after every
-//! reconnect (the master drops the ones it already has), so a short outage loses nothing; what
-//! falls out of the buffer unsent is counted and logged.
+//! jittered backoff; the backoff starts again only once a master has welcomed the link, so a
+//! master that keeps refusing it (a different report secret) is not hammered, and the reason
+//! is logged once. A socket nobody listens on any more (sshd leaves it behind when the
+//! master's session ends, and would then refuse to create it again) is removed, so the
+//! master's next forward can take its place. The link keeps the last `[node] buffer` samples
+//! and resends them after every reconnect (the master drops the ones it already has), so a
+//! short outage loses nothing; what falls out of the buffer unsent is counted and logged.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Context, Handler, Message};
-use slog::{info, o, warn, Logger};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use slog::{debug, info, o, warn, Logger};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::report::{auth_tag, decode, encode, CpuSample, Frame, Hello, LineBuffer};
+use crate::report::{AgentChannel, CpuSample, DecodeError, Hello, LineBuffer};
 
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Backoff cap while the master keeps refusing the link.
+const REFUSED_MAX: Duration = Duration::from_secs(60);
 
 /// The node's CpuSampler took a sample.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct CpuSampled(pub CpuSample);
 
-/// The node's link to the master.
+/// Where a master's forward appears on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    /// 127.0.0.1:port.
+    Tcp(u16),
+    /// A Unix socket.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// The channel's name in the protocol (`via`), as the master names the same forward.
+    pub fn via(&self) -> String {
+        match self {
+            Endpoint::Tcp(p) => format!("tcp:{p}"),
+            Endpoint::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(p) => write!(f, "127.0.0.1:{p}"),
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The node's link to one master.
 pub struct ReportLink {
     tx: Option<mpsc::Sender<CpuSample>>,
-    port: u16,
+    endpoint: Endpoint,
     hello: Hello,
     buffer: usize,
-    secret: Option<Arc<Vec<u8>>>,
+    secret: Arc<Vec<u8>>,
     log: Logger,
 }
 
 impl ReportLink {
-    /// A link to 127.0.0.1:`port` introducing itself with `hello`, keeping `buffer` samples,
-    /// proving `secret` (None: the hello carries no proof).
+    /// A link to `endpoint` introducing itself with `hello`, keeping `buffer` samples, proving
+    /// `secret` (None: the empty key, which only a master without a secret accepts).
     pub fn new(
-        port: u16,
+        endpoint: Endpoint,
         hello: Hello,
         buffer: usize,
         secret: Option<Arc<Vec<u8>>>,
@@ -52,11 +90,11 @@ impl ReportLink {
     ) -> ReportLink {
         ReportLink {
             tx: None,
-            port,
+            log: log.new(o!("actor" => "ReportLink", "master" => endpoint.to_string())),
+            endpoint,
             hello,
             buffer: buffer.max(1),
-            secret,
-            log: log.new(o!("actor" => "ReportLink", "port" => port)),
+            secret: secret.unwrap_or_default(),
         }
     }
 }
@@ -71,7 +109,7 @@ impl Actor for ReportLink {
         let booted = machine_boot();
         tokio::spawn(run(
             rx,
-            self.port,
+            self.endpoint.clone(),
             Greeting {
                 hello: self.hello.clone(),
                 booted,
@@ -155,8 +193,10 @@ impl Ring {
 enum Ended {
     /// The actor stopped: shut down.
     Stopped,
-    /// The connection broke: reconnect.
+    /// The connection broke after the master welcomed the link: reconnect soon.
     Lost(String),
+    /// The other end is not (or not yet) a master that accepts this agent: back off.
+    Refused(String),
 }
 
 /// When this machine booted, on the monotonic clock (None if the uptime is unknown).
@@ -170,15 +210,41 @@ struct Greeting {
     hello: Hello,
     /// When the machine booted: the hello carries its uptime.
     booted: Option<std::time::Instant>,
-    secret: Option<Arc<Vec<u8>>>,
+    secret: Arc<Vec<u8>>,
 }
 
-/// How long the agent waits for the master's challenge on a new connection.
-const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent waits for each of the master's first two lines on a new connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to a master's forward, either kind.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// Connects to `endpoint`. A Unix socket that refuses (nobody listens: left behind by sshd
+/// after the master's session ended) is removed, so the master's next forward can bind it.
+async fn connect(endpoint: &Endpoint, log: &Logger) -> std::io::Result<Box<dyn Conn>> {
+    match endpoint {
+        Endpoint::Tcp(port) => {
+            let s = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+        Endpoint::Unix(path) => match tokio::net::UnixStream::connect(path).await {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if std::fs::remove_file(path).is_ok() {
+                    debug!(log, "Removed a report socket nobody listens on"; "socket" => %path.display());
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
 
 async fn run(
     mut rx: mpsc::Receiver<CpuSample>,
-    port: u16,
+    endpoint: Endpoint,
     mut greeting: Greeting,
     cap: usize,
     log: Logger,
@@ -186,28 +252,36 @@ async fn run(
     let mut ring = Ring::new(cap);
     let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
     let mut waiting_logged = false;
+    let mut refusal_logged: Option<String> = None;
+    let via = endpoint.via();
     loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
+        match connect(&endpoint, &log).await {
             Ok(stream) => {
-                if let Some((n, first, last)) = ring.take_dropped() {
-                    warn!(log, "Samples dropped while the master was unreachable";
-                        "count" => n, "first_seq" => first, "last_seq" => last, "buffer" => cap);
-                }
-                info!(log, "Connected to the master's tunnel"; "port" => port, "resending" => ring.samples.len());
-                backoff.reset();
                 waiting_logged = false;
                 // The node's age, so the master's warm-up counts from this machine's boot.
                 greeting.hello.uptime_ms = greeting.booted.map(|b| b.elapsed().as_millis() as u64);
-                match serve(stream, &mut rx, &mut ring, &greeting).await {
+                match serve(stream, &via, &mut rx, &mut ring, &greeting, &log).await {
                     Ended::Stopped => return,
                     Ended::Lost(why) => {
+                        backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+                        refusal_logged = None;
                         warn!(log, "Link to the master lost; reconnecting"; "error" => why)
+                    }
+                    Ended::Refused(why) => {
+                        // Said once per reason; the backoff grows to a minute meanwhile.
+                        if backoff.attempts() == 0 {
+                            backoff = Backoff::new(RECONNECT_BASE, REFUSED_MAX);
+                        }
+                        if refusal_logged.as_deref() != Some(why.as_str()) {
+                            warn!(log, "The master's forward did not accept this agent; retrying with backoff"; "error" => &why);
+                            refusal_logged = Some(why);
+                        }
                     }
                 }
             }
             Err(e) => {
                 if !waiting_logged {
-                    info!(log, "Waiting for the master's tunnel"; "port" => port, "error" => %e);
+                    info!(log, "Waiting for the master's forward"; "error" => %e);
                     waiting_logged = true;
                 }
             }
@@ -226,53 +300,77 @@ async fn run(
     }
 }
 
-/// Reads the master's challenge: the first line on the connection.
-async fn challenge(rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<String, String> {
-    let mut lines = LineBuffer::default();
+/// Reads one line (the master's), bounded in time and length.
+async fn read_line(
+    rd: &mut (impl AsyncRead + Unpin),
+    lines: &mut LineBuffer,
+    ready: &mut VecDeque<Vec<u8>>,
+    what: &str,
+) -> Result<Vec<u8>, String> {
     let mut buf = [0u8; 512];
     let read = async {
         loop {
+            if let Some(l) = ready.pop_front() {
+                return Ok(l);
+            }
             let n = rd.read(&mut buf).await.map_err(|e| e.to_string())?;
             if n == 0 {
-                return Err("closed before the master's challenge".to_string());
+                return Err(format!("closed before the master's {what}"));
             }
-            if let Some(line) = lines
-                .push(&buf[..n])
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .next()
-            {
-                return match decode(&line) {
-                    Ok(Frame::Challenge(c)) => Ok(c.nonce),
-                    Ok(_) => Err("the master's first line is not a challenge".to_string()),
-                    Err(e) => Err(format!("the master's challenge: {e}")),
-                };
-            }
+            ready.extend(lines.push(&buf[..n]).map_err(|e| e.to_string())?);
         }
     };
-    tokio::time::timeout(CHALLENGE_TIMEOUT, read)
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read)
         .await
-        .unwrap_or_else(|_| Err("no challenge from the master".to_string()))
+        .unwrap_or_else(|_| Err(format!("no {what} from the master within 10s")))
 }
 
 async fn serve(
-    stream: TcpStream,
+    stream: Box<dyn Conn>,
+    via: &str,
     rx: &mut mpsc::Receiver<CpuSample>,
     ring: &mut Ring,
     greeting: &Greeting,
+    log: &Logger,
 ) -> Ended {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let nonce = match challenge(&mut rd).await {
-        Ok(n) => n,
-        Err(e) => return Ended::Lost(e),
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut lines = LineBuffer::default();
+    let mut ready = VecDeque::new();
+    let challenge = match read_line(&mut rd, &mut lines, &mut ready, "challenge").await {
+        Ok(l) => l,
+        Err(e) => return Ended::Refused(e),
     };
-    let mut hello = greeting.hello.clone();
-    hello.mac = greeting
-        .secret
-        .as_deref()
-        .map(|secret| auth_tag(secret, &nonce, &hello));
-    let mut out = encode(&Frame::Hello(hello));
+    let (mut channel, hello) =
+        match AgentChannel::answer(&challenge, via, greeting.hello.clone(), &greeting.secret) {
+            Ok(c) => c,
+            Err(e) => return Ended::Refused(format!("the master's challenge: {e}")),
+        };
+    if let Err(e) = wr.write_all(hello.as_bytes()).await {
+        return Ended::Refused(e.to_string());
+    }
+    let welcome = match read_line(&mut rd, &mut lines, &mut ready, "welcome").await {
+        Ok(l) => l,
+        Err(e) => {
+            return Ended::Refused(format!(
+                "{e}: does this node's report secret ([node] secret_file) match the master's?"
+            ))
+        }
+    };
+    match channel.welcome(&welcome) {
+        Ok(()) => {}
+        Err(e @ DecodeError::NotTheMaster) => {
+            return Ended::Refused(format!(
+                "{e}: something other than a master listens on {via}"
+            ))
+        }
+        Err(e) => return Ended::Refused(e.to_string()),
+    }
+    if let Some((n, first, last)) = ring.take_dropped() {
+        warn!(log, "Samples dropped while the master was unreachable";
+            "count" => n, "first_seq" => first, "last_seq" => last, "buffer" => ring.cap);
+    }
+    info!(log, "Reporting to the master"; "resending" => ring.samples.len());
+    let mut out = String::new();
     let mut last = None;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -283,7 +381,7 @@ async fn serve(
             age_ms: now.saturating_sub(s.ts_ms),
             ..*s
         };
-        out.push_str(&encode(&Frame::Cpu(resent)));
+        out.push_str(&channel.sample(&resent));
         last = Some(s.seq);
     }
     if let Err(e) = wr.write_all(out.as_bytes()).await {
@@ -298,7 +396,7 @@ async fn serve(
             s = rx.recv() => {
                 let Some(s) = s else { return Ended::Stopped };
                 ring.push(s);
-                if let Err(e) = wr.write_all(encode(&Frame::Cpu(s)).as_bytes()).await {
+                if let Err(e) = wr.write_all(channel.sample(&s).as_bytes()).await {
                     return Ended::Lost(e.to_string());
                 }
                 ring.mark_sent(s.seq);
@@ -316,20 +414,64 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{new_nonce, verify_hello, Challenge};
-    use tokio::net::TcpListener;
+    use crate::report::{Event, MasterChannel};
 
-    /// Accepts the agent's next connection and challenges it, as the master does.
-    async fn accept(listener: &TcpListener, nonce: &str) -> TcpStream {
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-            .await
-            .unwrap()
-            .unwrap();
-        let c = encode(&Frame::Challenge(Challenge {
-            nonce: nonce.into(),
-        }));
-        conn.write_all(c.as_bytes()).await.unwrap();
-        conn
+    const SECRET: &[u8] = b"a report secret of at least 32 chars";
+
+    /// A stand-in master on an accepted connection: challenge, hello checked, welcome.
+    struct Stand<S> {
+        conn: S,
+        ch: MasterChannel,
+        lines: LineBuffer,
+        hello: Hello,
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> Stand<S> {
+        async fn greet(mut conn: S, via: &str, keys: &[&[u8]]) -> Result<Stand<S>, DecodeError> {
+            let (mut ch, challenge) = MasterChannel::open(via);
+            conn.write_all(challenge.as_bytes()).await.unwrap();
+            let mut lines = LineBuffer::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed before the hello");
+                if let Some(line) = lines.push(&buf[..n]).unwrap().into_iter().next() {
+                    let Event::Hello { hello, welcome, .. } = ch.accept(&line, keys, 0)? else {
+                        unreachable!()
+                    };
+                    conn.write_all(welcome.as_bytes()).await.unwrap();
+                    return Ok(Stand {
+                        conn,
+                        ch,
+                        lines,
+                        hello,
+                    });
+                }
+            }
+        }
+
+        /// The next `n` samples, verified.
+        async fn samples(&mut self, n: usize) -> Vec<CpuSample> {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while out.len() < n {
+                let k = tokio::time::timeout(Duration::from_secs(5), self.conn.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(k > 0, "closed early");
+                for l in self.lines.push(&buf[..k]).unwrap() {
+                    match self.ch.accept(&l, &[], 0).unwrap() {
+                        Event::Sample(s) => out.push(s),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            out
+        }
     }
 
     fn s(seq: u64) -> CpuSample {
@@ -339,6 +481,26 @@ mod tests {
             busy_pct: 1.0,
             cores: 1,
             age_ms: 0,
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            node: "n1".into(),
+            boot: 9,
+            instance_id: None,
+            uptime_ms: None,
+            interval_ms: 1000,
+            buffer: 4,
+            nonce: String::new(),
+        }
+    }
+
+    fn greeting(secret: &[u8]) -> Greeting {
+        Greeting {
+            hello: hello(),
+            booted: Some(std::time::Instant::now() - Duration::from_secs(3600)),
+            secret: Arc::new(secret.to_vec()),
         }
     }
 
@@ -359,90 +521,41 @@ mod tests {
         assert_eq!(r.iter().map(|x| x.seq).collect::<Vec<_>>(), [4, 5, 6]);
     }
 
-    async fn read_frames(stream: &mut TcpStream, n: usize) -> Vec<Frame> {
-        let mut lb = LineBuffer::default();
-        let mut frames = Vec::new();
-        let mut buf = [0u8; 4096];
-        while frames.len() < n {
-            let k = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(k > 0, "closed early");
-            for l in lb.push(&buf[..k]).unwrap() {
-                frames.push(decode(&l).unwrap());
-            }
-        }
-        frames
-    }
-
     /// Against a real loopback listener standing in for the forward: samples buffered while
-    /// nobody listens arrive after connecting; after the listener drops the connection, the
+    /// nobody listens arrive after the welcome; after the listener drops the connection, the
     /// link reconnects and resends its buffer after a new hello.
     #[tokio::test]
     async fn buffers_reconnects_and_resends() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = mpsc::channel(16);
-        let hello = Hello {
-            node: "n1".into(),
-            boot: 9,
-            instance_id: None,
-            uptime_ms: None,
-            mac: None,
-        };
         let log = Logger::root(slog::Discard, o!());
-        let secret = Arc::new(b"a report secret of at least 32 chars".to_vec());
-        let greeting = Greeting {
-            hello: hello.clone(),
-            booted: Some(std::time::Instant::now() - Duration::from_secs(3600)),
-            secret: Some(secret.clone()),
-        };
-        let task = tokio::spawn(run(rx, port, greeting, 4, log));
+        let task = tokio::spawn(run(rx, Endpoint::Tcp(port), greeting(SECRET), 4, log));
         for i in 0..6 {
             tx.send(s(i)).await.unwrap();
         }
-        let nonce = new_nonce();
-        let mut conn = accept(&listener, &nonce).await;
-        let frames = read_frames(&mut conn, 1).await;
-        let Frame::Hello(said) = &frames[0] else {
-            panic!("{frames:?}")
-        };
+        let via = format!("tcp:{port}");
+        let (conn, _) = listener.accept().await.unwrap();
+        let mut m = Stand::greet(conn, &via, &[SECRET]).await.unwrap();
         assert!(
-            verify_hello(&secret, &nonce, said),
-            "the hello answers the challenge"
+            m.hello.uptime_ms.is_some_and(|u| u >= 3_600_000),
+            "the hello says how long the machine has been up: {:?}",
+            m.hello
         );
-        assert!(
-            said.uptime_ms.is_some_and(|u| u >= 3_600_000),
-            "the hello says how long the machine has been up: {said:?}"
-        );
-        assert_eq!(said.boot, hello.boot);
+        assert_eq!(m.hello.boot, 9);
         // Samples 0-5 raced with the connect: whatever was buffered comes first, in order.
         tx.send(s(6)).await.unwrap();
         let mut seqs = Vec::new();
         while seqs.last() != Some(&6) {
-            for f in read_frames(&mut conn, 1).await {
-                if let Frame::Cpu(c) = f {
-                    seqs.push(c.seq);
-                }
-            }
+            seqs.extend(m.samples(1).await.iter().map(|c| c.seq));
         }
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-        drop(conn);
+        drop(m);
         tx.send(s(7)).await.unwrap();
-        // A new connection, a new challenge, a new answer.
-        let second = new_nonce();
-        let mut conn = accept(&listener, &second).await;
-        let frames = read_frames(&mut conn, 5).await;
-        assert!(matches!(&frames[0], Frame::Hello(h) if h.boot == hello.boot
-            && verify_hello(&secret, &second, h) && !verify_hello(&secret, &nonce, h)));
-        let resent: Vec<u64> = frames[1..]
-            .iter()
-            .map(|f| match f {
-                Frame::Cpu(c) => c.seq,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        // A new connection, a new challenge, a new answer; the buffer comes again.
+        let (conn, _) = listener.accept().await.unwrap();
+        let mut m = Stand::greet(conn, &via, &[SECRET]).await.unwrap();
+        let resent: Vec<u64> = m.samples(4).await.iter().map(|c| c.seq).collect();
         assert_eq!(
             resent,
             [4, 5, 6, 7],
@@ -453,5 +566,77 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// Something that is not a master (it cannot make the welcome) gets a hello and nothing
+    /// else: no sample, and the link backs off instead of reconnecting at once.
+    #[tokio::test]
+    async fn nothing_goes_to_a_listener_without_the_secret() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel(16);
+        let log = Logger::root(slog::Discard, o!());
+        let _task = tokio::spawn(run(rx, Endpoint::Tcp(port), greeting(SECRET), 4, log));
+        for i in 0..3 {
+            tx.send(s(i)).await.unwrap();
+        }
+        let mut accepted = Vec::new();
+        let start = std::time::Instant::now();
+        // Four connections: the squatter's own challenge, a fake welcome, then reading what
+        // else comes (nothing: the link closes it).
+        for _ in 0..4 {
+            let (mut conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+            accepted.push(start.elapsed());
+            let (_, challenge) = MasterChannel::open(&format!("tcp:{port}"));
+            conn.write_all(challenge.as_bytes()).await.unwrap();
+            let fake =
+                crate::report::encode(&crate::report::Frame::Welcome(crate::report::Welcome {
+                    mac: "00".repeat(32),
+                }));
+            conn.write_all(fake.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            let text = String::from_utf8_lossy(&got);
+            assert_eq!(text.lines().count(), 1, "only the hello: {text}");
+            assert!(text.contains("\"type\":\"hello\""), "{text}");
+        }
+        // Backoff: 0.1-0.2, 0.2-0.4, 0.4-0.8 s between the attempts.
+        let waited = accepted[3] - accepted[0];
+        assert!(waited >= Duration::from_millis(700), "{accepted:?}");
+    }
+
+    /// Unix sockets: a socket nobody listens on (left behind by sshd) is removed, and the
+    /// link reports once a master listens there again.
+    #[tokio::test]
+    async fn a_stale_socket_is_removed_and_the_link_reports_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        // A socket file with no listener: bound, then closed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (tx, rx) = mpsc::channel(16);
+        let log = Logger::root(slog::Discard, o!());
+        let endpoint = Endpoint::Unix(path.clone());
+        let via = endpoint.via();
+        let _task = tokio::spawn(run(rx, endpoint, greeting(SECRET), 4, log));
+        tx.send(s(0)).await.unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while path.exists() {
+            assert!(std::time::Instant::now() < end, "the stale socket stayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut m = Stand::greet(conn, &via, &[SECRET]).await.unwrap();
+        assert_eq!(m.samples(1).await[0].seq, 0);
     }
 }

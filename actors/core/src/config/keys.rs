@@ -6,8 +6,8 @@
 use super::kinds::{
     check_bound, quote_if_needed, unquote, Binds, Bound, CheckCommand, Choice, Command, ConfigWord,
     Cx, Dur, FilePath, Flag, Fraction, GroupTag, Kind, OptionalListen, OptionalName, OptionalPath,
-    Percent, Port, Ports, RequiredCommand, SecretText, SocketPath, Targets, Text, UrlOrEmpty,
-    UrlPath, UserName, Whole, Words,
+    Percent, Port, Ports, ReportSocket, RequiredCommand, SecretText, SocketPath, Targets, Text,
+    UrlOrEmpty, UrlPath, UserName, Whole, Words,
 };
 use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
 use super::{Config, Layout};
@@ -142,8 +142,15 @@ pub static KEYS: &[Key] = &[
         "IP:PORT where the master serves Prometheus metrics at /metrics (empty: off). Keep it on\n\
          loopback or a private network: the page names every host."),
     // [node]
+    key!("node", node.report_socket: ReportSocket = At(|l| l.report_socket.clone()),
+        "Where the master's SSH remote forward appears on the node: a Unix socket, in a directory\n\
+         only the agent's user can open (other local users can neither connect to it nor take\n\
+         its place). The master logs in as that user ([ssh] user) and asks the node's sshd to\n\
+         create this socket; with several masters give each its own name in that directory.\n\
+         The agent reports to every master socket in this file's directory. Empty: TCP, below."),
     key!("node", node.report_port: Port = T("9700"),
-        "Port on the node's 127.0.0.1 where the master's SSH remote forward listens."),
+        "With report_socket empty: port on the node's 127.0.0.1 where the master's forward\n\
+         listens. Any local user can connect to it, or bind it while no master holds it."),
     key!("node", node.sample_interval: Dur = T("1s"),
         Bound::AtLeast("200ms"), "; CPU readings closer together are meaningless",
         "How often the node samples its CPU (at least 200ms)."),
@@ -159,8 +166,8 @@ pub static KEYS: &[Key] = &[
          copy it to every node, mode 0600, readable only by the agent's user. Empty: reports\n\
          are not authenticated, and any local user of a node could send some."),
     key!("node", node.other_report_ports: Ports = T(""),
-        "Several masters: each forwards its own report_port; list the others' here (node), and\n\
-         the agent reports to every one."),
+        "TCP, several masters: each forwards its own report_port; list the others' here (node),\n\
+         and the agent reports to every one."),
     // [scaling]
     key!("scaling", scaling.policy: Choice<Policy> = T("instance"),
         "instance: scale up when any node's mean busy CPU over scale_up_window reaches\n\

@@ -285,7 +285,21 @@ impl Kind for SecretText {
     }
 }
 
-/// A TCP port, 1–65535.
+/// A report socket path on a node ([`crate::hosts::validate_report_socket`]); empty for none.
+pub struct ReportSocket;
+impl Kind for ReportSocket {
+    type Value = Option<String>;
+    fn parse(v: &str, _: &Cx) -> Result<Option<String>, String> {
+        match v {
+            "" => Ok(None),
+            v => crate::hosts::validate_report_socket(v).map(|p| Some(p.to_string())),
+        }
+    }
+    fn show(v: &Option<String>) -> String {
+        v.clone().unwrap_or_default()
+    }
+}
+
 /// A comma-separated list of distinct ports; empty for none.
 pub struct Ports;
 impl Kind for Ports {

@@ -63,7 +63,10 @@ pub struct General {
 /// `[node]`: the node agent.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct NodeSection {
-    /// The node's 127.0.0.1 port that the master's SSH remote forward listens on.
+    /// The Unix socket on the node where the master's SSH remote forward appears (the agent
+    /// reports to every socket in its directory); None: TCP on `report_port`.
+    pub report_socket: Option<String>,
+    /// The node's 127.0.0.1 port that the master's SSH remote forward listens on (TCP).
     pub report_port: u16,
     pub sample_interval: Duration,
     /// Samples kept while the link to the master is down.
@@ -230,6 +233,8 @@ pub struct Layout {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub report_secret: PathBuf,
+    /// `[node] report_socket`'s default (text: it is a path on the node).
+    pub report_socket: String,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub haproxy_config: PathBuf,
@@ -253,6 +258,9 @@ impl Layout {
             state_dir: either("/var/lib/autoscaler", "state"),
             control_socket: either("/run/autoscaler/master.sock", "master.sock"),
             report_secret: inside("report.key"),
+            report_socket: either("/run/autoscaler/reports/master.sock", "reports/master.sock")
+                .display()
+                .to_string(),
             identity_file: inside("id_ed25519"),
             known_hosts: inside("known_hosts"),
             haproxy_config: either("/etc/haproxy/haproxy.cfg", "haproxy.cfg"),

@@ -21,6 +21,8 @@ pub struct CommandProvisioner {
     /// `[aws] region` and `profile`, passed on (AWS_REGION, AWS_DEFAULT_REGION, AWS_PROFILE)
     /// so an `aws ec2 …` command acts where autoscaler is configured to.
     pub env: Vec<(&'static str, String)>,
+    /// The report secret: each launch's key derives from it (AUTOSCALER_REPORT_KEY).
+    pub secret: Option<Vec<u8>>,
 }
 
 impl CommandProvisioner {
@@ -39,6 +41,7 @@ impl CommandProvisioner {
             down: cfg.launch.scale_down_command.clone(),
             timeout: cfg.launch.command_timeout,
             env,
+            secret: None,
         }
     }
 }
@@ -65,6 +68,15 @@ impl CommandProvisioner {
             ("AUTOSCALER_DECISION", decision.to_string()),
             ("AUTOSCALER_COUNT", count.to_string()),
         ];
+        // The key the hosts of this launch report with: the command installs it as their
+        // report.key (the fleet's secret works too, but a leaked copy of it speaks for every
+        // node).
+        if let Some(s) = &self.secret {
+            env.push((
+                "AUTOSCALER_REPORT_KEY",
+                crate::report::launch_key(s, decision),
+            ));
+        }
         env.extend(self.env.iter().cloned());
         let stdout = process::run(&self.up, &env, self.timeout).await?;
         Ok(parse_launched(&stdout).map_err(|message| CommandFailed {

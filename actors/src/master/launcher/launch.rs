@@ -140,6 +140,8 @@ async fn steps(
     for l in launched {
         let mut h = l.host;
         h.registered_ms = Some(now_ms());
+        // Its reports may prove this launch's key.
+        h.decision = Some(decision.to_string());
         let key = h.key();
         match inner.out.register.send(RegisterHost(h)).await {
             Ok(Ok(_)) => progress.registered.push(key),

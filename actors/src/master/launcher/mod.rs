@@ -121,26 +121,30 @@ pub enum Provisioner {
 impl Provisioner {
     /// The provisioner `[launch] launcher` names; the EC2 client is built here.
     pub async fn from_config(cfg: &Config) -> Result<Provisioner, Ec2Error> {
+        // Each launch hands its hosts a key derived from the report secret (the user data's
+        // {{ report_secret }}, or AUTOSCALER_REPORT_KEY for the scale-up command).
+        let secret = match &cfg.node.secret_file {
+            Some(p) => Some(
+                crate::adapters::secret::read(&crate::adapters::secret::location(p)).map_err(
+                    |e| Ec2Error {
+                        operation: "RunInstances",
+                        message: e.to_string(),
+                        retryable: false,
+                        not_found: false,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         Ok(match cfg.launch.launcher {
-            ProvisionerKind::Ec2 => {
-                // The user data may hand the report secret to the node it starts.
-                let secret = match &cfg.node.secret_file {
-                    Some(p) => Some(
-                        crate::adapters::secret::read(&crate::adapters::secret::location(p))
-                            .map_err(|e| Ec2Error {
-                                operation: "RunInstances",
-                                message: e.to_string(),
-                                retryable: false,
-                                not_found: false,
-                            })?,
-                    ),
-                    None => None,
-                };
-                Provisioner::Ec2(Arc::new(
-                    SdkEc2::new(&cfg.aws, &cfg.launch, secret.as_deref()).await?,
-                ))
+            ProvisionerKind::Ec2 => Provisioner::Ec2(Arc::new(
+                SdkEc2::new(&cfg.aws, &cfg.launch, secret.as_deref()).await?,
+            )),
+            ProvisionerKind::Command => {
+                let mut c = CommandProvisioner::from_config(cfg);
+                c.secret = secret;
+                Provisioner::Command(c)
             }
-            ProvisionerKind::Command => Provisioner::Command(CommandProvisioner::from_config(cfg)),
         })
     }
 }
