@@ -39,8 +39,12 @@ fn render(c: &mut Criterion) {
         let hosts = hosts(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &hosts, |b, hosts| {
             b.iter(|| {
-                let ctx =
-                    HaproxyContext::new(&cfg.haproxy, &cfg.general.hosts_dir, black_box(hosts));
+                let ctx = HaproxyContext::new(
+                    &cfg.haproxy,
+                    &cfg.general.hosts_dir,
+                    black_box(hosts),
+                    &|_| None,
+                );
                 template.render(&ctx).unwrap()
             })
         });

@@ -328,6 +328,19 @@ fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(autoscaler_actors::preflight::check(&cfg, cfg.general.role))?;
+    if cfg.general.role == autoscaler_actors::config::Role::Master && cfg.haproxy.runtime_api {
+        for (server, said) in runtime.block_on(autoscaler_actors::preflight::runtime_sockets(&cfg))
+        {
+            match said {
+                Ok(version) => {
+                    info!(log, "HAProxy runtime API answers"; "server" => server, "version" => version)
+                }
+                Err(why) => {
+                    slog::warn!(log, "HAProxy runtime API unavailable"; "server" => server, "error" => why)
+                }
+            }
+        }
+    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

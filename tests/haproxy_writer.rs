@@ -22,7 +22,9 @@ use autoscaler_actors::admin::{self, Output};
 use autoscaler_actors::config::{CommandLine, Config, HaproxyTarget, Role};
 use autoscaler_actors::hosts::{Host, HostName};
 use autoscaler_actors::master::haproxy_worker::WorkerSettings;
-use autoscaler_actors::master::haproxy_writer::{DrainOutcome, HaproxyWriter, WaitDrained};
+use autoscaler_actors::master::haproxy_writer::{
+    DrainOutcome, GetServerStatus, HaproxyWriter, WaitDrained,
+};
 use autoscaler_actors::master::messages::HostsChanged;
 use autoscaler_actors::render::{HaproxyTemplate, HAPROXY_TEMPLATE};
 
@@ -92,7 +94,9 @@ struct Lb {
 }
 
 impl Lb {
-    /// Starts `haproxy -W -f cfg -p pidfile`, under `wrapper` (e.g. `nsenter …`) if given.
+    /// Starts `haproxy -W -f cfg -p pidfile -S DIR/haproxy-master.sock` (DIR: the file's
+    /// directory, where a private configuration's `[haproxy] master_socket` points), under
+    /// `wrapper` (e.g. `nsenter …`) if given.
     fn start(haproxy: &Path, cfg: &Path, pidfile: &Path, sock: &Path, wrapper: &[String]) -> Lb {
         let _ = std::fs::remove_file(pidfile);
         let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(Into::into).collect();
@@ -104,6 +108,8 @@ impl Lb {
             .arg(cfg)
             .arg("-p")
             .arg(pidfile)
+            .arg("-S")
+            .arg(cfg.parent().unwrap().join("haproxy-master.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let lb = Lb {
@@ -805,6 +811,51 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
     )
     .await;
     assert!(log.text().contains("\"server\":\"ssh://"));
+
+    // Reached as a non-root user (the SSH user) with a socket it may use (mode 660, its
+    // group): changes go through the remote's runtime API, no reload there.
+    let remote_label = cfg.haproxy.servers[1].to_string();
+    let c = Backend::start("c", Duration::ZERO);
+    let remote_workers = remote.workers();
+    w.do_send(hosts(&[&a, &b, &c]));
+    wait_logged(
+        "c on the remote server",
+        Duration::from_secs(20),
+        Some(&log),
+        || names(&remote.sock) == of(&[&a, &b, &c]),
+    )
+    .await;
+    assert_eq!(remote.workers(), remote_workers, "no reload on the remote");
+    let views = w.send(GetServerStatus).await.unwrap();
+    assert_eq!(views[&remote_label].runtime_unavailable, None, "{views:?}");
+    // The socket made unusable for that user (root's, mode 600): changes become reloads, and
+    // the status says why.
+    let sock = remote_run.join("admin.sock");
+    for cmd in [vec!["chown", "root:root"], vec!["chmod", "600"]] {
+        let st = Command::new(cmd[0])
+            .arg(cmd[1])
+            .arg(&sock)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    w.do_send(hosts(&[&a, &b]));
+    wait_logged(
+        "c gone from the remote server by a reload",
+        Duration::from_secs(20),
+        Some(&log),
+        || names(&remote.sock) == of(&[&a, &b]) && remote.workers() != remote_workers,
+    )
+    .await;
+    let views = w.send(GetServerStatus).await.unwrap();
+    let why = views[&remote_label]
+        .runtime_unavailable
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        why.contains("could not open the socket for the SSH user") && why.contains("mode 660"),
+        "{views:?}"
+    );
     drop(remote);
     drop(ns);
 }
@@ -833,6 +884,18 @@ mod sinks {
 /// runs) only after its last request has been answered — not when a timer says so.
 #[actix_rt::test]
 async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
+    stopped_only_after_haproxy_lets_go(true).await
+}
+
+/// The same with `runtime_api = false`: the host leaves HAProxy by a reload, the new worker
+/// never had it while the old one still serves its request; the host is stopped only once
+/// no worker, old or new, holds a session on it (seen through the master CLI).
+#[actix_rt::test]
+async fn a_drain_across_a_reload_waits_for_the_old_worker() {
+    stopped_only_after_haproxy_lets_go(false).await
+}
+
+async fn stopped_only_after_haproxy_lets_go(runtime_api: bool) {
     use autoscaler_actors::adapters::hosts_dir::HostsDir;
     use autoscaler_actors::master::launcher::command::CommandProvisioner;
     use autoscaler_actors::master::launcher::{
@@ -844,7 +907,8 @@ async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, port) = lb_config(tmp.path());
+    let (mut cfg, port) = lb_config(tmp.path());
+    cfg.haproxy.runtime_api = runtime_api;
     let lb = start_lb(&haproxy, &cfg).await;
     let slow = Backend::start("slow", Duration::from_secs(2));
     let mut h = Host::launched(
@@ -905,7 +969,16 @@ async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
         api(&lb.sock, "show stat app 4 -1").contains(&format!("app,{},0,0,1,", slow.name()))
     })
     .await;
+    let workers = lb.workers();
     launcher.do_send(DrainHost { host: h });
+    if !runtime_api {
+        // The new worker does not have the server; the old one still serves the request.
+        wait_until("a new worker", Duration::from_secs(10), || {
+            lb.workers().len() > workers.len()
+        })
+        .await;
+        assert!(names(&lb.sock).is_empty());
+    }
     wait_logged(
         "the host stopped",
         Duration::from_secs(20),
@@ -938,4 +1011,333 @@ async fn a_launched_host_is_stopped_only_after_haproxy_lets_go() {
         || names(&lb.sock).is_empty(),
     )
     .await;
+}
+
+/// A backend answering with `name` on `ip:port`; stops when dropped.
+fn backend_at(ip: &str, port: u16, name: &'static str) -> Arc<AtomicBool> {
+    let l = TcpListener::bind((ip, port)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            if flag.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = c.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                    name.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    stop
+}
+
+/// A line in /etc/hosts for the time of a test: `name` resolves to `ip`; changed with
+/// [`HostsLine::point`], removed on drop.
+struct HostsLine {
+    name: String,
+}
+
+impl HostsLine {
+    fn new(name: &str, ip: &str) -> HostsLine {
+        let l = HostsLine { name: name.into() };
+        l.point(ip);
+        l
+    }
+
+    fn point(&self, ip: &str) {
+        let text = std::fs::read_to_string("/etc/hosts").unwrap();
+        let mut kept: String = text
+            .lines()
+            .filter(|l| !l.split_whitespace().skip(1).any(|n| n == self.name))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if !ip.is_empty() {
+            kept.push_str(&format!("{ip} {}\n", self.name));
+        }
+        std::fs::write("/etc/hosts", kept).unwrap();
+    }
+}
+
+impl Drop for HostsLine {
+    fn drop(&mut self) {
+        self.point("");
+    }
+}
+
+/// A host registered by name is served, through the runtime API and through reloads: the
+/// master resolves the name and gives HAProxy the address (HAProxy does not resolve a server
+/// added at runtime). When the name's address changes, the server follows (runtime: `set
+/// server … addr`, no reload).
+#[actix_rt::test]
+async fn a_host_registered_by_name_is_served_and_follows_its_address() {
+    let (Some(haproxy), true) = (tool("haproxy"), root()) else {
+        return;
+    };
+    for runtime_api in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut cfg, port) = lb_config(tmp.path());
+        cfg.haproxy.runtime_api = runtime_api;
+        cfg.haproxy.resolve_every = Duration::from_secs(1);
+        let lb = start_lb(&haproxy, &cfg).await;
+        let first = Backend::start("first", Duration::ZERO);
+        let log = LogBuf::default();
+        let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+        w.do_send(hosts(&[&first]));
+        wait_until("first served", Duration::from_secs(15), || {
+            get(port).is_ok_and(|b| b == "first")
+        })
+        .await;
+        // Added by name after the first apply: a runtime change (or a reload).
+        let name = format!("as-test-{}-{runtime_api}.internal", std::process::id());
+        let entry = HostsLine::new(&name, "127.0.0.1");
+        let app_port = free_port("127.0.0.1");
+        let _one = backend_at("127.0.0.1", app_port, "one");
+        let _two = backend_at("127.0.0.2", app_port, "two");
+        let by_name = Host::manual(HostName::parse(&name).unwrap(), app_port);
+        w.do_send(HostsChanged {
+            hosts: Arc::new(vec![by_name.clone()]),
+        });
+        wait_logged(
+            &format!("{name} served (runtime_api {runtime_api})"),
+            Duration::from_secs(15),
+            Some(&log),
+            || get(port).is_ok_and(|b| b == "one"),
+        )
+        .await;
+        let state = api(&lb.sock, "show servers state app");
+        assert!(
+            state.contains(&format!("{name}_{app_port} 127.0.0.1 ")),
+            "the server keeps the name's name, at the address: {state}"
+        );
+        let workers = lb.workers();
+        // The name moves: within a resolve_every or two, the server follows.
+        entry.point("127.0.0.2");
+        wait_logged(
+            &format!("{name} served at its new address"),
+            Duration::from_secs(10),
+            Some(&log),
+            || get(port).is_ok_and(|b| b == "two"),
+        )
+        .await;
+        if runtime_api {
+            assert!(log.text().contains("\"moved\":1"), "{}", log.text());
+            assert_eq!(lb.workers(), workers, "no reload for a new address");
+        }
+        // A name that never resolved is left out, and said so.
+        let nowhere = Host::manual(HostName::parse("nowhere.invalid").unwrap(), 80);
+        w.do_send(HostsChanged {
+            hosts: Arc::new(vec![by_name.clone(), nowhere]),
+        });
+        log.wait_for("it is not served until it does", Duration::from_secs(10))
+            .await;
+        assert!(!names(&lb.sock).iter().any(|n| n.contains("nowhere")));
+    }
+}
+
+/// A configuration that passes `haproxy -c` but fails to load (a bind already in use): the
+/// reload is not taken for done — no new worker answers — and it is retried until it runs.
+#[actix_rt::test]
+async fn a_reload_that_fails_to_load_is_retried_until_it_runs() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cfg, port) = lb_config(tmp.path());
+    cfg.haproxy.command_timeout = Duration::from_secs(2);
+    let _lb = start_lb(&haproxy, &cfg).await;
+    let a = Backend::start("a", Duration::ZERO);
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a]));
+    log.wait_for("installed and reloaded", Duration::from_secs(10))
+        .await;
+    drop(w);
+    // A second frontend address that another program holds.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = busy.local_addr().unwrap().port();
+    cfg.haproxy.bind.push(format!("127.0.0.1:{second}"));
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a]));
+    wait_logged(
+        "the failed load seen",
+        Duration::from_secs(15),
+        Some(&log),
+        || log.text().matches("no new HAProxy worker answered").count() >= 2,
+    )
+    .await;
+    assert!(
+        !log.text().contains("installed and reloaded"),
+        "{}",
+        log.text()
+    );
+    // The old worker serves on (HAProxy pauses its listeners while a reload is tried).
+    wait_until("the old worker serving", Duration::from_secs(5), || {
+        get(port).is_ok_and(|b| b == "a")
+    })
+    .await;
+    drop(busy);
+    wait_logged(
+        "the retried reload runs",
+        Duration::from_secs(15),
+        Some(&log),
+        || log.text().contains("HAProxy configuration reloaded"),
+    )
+    .await;
+    assert_eq!(
+        get(second).unwrap_or_else(|e| panic!("{e}: {}", log.text())),
+        "a",
+        "the new frontend address serves"
+    );
+}
+
+/// The server state file never brings back an admin state the plan does not say: a server
+/// drained by hand comes back ready at the next reload of a plan that lists it; after a
+/// runtime change the file is refreshed, so an outside reload keeps what runs.
+#[actix_rt::test]
+async fn the_state_file_follows_the_plan() {
+    let Some(haproxy) = tool("haproxy") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, _) = lb_config(tmp.path());
+    let lb = start_lb(&haproxy, &cfg).await;
+    let (a, b, c) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+        Backend::start("c", Duration::ZERO),
+    );
+    let log = LogBuf::default();
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a, &b]));
+    wait_until("a and b", Duration::from_secs(15), || {
+        names(&lb.sock) == of(&[&a, &b])
+    })
+    .await;
+    // Someone drains b by hand; then a change that needs a reload (c added with the runtime
+    // API off) is applied with b still in the plan.
+    api(
+        &lb.sock,
+        &format!("set server app/{} state drain", b.name()),
+    );
+    let admin = |n: &str| {
+        servers(&lb.sock)
+            .into_iter()
+            .find(|(x, _)| x == n)
+            .map(|(_, s)| s)
+    };
+    assert_eq!(admin(&b.name()), Some(DRAIN));
+    drop(w);
+    let mut reloading = cfg.clone();
+    reloading.haproxy.runtime_api = false;
+    let log = LogBuf::default();
+    let w = writer(&reloading, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a, &b, &c]));
+    log.wait_for("installed and reloaded", Duration::from_secs(15))
+        .await;
+    wait_until("a, b and c", Duration::from_secs(10), || {
+        names(&lb.sock) == of(&[&a, &b, &c])
+    })
+    .await;
+    assert_eq!(admin(&b.name()), Some(0), "b is ready, as the plan says");
+    drop(w);
+    // Through the runtime API: c leaves (drained, then removed); the state file follows, and
+    // an outside reload of the file brings back exactly a and b, ready.
+    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), None, &log);
+    w.do_send(hosts(&[&a, &b]));
+    wait_until("c removed", Duration::from_secs(15), || {
+        names(&lb.sock) == of(&[&a, &b])
+    })
+    .await;
+    let state = std::fs::read_to_string(&cfg.haproxy.server_state_file).unwrap();
+    assert!(!state.contains(&c.name()), "{state}");
+    let workers = lb.workers();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -USR2 $(cat {})", lb.pidfile.display()))
+        .status()
+        .unwrap();
+    wait_until("the outside reload", Duration::from_secs(10), || {
+        lb.workers().iter().any(|p| !workers.contains(p))
+    })
+    .await;
+    wait_until("a and b after it", Duration::from_secs(10), || {
+        names(&lb.sock) == of(&[&a, &b])
+    })
+    .await;
+    assert_eq!((admin(&a.name()), admin(&b.name())), (Some(0), Some(0)));
+}
+
+/// A failing server is retried with backoff; a new plan is tried at once, not after the last
+/// one's backoff. Looking at a drained server on a HAProxy that does not answer backs off
+/// too, instead of trying every half second.
+#[actix_rt::test]
+async fn new_plans_and_failing_looks_keep_their_own_pace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = lb_config(tmp.path());
+    // No HAProxy here: the file goes into a directory that is not there yet.
+    cfg.haproxy.config_path = tmp.path().join("later/haproxy.cfg");
+    cfg.haproxy.reload_command = CommandLine(vec!["true".into()]);
+    cfg.haproxy.check_command = CommandLine(vec!["test".into(), "-f".into(), "{config}".into()]);
+    let log = LogBuf::default();
+    let mut settings = WorkerSettings::from_config(&cfg, None);
+    settings.retry_base = Duration::from_secs(30);
+    settings.reap_every = Duration::from_millis(100);
+    let w = HaproxyWriter::new(
+        Arc::new(cfg.clone()),
+        HaproxyTemplate::load(None).unwrap(),
+        None,
+        &log.logger(),
+    )
+    .with_settings(settings)
+    .start();
+    let (a, b) = (
+        Backend::start("a", Duration::ZERO),
+        Backend::start("b", Duration::ZERO),
+    );
+    w.do_send(hosts(&[&a]));
+    log.wait_for(
+        "HAProxy server not updated; retrying",
+        Duration::from_secs(5),
+    )
+    .await;
+    std::fs::create_dir_all(tmp.path().join("later")).unwrap();
+    let t = Instant::now();
+    w.do_send(hosts(&[&a, &b]));
+    log.wait_for("installed and reloaded", Duration::from_secs(5))
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // A drain watched on a HAProxy that does not answer: looked at with backoff.
+    let before = log
+        .text()
+        .matches("Cannot look at draining servers yet")
+        .count();
+    let outcome = w
+        .send(WaitDrained {
+            server: b.host().key(),
+            within: Duration::from_secs(3),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, DrainOutcome::TimedOut);
+    let looks = log
+        .text()
+        .matches("Cannot look at draining servers yet")
+        .count()
+        - before;
+    assert!((1..=8).contains(&looks), "{looks} looks in 3 s");
 }

@@ -259,7 +259,7 @@ pub async fn generate(
     if !errors.is_empty() {
         return Err(errors.remove(0).into());
     }
-    let text = render::render_haproxy(cfg, &hosts)?;
+    let text = render::render_haproxy(cfg, &hosts, &crate::adapters::resolve::lookup_blocking)?;
     let check = Check {
         command: &cfg.haproxy.check_command,
         timeout: cfg.haproxy.command_timeout,

@@ -87,7 +87,7 @@ pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
     match HaproxyTemplate::load(cfg.haproxy.template.as_deref()) {
         Err(e) => out.push(problem(cfg, "haproxy", "template", e.to_string())),
         Ok(t) => {
-            if let Err(e) = t.plan(&cfg.haproxy, &cfg.general.hosts_dir, &[]) {
+            if let Err(e) = t.plan(&cfg.haproxy, &cfg.general.hosts_dir, &[], &|_| None) {
                 out.push(problem(cfg, "haproxy", "template", e.to_string()));
             }
         }
@@ -134,6 +134,46 @@ pub async fn region(cfg: &Config) -> Option<String> {
         profile = profile.profile_name(&cfg.aws.profile);
     }
     profile.build().region().await.map(|r| r.to_string())
+}
+
+/// Whether each HAProxy server's runtime API answers, reached as the master will reach it
+/// (this machine's socket, or over SSH as the configured user): HAProxy's version, or why
+/// not and how to fix it. A server whose runtime API does not answer gets every change by a
+/// reload: not an error (HAProxy may be stopped just now), but worth saying.
+pub async fn runtime_sockets(cfg: &Config) -> Vec<(String, Result<String, String>)> {
+    use crate::adapters::haproxy::Link;
+    let ssh = crate::adapters::ssh::SshSettings::from_config(cfg)
+        .ok()
+        .map(std::sync::Arc::new);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let timeout = std::time::Duration::from_secs(5);
+    let mut out = Vec::new();
+    for target in &cfg.haproxy.servers {
+        let said = async {
+            let link = Link::connect(target, ssh.as_ref(), &log)
+                .await
+                .map_err(|e| e.to_string())?;
+            let answer = link
+                .api(&cfg.haproxy.stats_socket, "show version", timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            match answer.trim() {
+                v if !v.is_empty() && !v.contains(char::is_whitespace) => Ok(v.to_string()),
+                other => Err(format!("answered {other:?} to show version")),
+            }
+        }
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}; every change there will be a reload. The socket needs `stats socket {} \
+                 mode 660 level admin group G` with the master's user (local) or the SSH \
+                 user in G",
+                cfg.haproxy.stats_socket.display()
+            )
+        });
+        out.push((target.to_string(), said));
+    }
+    out
 }
 
 /// [`problems`] as an error, for the daemons' start.

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use crate::render::ServerLine;
 
 /// `srv_admin_state` bits (HAProxy's `SRV_ADMF_*`): forced, inherited, configured and
-/// resolution maintenance; forced and inherited drain.
+/// resolution maintenance; forced drain. Only the forced ones are what autoscaler sets.
 const ADMIN_MAINT: u32 = 0x01 | 0x02 | 0x04 | 0x20;
-const ADMIN_DRAIN: u32 = 0x08 | 0x10;
+const FORCED_MAINT: u32 = 0x01;
+const FORCED_DRAIN: u32 = 0x08;
 
 /// One server as `show servers state` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,9 +24,16 @@ pub struct RuntimeServer {
 }
 
 impl RuntimeServer {
-    /// Taken out of rotation (drain or maintenance): it gets no new requests.
+    /// Taken out of rotation through the runtime API (forced drain or maintenance, as
+    /// autoscaler sets them and as `add server` leaves a new server): it gets no new
+    /// requests until it is set ready. Resolution or configured maintenance is not this.
     pub fn leaving(&self) -> bool {
-        self.admin_state & (ADMIN_MAINT | ADMIN_DRAIN) != 0
+        self.admin_state & (FORCED_MAINT | FORCED_DRAIN) != 0
+    }
+
+    /// Whether HAProxy sends this server's traffic to `ip:port`.
+    pub fn at(&self, ip: &str, port: u16) -> bool {
+        self.addr == ip && self.port == port
     }
 
     /// In maintenance: it may be deleted once it has no connections.
@@ -61,6 +69,94 @@ pub fn parse_servers_state(text: &str) -> Result<BTreeMap<String, RuntimeServer>
                 admin_state,
             },
         );
+    }
+    Ok(out)
+}
+
+/// The process id of the worker that answered `show info`.
+pub fn parse_info_pid(text: &str) -> Option<u32> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pid: "))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// The workers HAProxy's master CLI lists in `show proc`: the current ones, and the old ones
+/// a reload left behind (they keep their connections until those end or hard-stop-after).
+pub fn parse_show_proc(text: &str) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let mut section = "";
+    let (mut current, mut old) = (Vec::new(), Vec::new());
+    let mut seen_header = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("#<PID>") {
+            seen_header = true;
+            continue;
+        }
+        if let Some(s) = line.strip_prefix("# ") {
+            section = match s {
+                "workers" => "workers",
+                "old workers" => "old",
+                _ => "other",
+            };
+            continue;
+        }
+        let mut w = line.split_whitespace();
+        let (Some(pid), Some(kind)) = (w.next(), w.next()) else {
+            continue;
+        };
+        if kind != "worker" {
+            continue;
+        }
+        let pid = pid
+            .parse()
+            .map_err(|_| format!("show proc: bad pid in {line:?}"))?;
+        match section {
+            "workers" => current.push(pid),
+            "old" => old.push(pid),
+            _ => {}
+        }
+    }
+    match seen_header {
+        true => Ok((current, old)),
+        false => Err(format!(
+            "not an answer to show proc: {:?}",
+            text.chars().take(80).collect::<String>()
+        )),
+    }
+}
+
+/// The server state file to load at the next reload, from `show servers state` (every
+/// backend, format 1): the servers of `backend` that the plan keeps lose any admin state
+/// (they come back ready, as the plan says, whatever a drain or an operator left), the ones
+/// it drops are left out; health states and other backends stay as they are.
+pub fn state_file(
+    text: &str,
+    backend: &str,
+    keep: &std::collections::BTreeSet<&str>,
+) -> Result<String, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    match lines.next().map(str::trim) {
+        Some("1") => {}
+        other => return Err(format!("unexpected servers state format: {other:?}")),
+    }
+    let mut out = String::from("1\n");
+    for line in lines {
+        if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let mut f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 19 {
+            return Err(format!("short servers state line: {line:?}"));
+        }
+        if f[1] == backend {
+            if !keep.contains(f[3]) {
+                continue;
+            }
+            f[6] = "0";
+        }
+        out.push_str(&f.join(" "));
+        out.push('\n');
     }
     Ok(out)
 }
@@ -104,6 +200,34 @@ pub mod command {
         format!("show servers state {backend}")
     }
 
+    /// Every backend's servers, as the server state file holds them.
+    pub const ALL_SERVERS_STATE: &str = "show servers state";
+
+    /// The command sent after every change: its answer (HAProxy's version) shows the change's
+    /// answer is complete. An empty answer alone proves nothing (a closed connection is empty
+    /// too).
+    pub const SENTINEL: &str = "show version";
+
+    /// `command` followed by [`SENTINEL`] on the same line.
+    pub fn with_sentinel(command: &str) -> String {
+        format!("{command}; {SENTINEL}")
+    }
+
+    /// The answer to the command before the sentinel: None unless the answer ends with the
+    /// sentinel's (`version`, HAProxy's answer to `show version` alone).
+    pub fn before_sentinel<'a>(answer: &'a str, version: &str) -> Option<&'a str> {
+        let version = version.trim();
+        if version.is_empty() {
+            return None;
+        }
+        answer.trim_end().strip_suffix(version)
+    }
+
+    /// `set server BACKEND/NAME addr IP port PORT`.
+    pub fn set_addr(backend: &str, name: &str, ip: &str, port: u16) -> String {
+        format!("set server {backend}/{name} addr {ip} port {port}")
+    }
+
     /// `show stat BACKEND 4 -1`: the backend's servers.
     pub fn stat(backend: &str) -> String {
         format!("show stat {backend} 4 -1")
@@ -133,14 +257,17 @@ pub mod command {
         format!("del server {backend}/{name}")
     }
 
-    /// Whether `answer` says `command` worked: `add server` and `del server` say so in words;
-    /// the others answer nothing when they succeed.
+    /// Whether `answer` (what came before the sentinel) says `command` worked: `add server`
+    /// and `del server` say so in words; `set server … addr` says what changed; the others
+    /// answer nothing when they succeed.
     pub fn succeeded(command: &str, answer: &str) -> bool {
         let a = answer.trim();
         if command.starts_with("add server") {
             a.contains("New server registered")
         } else if command.starts_with("del server") {
             a.contains("Server deleted")
+        } else if command.contains(" addr ") {
+            a.contains("changed from") || a.contains("no need to change")
         } else {
             a.is_empty()
         }
@@ -169,6 +296,13 @@ mod tests {
         );
         let b = &s["127.0.0.3_18481"];
         assert!(b.leaving() && !b.in_maintenance(), "draining");
+        // Resolution maintenance (0x20) is not a server autoscaler took out: an apply does not
+        // count it as coming back every time.
+        let rmaint = RuntimeServer {
+            admin_state: 0x20,
+            ..a.clone()
+        };
+        assert!(!rmaint.leaving() && rmaint.in_maintenance());
         assert!(parse_servers_state("1\n# header\n").unwrap().is_empty());
         assert!(parse_servers_state("No such backend.\n").is_err());
         assert!(parse_servers_state("1\n3 app 1 x\n").is_err());
@@ -185,6 +319,8 @@ mod tests {
         let s = ServerLine {
             name: "127.0.1.5_80".into(),
             address: "127.0.1.5:80".into(),
+            ip: "127.0.1.5".into(),
+            port: 80,
         };
         let add = command::add("app", &s, "check inter 2000ms fall 3 rise 2");
         assert_eq!(
@@ -205,5 +341,86 @@ mod tests {
         let drain = command::set_state("app", "127.0.1.5_80", "drain");
         assert!(command::succeeded(&drain, "\n"));
         assert!(!command::succeeded(&drain, "No such server.\n"));
+        let addr = command::set_addr("app", "web_80", "127.0.0.2", 80);
+        assert_eq!(addr, "set server app/web_80 addr 127.0.0.2 port 80");
+        // As HAProxy 2.6.12 answers it.
+        assert!(command::succeeded(&addr, "IP changed from '127.0.0.1' to '127.0.0.2', port changed from '19994' to '19995' by 'stats socket command'\n"));
+        assert!(command::succeeded(
+            &addr,
+            "no need to change the addr, no need to change the port by 'stats socket command'\n"
+        ));
+        assert!(
+            !command::succeeded(&addr, "\n"),
+            "an empty answer is not one of these"
+        );
+    }
+
+    /// A change's answer counts only when HAProxy's answer to the sentinel follows it: an
+    /// empty or cut-short answer is no answer.
+    #[test]
+    fn answers_end_with_the_sentinel() {
+        let v = "2.6.12-1+deb12u4\n\n";
+        let cmd = command::with_sentinel("set server app/x state ready");
+        assert_eq!(cmd, "set server app/x state ready; show version");
+        assert_eq!(
+            command::before_sentinel("\n2.6.12-1+deb12u4\n\n", v),
+            Some("\n")
+        );
+        assert_eq!(
+            command::before_sentinel("No such server.\n\n2.6.12-1+deb12u4\n\n", v),
+            Some("No such server.\n\n")
+        );
+        assert_eq!(command::before_sentinel("", v), None, "a closed connection");
+        assert_eq!(command::before_sentinel("\n", v), None);
+        assert_eq!(
+            command::before_sentinel("New server registered.\n", v),
+            None
+        );
+        assert_eq!(
+            command::before_sentinel("anything", ""),
+            None,
+            "no version known"
+        );
+    }
+
+    #[test]
+    fn show_info_and_show_proc() {
+        assert_eq!(
+            parse_info_pid("Name: HAProxy\nVersion: 2.6.12\nPid: 669\nUptime: 0d\n"),
+            Some(669)
+        );
+        assert_eq!(parse_info_pid("Unknown command\n"), None);
+        let proc_ = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+                     656             master          1 [failed: 0]   0d00h00m02s     2.6.12-1+deb12u4\n\
+                     # workers\n669             worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+                     # old workers\n659             worker          1               0d00h00m02s     2.6.12-1+deb12u4\n\
+                     # programs\n\n";
+        assert_eq!(parse_show_proc(proc_), Ok((vec![669], vec![659])));
+        assert!(parse_show_proc("Unknown command.\n").is_err());
+    }
+
+    /// The state file a reload loads: the plan's servers ready whatever their admin state
+    /// (drain here), the ones it drops gone, other backends untouched.
+    #[test]
+    fn the_state_file_brings_back_no_admin_state() {
+        let all = format!(
+            "{}4 other 1 x 10.0.0.1 2 8 1 1 4 6 3 2 6 0 0 0 - 80 - 0 0 - - 0\n",
+            STATE
+        );
+        let keep: std::collections::BTreeSet<&str> = ["127.0.0.3_18481"].into();
+        let out = state_file(&all, "app", &keep).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "1");
+        assert!(lines[1].starts_with("# be_id"));
+        assert_eq!(
+            &lines[2..],
+            [
+                "3 app 2 127.0.0.3_18481 127.0.0.3 2 0 1 1 4 6 3 2 6 0 0 0 - 18481 - 0 0 - - 0",
+                "4 other 1 x 10.0.0.1 2 8 1 1 4 6 3 2 6 0 0 0 - 80 - 0 0 - - 0",
+            ]
+        );
+        let reread = parse_servers_state(&out).unwrap();
+        assert!(!reread["127.0.0.3_18481"].leaving());
+        assert!(state_file("Permission denied.\n", "app", &keep).is_err());
     }
 }

@@ -11,8 +11,10 @@ use serde::Serialize;
 use tera::{Context, Tera};
 use thiserror::Error;
 
+use std::net::IpAddr;
+
 use crate::config::{Config, Haproxy};
-use crate::hosts::Host;
+use crate::hosts::{Host, HostKey, HostName};
 
 /// The embedded HAProxy template.
 pub const HAPROXY_TEMPLATE: &str = include_str!("../../../templates/haproxy.cfg.tera");
@@ -47,10 +49,38 @@ fn template_error(name: &str, e: tera::Error) -> RenderError {
 /// One `server` line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServerLine {
-    /// Stable name, derived from host and port.
+    /// Stable name, derived from the registered host (its name, not its address) and port.
     pub name: String,
-    /// `host:port`, IPv6 in brackets.
+    /// `ip:port`, IPv6 in brackets: what HAProxy connects to.
     pub address: String,
+    /// The IP address alone, without brackets.
+    pub ip: String,
+    pub port: u16,
+}
+
+impl ServerLine {
+    /// The line for `key` at `ip`.
+    pub fn new(key: &HostKey, ip: IpAddr) -> ServerLine {
+        let host = match ip {
+            IpAddr::V4(v4) => HostName::V4(v4),
+            IpAddr::V6(v6) => HostName::V6(v6),
+        };
+        ServerLine {
+            name: key.server_name(),
+            address: host.to_address(key.port),
+            ip: ip.to_string(),
+            port: key.port,
+        }
+    }
+}
+
+/// The address of a host: its IP literal, or what `resolve` says of its name.
+pub fn address_of(h: &HostName, resolve: &dyn Fn(&str) -> Option<IpAddr>) -> Option<IpAddr> {
+    match h {
+        HostName::V4(ip) => Some(IpAddr::V4(*ip)),
+        HostName::V6(ip) => Some(IpAddr::V6(*ip)),
+        HostName::Name(n) => resolve(n),
+    }
 }
 
 /// Everything the HAProxy template sees.
@@ -70,16 +100,35 @@ pub struct HaproxyContext<'a> {
     pub chroot: String,
     pub health_check_path: &'a str,
     pub check_interval_ms: u128,
-    /// Sorted by host and port.
+    /// HAProxy's hard-stop-after in milliseconds; 0: none.
+    pub hard_stop_after_ms: u128,
+    /// Sorted by host and port; hosts whose name does not resolve are left out.
     pub servers: Vec<ServerLine>,
+    /// The names left out because they do not resolve.
+    #[serde(skip)]
+    pub unresolved: Vec<String>,
 }
 
 impl<'a> HaproxyContext<'a> {
-    /// The context for `hosts` (sorted here, so the output does not depend on directory order).
-    pub fn new(cfg: &'a Haproxy, hosts_dir: &Path, hosts: &[Host]) -> HaproxyContext<'a> {
+    /// The context for `hosts` (sorted here, so the output does not depend on directory order),
+    /// their names turned into addresses by `resolve`.
+    pub fn new(
+        cfg: &'a Haproxy,
+        hosts_dir: &Path,
+        hosts: &[Host],
+        resolve: &dyn Fn(&str) -> Option<IpAddr>,
+    ) -> HaproxyContext<'a> {
         let mut keys: Vec<_> = hosts.iter().map(Host::key).collect();
         keys.sort();
         keys.dedup();
+        let mut servers = Vec::new();
+        let mut unresolved = Vec::new();
+        for k in &keys {
+            match address_of(&k.host, resolve) {
+                Some(ip) => servers.push(ServerLine::new(k, ip)),
+                None => unresolved.push(k.host.to_string()),
+            }
+        }
         HaproxyContext {
             hosts_dir: hosts_dir.display().to_string(),
             binds: &cfg.bind,
@@ -96,13 +145,9 @@ impl<'a> HaproxyContext<'a> {
                 .unwrap_or_default(),
             health_check_path: &cfg.health_check_path,
             check_interval_ms: cfg.check_interval.as_millis(),
-            servers: keys
-                .iter()
-                .map(|k| ServerLine {
-                    name: k.server_name(),
-                    address: k.host.to_address(k.port),
-                })
-                .collect(),
+            hard_stop_after_ms: cfg.hard_stop_after.as_millis(),
+            servers,
+            unresolved,
         }
     }
 }
@@ -116,12 +161,63 @@ pub struct Plan {
     /// SHA-256 of the same configuration without any server: two plans with the same
     /// skeleton differ only in their server lines, which the runtime API can change.
     pub skeleton: String,
-    /// The options the template gives a server line (`check inter 2000ms fall 3 rise 2`), for
-    /// servers added through the runtime API; None when the template's server lines cannot be
-    /// found (then every change is a reload).
+    /// The options a server added through the runtime API gets: the `default-server` options
+    /// in force for the backend, then the template's server line's own (`check inter 2000ms
+    /// fall 3 rise 2`); None when the template's server lines cannot be found (then every
+    /// change is a reload).
     pub server_options: Option<String>,
     /// The servers, sorted.
     pub servers: Vec<ServerLine>,
+    /// Hosts left out because their name does not resolve.
+    pub unresolved: Vec<String>,
+}
+
+/// `default-server` keywords that HAProxy does not accept on a server added at runtime (and
+/// that a server with an IP address does not need), with the argument each takes.
+const NOT_AT_RUNTIME: &[&str] = &[
+    "init-addr",
+    "resolvers",
+    "resolve-prefer",
+    "resolve-net",
+    "resolve-opts",
+];
+
+/// The `default-server` options in force for `backend` in a rendered configuration: those of
+/// the last `defaults` section before it, then its own (the later win, as in HAProxy), less
+/// what runtime servers cannot take.
+pub fn default_server_options(text: &str, backend: &str) -> Vec<String> {
+    let mut from_defaults: Vec<String> = Vec::new();
+    let mut own: Vec<String> = Vec::new();
+    let mut section = "";
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        let first = w.next().unwrap_or("");
+        match first {
+            "defaults" => {
+                section = "defaults";
+                from_defaults.clear();
+            }
+            "backend" if w.clone().next() == Some(backend) => section = "ours",
+            "global" | "frontend" | "backend" | "listen" | "resolvers" | "peers" | "userlist"
+            | "cache" | "program" | "mailers" | "ring" | "http-errors" => section = "",
+            "default-server" => match section {
+                "defaults" => from_defaults.extend(w.map(String::from)),
+                "ours" => own.extend(w.map(String::from)),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let mut words = from_defaults.into_iter().chain(own).peekable();
+    let mut out = Vec::new();
+    while let Some(word) = words.next() {
+        if NOT_AT_RUNTIME.contains(&word.as_str()) {
+            words.next();
+            continue;
+        }
+        out.push(word);
+    }
+    out
 }
 
 /// SHA-256 of `text` as lower-case hex.
@@ -136,6 +232,7 @@ pub fn digest(text: &str) -> String {
 /// The probe server rendered to find the template's server options.
 const PROBE_NAME: &str = "autoscaler-probe";
 const PROBE_ADDRESS: &str = "192.0.2.1:1";
+const PROBE_IP: &str = "192.0.2.1";
 
 /// A compiled HAProxy template, built once and rendered on every host-list change.
 pub struct HaproxyTemplate {
@@ -179,27 +276,34 @@ impl HaproxyTemplate {
             .map_err(|e| template_error(&self.name, e))
     }
 
-    /// Renders the configuration for `hosts`, with its skeleton and server options.
+    /// Renders the configuration for `hosts`, their names turned into addresses by
+    /// `resolve`, with its skeleton and server options.
     pub fn plan(
         &self,
         cfg: &Haproxy,
         hosts_dir: &Path,
         hosts: &[Host],
+        resolve: &dyn Fn(&str) -> Option<IpAddr>,
     ) -> Result<Plan, RenderError> {
-        let mut ctx = HaproxyContext::new(cfg, hosts_dir, hosts);
+        let mut ctx = HaproxyContext::new(cfg, hosts_dir, hosts, resolve);
         let text = self.render(&ctx)?;
         let servers = std::mem::take(&mut ctx.servers);
+        let unresolved = std::mem::take(&mut ctx.unresolved);
         let bare = self.render(&ctx)?;
         ctx.servers = vec![ServerLine {
             name: PROBE_NAME.into(),
             address: PROBE_ADDRESS.into(),
+            ip: PROBE_IP.into(),
+            port: 1,
         }];
         let probe = self.render(&ctx)?;
         let server_options = probe.lines().find_map(|l| {
             let mut w = l.split_whitespace();
             match (w.next(), w.next(), w.next()) {
                 (Some("server"), Some(PROBE_NAME), Some(PROBE_ADDRESS)) => {
-                    Some(w.collect::<Vec<_>>().join(" "))
+                    let mut all = default_server_options(&probe, &cfg.backend);
+                    all.extend(w.map(String::from));
+                    Some(all.join(" "))
                 }
                 _ => None,
             }
@@ -213,17 +317,24 @@ impl HaproxyTemplate {
             skeleton,
             server_options,
             servers,
+            unresolved,
         })
     }
 }
 
-/// Renders haproxy.cfg for `hosts` with the configuration's template.
-pub fn render_haproxy(cfg: &Config, hosts: &[Host]) -> Result<String, RenderError> {
+/// Renders haproxy.cfg for `hosts` with the configuration's template, their names turned
+/// into addresses by `resolve`.
+pub fn render_haproxy(
+    cfg: &Config,
+    hosts: &[Host],
+    resolve: &dyn Fn(&str) -> Option<IpAddr>,
+) -> Result<String, RenderError> {
     let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
     template.render(&HaproxyContext::new(
         &cfg.haproxy,
         &cfg.general.hosts_dir,
         hosts,
+        resolve,
     ))
 }
 
@@ -241,9 +352,20 @@ mod tests {
         Host::manual(HostName::parse(h).unwrap(), port)
     }
 
+    /// A resolver that knows a few names, as DNS would answer them.
+    fn dns(name: &str) -> Option<IpAddr> {
+        match name {
+            "web-2.example.com" => Some("192.0.2.80".parse().unwrap()),
+            "a" => Some("127.0.0.1".parse().unwrap()),
+            "b" => Some("127.0.0.2".parse().unwrap()),
+            "v6-only" => Some("2001:db8::9".parse().unwrap()),
+            _ => None,
+        }
+    }
+
     #[test]
     fn zero_hosts() {
-        let out = render_haproxy(&cfg(), &[]).unwrap();
+        let out = render_haproxy(&cfg(), &[], &dns).unwrap();
         crate::golden::check("haproxy-0-hosts.cfg", &out);
         assert!(out.contains("backend app\n    balance roundrobin\n"));
         assert!(!out.contains("    server "));
@@ -260,12 +382,12 @@ mod tests {
             host("10.0.0.5", 80),
             host("web-2.example.com", 80),
         ];
-        let out = render_haproxy(&cfg(), &hosts).unwrap();
+        let out = render_haproxy(&cfg(), &hosts, &dns).unwrap();
         crate::golden::check("haproxy-4-hosts.cfg", &out);
         let mut reversed = hosts.clone();
         reversed.reverse();
         assert_eq!(
-            render_haproxy(&cfg(), &reversed).unwrap(),
+            render_haproxy(&cfg(), &reversed, &dns).unwrap(),
             out,
             "order of hosts.d must not matter"
         );
@@ -279,8 +401,66 @@ mod tests {
                 "    server 10.0.0.5_80 10.0.0.5:80 check inter 2000ms fall 3 rise 2",
                 "    server 10.0.0.5_8080 10.0.0.5:8080 check inter 2000ms fall 3 rise 2",
                 "    server 2001:db8::7_80 [2001:db8::7]:80 check inter 2000ms fall 3 rise 2",
-                "    server web-2.example.com_80 web-2.example.com:80 check inter 2000ms fall 3 rise 2",
+                "    server web-2.example.com_80 192.0.2.80:80 check inter 2000ms fall 3 rise 2",
             ]
+        );
+    }
+
+    /// Names become addresses (the server keeps the name's name); a name that does not
+    /// resolve is left out and said so; an IPv6 answer is bracketed.
+    #[test]
+    fn names_are_resolved_or_left_out() {
+        let t = HaproxyTemplate::load(None).unwrap();
+        let c = cfg();
+        let plan = t
+            .plan(
+                &c.haproxy,
+                Path::new("/h"),
+                &[
+                    host("a", 8080),
+                    host("nowhere.example", 80),
+                    host("v6-only", 80),
+                ],
+                &dns,
+            )
+            .unwrap();
+        let lines: Vec<(&str, &str, &str, u16)> = plan
+            .servers
+            .iter()
+            .map(|s| (s.name.as_str(), s.address.as_str(), s.ip.as_str(), s.port))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                ("a_8080", "127.0.0.1:8080", "127.0.0.1", 8080),
+                ("v6-only_80", "[2001:db8::9]:80", "2001:db8::9", 80),
+            ]
+        );
+        assert_eq!(plan.unresolved, ["nowhere.example"]);
+        assert!(plan.text.contains("server a_8080 127.0.0.1:8080 check"));
+        assert!(!plan.text.contains("nowhere"));
+    }
+
+    /// Options set with `default-server` reach servers added at runtime, the backend's own
+    /// after the defaults section's, without what HAProxy refuses there.
+    #[test]
+    fn default_server_options_reach_runtime_servers() {
+        let src = "global\n    maxconn 10\ndefaults\n    default-server init-addr last,libc,none inter 5s\n\
+                   defaults\n    default-server init-addr none check inter 500ms\nfrontend f\n    default-server weight 9\n\
+                   backend other\n    default-server maxconn 3\nbackend app\n    default-server rise 1 resolvers dns\n\
+                   {% for s in servers %}    server {{ s.name }} {{ s.address }} fall 4\n{% endfor %}";
+        let t = HaproxyTemplate::from_source("t", src).unwrap();
+        let plan = t
+            .plan(
+                &cfg().haproxy,
+                Path::new("/h"),
+                &[host("127.0.1.1", 80)],
+                &dns,
+            )
+            .unwrap();
+        assert_eq!(
+            plan.server_options.as_deref(),
+            Some("check inter 500ms rise 1 fall 4")
         );
     }
 
@@ -295,7 +475,7 @@ mod tests {
         c.haproxy.health_check_path = "/healthz".into();
         c.haproxy.check_interval = std::time::Duration::from_millis(1500);
         c.haproxy.stats_socket = "/tmp/x/h.sock".into();
-        let out = render_haproxy(&c, &[host("127.0.0.1", 9000)]).unwrap();
+        let out = render_haproxy(&c, &[host("127.0.0.1", 9000)], &dns).unwrap();
         crate::golden::check("haproxy-http-check.cfg", &out);
         for want in [
             "bind 127.0.0.1:8080\n",
@@ -306,7 +486,8 @@ mod tests {
             "backend shop\n",
             "option httpchk GET /healthz\n",
             "check inter 1500ms fall 3 rise 2\n",
-            "stats socket /tmp/x/h.sock mode 600 level admin",
+            "stats socket /tmp/x/h.sock mode 660 level admin group haproxy expose-fd listeners\n",
+            "hard-stop-after 900000ms\n",
             "option idle-close-on-response\n",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
@@ -323,13 +504,14 @@ mod tests {
         let t = HaproxyTemplate::load(None).unwrap();
         let c = cfg();
         let one = t
-            .plan(&c.haproxy, Path::new("/h"), &[host("127.0.1.1", 80)])
+            .plan(&c.haproxy, Path::new("/h"), &[host("127.0.1.1", 80)], &dns)
             .unwrap();
         let two = t
             .plan(
                 &c.haproxy,
                 Path::new("/h"),
                 &[host("127.0.1.1", 80), host("127.0.1.2", 80)],
+                &dns,
             )
             .unwrap();
         assert_ne!(one.hash, two.hash);
@@ -343,7 +525,12 @@ mod tests {
         let mut other = c.clone();
         other.haproxy.check_interval = std::time::Duration::from_secs(5);
         let changed = t
-            .plan(&other.haproxy, Path::new("/h"), &[host("127.0.1.1", 80)])
+            .plan(
+                &other.haproxy,
+                Path::new("/h"),
+                &[host("127.0.1.1", 80)],
+                &dns,
+            )
             .unwrap();
         assert_ne!(changed.skeleton, one.skeleton, "a setting changed: reload");
         let bare = HaproxyTemplate::from_source(
@@ -352,7 +539,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            bare.plan(&c.haproxy, Path::new("/h"), &[])
+            bare.plan(&c.haproxy, Path::new("/h"), &[], &dns)
                 .unwrap()
                 .server_options,
             None,
@@ -368,18 +555,18 @@ mod tests {
         let mut c = cfg();
         c.haproxy.template = Some(t.clone());
         assert_eq!(
-            render_haproxy(&c, &[host("b", 2), host("a", 1)]).unwrap(),
-            "a:1\nb:2\n"
+            render_haproxy(&c, &[host("b", 2), host("a", 1)], &dns).unwrap(),
+            "127.0.0.1:1\n127.0.0.2:2\n"
         );
         std::fs::write(&t, "{% for s in servers %}{{ s.address }").unwrap();
-        let e = render_haproxy(&c, &[]).unwrap_err().to_string();
+        let e = render_haproxy(&c, &[], &dns).unwrap_err().to_string();
         assert!(e.contains("mine.tera"), "{e}");
         std::fs::write(&t, "{{ no_such_value }}").unwrap();
-        let e = render_haproxy(&c, &[]).unwrap_err().to_string();
+        let e = render_haproxy(&c, &[], &dns).unwrap_err().to_string();
         assert!(e.contains("no_such_value"), "{e}");
         c.haproxy.template = Some(tmp.path().join("missing.tera"));
         assert!(matches!(
-            render_haproxy(&c, &[]),
+            render_haproxy(&c, &[], &dns),
             Err(RenderError::Read { .. })
         ));
     }

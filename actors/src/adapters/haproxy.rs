@@ -58,6 +58,12 @@ pub enum HaproxyError {
         socket: String,
         message: String,
     },
+    #[error("{server}: no new HAProxy worker answered within {waited:?} of the reload (worker {old} still answers): the new configuration did not load (a bind already in use? see HAProxy's log); retrying")]
+    NotReloaded {
+        server: String,
+        old: u32,
+        waited: Duration,
+    },
 }
 
 /// The result of a validation.
@@ -327,6 +333,38 @@ impl Link {
         }
     }
 
+    /// Sends one command to HAProxy's master CLI at `socket` (`haproxy -W -S`), which keeps a
+    /// connection open until told to quit, and returns its answer.
+    pub async fn master_cli(
+        &self,
+        socket: &Path,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<String, HaproxyError> {
+        self.api(socket, &format!("{command}\nquit"), timeout).await
+    }
+
+    /// Removes the file at `path` on that server (a missing one is fine).
+    pub async fn remove(&self, path: &Path, timeout: Duration) -> Result<(), HaproxyError> {
+        match self {
+            Link::Local => match tokio::fs::remove_file(path).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HaproxyError::Write {
+                    path: path.to_path_buf(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            },
+            Link::Ssh(r) => {
+                let cmd = sh(&["rm", "-f", &p(path)]);
+                let ran = r.exec(&cmd, None, timeout).await?;
+                match ran.status {
+                    0 => Ok(()),
+                    _ => Err(r.failed(&cmd, &ran)),
+                }
+            }
+        }
+    }
+
     /// Sends one command to the runtime API at `socket` and returns HAProxy's answer.
     pub async fn api(
         &self,
@@ -353,7 +391,14 @@ impl Link {
                         .handle
                         .channel_open_direct_streamlocal(socket.display().to_string())
                         .await
-                        .map_err(std::io::Error::other)?;
+                        .map_err(|e| {
+                            std::io::Error::other(format!(
+                                "{e}: sshd could not open the socket for the SSH user. It must \
+                                 be allowed to: the socket mode 660 with a group the user is \
+                                 in (stats socket … mode 660 group G), and sshd's \
+                                 AllowStreamLocalForwarding local or yes for that user"
+                            ))
+                        })?;
                     let mut s = ch.into_stream();
                     s.write_all(line.as_bytes()).await?;
                     s.flush().await?;

@@ -9,6 +9,7 @@
 //! - [`hosts_dir`]: the hosts.d directory, one file per host.
 //! - [`haproxy`]: validating a candidate haproxy.cfg and installing it without ever replacing
 //!   a good config with a bad one.
+//! - [`resolve`]: host names to the addresses HAProxy gets.
 
 pub mod ec2;
 pub mod etcd;
@@ -19,5 +20,6 @@ pub mod hosts_dir;
 pub mod known_hosts;
 pub mod process;
 pub mod records;
+pub mod resolve;
 pub mod secret;
 pub mod ssh;

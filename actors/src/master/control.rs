@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 
 use super::decider::{GetDecisionStatus, ScaleDecider};
 use super::haproxy_worker::Applied;
-use super::haproxy_writer::{GetServerStatus, HaproxyWriter, ServerStatus};
+use super::haproxy_writer::{GetServerStatus, HaproxyWriter, ServerStatus, ServerView};
 use super::launcher::intents::{now_ms, pending_drains, pending_intents};
 use super::node_status::{ListNodes, NodeStatus};
 use super::registry::{HostRegistry, ListHosts};
@@ -64,6 +64,9 @@ pub struct HaproxyLine {
     /// What the last apply did, or the error it retries after.
     pub detail: String,
     pub applied_s_ago: Option<f64>,
+    /// Why changes to this server go by reloads instead of its runtime API, if they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_unavailable: Option<String>,
 }
 
 /// A decision that acted.
@@ -200,8 +203,12 @@ impl Sources {
             cluster,
             haproxy: servers
                 .into_iter()
-                .map(|(server, s)| {
-                    let (state, detail, at) = match s {
+                .map(|(server, view)| {
+                    let ServerView {
+                        status,
+                        runtime_unavailable,
+                    } = view;
+                    let (state, detail, at) = match status {
                         ServerStatus::Pending => ("applying", String::new(), None),
                         ServerStatus::Failing(e) => ("failing", e, None),
                         ServerStatus::Applied(a, at) => ("applied", describe(&a), Some(at)),
@@ -211,6 +218,7 @@ impl Sources {
                         state: state.into(),
                         detail,
                         applied_s_ago: at.map(|t| t.elapsed().as_secs_f64()),
+                        runtime_unavailable,
                     }
                 })
                 .collect(),
@@ -221,9 +229,14 @@ impl Sources {
 fn describe(a: &Applied) -> String {
     match a {
         Applied::Unchanged => "unchanged".into(),
-        Applied::Runtime { added, draining } => {
-            format!("runtime API: {added} added, {draining} draining")
-        }
+        Applied::Runtime {
+            added,
+            moved,
+            draining,
+        } => match moved {
+            0 => format!("runtime API: {added} added, {draining} draining"),
+            _ => format!("runtime API: {added} added, {moved} moved, {draining} draining"),
+        },
         Applied::Reloaded { servers } => format!("reloaded with {servers} servers"),
     }
 }
@@ -491,11 +504,15 @@ impl Status {
             .map(String::from)
             .to_vec()];
         rows.extend(self.haproxy.iter().map(|h| {
+            let detail = match &h.runtime_unavailable {
+                Some(why) => format!("{}; runtime API unavailable: {why}", h.detail),
+                None => h.detail.clone(),
+            };
             vec![
                 h.server.clone(),
                 h.state.clone(),
                 ago(h.applied_s_ago),
-                h.detail.clone(),
+                detail,
             ]
         }));
         out += &columns(&rows);
@@ -581,6 +598,7 @@ mod tests {
                 state: "applied".into(),
                 detail: "runtime API: 1 added, 0 draining".into(),
                 applied_s_ago: Some(3.0),
+                runtime_unavailable: None,
             }],
         }
     }

@@ -7,16 +7,25 @@
 //!
 //! - If HAProxy was last told to run a configuration with the same skeleton (everything but
 //!   the server list), and the runtime API is on, the servers are changed in place: new ones
-//!   added (`add server`, `enable health`, `enable server`), gone ones set to DRAIN; then the
-//!   file is validated and installed with no reload, so a later reload or restart gives the
-//!   same backend.
+//!   added (`add server`, `enable health`, `set server … state ready`), moved ones given their
+//!   new address (`set server … addr`), gone ones set to DRAIN; then the file is validated
+//!   and installed with no reload, so a later reload or restart gives the same backend, and
+//!   the server state file is refreshed, so an outside reload brings back the plan.
 //! - Otherwise (first start, a setting changed, the runtime API failed): validate, install,
-//!   save the servers' health states to the server state file, reload.
+//!   write the server state file (the plan's servers ready, health states kept), reload, and
+//!   wait until a new worker answers: a configuration that passes `haproxy -c` but does not
+//!   load (a bind already in use) is a failed apply, retried with backoff.
+//!
+//! Every change sent through the runtime API is followed by `show version` on the same line,
+//! so an answer that is empty because the connection closed is not taken for success.
 //!
 //! What each server was last told to run (the hash of the file and of its skeleton) is kept in
 //! `state_dir/haproxy/`: after a restart or a failure, a server whose file differs from that is
 //! brought back in line. A draining server is removed (`set … maint`, `del server`) once
-//! HAProxy reports no sessions on it, or when `drain_timeout` is up (its sessions closed).
+//! HAProxy reports no sessions on it, or when `drain_timeout` is up (its sessions closed). A
+//! server someone waits for ([`Work::Watch`]) counts as drained only when no worker holds a
+//! session on it: the current one, and the old ones a reload left (through the master CLI) —
+//! never because the new worker does not have it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,7 +43,9 @@ use crate::adapters::haproxy::{Check, HaproxyError, Installed, Link, OnMissing};
 use crate::adapters::ssh::SshSettings;
 use crate::backoff::Backoff;
 use crate::config::{CommandLine, Config, HaproxyTarget};
-use crate::haproxy_api::{command, parse_servers_state, parse_sessions};
+use crate::haproxy_api::{
+    command, parse_info_pid, parse_servers_state, parse_sessions, parse_show_proc, state_file,
+};
 use crate::render::{digest, Plan};
 
 /// What every worker needs.
@@ -48,6 +59,10 @@ pub struct WorkerSettings {
     pub reload: CommandLine,
     pub timeout: Duration,
     pub runtime_api: bool,
+    /// HAProxy's master CLI (old workers' sessions after a reload); None: not known.
+    pub master_socket: Option<PathBuf>,
+    /// How long workers left by a reload may live (zero: until their last connection).
+    pub hard_stop_after: Duration,
     pub drain_timeout: Duration,
     /// Where what each server was last told to run is kept.
     pub state_dir: PathBuf,
@@ -70,6 +85,8 @@ impl WorkerSettings {
             reload: h.reload_command.clone(),
             timeout: h.command_timeout,
             runtime_api: h.runtime_api,
+            master_socket: h.master_socket.clone(),
+            hard_stop_after: h.hard_stop_after,
             drain_timeout: cfg.scaling.drain_timeout,
             state_dir: cfg.general.state_dir.join("haproxy"),
             ssh,
@@ -95,7 +112,11 @@ pub enum Applied {
     /// The server already runs this configuration.
     Unchanged,
     /// Servers changed through the runtime API, the file rewritten; no reload.
-    Runtime { added: usize, draining: usize },
+    Runtime {
+        added: usize,
+        moved: usize,
+        draining: usize,
+    },
     /// Validated, installed and reloaded.
     Reloaded { servers: usize },
 }
@@ -113,6 +134,9 @@ pub enum ServerEvent {
         name: String,
         timed_out: bool,
     },
+    /// Whether changes can go through the runtime API (None) or why they are reloads; sent
+    /// when that changes.
+    Runtime(Option<String>),
 }
 
 /// A worker's report to the HaproxyWriter.
@@ -137,11 +161,17 @@ pub struct Worker {
     label: String,
     settings: Arc<WorkerSettings>,
     link: Option<Link>,
+    /// HAProxy's answer to `show version` on this link: the sentinel after every change.
+    version: Option<String>,
     told: Option<Told>,
     /// Servers set to DRAIN here, with their removal deadline.
     draining: BTreeMap<String, Instant>,
     /// Servers someone waits for (WaitDrained), with its deadline.
     watched: BTreeMap<String, Instant>,
+    /// When this worker last reloaded HAProxy: old workers may hold sessions since.
+    reloaded_at: Option<Instant>,
+    /// What was last said about the runtime API (None: usable).
+    runtime_note: Option<Option<String>>,
     out: Recipient<ServerReport>,
     log: Logger,
 }
@@ -161,8 +191,11 @@ pub fn spawn(
         label,
         settings,
         link: None,
+        version: None,
         draining: BTreeMap::new(),
         watched: BTreeMap::new(),
+        reloaded_at: None,
+        runtime_note: None,
         out,
     };
     w.told = w.recall();
@@ -170,6 +203,11 @@ pub fn spawn(
     tokio::spawn(w.run(rx));
     tx
 }
+
+/// Longest wait between two looks at draining servers while HAProxy does not answer.
+const REAP_MAX: Duration = Duration::from_secs(30);
+/// How often `show info` is asked for the new worker after a reload.
+const RELOAD_POLL: Duration = Duration::from_millis(100);
 
 impl Worker {
     fn config_path(&self) -> PathBuf {
@@ -216,8 +254,26 @@ impl Worker {
         });
     }
 
+    /// Says whether the runtime API can be used (None) or why not, when that changed.
+    fn runtime(&mut self, why: Option<String>) {
+        if self.runtime_note.as_ref() != Some(&why) {
+            if let Some(w) = &why {
+                warn!(self.log, "Runtime API unavailable: changes to this server are reloads"; "reason" => w);
+            }
+            self.runtime_note = Some(why.clone());
+            self.report(ServerEvent::Runtime(why));
+        }
+    }
+
+    /// Drops the connection (and what was learnt on it): the next use connects again.
+    fn reset_link(&mut self) {
+        self.link = None;
+        self.version = None;
+    }
+
     async fn link(&mut self) -> Result<&Link, HaproxyError> {
         if self.link.as_ref().is_none_or(Link::is_closed) {
+            self.version = None;
             self.link =
                 Some(Link::connect(&self.target, self.settings.ssh.as_ref(), &self.log).await?);
         }
@@ -229,17 +285,40 @@ impl Worker {
         self.link().await?.api(&socket, cmd, timeout).await
     }
 
-    /// Sends `cmd` and checks HAProxy's answer says it was done.
-    async fn api_do(&mut self, cmd: &str) -> Result<(), HaproxyError> {
-        let answer = self.api(cmd).await?;
-        match command::succeeded(cmd, &answer) {
-            true => Ok(()),
-            false => Err(HaproxyError::Api {
-                server: self.label.clone(),
-                socket: self.settings.socket.display().to_string(),
-                message: format!("{cmd:?} answered {:?}", answer.trim()),
-            }),
+    /// HAProxy's version as `show version` answers it (once per connection).
+    async fn version(&mut self) -> Result<String, HaproxyError> {
+        if let Some(v) = &self.version {
+            return Ok(v.clone());
         }
+        let answer = self.api(command::SENTINEL).await?;
+        let v = answer.trim().to_string();
+        if v.is_empty() || v.contains(char::is_whitespace) {
+            return Err(self.api_error(format!("{:?} answered {answer:?}", command::SENTINEL)));
+        }
+        self.version = Some(v.clone());
+        Ok(v)
+    }
+
+    /// Sends `cmd` and checks HAProxy's answer says it was done: the sentinel after it shows
+    /// the answer is complete, and what came before it must be what `cmd` says on success.
+    async fn api_do(&mut self, cmd: &str) -> Result<(), HaproxyError> {
+        let version = self.version().await?;
+        let answer = self.api(&command::with_sentinel(cmd)).await?;
+        match command::before_sentinel(&answer, &version) {
+            Some(said) if command::succeeded(cmd, said) => Ok(()),
+            Some(said) => Err(self.api_error(format!("{cmd:?} answered {:?}", said.trim()))),
+            None => {
+                Err(self.api_error(format!("{cmd:?}: no complete answer ({:?})", answer.trim())))
+            }
+        }
+    }
+
+    /// The process id of the worker that answers the stats socket, None when none does.
+    async fn worker_pid(&mut self) -> Option<u32> {
+        self.api("show info")
+            .await
+            .ok()
+            .and_then(|a| parse_info_pid(&a))
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Work>) {
@@ -247,10 +326,14 @@ impl Worker {
         let mut plan: Option<Arc<Plan>> = None;
         let mut retry_at: Option<Instant> = None;
         let mut backoff = Backoff::new(s.retry_base, s.retry_max);
+        let mut reap_backoff = Backoff::new(s.reap_every, REAP_MAX.max(s.reap_every));
+        let mut reap_at = Instant::now();
         loop {
-            let reap_at = (!self.draining.is_empty() || !self.watched.is_empty())
-                .then(|| Instant::now() + s.reap_every);
-            let wake = match (retry_at.filter(|_| plan.is_some()), reap_at) {
+            let reaping = !self.draining.is_empty() || !self.watched.is_empty();
+            let wake = match (
+                retry_at.filter(|_| plan.is_some()),
+                reaping.then_some(reap_at),
+            ) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -267,9 +350,15 @@ impl Worker {
                 .chain(std::iter::from_fn(|| rx.try_recv().ok()))
             {
                 match w {
-                    Work::Apply(p) => plan = Some(p),
+                    Work::Apply(p) => {
+                        // A new plan is tried now: the last one's backoff was for the last one.
+                        plan = Some(p);
+                        retry_at = None;
+                        backoff.reset();
+                    }
                     Work::Watch { name, deadline } => {
                         self.watched.insert(name, deadline);
+                        reap_at = Instant::now();
                     }
                 }
             }
@@ -287,7 +376,7 @@ impl Worker {
                     Err(e) => {
                         let delay = backoff.next_delay();
                         retry_at = Some(Instant::now() + delay);
-                        self.link = None;
+                        self.reset_link();
                         match &e {
                             HaproxyError::Invalid { .. } | HaproxyError::CheckMissing { .. } => {
                                 error!(self.log, "New HAProxy configuration rejected; the last good one stays live";
@@ -305,10 +394,21 @@ impl Worker {
                     }
                 }
             }
-            if !self.draining.is_empty() || !self.watched.is_empty() {
-                if let Err(e) = self.reap().await {
-                    debug!(self.log, "Cannot look at draining servers yet"; "error" => %e);
-                    self.link = None;
+            let reaping = !self.draining.is_empty() || !self.watched.is_empty();
+            if reaping && Instant::now() >= reap_at {
+                match self.reap().await {
+                    Ok(()) => {
+                        reap_backoff.reset();
+                        reap_at = Instant::now() + s.reap_every;
+                    }
+                    Err(e) => {
+                        let delay = reap_backoff.next_delay();
+                        debug!(self.log, "Cannot look at draining servers yet"; "error" => %e, "retry_in" => ?delay);
+                        self.reset_link();
+                        reap_at = Instant::now() + delay;
+                        // A watched server whose time is up is reported even so.
+                        self.expire_watched();
+                    }
                 }
             }
         }
@@ -332,13 +432,18 @@ impl Worker {
             .as_ref()
             .is_some_and(|t| t.skeleton == plan.skeleton && Some(&t.hash) == live_hash.as_ref());
         if s.runtime_api && trusted {
-            if let Some(options) = &plan.server_options {
-                match self.runtime_sync(plan, options).await {
-                    Ok((added, draining)) => {
+            match &plan.server_options {
+                None => self.runtime(Some(
+                    "the template's server lines were not found (every change is a reload)".into(),
+                )),
+                Some(options) => match self.runtime_sync(plan, options).await {
+                    Ok((added, moved, draining)) => {
+                        self.runtime(None);
                         // HAProxy runs the change from here on.
-                        if added + draining > 0 {
+                        if added + moved + draining > 0 {
                             info!(self.log, "HAProxy servers changed through the runtime API";
-                                "added" => added, "draining" => draining, "servers" => plan.servers.len());
+                                "added" => added, "moved" => moved, "draining" => draining,
+                                "servers" => plan.servers.len());
                         }
                         // The file follows in the same step, so a reload or restart gives the
                         // same backend; it is validated like any other. Until it is in place
@@ -352,12 +457,21 @@ impl Worker {
                             hash: plan.hash.clone(),
                             skeleton: plan.skeleton.clone(),
                         });
-                        return Ok(Applied::Runtime { added, draining });
+                        // And the state file, so an outside reload (or a reboot) brings back
+                        // what runs now, not what ran at the last reload.
+                        self.save_state(plan).await;
+                        return Ok(Applied::Runtime {
+                            added,
+                            moved,
+                            draining,
+                        });
                     }
                     Err(e) => {
-                        warn!(self.log, "Runtime API change failed; validating and reloading instead"; "error" => %e)
+                        self.runtime(Some(e.to_string()));
+                        warn!(self.log, "Runtime API change failed; validating and reloading instead"; "error" => %e);
+                        self.reset_link();
                     }
-                }
+                },
             }
         }
         let told_this = self.told.as_ref().is_some_and(|t| t.hash == plan.hash);
@@ -369,62 +483,125 @@ impl Worker {
             .await?
             .install(&plan.text, &path, &check)
             .await?;
-        // Health states survive the reload through the server state file.
-        match self.api("show servers state").await {
-            Ok(state) if state.starts_with('1') => {
-                let link = self.link().await?;
-                if let Err(e) = link.write(&s.state_file, state.as_bytes(), s.timeout).await {
-                    warn!(self.log, "Cannot save the servers' health states before the reload"; "error" => %e);
-                }
-            }
-            Ok(_) | Err(_) => {} // HAProxy not running yet: nothing to keep.
-        }
+        // Health states survive the reload through the server state file; admin states do
+        // not (the plan's servers are ready).
+        self.save_state(plan).await;
+        let before = self.worker_pid().await;
         self.link().await?.run(&s.reload, s.timeout).await?;
+        self.reloaded_at = Some(Instant::now());
+        if let Some(old) = before {
+            self.wait_for_new_worker(old).await?;
+        }
         self.remember(Told {
             hash: plan.hash.clone(),
             skeleton: plan.skeleton.clone(),
         });
-        // A reload removes every server the file lacks, draining or not.
+        // The new worker has only the plan's servers; a server that was being drained is
+        // gone from it (old workers may still hold its sessions: see reap).
         self.draining.clear();
         let verb = match installed {
             Installed::Replaced { .. } => "installed and reloaded",
             Installed::Unchanged { .. } => "reloaded (the file was already in place)",
         };
-        info!(self.log, "HAProxy configuration {verb}"; "servers" => plan.servers.len(), "file" => %path.display());
+        info!(self.log, "HAProxy configuration {verb}"; "servers" => plan.servers.len(),
+            "file" => %path.display(), "worker" => before.map(|_| "new one answering").unwrap_or("not checked: HAProxy did not answer before the reload"));
         Ok(Applied::Reloaded {
             servers: plan.servers.len(),
         })
     }
 
-    /// Adds the plan's new servers and drains the ones it lacks, through the runtime API.
+    /// After a reload: waits until a worker other than `old` answers the stats socket (the new
+    /// configuration runs), within the command timeout.
+    async fn wait_for_new_worker(&mut self, old: u32) -> Result<(), HaproxyError> {
+        let waited = self.settings.timeout;
+        let end = Instant::now() + waited;
+        loop {
+            match self.worker_pid().await {
+                Some(pid) if pid != old => return Ok(()),
+                _ => {}
+            }
+            if Instant::now() >= end {
+                return Err(HaproxyError::NotReloaded {
+                    server: self.label.clone(),
+                    old,
+                    waited,
+                });
+            }
+            tokio::time::sleep(RELOAD_POLL).await;
+        }
+    }
+
+    /// Writes the server state file HAProxy loads at its next reload or start: what runs now,
+    /// the plan's servers ready. When that cannot be had, the file is removed rather than
+    /// left stale (a reload then forgets health states, never brings back an old drain).
+    async fn save_state(&mut self, plan: &Plan) {
+        let s = self.settings.clone();
+        let keep: std::collections::BTreeSet<&str> =
+            plan.servers.iter().map(|x| x.name.as_str()).collect();
+        let state = match self.api(command::ALL_SERVERS_STATE).await {
+            Ok(text) => state_file(&text, &s.backend, &keep),
+            Err(e) => Err(e.to_string()),
+        };
+        let written = match state {
+            Ok(text) => {
+                let link = self.link().await;
+                match link {
+                    Ok(l) => l
+                        .write(&s.state_file, text.as_bytes(), s.timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            debug!(self.log, "No server state to save; removing the state file"; "error" => %e);
+            if let Ok(l) = self.link().await {
+                if let Err(e) = l.remove(&s.state_file, s.timeout).await {
+                    warn!(self.log, "Cannot remove the stale server state file"; "file" => %s.state_file.display(), "error" => %e);
+                }
+            }
+        }
+    }
+
+    /// Adds the plan's new servers, moves those whose address changed, and drains the ones it
+    /// lacks, through the runtime API.
     async fn runtime_sync(
         &mut self,
         plan: &Plan,
         options: &str,
-    ) -> Result<(usize, usize), HaproxyError> {
+    ) -> Result<(usize, usize, usize), HaproxyError> {
         let be = self.settings.backend.clone();
         let actual = parse_servers_state(&self.api(&command::servers_state(&be)).await?)
             .map_err(|message| self.api_error(message))?;
-        let mut added = 0;
+        let checked = options.split_whitespace().any(|w| w == "check");
+        let (mut added, mut moved) = (0, 0);
         for s in &plan.servers {
             match actual.get(&s.name) {
                 None => {
                     self.api_do(&command::add(&be, s, options)).await?;
-                    if options.split_whitespace().any(|w| w == "check") {
+                    if checked {
                         self.api_do(&command::enable_health(&be, &s.name)).await?;
                     }
                     self.api_do(&command::set_state(&be, &s.name, "ready"))
                         .await?;
                     added += 1;
                 }
-                // Back in the list while it was leaving: in rotation again.
-                Some(a) if a.leaving() => {
-                    self.api_do(&command::set_state(&be, &s.name, "ready"))
-                        .await?;
-                    self.draining.remove(&s.name);
-                    added += 1;
+                Some(a) => {
+                    if !a.at(&s.ip, s.port) {
+                        self.api_do(&command::set_addr(&be, &s.name, &s.ip, s.port))
+                            .await?;
+                        moved += 1;
+                    }
+                    // Back in the list while it was leaving: in rotation again.
+                    if a.leaving() {
+                        self.api_do(&command::set_state(&be, &s.name, "ready"))
+                            .await?;
+                        self.draining.remove(&s.name);
+                        added += 1;
+                    }
                 }
-                Some(_) => {}
             }
         }
         let wanted: Vec<&str> = plan.servers.iter().map(|s| s.name.as_str()).collect();
@@ -437,7 +614,7 @@ impl Worker {
                 draining += 1;
             }
         }
-        Ok((added, draining))
+        Ok((added, moved, draining))
     }
 
     fn api_error(&self, message: String) -> HaproxyError {
@@ -448,8 +625,65 @@ impl Worker {
         }
     }
 
+    /// Whether old workers (left by a reload) may still hold sessions of `name`: Some(false)
+    /// when the master CLI shows none does, Some(true) when one does, None when that cannot
+    /// be known (no master CLI, or it does not answer) while old workers may exist.
+    async fn old_workers_hold(&mut self, name: &str) -> Option<bool> {
+        let s = self.settings.clone();
+        let old_may_live = self.reloaded_at.is_some_and(|at| {
+            s.hard_stop_after.is_zero() || at.elapsed() < s.hard_stop_after + Duration::from_secs(5)
+        });
+        let Some(master) = s.master_socket.clone() else {
+            return match old_may_live {
+                true => None,
+                false => Some(false),
+            };
+        };
+        let link = self.link().await.ok()?;
+        let procs = link.master_cli(&master, "show proc", s.timeout).await;
+        let (_, old) = match procs.map(|p| parse_show_proc(&p)) {
+            Ok(Ok(p)) => p,
+            _ => {
+                return match old_may_live {
+                    true => None,
+                    false => Some(false),
+                }
+            }
+        };
+        for pid in old {
+            let cmd = format!("@!{pid} {}", command::stat(&s.backend));
+            let answer = link.master_cli(&master, &cmd, s.timeout).await.ok()?;
+            // An old worker that exited meanwhile answers nothing useful: it holds nothing.
+            let Ok(sessions) = parse_sessions(&answer, &s.backend) else {
+                continue;
+            };
+            if sessions.get(name).copied().unwrap_or(0) > 0 {
+                return Some(true);
+            }
+        }
+        Some(false)
+    }
+
+    /// Reports every watched server whose time is up.
+    fn expire_watched(&mut self) {
+        let now = Instant::now();
+        let gone: Vec<String> = self
+            .watched
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            self.watched.remove(&name);
+            self.report(ServerEvent::Drained {
+                name,
+                timed_out: true,
+            });
+        }
+    }
+
     /// Removes draining servers that have no sessions left (or whose time is up), and reports
-    /// watched servers that take no traffic any more.
+    /// watched servers that no worker, current or old, holds a session on any more.
     async fn reap(&mut self) -> Result<(), HaproxyError> {
         let be = self.settings.backend.clone();
         let state = parse_servers_state(&self.api(&command::servers_state(&be)).await?)
@@ -459,6 +693,7 @@ impl Worker {
         let now = Instant::now();
         for (name, deadline) in self.draining.clone() {
             let Some(server) = state.get(&name) else {
+                // Not in HAProxy any more (a reload): nothing left to remove.
                 self.draining.remove(&name);
                 continue;
             };
@@ -468,7 +703,9 @@ impl Worker {
             }
             if n > 0 {
                 info!(self.log, "Drain time is up; closing the server's sessions"; "name" => &name, "sessions" => n);
-                let _ = self.api(&command::shutdown_sessions(&be, &name)).await;
+                if let Err(e) = self.api_do(&command::shutdown_sessions(&be, &name)).await {
+                    warn!(self.log, "Cannot close the drained server's sessions"; "name" => &name, "error" => %e);
+                }
             }
             if !server.in_maintenance() {
                 self.api_do(&command::set_state(&be, &name, "maint"))
@@ -491,10 +728,13 @@ impl Worker {
             }
         }
         for (name, deadline) in self.watched.clone() {
-            let drained = match state.get(&name) {
-                None => true,
+            let here = match state.get(&name) {
+                // Out of rotation here, with no session left.
                 Some(s) => s.leaving() && sessions.get(&name).copied().unwrap_or(0) == 0,
+                // Gone from the current worker: only the old ones can say.
+                None => true,
             };
+            let drained = here && self.old_workers_hold(&name).await == Some(false);
             if drained || now >= deadline {
                 self.watched.remove(&name);
                 self.report(ServerEvent::Drained {

@@ -1,11 +1,13 @@
 //! HaproxyWriter (master role): keeps every HAProxy server of `[haproxy] servers` — this
 //! machine's and remote ones over SSH — in step with the registered hosts.
 //!
-//! On every [`HostsChanged`] (debounced) it renders one plan (the configuration, its skeleton,
-//! the template's server options) and hands it to each server's worker
+//! On every [`HostsChanged`] (debounced) it resolves the hosts registered by name
+//! ([`crate::adapters::resolve`]), renders one plan (the configuration, its skeleton, the
+//! server options) and hands it to each server's worker
 //! ([`haproxy_worker`](super::haproxy_worker)), which applies it through the runtime API when
 //! only servers changed, or by validate + install + reload otherwise, and retries with backoff
-//! until that server runs it. A rendering that fails is logged and nothing is applied; a
+//! until that server runs it. Names are resolved again every `[haproxy] resolve_every`; a
+//! changed address is a new plan. A rendering that fails is logged and nothing is applied; a
 //! configuration that fails validation never replaces a live one.
 //!
 //! [`WaitDrained`] lets the launcher wait, before it terminates an instance, until every
@@ -13,11 +15,14 @@
 //! time given is up).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture};
-use slog::{error, info, o, Logger};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
+};
+use slog::{error, info, o, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -59,6 +64,14 @@ pub enum ServerStatus {
     Failing(String),
 }
 
+/// Each HAProxy server's state, and why its runtime API cannot be used when it cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerView {
+    pub status: ServerStatus,
+    /// Why changes to this server are reloads instead of runtime changes (None: they are not).
+    pub runtime_unavailable: Option<String>,
+}
+
 struct Waiter {
     name: String,
     left: BTreeSet<String>,
@@ -74,7 +87,16 @@ pub struct HaproxyWriter {
     settings: Arc<WorkerSettings>,
     workers: BTreeMap<String, mpsc::UnboundedSender<Work>>,
     status: BTreeMap<String, ServerStatus>,
+    runtime_unavailable: BTreeMap<String, String>,
+    /// The host list to plan next (a change not applied yet).
     pending: Option<Arc<Vec<Host>>>,
+    /// The last host list planned, resolved again every resolve_every.
+    current: Option<Arc<Vec<Host>>>,
+    /// The addresses of the hosts registered by name, as last resolved.
+    addresses: BTreeMap<String, IpAddr>,
+    /// Names that did not resolve, as last logged.
+    unresolved: BTreeMap<String, String>,
+    resolving: bool,
     scheduled: bool,
     waiters: Vec<Waiter>,
     metrics: Arc<Metrics>,
@@ -96,7 +118,12 @@ impl HaproxyWriter {
             template: Arc::new(template),
             workers: BTreeMap::new(),
             status: BTreeMap::new(),
+            runtime_unavailable: BTreeMap::new(),
             pending: None,
+            current: None,
+            addresses: BTreeMap::new(),
+            unresolved: BTreeMap::new(),
+            resolving: false,
             scheduled: false,
             waiters: Vec::new(),
             metrics: Arc::default(),
@@ -121,19 +148,75 @@ impl HaproxyWriter {
             return;
         }
         self.scheduled = true;
-        ctx.run_later(self.cfg.haproxy.debounce, |this, _| {
+        ctx.run_later(self.cfg.haproxy.debounce, |this, ctx| {
             this.scheduled = false;
-            this.plan_and_apply();
+            this.resolve_then_plan(ctx);
         });
     }
 
-    fn plan_and_apply(&mut self) {
-        let Some(hosts) = self.pending.take() else {
+    /// Resolves the names of the pending host list (or, with none pending, of the current one),
+    /// then plans and applies it when something changed. One round at a time; a change that
+    /// arrives meanwhile is planned after it.
+    fn resolve_then_plan(&mut self, ctx: &mut Context<Self>) {
+        if self.resolving {
             return;
+        }
+        let (hosts, changed_list) = match self.pending.take() {
+            Some(h) => (h, true),
+            None => match &self.current {
+                Some(h) => (h.clone(), false),
+                None => return,
+            },
         };
-        let plan = self
-            .template
-            .plan(&self.cfg.haproxy, &self.cfg.general.hosts_dir, &hosts);
+        let names = crate::adapters::resolve::names(&hosts);
+        if names.is_empty() && !changed_list {
+            return;
+        }
+        self.resolving = true;
+        let last = self.addresses.clone();
+        ctx.spawn(
+            async move { crate::adapters::resolve::resolve_all(&names, &last).await }
+                .into_actor(self)
+                .map(move |resolved, this, ctx| {
+                    this.resolving = false;
+                    for (name, why) in &resolved.failed {
+                        if this.unresolved.get(name) != Some(why) {
+                            match resolved.addresses.get(name) {
+                                Some(ip) => warn!(this.log, "Host name does not resolve; keeping its last address"; "name" => name, "address" => %ip, "error" => why),
+                                None => warn!(this.log, "Host name does not resolve; it is not served until it does"; "name" => name, "error" => why),
+                            }
+                        }
+                    }
+                    for name in this.unresolved.keys() {
+                        if !resolved.failed.contains_key(name) {
+                            info!(this.log, "Host name resolves again"; "name" => name);
+                        }
+                    }
+                    this.unresolved = resolved.failed;
+                    let moved = resolved.addresses != this.addresses;
+                    if moved && !this.addresses.is_empty() {
+                        info!(this.log, "Host addresses changed"; "addresses" => format!("{:?}", resolved.addresses));
+                    }
+                    this.addresses = resolved.addresses;
+                    if changed_list || moved {
+                        this.plan_and_apply(hosts);
+                    }
+                    if this.pending.is_some() {
+                        this.resolve_then_plan(ctx);
+                    }
+                }),
+        );
+    }
+
+    fn plan_and_apply(&mut self, hosts: Arc<Vec<Host>>) {
+        let addresses = &self.addresses;
+        let plan = self.template.plan(
+            &self.cfg.haproxy,
+            &self.cfg.general.hosts_dir,
+            &hosts,
+            &|n| addresses.get(n).copied(),
+        );
+        self.current = Some(hosts);
         match plan {
             Err(e) => {
                 error!(self.log, "Cannot render the HAProxy configuration; nothing applied"; "error" => %e)
@@ -163,6 +246,12 @@ impl Actor for HaproxyWriter {
             self.workers.insert(target.to_string(), tx);
         }
         info!(self.log, "Writing HAProxy servers"; "servers" => self.workers.keys().cloned().collect::<Vec<_>>().join(", "));
+        // Names are looked up again now and then: a changed address is a new plan.
+        ctx.run_interval(self.cfg.haproxy.resolve_every, |this, ctx| {
+            if this.pending.is_none() && !this.scheduled {
+                this.resolve_then_plan(ctx);
+            }
+        });
     }
 }
 
@@ -196,6 +285,14 @@ impl Handler<ServerReport> for HaproxyWriter {
                 self.metrics.haproxy_apply(&m.server, "failed");
                 self.status.insert(m.server, ServerStatus::Failing(error));
             }
+            ServerEvent::Runtime(why) => match why {
+                Some(reason) => {
+                    self.runtime_unavailable.insert(m.server, reason);
+                }
+                None => {
+                    self.runtime_unavailable.remove(&m.server);
+                }
+            },
             ServerEvent::Drained { name, timed_out } => {
                 for w in self.waiters.iter_mut().filter(|w| w.name == name) {
                     w.left.remove(&m.server);
@@ -252,15 +349,26 @@ impl Handler<WaitDrained> for HaproxyWriter {
     }
 }
 
-/// The last thing each HAProxy server did.
+/// The last thing each HAProxy server did, and whether its runtime API can be used.
 #[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "BTreeMap<String, ServerStatus>")]
+#[rtype(result = "BTreeMap<String, ServerView>")]
 pub struct GetServerStatus;
 
 impl Handler<GetServerStatus> for HaproxyWriter {
     type Result = actix::MessageResult<GetServerStatus>;
 
     fn handle(&mut self, _: GetServerStatus, _: &mut Context<Self>) -> Self::Result {
-        actix::MessageResult(self.status.clone())
+        actix::MessageResult(
+            self.status
+                .iter()
+                .map(|(k, s)| {
+                    let view = ServerView {
+                        status: s.clone(),
+                        runtime_unavailable: self.runtime_unavailable.get(k).cloned(),
+                    };
+                    (k.clone(), view)
+                })
+                .collect(),
+        )
     }
 }

@@ -125,6 +125,18 @@ pub async fn start_master(
         false => Some(Provisioner::from_config(cfg).await?),
     };
     let template = HaproxyTemplate::load(cfg.haproxy.template.as_deref())?;
+    if cfg.haproxy.runtime_api {
+        // Said at start rather than found at the first change: a socket the master cannot
+        // use makes every change a reload.
+        let (probe, log) = (cfg.clone(), log.clone());
+        tokio::spawn(async move {
+            for (server, said) in crate::preflight::runtime_sockets(&probe).await {
+                if let Err(why) = said {
+                    slog::warn!(log, "HAProxy runtime API unavailable"; "server" => server, "error" => why);
+                }
+            }
+        });
+    }
     let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log)
         .with_metrics(metrics.clone())
         .start();

@@ -297,6 +297,11 @@ pub static KEYS: &[Key] = &[
          when only the server list changes; false: validate and reload for every change."),
     key!("haproxy", haproxy.stats_socket: SocketPath = At(|l| l.stats_socket.display().to_string()),
         "HAProxy runtime API socket (the same path on every server)."),
+    key!("haproxy", haproxy.master_socket: OptionalPath = At(|l| l.haproxy_master.display().to_string()),
+        "HAProxy's master CLI (haproxy -W -S PATH; Debian's unit passes -S /run/haproxy-master.sock,\n\
+         the same path on every server): after a reload it shows the old workers, and a host\n\
+         being drained is let go only when none of them holds a session on it. Empty: after a\n\
+         reload such a host waits the whole drain_timeout."),
     key!("haproxy", haproxy.server_state_file: SocketPath = At(|l| l.haproxy_state.display().to_string()),
         "Servers' health states are saved here before each reload, so a reload keeps them."),
     key!("haproxy", haproxy.user: OptionalName = At(|l| l.haproxy_user()),
@@ -312,6 +317,13 @@ pub static KEYS: &[Key] = &[
         "Interval between health checks of each server."),
     key!("haproxy", haproxy.debounce: Dur = T("1s"),
         "Host-list changes closer together than this are applied as one."),
+    key!("haproxy", haproxy.hard_stop_after: Dur = T("15m"),
+        "Workers left by a reload stop after this long even with connections open (websockets,\n\
+         long downloads); HAProxy's hard-stop-after. 0s: they wait for their last connection."),
+    key!("haproxy", haproxy.resolve_every: Dur = T("30s"), Bound::AtLeast("1s"), "",
+        "Hosts registered by name: the master resolves them (IPv4 first) and gives HAProxy the\n\
+         address, again this often; a changed address is applied, a name that stops resolving\n\
+         keeps its last address (a name never resolved is left out until it does)."),
     // [cluster]
     key!("cluster", cluster.etcd_endpoints: Words = T(""),
         "Several masters (one per HAProxy machine): etcd endpoints, e.g.\n\

@@ -196,6 +196,8 @@ pub struct Haproxy {
     /// Change servers through the runtime API when only the server list changes.
     pub runtime_api: bool,
     pub stats_socket: PathBuf,
+    /// HAProxy's master CLI (`-S`): old workers' sessions after a reload. None: not used.
+    pub master_socket: Option<PathBuf>,
     pub server_state_file: PathBuf,
     pub user: String,
     pub group: String,
@@ -204,6 +206,10 @@ pub struct Haproxy {
     pub health_check_path: String,
     pub check_interval: Duration,
     pub debounce: Duration,
+    /// HAProxy's `hard-stop-after`; zero: none.
+    pub hard_stop_after: Duration,
+    /// How often host names are resolved again.
+    pub resolve_every: Duration,
 }
 
 /// The whole configuration, validated.
@@ -239,6 +245,7 @@ pub struct Layout {
     pub known_hosts: PathBuf,
     pub haproxy_config: PathBuf,
     pub stats_socket: PathBuf,
+    pub haproxy_master: PathBuf,
     pub haproxy_state: PathBuf,
 }
 
@@ -265,6 +272,7 @@ impl Layout {
             known_hosts: inside("known_hosts"),
             haproxy_config: either("/etc/haproxy/haproxy.cfg", "haproxy.cfg"),
             stats_socket: either("/run/haproxy/admin.sock", "haproxy.sock"),
+            haproxy_master: either("/run/haproxy-master.sock", "haproxy-master.sock"),
             haproxy_state: either("/var/lib/haproxy/server-state", "haproxy.state"),
         }
     }
