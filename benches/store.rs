@@ -128,6 +128,7 @@ fn registry_writes(c: &mut Criterion) {
             key: key.key().to_vec(),
             rev: key.rev(),
             lease,
+            valid_until: std::time::Instant::now() + std::time::Duration::from_secs(3600),
         };
         (etcd, lead)
     });

@@ -628,3 +628,86 @@ async fn the_master_rides_out_api_faults() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(r.live().await.len(), 2, "nothing more launched");
 }
+
+/// Two runs of one decision never overlap on a machine: the master is SIGKILLed while its
+/// scale-up command runs, and the restarted master runs the same decision again. The
+/// command's work (a child process, which outlives the command's parent-death signal) logs its
+/// start and its end with its pid: the first run's work ends before the second starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_runs_of_one_decision_never_overlap() {
+    let Some(r) = Rig::new(false).await else {
+        return;
+    };
+    let dir = r.s.path();
+    let d = dir.display();
+    let up = script(
+        dir,
+        "up.sh",
+        // The work runs in a child of the script (as `aws …` would): the parent-death
+        // signal reaches the script alone, so only the lock keeps the next run from starting
+        // while the orphaned child works on.
+        &format!(
+            "sh -c 'echo \"start $$ $AUTOSCALER_DECISION\" >> {d}/runs; sleep 3; \
+             echo \"end $$ $AUTOSCALER_DECISION\" >> {d}/runs'\n\
+             echo '{{\"host\": \"127.0.1.73\", \"port\": 8080}}'"
+        ),
+    );
+    r.s.set("launch", "scale_up_command", &up.display().to_string());
+    let m = r.master();
+    eventually("the command started", Duration::from_secs(30), || {
+        lines(&dir.join("runs")) == 1
+    })
+    .await;
+    m.kill();
+    let _m = r.master();
+    eventually("registered", Duration::from_secs(30), || {
+        r.launched().len() == 1
+    })
+    .await;
+    // Wait out anything still running from the first run.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let runs = std::fs::read_to_string(dir.join("runs")).unwrap();
+    let mut running: Option<&str> = None;
+    let mut starts = 0;
+    for line in runs.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match (w[0], running) {
+            ("start", None) => {
+                running = Some(w[1]);
+                starts += 1;
+            }
+            ("start", Some(other)) => {
+                // The earlier run must be gone: no end of it comes later.
+                assert!(
+                    !runs.contains(&format!("end {other} ")),
+                    "run {other} was still going when {} started:\n{runs}",
+                    w[1]
+                );
+                running = Some(w[1]);
+                starts += 1;
+            }
+            ("end", Some(pid)) if pid == w[1] => running = None,
+            _ => panic!("out of order:\n{runs}"),
+        }
+    }
+    assert_eq!(starts, 2, "{runs}");
+    // The orphaned work of the first run ran to its end: the second waited for it.
+    assert_eq!(
+        runs.lines().filter(|l| l.starts_with("end ")).count(),
+        2,
+        "{runs}"
+    );
+    assert!(
+        runs.lines().all(|l| l.ends_with(&intents_decision(&runs))),
+        "{runs}"
+    );
+}
+
+/// The decision id of the first run in a runs log.
+fn intents_decision(runs: &str) -> String {
+    runs.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string()
+}

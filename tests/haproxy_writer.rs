@@ -825,7 +825,12 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
         || names(&remote.sock) == of(&[&a, &b, &c]),
     )
     .await;
-    assert_eq!(remote.workers(), remote_workers, "no reload on the remote");
+    // No new worker there (an old one may have finished meanwhile).
+    let now = remote.workers();
+    assert!(
+        now.iter().all(|p| remote_workers.contains(p)),
+        "no reload on the remote: {remote_workers:?} then {now:?}"
+    );
     let views = w.send(GetServerStatus).await.unwrap();
     assert_eq!(views[&remote_label].runtime_unavailable, None, "{views:?}");
     // The socket made unusable for that user (root's, mode 600): changes become reloads, and
@@ -844,7 +849,10 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
         "c gone from the remote server by a reload",
         Duration::from_secs(20),
         Some(&log),
-        || names(&remote.sock) == of(&[&a, &b]) && remote.workers() != remote_workers,
+        || {
+            names(&remote.sock) == of(&[&a, &b])
+                && remote.workers().iter().any(|p| !remote_workers.contains(p))
+        },
     )
     .await;
     let views = w.send(GetServerStatus).await.unwrap();
@@ -979,11 +987,12 @@ async fn stopped_only_after_haproxy_lets_go(runtime_api: bool) {
         .await;
         assert!(names(&lb.sock).is_empty());
     }
+    // Written in full (the shell creates the file before `date` writes to it).
     wait_logged(
         "the host stopped",
         Duration::from_secs(20),
         Some(&log),
-        || stopped.exists(),
+        || std::fs::read_to_string(&stopped).is_ok_and(|t| t.ends_with('\n')),
     )
     .await;
     let (body, answered) = client.join().unwrap();
@@ -1135,7 +1144,11 @@ async fn a_host_registered_by_name_is_served_and_follows_its_address() {
         .await;
         if runtime_api {
             assert!(log.text().contains("\"moved\":1"), "{}", log.text());
-            assert_eq!(lb.workers(), workers, "no reload for a new address");
+            let now = lb.workers();
+            assert!(
+                now.iter().all(|p| workers.contains(p)),
+                "no reload for a new address: {workers:?} then {now:?}"
+            );
         }
         // A name that never resolved is left out, and said so.
         let nowhere = Host::manual(HostName::parse("nowhere.invalid").unwrap(), 80);

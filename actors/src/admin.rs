@@ -126,17 +126,17 @@ pub async fn import_hosts(cfg: &Config) -> Result<Imported, AdminError> {
         return Err(AdminError::NotClustered);
     };
     let mut done = Imported::default();
+    // Each record in one transaction that writes it only where etcd has none: a record a
+    // running master wrote meanwhile is never replaced.
     for (kind, name, v) in records {
-        if etcd.get(kind, &name).await?.is_none() {
-            let text = serde_json::to_vec(&v).unwrap_or_default();
-            etcd.put(kind, &name, text, None).await?;
+        let text = serde_json::to_vec(&v).unwrap_or_default();
+        if etcd.put_if_absent(kind, &name, text).await? {
             done.records += 1;
         }
     }
     for (name, shared) in shared_keys {
-        if etcd.get(cluster_sync::KIND, &name).await?.is_none() {
-            let text = serde_json::to_vec(&shared).unwrap_or_default();
-            etcd.put(cluster_sync::KIND, &name, text, None).await?;
+        let text = serde_json::to_vec(&shared).unwrap_or_default();
+        if etcd.put_if_absent(cluster_sync::KIND, &name, text).await? {
             done.host_keys += 1;
         }
     }

@@ -1,8 +1,11 @@
 //! A fault-injecting HTTP proxy in front of moto, on loopback: the EC2 API as it misbehaves in
 //! real life. Per API action it can throttle (503 RequestLimitExceeded), fail (500), answer
 //! late, drop the connection before or after forwarding the call, or hold the call until
-//! released; it can show running instances as `pending`, and serve each instance's console
-//! output (cloud-init's host key block, which moto does not print). It counts every call.
+//! released; it can show running instances as `pending`, hide new instances from
+//! DescribeInstances for a while (EC2's eventual consistency), and serve each instance's
+//! console output (cloud-init's host key block, which moto does not print). It honours
+//! RunInstances' ClientToken as EC2 does (moto does not): a repeated token gets the first
+//! call's answer and launches nothing. It counts every call.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,14 @@ struct Rules {
     forwarded: HashMap<String, usize>,
     /// Held calls whose caller hung up before the release: never forwarded.
     abandoned: HashMap<String, usize>,
+    /// RunInstances answers by ClientToken, with the parameters of the call that made them
+    /// (its body less the token): a repeat with other parameters is refused, as EC2 does.
+    tokens: HashMap<String, (String, Message)>,
+    /// ClientTokens of RunInstances calls on their way to EC2: a repeat waits for the answer.
+    in_flight: std::collections::HashSet<String>,
+    /// New instances hidden from DescribeInstances for this long after their launch.
+    hide_new: Option<Duration>,
+    launched_at: HashMap<String, std::time::Instant>,
 }
 
 /// The proxy; stops when dropped.
@@ -101,6 +112,19 @@ impl Ec2Proxy {
         self.rules().always.remove(action);
     }
 
+    /// From now on, DescribeInstances does not show an instance for `d` after RunInstances
+    /// created it.
+    pub fn hide_new_instances(&self, d: Duration) {
+        self.rules().hide_new = Some(d);
+    }
+
+    /// The ClientTokens RunInstances was called with, each once.
+    pub fn tokens(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.rules().tokens.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
     /// While true, DescribeInstances shows running instances as pending.
     pub fn hold_pending(&self, on: bool) {
         self.rules().pending = on;
@@ -154,6 +178,7 @@ impl Ec2Proxy {
 }
 
 /// One parsed HTTP/1.1 message: head lines and body.
+#[derive(Clone)]
 struct Message {
     head: Vec<String>,
     body: Vec<u8>,
@@ -263,6 +288,26 @@ fn error(status: &str, code: &str) -> Message {
     }
 }
 
+/// A RunInstances call's parameters, less its ClientToken (and the SDK's per-call fields).
+fn token_params(body: &str) -> String {
+    let mut kv: Vec<&str> = body
+        .split('&')
+        .filter(|kv| !kv.starts_with("ClientToken="))
+        .collect();
+    kv.sort_unstable();
+    kv.join("&")
+}
+
+/// Takes a ClientToken out of the calls in flight when the call ends, however it ends.
+struct InFlight(String, Arc<Mutex<Rules>>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.1.lock() {
+            r.in_flight.remove(&self.0);
+        }
+    }
+}
+
 fn param<'a>(body: &'a str, name: &str) -> Option<&'a str> {
     body.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -281,6 +326,49 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
             let queued = r.next.get_mut(&action).and_then(VecDeque::pop_front);
             queued.or_else(|| r.always.get(&action).copied())
         };
+        // A repeated ClientToken gets the first answer, and launches nothing (as EC2 does);
+        // with other parameters, IdempotentParameterMismatch. A repeat of a call still on its
+        // way waits for it.
+        let token = (action == "RunInstances")
+            .then(|| param(&body, "ClientToken").map(String::from))
+            .flatten();
+        let params = token_params(&body);
+        if let Some(t) = &token {
+            let give_up = std::time::Instant::now() + Duration::from_secs(60);
+            let first = loop {
+                let seen = {
+                    let mut r = rules.lock().unwrap();
+                    if std::time::Instant::now() > give_up {
+                        Some(Some((
+                            params.clone(),
+                            error("500 Internal Server Error", "InternalError"),
+                        )))
+                    } else if let Some(first) = r.tokens.get(t).cloned() {
+                        Some(Some(first))
+                    } else if r.in_flight.insert(t.clone()) {
+                        Some(None)
+                    } else {
+                        None
+                    }
+                };
+                match seen {
+                    Some(first) => break first,
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            if let Some((first_params, answer)) = first {
+                let answer = match first_params == params {
+                    true => answer,
+                    false => error("400 Bad Request", "IdempotentParameterMismatch"),
+                };
+                if conn.write_all(&answer.to_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        // Whatever happens to this call, a repeat of its token no longer waits for it.
+        let _done = token.clone().map(|t| InFlight(t, rules.clone()));
         let held = |rules: &Arc<Mutex<Rules>>| {
             rules.lock().unwrap().always.get(&action).copied() == Some(fault.unwrap_or(Fault::Hold))
         };
@@ -311,6 +399,13 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
                 let Some(a) = forward(&upstream, &req, &action, &rules).await else {
                     return;
                 };
+                if let Some(t) = &token {
+                    // EC2 remembers the token whether or not its answer reaches the caller.
+                    if a.head.first().is_some_and(|l| l.contains(" 200 ")) {
+                        let mut r = rules.lock().unwrap();
+                        r.tokens.insert(t.clone(), (params.clone(), a.clone()));
+                    }
+                }
                 match other {
                     Some(Fault::DropAnswer) => return,
                     Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
@@ -324,6 +419,16 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
                 a
             }
         };
+        if action == "RunInstances" && answer.head.first().is_some_and(|l| l.contains(" 200 ")) {
+            let mut r = rules.lock().unwrap();
+            if let Some(t) = token {
+                r.tokens.insert(t, (params, answer.clone()));
+            }
+            let text = String::from_utf8_lossy(&answer.body).into_owned();
+            for id in tag_values(&text, "instanceId") {
+                r.launched_at.insert(id, std::time::Instant::now());
+            }
+        }
         let answer = rewrite(&action, &body, answer, &rules);
         if conn.write_all(&answer.to_bytes()).await.is_err() {
             return;
@@ -331,10 +436,76 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
     }
 }
 
-/// Shows instances as pending, and serves console output, where the rules say so.
+/// The text of every `<tag>…</tag>` in `xml`.
+fn tag_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(v, _)| v.to_string()))
+        .collect()
+}
+
+/// DescribeInstances' answer without the reservations that hold an instance of `hidden`.
+fn without_reservations(xml: &str, hidden: &[String]) -> String {
+    let Some(start) = xml.find("<reservationSet>") else {
+        return xml.to_string();
+    };
+    let inner_start = start + "<reservationSet>".len();
+    let Some(end) = xml[inner_start..]
+        .find("</reservationSet>")
+        .map(|e| inner_start + e)
+    else {
+        return xml.to_string();
+    };
+    // Split the set into its top-level <item>s by nesting depth.
+    let body = &xml[inner_start..end];
+    let mut items = Vec::new();
+    let (mut depth, mut from, mut i) = (0usize, 0usize, 0usize);
+    while i < body.len() {
+        if body[i..].starts_with("<item>") {
+            if depth == 0 {
+                from = i;
+            }
+            depth += 1;
+            i += "<item>".len();
+        } else if body[i..].starts_with("</item>") {
+            depth = depth.saturating_sub(1);
+            i += "</item>".len();
+            if depth == 0 {
+                items.push(&body[from..i]);
+            }
+        } else {
+            i += body[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    let kept: String = items
+        .into_iter()
+        .filter(|item| {
+            !tag_values(item, "instanceId")
+                .iter()
+                .any(|id| hidden.contains(id))
+        })
+        .collect();
+    format!("{}{kept}{}", &xml[..inner_start], &xml[end..])
+}
+
+/// Shows instances as pending, hides new ones, and serves console output, where the rules
+/// say so.
 fn rewrite(action: &str, req: &str, mut answer: Message, rules: &Arc<Mutex<Rules>>) -> Message {
     let r = rules.lock().unwrap();
     let text = String::from_utf8_lossy(&answer.body).into_owned();
+    let text = match (action, r.hide_new) {
+        ("DescribeInstances", Some(d)) => {
+            let hidden: Vec<String> = r
+                .launched_at
+                .iter()
+                .filter(|(_, at)| at.elapsed() < d)
+                .map(|(id, _)| id.clone())
+                .collect();
+            without_reservations(&text, &hidden)
+        }
+        _ => text,
+    };
     let text = match action {
         "DescribeInstances" if r.pending => text.replace(
             "<instanceState><code>16</code><name>running</name></instanceState>",
@@ -352,7 +523,7 @@ fn rewrite(action: &str, req: &str, mut answer: Message, rules: &Arc<Mutex<Rules
                 _ => text,
             }
         }
-        _ => return answer,
+        _ => text,
     };
     answer.body = text.into_bytes();
     answer

@@ -595,7 +595,10 @@ pub fn kill_tree(pid: u32) {
         i += 1;
     }
     for p in all {
-        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-9", &p.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

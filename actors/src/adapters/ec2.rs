@@ -43,6 +43,15 @@ pub struct Ec2Error {
     pub not_found: bool,
 }
 
+impl Ec2Error {
+    /// EC2 refused a RunInstances because its ClientToken was used before with other
+    /// parameters: the decision's instances exist, launched with other settings (a master
+    /// with another configuration made the first call).
+    pub fn token_reused(&self) -> bool {
+        self.message.contains("IdempotentParameterMismatch")
+    }
+}
+
 /// One instance as autoscaler cares about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {

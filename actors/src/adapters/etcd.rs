@@ -52,6 +52,9 @@ pub enum EtcdError {
     /// A guarded write while this master does not lead (or no longer does).
     #[error("not the leader (the lease is gone or another master leads): write refused")]
     NotLeader,
+    /// A record kept changing under a read-modify-write.
+    #[error("etcd: {0} kept changing while it was being written; try again")]
+    Contended(String),
 }
 
 impl EtcdError {
@@ -72,6 +75,10 @@ pub struct Lead {
     pub key: Vec<u8>,
     pub rev: i64,
     pub lease: i64,
+    /// Until when this master may act on it: two thirds of the TTL after the last renewal.
+    /// A master that was stopped (SIGSTOP, a paused VM) sees at once on waking that its lead
+    /// has run out, before its leadership task has had a chance to say so.
+    pub valid_until: std::time::Instant,
 }
 
 /// Shared by the leadership task (which sets it) and everyone who writes (who read it).
@@ -79,7 +86,10 @@ pub type LeadCell = Arc<RwLock<Option<Lead>>>;
 
 /// The current lead, if any.
 pub fn current(cell: &LeadCell) -> Option<Lead> {
-    cell.read().unwrap_or_else(|p| p.into_inner()).clone()
+    cell.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|l| std::time::Instant::now() < l.valid_until)
 }
 
 /// A connection to etcd for one group (cheap to clone).
@@ -306,6 +316,105 @@ impl Etcd {
             true => Ok(()),
             false => Err(EtcdError::NotLeader),
         }
+    }
+
+    /// One record's value and its modification revision (what a later write compares), if
+    /// it exists.
+    pub async fn get_rev(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<(Vec<u8>, i64)>, EtcdError> {
+        let mut c = self.0.client.clone();
+        let resp = self
+            .bounded("get", c.get(self.key(kind, name), None))
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Every record of `kind` and the store's revision they were read at: a reader keeps the
+    /// newest list it saw and never lets an older read replace it.
+    pub async fn list_rev(&self, kind: &str) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
+        let dir = self.key(kind, "");
+        let mut c = self.0.client.clone();
+        let resp = self
+            .bounded(
+                "get",
+                c.get(dir.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let records = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let name = String::from_utf8_lossy(kv.key())
+                    .trim_start_matches(dir.as_str())
+                    .to_string();
+                (name, kv.value().to_vec())
+            })
+            .collect();
+        Ok((records, rev))
+    }
+
+    /// Writes `value` (None: deletes) if the record is still as it was read: at modification
+    /// revision `read` (None: absent), and under `lead` when given. Ok(false) when the record
+    /// changed meanwhile (read again and retry); NotLeader when the lead is gone.
+    pub async fn write_if_unchanged(
+        &self,
+        kind: &str,
+        name: &str,
+        value: Option<Vec<u8>>,
+        read: Option<i64>,
+        lead: Option<&Lead>,
+    ) -> Result<bool, EtcdError> {
+        let key = self.key(kind, name);
+        let unchanged = match read {
+            Some(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        };
+        let mut when = vec![unchanged];
+        if let Some(l) = lead {
+            when.push(Compare::create_revision(
+                l.key.clone(),
+                CompareOp::Equal,
+                l.rev,
+            ));
+        }
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key, None),
+        };
+        let mut c = self.0.client.clone();
+        let resp = self
+            .bounded("txn", c.txn(Txn::new().when(when).and_then([op])))
+            .await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        // Which compare failed: the lead (refused for good) or the record (read again).
+        match lead {
+            Some(l) => match self.guarded(TxnOp::get(l.key.clone(), None), Some(l)).await {
+                Ok(()) => Ok(false),
+                Err(e) => Err(e),
+            },
+            None => Ok(false),
+        }
+    }
+
+    /// Writes a record only if it does not exist (an import never replaces what is there).
+    /// Whether it was written.
+    pub async fn put_if_absent(
+        &self,
+        kind: &str,
+        name: &str,
+        value: Vec<u8>,
+    ) -> Result<bool, EtcdError> {
+        self.write_if_unchanged(kind, name, Some(value), None, None)
+            .await
     }
 
     /// The current leader's name, if any.

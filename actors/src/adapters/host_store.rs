@@ -20,6 +20,10 @@ pub enum HostStore {
     },
 }
 
+/// The hosts a read found, the entries it refused, and the store revision it read at (etcd;
+/// `None` for a directory).
+pub type Loaded = (Vec<Host>, Vec<HostsError>, Option<i64>);
+
 impl HostStore {
     /// Where it is, for messages.
     pub fn describe(&self) -> String {
@@ -41,12 +45,19 @@ impl HostStore {
 
     /// Every host, and the records that cannot be read (see [`HostsDir::load`]).
     pub async fn load(&self) -> Result<(Vec<Host>, Vec<HostsError>), HostsError> {
+        self.load_at().await.map(|(h, e, _)| (h, e))
+    }
+
+    /// [`HostStore::load`], with the store's revision the list was read at (etcd; None for
+    /// hosts.d): of two reads, the one with the higher revision is the newer.
+    pub async fn load_at(&self) -> Result<Loaded, HostsError> {
         match self {
-            HostStore::Dir(d) => d.load(),
+            HostStore::Dir(d) => d.load().map(|(h, e)| (h, e, None)),
             HostStore::Etcd { etcd, .. } => {
                 let mut hosts = Vec::new();
                 let mut errors = Vec::new();
-                for (name, value) in etcd.list(KIND).await? {
+                let (records, rev) = etcd.list_rev(KIND).await?;
+                for (name, value) in records {
                     let parsed = std::str::from_utf8(&value)
                         .map_err(|_| "not UTF-8 text".to_string())
                         .and_then(|t| Host::from_file_text(t).map_err(|e| e.to_string()));
@@ -63,47 +74,68 @@ impl HostStore {
                     }
                 }
                 hosts.sort_by_key(Host::key);
-                Ok((hosts, errors))
+                Ok((hosts, errors, Some(rev)))
             }
         }
     }
 
-    /// Registers a host unless an identical one is there.
+    /// Registers a host unless an identical one is there. On etcd the write compares what
+    /// was read (a change made meanwhile by another master or an operator is read again, not
+    /// overwritten).
     pub async fn add(&self, host: &Host) -> Result<AddOutcome, HostsError> {
         match self {
             HostStore::Dir(d) => d.add(host),
             HostStore::Etcd { etcd, lead } => {
                 let lead = Self::lead(lead)?;
                 let name = host.file_name();
-                let existing = etcd
-                    .get(KIND, &name)
-                    .await?
-                    .and_then(|v| Host::from_file_text(&String::from_utf8_lossy(&v)).ok());
-                let outcome = match existing {
-                    Some(h) if &h == host => return Ok(AddOutcome::AlreadyPresent),
-                    Some(_) => AddOutcome::Updated,
-                    None => AddOutcome::Added,
-                };
-                etcd.put(KIND, &name, host.to_file_text().into_bytes(), lead.as_ref())
-                    .await?;
-                Ok(outcome)
+                for _ in 0..CONTENDED_TRIES {
+                    let read = etcd.get_rev(KIND, &name).await?;
+                    let existing = read
+                        .as_ref()
+                        .and_then(|(v, _)| Host::from_file_text(&String::from_utf8_lossy(v)).ok());
+                    let outcome = match existing {
+                        Some(h) if &h == host => return Ok(AddOutcome::AlreadyPresent),
+                        Some(_) => AddOutcome::Updated,
+                        None => AddOutcome::Added,
+                    };
+                    let text = host.to_file_text().into_bytes();
+                    let at = read.map(|(_, rev)| rev);
+                    if etcd
+                        .write_if_unchanged(KIND, &name, Some(text), at, lead.as_ref())
+                        .await?
+                    {
+                        return Ok(outcome);
+                    }
+                }
+                Err(crate::adapters::etcd::EtcdError::Contended(name).into())
             }
         }
     }
 
-    /// Removes a host; one that is not registered is an error.
+    /// Removes a host; one that is not registered is an error. On etcd the delete compares
+    /// what was read.
     pub async fn remove(&self, key: &HostKey) -> Result<(), HostsError> {
         match self {
             HostStore::Dir(d) => d.remove(key),
             HostStore::Etcd { etcd, lead } => {
                 let lead = Self::lead(lead)?;
                 let name = key.file_name();
-                if etcd.get(KIND, &name).await?.is_none() {
-                    return Err(HostsError::NotFound(key.clone()));
+                for _ in 0..CONTENDED_TRIES {
+                    let Some((_, rev)) = etcd.get_rev(KIND, &name).await? else {
+                        return Err(HostsError::NotFound(key.clone()));
+                    };
+                    if etcd
+                        .write_if_unchanged(KIND, &name, None, Some(rev), lead.as_ref())
+                        .await?
+                    {
+                        return Ok(());
+                    }
                 }
-                etcd.delete(KIND, &name, lead.as_ref()).await?;
-                Ok(())
+                Err(crate::adapters::etcd::EtcdError::Contended(name).into())
             }
         }
     }
 }
+
+/// How often a read-modify-write of one host is tried while others keep changing it.
+const CONTENDED_TRIES: usize = 5;

@@ -29,6 +29,99 @@ pub async fn run(
     extra: &[(&str, String)],
     timeout: Duration,
 ) -> Result<String, CommandFailed> {
+    run_with(cmd, extra, timeout, std::process::Stdio::null()).await
+}
+
+/// Where `setpriv` (util-linux) is, when this machine has it.
+fn setpriv() -> Option<&'static str> {
+    ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+}
+
+/// [`run`], and never two runs holding `lock` at once on this machine, even across a crash of
+/// the master: the lock file (flock) is the command's standard input, so the command and what
+/// it starts in the foreground hold it until they exit — a command orphaned by a SIGKILLed
+/// master still holds it, and the next run waits for it to end (up to `timeout`). The command
+/// also gets a parent-death signal (SIGKILL when the master dies, through `setpriv
+/// --pdeathsig`, where util-linux has it), so an orphan does not outlive its master anyway.
+/// (A shell gives what it starts with `&` /dev/null as input: such a daemon does not hold the
+/// lock.)
+pub async fn run_exclusive(
+    cmd: &CommandLine,
+    extra: &[(&str, String)],
+    timeout: Duration,
+    lock: &std::path::Path,
+) -> Result<String, CommandFailed> {
+    let command = cmd.to_string();
+    let fail = |message: String| CommandFailed {
+        command: command.clone(),
+        message,
+        not_found: false,
+        status: None,
+        output: String::new(),
+    };
+    if let Some(dir) = lock.parent() {
+        crate::adapters::files::create_dir_all(dir, 0o700)
+            .map_err(|e| fail(format!("cannot make the lock directory: {e}")))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock)
+        .map_err(|e| fail(format!("cannot open its lock {}: {e}", lock.display())))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(fail(format!(
+                        "an earlier run of it (lock {}) still runs after {}",
+                        lock.display(),
+                        humantime::format_duration(timeout)
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(fail(format!("cannot lock {}: {e}", lock.display())))
+            }
+        }
+    }
+    let stdin = file
+        .try_clone()
+        .map_err(|e| fail(format!("cannot hand its lock on: {e}")))?;
+    let wrapped = match setpriv() {
+        Some(sp) => {
+            let mut argv = vec![
+                sp.to_string(),
+                "--pdeathsig".into(),
+                "KILL".into(),
+                "--".into(),
+            ];
+            argv.extend(cmd.0.iter().cloned());
+            CommandLine(argv)
+        }
+        None => cmd.clone(),
+    };
+    let out = run_with(&wrapped, extra, timeout, std::process::Stdio::from(stdin)).await;
+    // Held until here, and by the command while it runs.
+    drop(file);
+    out.map_err(|mut e| {
+        e.command = command.clone();
+        e
+    })
+}
+
+async fn run_with(
+    cmd: &CommandLine,
+    extra: &[(&str, String)],
+    timeout: Duration,
+    stdin: std::process::Stdio,
+) -> Result<String, CommandFailed> {
     let command = cmd.to_string();
     let fail = |message: String| CommandFailed {
         command: command.clone(),
@@ -46,7 +139,7 @@ pub async fn run(
         .kill_on_drop(true)
         // Its own process group: what a script starts goes with it on a timeout.
         .process_group(0)
-        .stdin(std::process::Stdio::null())
+        .stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     for (k, v) in std::env::vars() {

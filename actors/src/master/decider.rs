@@ -519,6 +519,49 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
     }
 }
 
+impl ScaleDecider {
+    /// Reads the last leader's memory (cooldowns, the hourly cap), then leads. A failed read
+    /// is retried (every second, then less often): leading without it would forget the
+    /// guards, and the first decision would overwrite the shared memory with that.
+    fn read_memory_then_lead(&mut self, ctx: &mut Context<Self>, term: u64, attempt: u32) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        ctx.spawn(
+            async move { shared.get::<Remembered>("", "decider").await }
+                .into_actor(self)
+                .map(move |memory, this, ctx| {
+                    if this.term != term {
+                        return;
+                    }
+                    match memory {
+                        Ok(m) => {
+                            // What it decided while the read was on its way was a follower's
+                            // decision, never carried out: the shared memory alone counts.
+                            this.hist = History::default();
+                            this.last_action = None;
+                            if let Some(m) = m {
+                                this.apply_memory(m);
+                            }
+                            this.leading = true;
+                            info!(this.log, "Leading: decisions act");
+                        }
+                        Err(e) => {
+                            let retry = Duration::from_secs(1 << attempt.min(4));
+                            warn!(this.log, "Cannot read the guards' history; not acting until it is read"; "error" => %e,
+                                "retry_in" => ?retry);
+                            ctx.run_later(retry, move |this, ctx| {
+                                if this.term == term {
+                                    this.read_memory_then_lead(ctx, term, attempt + 1);
+                                }
+                            });
+                        }
+                    }
+                }),
+        );
+    }
+}
+
 impl Handler<Leading> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: Leading, ctx: &mut Context<Self>) {
@@ -534,28 +577,11 @@ impl Handler<Leading> for ScaleDecider {
                 // from the last leader's memory.
                 self.hist = History::default();
                 self.last_action = None;
-                let Some(shared) = self.shared.clone() else {
+                if self.shared.is_none() {
                     self.leading = true;
                     return;
-                };
-                ctx.spawn(
-                    async move { shared.get::<Remembered>("", "decider").await }
-                        .into_actor(self)
-                        .map(move |memory, this, _| {
-                            if this.term != term {
-                                return;
-                            }
-                            match memory {
-                                Ok(Some(m)) => this.apply_memory(m),
-                                Ok(None) => {}
-                                Err(e) => {
-                                    warn!(this.log, "Cannot read the guards' history; starting without it"; "error" => %e)
-                                }
-                            }
-                            this.leading = true;
-                            info!(this.log, "Leading: decisions act");
-                        }),
-                );
+                }
+                self.read_memory_then_lead(ctx, term, 0);
             }
             false => {
                 self.leading = false;

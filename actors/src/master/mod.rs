@@ -147,6 +147,9 @@ pub async fn start_master(
     let registry = registry_ctx.address();
     let decider_ctx = actix::Context::<ScaleDecider>::new();
     let decider = decider_ctx.address();
+    // With several masters: the leadership task stops the launcher's work directly when the
+    // lease is lost.
+    let acting = launcher::Acting::new(cluster.is_none());
     let launcher = provisioner.map(|p| {
         let l = Launcher::new(
             p,
@@ -164,7 +167,7 @@ pub async fn start_master(
         .with_metrics(metrics.clone())
         .with_records(records.clone());
         match cluster.is_some() {
-            true => l.following().start(),
+            true => l.following(acting.clone()).start(),
             false => l.start(),
         }
     });
@@ -238,6 +241,7 @@ pub async fn start_master(
             name,
             lead,
             subscribers,
+            acting.clone(),
             log.clone(),
         ));
         vec![run, sync]

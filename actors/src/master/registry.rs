@@ -19,7 +19,7 @@ use actix::{
 use slog::{info, o, warn, Logger};
 
 use super::messages::HostsChanged;
-use crate::adapters::host_store::HostStore;
+use crate::adapters::host_store::{HostStore, Loaded};
 use crate::adapters::hosts_dir::{AddOutcome, HostsDir, HostsError};
 use crate::hosts::{Host, HostKey};
 use crate::outage::{Outage, Say};
@@ -47,6 +47,13 @@ pub struct HostRegistry {
     store: HostStore,
     /// A rescan is under way: the next tick skips.
     scanning: bool,
+    /// Reads of the store numbered so far, and the newest read taken: its number and (etcd)
+    /// the store's revision it was made at.
+    started_reads: u64,
+    newest: (u64, Option<i64>),
+    /// `started_reads` when the newest read was taken: a read numbered after that cannot
+    /// have run beside it.
+    taken_at: u64,
     hosts: Arc<Vec<Host>>,
     /// File name → error text, to log each bad file once.
     bad: BTreeMap<String, String>,
@@ -82,6 +89,9 @@ impl HostRegistry {
         HostRegistry {
             store,
             scanning: false,
+            started_reads: 0,
+            newest: (0, None),
+            taken_at: 0,
             hosts: Arc::new(Vec::new()),
             bad: BTreeMap::new(),
             subscribers,
@@ -91,6 +101,15 @@ impl HostRegistry {
         }
     }
 
+    /// Numbers a read of the store: a rescan's as it starts, a registration's as it ends (its
+    /// read follows its own write, so it is newer than any rescan started before). Of two
+    /// reads the higher number is the newer (hosts.d), unless the store says which is (etcd's
+    /// revision).
+    fn read_number(&mut self) -> u64 {
+        self.started_reads += 1;
+        self.started_reads
+    }
+
     /// Reloads the store in the background; announces the list if it changed (or `force`).
     fn rescan(&mut self, force: bool, ctx: &mut Context<Self>) {
         if self.scanning {
@@ -98,18 +117,40 @@ impl HostRegistry {
         }
         self.scanning = true;
         let store = self.store.clone();
-        ctx.spawn(async move { store.load().await }.into_actor(self).map(
+        let n = self.read_number();
+        ctx.spawn(async move { store.load_at().await }.into_actor(self).map(
             move |loaded, this, _| {
                 this.scanning = false;
-                this.apply(loaded, force);
+                this.apply(loaded, n, force);
             },
         ));
     }
 
-    /// Takes what the store holds as the list; announces it if it changed (or `force`).
-    fn apply(&mut self, loaded: Result<(Vec<Host>, Vec<HostsError>), HostsError>, force: bool) {
+    /// Takes what the store holds as the list; announces it if it changed (or `force`). A
+    /// read older than one already taken (a rescan that started before a registration's read
+    /// and ended after it) is dropped: it would undo what the newer one showed.
+    fn apply(&mut self, loaded: Result<Loaded, HostsError>, n: u64, force: bool) {
         let (mut hosts, errors) = match loaded {
-            Ok(r) => r,
+            Ok((hosts, errors, rev)) => {
+                let older = match (rev, self.newest.1) {
+                    // A lower revision from a read that cannot have run beside the newest
+                    // one: etcd itself went back (restored from a snapshot). It is the truth
+                    // now, or the list would never change again.
+                    (Some(r), Some(newest)) if r < newest && n > self.taken_at => {
+                        warn!(self.log, "The host store's revision went back (etcd restored?); taking what it holds now";
+                            "revision" => r, "was" => newest);
+                        false
+                    }
+                    (Some(r), Some(newest)) => r < newest,
+                    _ => n < self.newest.0,
+                };
+                if older {
+                    return;
+                }
+                self.newest = (n.max(self.newest.0), rev.or(self.newest.1));
+                self.taken_at = self.started_reads;
+                (hosts, errors)
+            }
             Err(e) => {
                 match self.unreadable.failed(Instant::now()) {
                     Some(Say::Started) => {
@@ -178,14 +219,16 @@ impl Handler<RegisterHost> for HostRegistry {
         Box::pin(
             async move {
                 let outcome = store.add(&host).await;
-                let loaded = store.load().await;
+                let loaded = store.load_at().await;
                 (host, outcome, loaded)
             }
             .into_actor(self)
-            .map(|(host, outcome, loaded), this, _| {
+            .map(move |(host, outcome, loaded), this, _| {
                 let outcome = outcome?;
                 info!(this.log, "Registered host"; "host" => %host.host, "port" => host.port, "outcome" => ?outcome);
-                this.apply(loaded, false);
+                // Read after the write: newer than any rescan started before it.
+                let n = this.read_number();
+                this.apply(loaded, n, false);
                 Ok(outcome)
             }),
         )
@@ -201,14 +244,15 @@ impl Handler<DeregisterHost> for HostRegistry {
         Box::pin(
             async move {
                 let removed = store.remove(&key).await;
-                let loaded = store.load().await;
+                let loaded = store.load_at().await;
                 (key, removed, loaded)
             }
             .into_actor(self)
-            .map(|(key, removed, loaded), this, _| {
+            .map(move |(key, removed, loaded), this, _| {
                 removed?;
                 info!(this.log, "Deregistered host"; "host" => %key.host, "port" => key.port);
-                this.apply(loaded, false);
+                let n = this.read_number();
+                this.apply(loaded, n, false);
                 Ok(())
             }),
         )
@@ -247,6 +291,60 @@ mod tests {
             .unwrap();
         hosts.iter().map(|h| h.key().to_string()).collect()
     }
+
+    /// Of two reads of the store, the newer one's list stands whatever order they end in:
+    /// by etcd's revision when the store gives one, else by the order the reads started.
+    #[test]
+    fn an_older_read_never_replaces_a_newer_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, o!());
+        let a = Host::manual(HostName::parse("127.0.0.5").unwrap(), 80);
+        let b = Host::manual(HostName::parse("127.0.0.6").unwrap(), 80);
+        let keys = |r: &HostRegistry| -> Vec<String> {
+            r.hosts.iter().map(|h| h.key().to_string()).collect()
+        };
+        let both = vec!["127.0.0.5 80".to_string(), "127.0.0.6 80".to_string()];
+        let mut reg = HostRegistry::new(HostsDir::new(tmp.path()), vec![], POLL, &log);
+        // etcd: the read at revision 7 ends first; one that started later but read at
+        // revision 5 (before b was added) ends after it.
+        let first = reg.read_number();
+        let second = reg.read_number();
+        reg.apply(
+            Ok((vec![a.clone(), b.clone()], vec![], Some(7))),
+            first,
+            false,
+        );
+        reg.apply(Ok((vec![a.clone()], vec![], Some(5))), second, false);
+        assert_eq!(keys(&reg), both);
+        let third = reg.read_number();
+        reg.apply(Ok((vec![b.clone()], vec![], Some(8))), third, false);
+        assert_eq!(keys(&reg), vec!["127.0.0.6 80"]);
+        // etcd restored from an older snapshot: a read numbered after the last one was taken
+        // is the truth, whatever its revision.
+        let fourth = reg.read_number();
+        reg.apply(
+            Ok((vec![a.clone(), b.clone()], vec![], Some(3))),
+            fourth,
+            false,
+        );
+        assert_eq!(keys(&reg), both);
+        // hosts.d: the read started first ends last.
+        let mut reg = HostRegistry::new(HostsDir::new(tmp.path()), vec![], POLL, &log);
+        let first = reg.read_number();
+        let second = reg.read_number();
+        reg.apply(
+            Ok((vec![a.clone(), b.clone()], vec![], None)),
+            second,
+            false,
+        );
+        reg.apply(Ok((vec![a.clone()], vec![], None)), first, false);
+        assert_eq!(keys(&reg), both);
+        let third = reg.read_number();
+        reg.apply(Ok((vec![a], vec![], None)), third, false);
+        assert_eq!(keys(&reg), vec!["127.0.0.5 80"]);
+    }
+
+    const POLL: Duration = Duration::from_secs(1);
 
     /// A store that cannot be read (etcd away, here a hosts_dir that is a file) is logged
     /// when the failure starts, not at every rescan, and its end is logged too.

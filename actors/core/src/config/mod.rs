@@ -430,6 +430,17 @@ impl Config {
                 message,
             })
         };
+        if self.cluster.lease_ttl.subsec_nanos() != 0 {
+            bad(
+                "cluster",
+                "lease_ttl",
+                format!(
+                    "{} is not a whole number of seconds (etcd leases count whole seconds; \
+                     the rest would be cut off)",
+                    humantime::format_duration(self.cluster.lease_ttl)
+                ),
+            );
+        }
         if self
             .node
             .other_report_ports

@@ -63,6 +63,7 @@ impl CommandProvisioner {
         &self,
         decision: &str,
         count: u32,
+        locks: &std::path::Path,
     ) -> Result<Vec<Launched>, LaunchError> {
         let mut env = vec![
             ("AUTOSCALER_DECISION", decision.to_string()),
@@ -78,7 +79,9 @@ impl CommandProvisioner {
             ));
         }
         env.extend(self.env.iter().cloned());
-        let stdout = process::run(&self.up, &env, self.timeout).await?;
+        // Never two runs of one decision at once on this machine (see run_exclusive).
+        let lock = locks.join(format!("{decision}.lock"));
+        let stdout = process::run_exclusive(&self.up, &env, self.timeout, &lock).await?;
         Ok(parse_launched(&stdout).map_err(|message| CommandFailed {
             command: self.up.to_string(),
             message,

@@ -38,6 +38,15 @@ async fn settle(inner: Arc<Inner>, d: Drain) {
                 inner.metrics.termination(Some(began.elapsed()));
                 break;
             }
+            // Not this master's to finish any more: the record stays for the next leader.
+            Err(e) if e.lost_lead() => {
+                warn!(
+                    log,
+                    "Drain stopped: this master no longer leads; the next leader finishes it"
+                );
+                inner.busy().drains.remove(&d.key());
+                return;
+            }
             Err(e) => {
                 inner.metrics.termination(None);
                 let delay = backoff.next_delay();
@@ -62,7 +71,7 @@ async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError>
                 "terminate_in" => ?Duration::from_millis(d.deadline_ms.saturating_sub(now_ms())))
             }
             Ok(Err(HostsError::NotFound(_))) => {} // Already out (a retry, or a restart).
-            Ok(Err(e)) => return Err(LaunchError::Registry(e.to_string())),
+            Ok(Err(e)) => return Err(LaunchError::from_registry(e)),
             Err(e) => return Err(LaunchError::Registry(e.to_string())),
         }
     }
@@ -87,6 +96,8 @@ async fn once(inner: &Inner, d: &Drain, log: &Logger) -> Result<(), LaunchError>
         }
         _ => tokio::time::sleep(left).await,
     }
+    // The lease is checked right before the host is stopped.
+    inner.may_act()?;
     match (&inner.provisioner, &d.instance_id, &d.host) {
         (Provisioner::Ec2(api), Some(id), _) => match api.terminate(id).await {
             Ok(()) => info!(log, "Terminated"; "instance_id" => id),

@@ -22,11 +22,16 @@ pub async fn run(
     settings: &LaunchSettings,
     decision: &str,
     count: u32,
+    may_act: &(dyn Fn() -> bool + Sync),
     log: &Logger,
 ) -> Result<Vec<String>, LaunchError> {
     let mut backoff = Backoff::new(settings.retry_base, settings.retry_base * 16);
     let mut attempt = 1;
     loop {
+        // The lease is checked right before each call that costs money.
+        if !may_act() {
+            return Err(LaunchError::NotLeader);
+        }
         let e = match api.run_instances(count, decision).await {
             Ok(launched) => {
                 let ids: Vec<String> = launched.into_iter().map(|i| i.instance_id).collect();
@@ -35,6 +40,9 @@ pub async fn run(
             }
             Err(e) => e,
         };
+        if e.token_reused() {
+            return wait_listed(api, settings, decision, e, log).await;
+        }
         if !e.retryable || attempt >= MAX_ATTEMPTS {
             return Err(e.into());
         }
@@ -53,6 +61,37 @@ pub async fn run(
             Err(d) => warn!(log, "Cannot look for the decision's instances"; "error" => %d),
         }
         attempt += 1;
+    }
+}
+
+/// EC2 refused the decision's ClientToken with other parameters: a master with other
+/// `[launch]` settings made the first call, and its instances exist. Waits (up to
+/// `launch_timeout`) until EC2 lists them, and carries on with those; failing that, the error
+/// stands and the launch's record stays for the reconciler.
+async fn wait_listed(
+    api: &dyn Ec2Api,
+    settings: &LaunchSettings,
+    decision: &str,
+    e: crate::adapters::ec2::Ec2Error,
+    log: &Logger,
+) -> Result<Vec<String>, LaunchError> {
+    warn!(log, "EC2 already launched this decision with other settings (IdempotentParameterMismatch); waiting until it lists those instances";
+        "error" => %e);
+    let deadline = Instant::now() + settings.launch_timeout;
+    loop {
+        match api.describe(Some(decision)).await {
+            Ok(found) if !found.is_empty() => {
+                let ids: Vec<String> = found.into_iter().map(|i| i.instance_id).collect();
+                info!(log, "Using the decision's instances EC2 already had"; "instances" => ids.join(","));
+                return Ok(ids);
+            }
+            Err(d) if !d.retryable => return Err(d.into()),
+            _ => {}
+        }
+        if Instant::now() + settings.poll > deadline {
+            return Err(e.into());
+        }
+        tokio::time::sleep(settings.poll).await;
     }
 }
 

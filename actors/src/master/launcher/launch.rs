@@ -19,7 +19,9 @@ use crate::master::registry::RegisterHost;
 
 /// Where a resumed launch picks up.
 pub enum Resume {
-    /// EC2 instances of the decision exist (pending or running).
+    /// EC2 instances of the decision exist (pending or running); none yet visible: RunInstances
+    /// is sent again with the decision's ClientToken, which answers with the first call's
+    /// instances if it went through (EC2 lists new instances with a delay).
     Ec2 { instance_ids: Vec<String> },
     /// The scale-up command printed these hosts (empty: it is run again, with the same
     /// decision id).
@@ -63,6 +65,39 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
         Ok(r) => r,
         Err(_) => Err(LaunchError::TimedOut(limit)),
     };
+    // Lost leadership is not a failed launch: nothing is undone, the record stays, and the
+    // next leader resumes the launch from it.
+    let lost = match &result {
+        Err(e) => e.lost_lead() || inner.may_act().is_err(),
+        Ok(()) => false,
+    };
+    // EC2 already made this decision's instances, with other settings than this master's
+    // (IdempotentParameterMismatch): nothing of this call to undo; the record stays, and the
+    // reconciler takes the instances up once EC2 lists them.
+    let elsewhere = matches!(&result, Err(LaunchError::Api(e)) if e.token_reused());
+    if elsewhere {
+        warn!(log, "Launch left to the reconciler: EC2 has this decision's instances, launched with other settings; they are taken up once EC2 lists them";
+            "error" => %result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+    }
+    if lost {
+        warn!(log, "Launch stopped: this master no longer leads; the next leader resumes it from its record";
+            "error" => %result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+    }
+    if lost || elsewhere {
+        inner.busy().launches.remove(&decision);
+        inner.out.finished.do_send(LaunchFinished {
+            decision_id: decision,
+            requested: count,
+            registered: progress.registered,
+            error: Some(match lost {
+                true => "this master no longer leads".into(),
+                false => {
+                    "left to the reconciler (the ClientToken was used with other settings)".into()
+                }
+            }),
+        });
+        return;
+    }
     inner.metrics.launch(result.is_ok(), began.elapsed());
     match &result {
         Ok(()) => info!(log, "Launch finished"; "registered" => progress.registered.len()),
@@ -101,13 +136,14 @@ async fn steps(
     };
     if resume.is_none() {
         // Durable before the call that costs money.
-        write_intent(&inner.records, &intent).await?;
+        durably(inner, log, || write_intent(&inner.records, &intent)).await?;
     }
+    let may_act = || inner.may_act().is_ok();
     let launched = match (&inner.provisioner, resume) {
         (Provisioner::Ec2(api), resume) => {
             let ids = match resume {
-                Some(Resume::Ec2 { instance_ids }) => instance_ids,
-                _ => ec2::run(&**api, s, decision, count, log).await?,
+                Some(Resume::Ec2 { instance_ids }) if !instance_ids.is_empty() => instance_ids,
+                _ => ec2::run(&**api, s, decision, count, &may_act, log).await?,
             };
             progress.created = ids.clone();
             ec2::wait_running(&**api, decision, &ids, s)
@@ -126,10 +162,14 @@ async fn steps(
             launched
         }
         (Provisioner::Command(c), _) => {
-            let launched = c.provision(decision, count).await?;
+            // The lease is checked right before the command: a master that was stopped
+            // (SIGSTOP, a paused VM) and wakes after another took over does not run it.
+            inner.may_act()?;
+            let locks = s.state_dir.join("locks");
+            let launched = c.provision(decision, count, &locks).await?;
             intent.launched = launched.clone();
             // Once the command has printed its hosts, a crash resumes from them.
-            write_intent(&inner.records, &intent).await?;
+            durably(inner, log, || write_intent(&inner.records, &intent)).await?;
             launched
         }
     };
@@ -138,18 +178,50 @@ async fn steps(
     let ready = join_all(launched.iter().map(|l| get_ready(inner, l, log))).await;
     ready.into_iter().collect::<Result<Vec<()>, _>>()?;
     for l in launched {
+        inner.may_act()?;
         let mut h = l.host;
         h.registered_ms = Some(now_ms());
         // Its reports may prove this launch's key.
         h.decision = Some(decision.to_string());
         let key = h.key();
-        match inner.out.register.send(RegisterHost(h)).await {
-            Ok(Ok(_)) => progress.registered.push(key),
-            Ok(Err(e)) => return Err(LaunchError::Registry(e.to_string())),
-            Err(e) => return Err(LaunchError::Registry(e.to_string())),
-        }
+        durably(inner, log, || async {
+            match inner.out.register.send(RegisterHost(h.clone())).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(LaunchError::from_registry(e)),
+                Err(e) => Err(LaunchError::Registry(e.to_string())),
+            }
+        })
+        .await?;
+        progress.registered.push(key);
     }
     Ok(())
+}
+
+/// A write to the shared store, tried again while etcd cannot be reached and this master
+/// still leads (with a backoff up to 2 s; the launch's own limit bounds it): a moment without
+/// etcd is not a failed launch, whose clean-up would destroy what is about to be registered.
+/// Once the lead is gone, `NotLeader`: the launch stops and the next leader resumes it.
+async fn durably<T, E, F, Fut>(inner: &Inner, log: &Logger, mut op: F) -> Result<T, LaunchError>
+where
+    E: Into<LaunchError>,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut wait = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        match op().await.map_err(Into::into) {
+            Err(e) if e.store_unavailable() => {
+                inner.may_act()?;
+                if !std::mem::replace(&mut said, true) {
+                    warn!(log, "etcd did not take the launch's write; trying again while this master leads"; "error" => %e);
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Records the host's SSH keys (learnt from a channel bound to it) and waits until it
@@ -179,7 +251,10 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
                 }
             })?;
             info!(log, "Recorded the host's SSH keys"; "host" => &host, "keys" => keys.len());
-            crate::master::cluster_sync::share(&inner.records, &host, s.ssh_port, &keys).await?;
+            durably(inner, log, || {
+                crate::master::cluster_sync::share(&inner.records, &host, s.ssh_port, &keys)
+            })
+            .await?;
         }
     }
     if s.health_check {
@@ -190,9 +265,13 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
 
 /// Undoes a failed launch: what it started and did not register is terminated (EC2) or
 /// stopped (the scale-down command), and its known_hosts lines go. What cannot be undone now
-/// becomes a drain record, which the reconciler retries until it succeeds.
+/// becomes a drain record, which the reconciler retries until it succeeds. Only while this
+/// master leads: a step-down stops it, leaving the record to the next leader.
 async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &Logger) {
     let s = &inner.settings;
+    if inner.may_act().is_err() {
+        return;
+    }
     let unregistered = |h: &Host| !p.registered.contains(&h.key());
     for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
         if let Err(e) = known_hosts::remove(&s.known_hosts, &l.host.host.to_string(), s.ssh_port) {
@@ -218,6 +297,9 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
                 .iter()
                 .filter(|id| !registered_ids.contains(&id.as_str()))
             {
+                if inner.may_act().is_err() {
+                    return;
+                }
                 match api.terminate(id).await {
                     Ok(()) => {
                         info!(log, "Terminated instance of a failed launch"; "instance_id" => id, "cause" => %cause)
@@ -231,6 +313,9 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
         }
         Provisioner::Command(c) => {
             for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
+                if inner.may_act().is_err() {
+                    return;
+                }
                 match c.stop(&l.host).await {
                     Ok(Stopped::Stopped) => {
                         info!(log, "Stopped host of a failed launch"; "host" => %l.host.host, "cause" => %cause)

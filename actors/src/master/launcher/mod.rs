@@ -108,6 +108,43 @@ pub enum LaunchError {
     Registry(String),
     #[error("launch did not finish within {0:?}")]
     TimedOut(Duration),
+    #[error("this master no longer leads")]
+    NotLeader,
+}
+
+impl LaunchError {
+    /// Whether it says this master no longer leads (a write its lead guarded was refused):
+    /// not a failure of the launch, which the next leader resumes.
+    pub fn lost_lead(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::NotLeader
+                | LaunchError::Record(RecordError::Etcd(
+                    crate::adapters::etcd::EtcdError::NotLeader
+                ))
+        )
+    }
+
+    /// Whether the shared store (etcd) could not be reached, or kept changing: worth trying
+    /// again while this master leads, and never a reason to undo a launch.
+    pub fn store_unavailable(&self) -> bool {
+        use crate::adapters::etcd::EtcdError as E;
+        matches!(
+            self,
+            LaunchError::Record(RecordError::Etcd(
+                E::Connect { .. } | E::Request(_) | E::Timeout(_) | E::Contended(_)
+            ))
+        )
+    }
+
+    /// What a registry refusal means for a launch: its store's error kept as it is (lost lead,
+    /// etcd away), anything else a registry failure.
+    fn from_registry(e: crate::adapters::hosts_dir::HostsError) -> LaunchError {
+        match e {
+            crate::adapters::hosts_dir::HostsError::Etcd(e) => LaunchError::Record(e.into()),
+            e => LaunchError::Registry(e.to_string()),
+        }
+    }
 }
 
 /// How new capacity is obtained.
@@ -209,9 +246,53 @@ struct Busy {
     /// Drains whose task runs.
     drains: HashSet<DrainKey>,
     reconciling: bool,
+}
+
+/// Whether this master may act, shared with the leadership task: when the lease is lost that
+/// task stops every launch, drain and reconciliation through here at once (not through the
+/// launcher's mailbox, which may be busy), and each side effect looks here just before it
+/// happens.
+#[derive(Debug)]
+pub struct Acting {
+    leading: std::sync::atomic::AtomicBool,
     /// Every task started (launches, drains, reconciliations): aborted when this master stops
     /// leading.
-    tasks: Vec<tokio::task::AbortHandle>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Acting {
+    /// A gate that starts leading (one master) or following (several).
+    pub fn new(leading: bool) -> Arc<Acting> {
+        Arc::new(Acting {
+            leading: std::sync::atomic::AtomicBool::new(leading),
+            tasks: Mutex::default(),
+        })
+    }
+
+    pub fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set(&self, leading: bool) {
+        self.leading
+            .store(leading, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops acting: every task in progress is aborted, nothing is cleaned up (the records
+    /// stay for the next leader). How many were running.
+    pub fn stop(&self) -> usize {
+        self.set(false);
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let n = tasks.iter().filter(|t| !t.is_finished()).count();
+        tasks.drain(..).for_each(|t| t.abort());
+        n
+    }
+
+    fn register(&self, handle: tokio::task::AbortHandle) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
 }
 
 /// Everything the launcher's tasks share.
@@ -221,7 +302,7 @@ struct Inner {
     out: LauncherOutputs,
     busy: Mutex<Busy>,
     /// Whether this master leads (always, without `[cluster]`): only the leader acts.
-    leading: std::sync::atomic::AtomicBool,
+    acting: Arc<Acting>,
     /// Launch intents and drains.
     records: Records,
     metrics: Arc<Metrics>,
@@ -234,15 +315,25 @@ impl Inner {
     }
 
     fn leading(&self) -> bool {
-        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+        self.acting.leading()
+    }
+
+    /// Ok when this master may carry out a side effect now: it leads, and (several masters)
+    /// still holds its lead in etcd. Checked just before each one.
+    fn may_act(&self) -> Result<(), LaunchError> {
+        let held = match &self.records {
+            Records::Etcd { lead, .. } => crate::adapters::etcd::current(lead).is_some(),
+            Records::Files(_) => true,
+        };
+        match self.leading() && held {
+            true => Ok(()),
+            false => Err(LaunchError::NotLeader),
+        }
     }
 
     /// Runs `f` as a task that stepping down aborts.
     fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(f).abort_handle();
-        let mut busy = self.busy();
-        busy.tasks.retain(|t| !t.is_finished());
-        busy.tasks.push(handle);
+        self.acting.register(tokio::spawn(f).abort_handle());
     }
 }
 
@@ -265,18 +356,20 @@ impl Launcher {
                 settings,
                 out,
                 busy: Mutex::default(),
-                leading: std::sync::atomic::AtomicBool::new(true),
+                acting: Acting::new(true),
                 metrics: Arc::default(),
                 log: log.new(o!("actor" => "Launcher")),
             }),
         }
     }
 
-    /// Waits for [`Leading`] before it acts (several masters). Before the actor starts.
-    pub fn following(self) -> Launcher {
-        self.inner
-            .leading
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+    /// Waits for [`Leading`] before it acts (several masters), and stops at once when the
+    /// leadership task stops `acting`. Before the actor starts.
+    pub fn following(mut self, acting: Arc<Acting>) -> Launcher {
+        acting.set(false);
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.acting = acting;
+        }
         self
     }
 
@@ -317,16 +410,17 @@ impl Handler<Leading> for Launcher {
 
     fn handle(&mut self, msg: Leading, _: &mut Context<Self>) {
         let inner = &self.inner;
-        inner
-            .leading
-            .store(msg.0, std::sync::atomic::Ordering::SeqCst);
         match msg.0 {
             // The records say what the last leader left in flight: reconcile resumes it.
-            true => inner.spawn(reconcile::run(inner.clone())),
+            true => {
+                inner.acting.set(true);
+                inner.spawn(reconcile::run(inner.clone()));
+            }
             false => {
+                // The leadership task has stopped the tasks already (see Acting); this is
+                // the bookkeeping.
+                let n = inner.acting.stop();
                 let mut busy = inner.busy();
-                let n = busy.tasks.iter().filter(|t| !t.is_finished()).count();
-                busy.tasks.drain(..).for_each(|t| t.abort());
                 busy.launches.clear();
                 busy.drains.clear();
                 busy.reconciling = false;

@@ -3,9 +3,13 @@
 //! settles every difference:
 //!
 //! - a launch intent of an earlier run whose instances exist (pending or running) is resumed
-//!   from where it stopped; one without instances never reached EC2 and is dropped; with the
-//!   command provisioner it is resumed from what the command printed, or by running the
-//!   command again with the same decision id;
+//!   from where it stopped; one whose instances EC2 does not show (yet: it lists new instances
+//!   with a delay, and a call of a cut-off leader may still be on its way) is resumed by
+//!   sending RunInstances again with its ClientToken — EC2 answers a repeated token with the
+//!   first call's instances, or launches them if the first call never arrived — within
+//!   [`TOKEN_WINDOW`] of the intent; an older one is dropped; with the command provisioner it
+//!   is resumed from what the command printed, or by running the command again with the same
+//!   decision id;
 //! - a running instance of the group that nobody registered, launches or drains is adopted;
 //! - a launched host whose instance is gone is removed, with its known_hosts lines;
 //! - every drain record is carried to its end.
@@ -15,6 +19,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use slog::{info, warn};
 
@@ -26,6 +31,11 @@ use crate::adapters::known_hosts;
 use crate::hosts::{Host, HostName, Origin};
 use crate::master::decider::Reconciled;
 use crate::master::registry::{DeregisterHost, ListHosts, RegisterHost};
+
+/// How long after its intent a launch that EC2 does not show is asked for again with its
+/// ClientToken. EC2 keeps a RunInstances token's answer far longer; no instance stays invisible
+/// for an hour.
+pub const TOKEN_WINDOW: Duration = Duration::from_secs(3600);
 
 /// One reconciliation, unless one is running already.
 pub async fn run(inner: Arc<Inner>) {
@@ -63,11 +73,16 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
                     .filter(|i| i.is_live())
                     .map(|i| i.instance_id.clone())
                     .collect();
-                if instance_ids.is_empty() {
-                    info!(log, "Pending launch has no live instance (it never reached EC2, or they are gone); dropped";
+                let age = super::intents::now_ms().saturating_sub(intent.at_ms);
+                if instance_ids.is_empty() && age > TOKEN_WINDOW.as_millis() as u64 {
+                    info!(log, "Pending launch has no live instance an hour on (it never reached EC2, or they are gone); dropped";
                         "decision" => &intent.decision_id);
                     remove_intent(&inner.records, &intent.decision_id).await?;
                 } else {
+                    if instance_ids.is_empty() {
+                        info!(log, "Pending launch shows no instance yet; asking again with its ClientToken";
+                            "decision" => &intent.decision_id);
+                    }
                     resumed.push((intent, Resume::Ec2 { instance_ids }));
                 }
             }
@@ -168,6 +183,15 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
             }
         }
     }
+    // A launch that started while the records were being read is not one to resume: the
+    // launches in progress are looked at before and after the read.
+    {
+        let mut busy = inner.busy();
+        resumed.retain(|(i, _)| !busy.launches.contains(&i.decision_id));
+        for (i, _) in &resumed {
+            busy.launches.insert(i.decision_id.clone());
+        }
+    }
     // The decider counts these as in flight before any of them can finish.
     inner.out.reconciled.do_send(Reconciled {
         resumed: resumed
@@ -176,7 +200,6 @@ async fn once(inner: &Arc<Inner>) -> Result<(), LaunchError> {
             .collect(),
     });
     for (intent, resume) in resumed {
-        inner.busy().launches.insert(intent.decision_id.clone());
         inner.spawn(launch::run(
             inner.clone(),
             intent.decision_id,
