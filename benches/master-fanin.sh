@@ -6,6 +6,7 @@
 # (the master's challenge answered with an HMAC keyed by report.key).
 # FANIN_ETCD=1: the master runs with [cluster] on a one-member etcd started here on loopback
 # (the host list imported into it), as one master of several does.
+# FANIN_PERF=FILE: perf record of the master during the run (perf report -i FILE).
 # Usage: benches/master-fanin.sh [N=200] [RATE=5] [DURATION=20]   (root: sshd needs it)
 set -euo pipefail
 n=${1:-200} rate=${2:-5} dur=${3:-20}
@@ -116,6 +117,13 @@ async def main():
     await asyncio.gather(*(c.handshake() for c in chans))
     print(f"report protocol v{chans[0].v}")
     await asyncio.sleep(2)
+    # FANIN_PERF: where the master's CPU goes during the load (perf record, software clock).
+    perf = None
+    if os.environ.get("FANIN_PERF"):
+        import subprocess
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "-g", "-p", str(master),
+                                 "-o", os.environ["FANIN_PERF"], "--", "sleep", str(dur)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c0, start, sent, seq = cpu(master), time.time(), 0, 0
     while time.time() - start < dur:
         tick = time.time()
@@ -126,6 +134,8 @@ async def main():
         await asyncio.sleep(max(0, 1 / rate - (time.time() - tick)))
     await asyncio.sleep(1)
     used = cpu(master) - c0
+    if perf:
+        perf.wait()
     per = used / sent * 1e6
     print(f"reports: {sent} over {dur}s ({sent / dur:.0f}/s) through {n} tunnels")
     print(f"master CPU: {used:.2f} s = {per:.1f} us per report; peak RSS {hwm(master)} KiB")
