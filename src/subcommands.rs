@@ -301,6 +301,21 @@ fn simulate(
         cfg.scaling.policy,
         humantime::format_duration(launch_delay)
     )?;
+    match (trace.backend.is_empty(), cfg.scaling.haproxy_signals()) {
+        (true, true) => writeln!(
+            out,
+            "Note: [scaling] turns HAProxy signals on and the trace has no HAProxy columns \
+             (requests, sessions, queue, rtime_ms): scale-ups come from the CPU only, and no \
+             scale-in happens, as with a HAProxy server that does not answer"
+        )?,
+        (false, false) => writeln!(
+            out,
+            "Note: the trace has HAProxy columns and no HAProxy signal is on in [scaling] \
+             (target_requests_per_node, target_sessions_per_node, scale_on_queue, \
+             target_response_time): they are not used"
+        )?,
+        _ => {}
+    }
     for e in &outcome.events {
         if holds || !matches!(e.kind, EventKind::Hold { .. }) {
             writeln!(out, "{e}")?;

@@ -20,7 +20,9 @@ use actix::{Actor, Addr};
 use autoscaler_actors::adapters::ssh::SshSettings;
 use autoscaler_actors::admin::{self, Output};
 use autoscaler_actors::config::{CommandLine, Config, HaproxyTarget, Role};
+use autoscaler_actors::haproxy_api::LbSample;
 use autoscaler_actors::hosts::{Host, HostName};
+use autoscaler_actors::master::decider::BalancerLoad;
 use autoscaler_actors::master::haproxy_worker::WorkerSettings;
 use autoscaler_actors::master::haproxy_writer::{
     DrainOutcome, GetServerStatus, HaproxyWriter, WaitDrained,
@@ -292,6 +294,60 @@ fn writer(
     HaproxyWriter::new(Arc::new(cfg.clone()), template, ssh, &log.logger())
         .with_settings(settings)
         .start()
+}
+
+/// Every backend load a HaproxyWriter's workers read: (server, when, sample).
+#[derive(Clone, Default)]
+struct Loads(Arc<std::sync::Mutex<Vec<(String, Instant, LbSample)>>>);
+
+impl actix::Actor for Loads {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<BalancerLoad> for Loads {
+    type Result = ();
+    fn handle(&mut self, m: BalancerLoad, _: &mut actix::Context<Self>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((m.server, Instant::now(), m.sample));
+    }
+}
+
+impl Loads {
+    /// How many loads `server` sent since `since`.
+    fn from(&self, server: &str, since: Instant) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, at, _)| s == server && *at >= since)
+            .count()
+    }
+}
+
+/// [`writer`] whose workers read each server's backend load (a HAProxy signal on) for
+/// `loads`.
+fn reading_writer(
+    cfg: &Config,
+    ssh: Option<Arc<SshSettings>>,
+    log: &LogBuf,
+    loads: &Loads,
+) -> Addr<HaproxyWriter> {
+    let mut settings = WorkerSettings::from_config(cfg, ssh.clone());
+    settings.retry_base = Duration::from_millis(200);
+    settings.retry_max = Duration::from_secs(1);
+    settings.reap_every = Duration::from_millis(100);
+    HaproxyWriter::new(
+        Arc::new(cfg.clone()),
+        HaproxyTemplate::load(None).unwrap(),
+        ssh,
+        &log.logger(),
+    )
+    .with_settings(settings)
+    .with_sampling(Arc::new(AtomicBool::new(true)))
+    .with_load_to(loads.clone().start().recipient())
+    .start()
 }
 
 fn hosts(list: &[&Backend]) -> HostsChanged {
@@ -773,13 +829,24 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
     );
     let log = LogBuf::default();
     let ssh = Arc::new(SshSettings::from_config(&cfg).unwrap());
-    let w = writer(&cfg, HaproxyTemplate::load(None).unwrap(), Some(ssh), &log);
+    let loads = Loads::default();
+    let w = reading_writer(&cfg, Some(ssh), &log, &loads);
     w.do_send(hosts(&[&a]));
     wait_logged(
         "both servers run the configuration",
         Duration::from_secs(20),
         Some(&log),
         || names(&local.sock) == [a.name()] && names(&remote.sock) == [a.name()],
+    )
+    .await;
+    // Each server's backend load is read, this machine's and the remote one's over SSH.
+    let remote_label = cfg.haproxy.servers[1].to_string();
+    let t = Instant::now();
+    wait_logged(
+        "loads from both servers",
+        Duration::from_secs(10),
+        Some(&log),
+        || loads.from("local", t) >= 2 && loads.from(&remote_label, t) >= 2,
     )
     .await;
     let remote_file = std::fs::read_to_string(&remote_cfg).unwrap();
@@ -801,6 +868,13 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
     )
     .await;
     assert_eq!(names(&remote.sock), [a.name()], "the remote one is behind");
+    // A server that cannot be reached sends no figures (silence, never a zero load) while
+    // the local one goes on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(loads.from(&remote_label, t), 0);
+    assert!(loads.from("local", t) >= 2);
     // It comes back: it catches up by itself.
     sshd.restart(&sshd_bin);
     wait_logged(
@@ -811,10 +885,17 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
     )
     .await;
     assert!(log.text().contains("\"server\":\"ssh://"));
+    let t = Instant::now();
+    wait_logged(
+        "loads from the remote server again",
+        Duration::from_secs(40),
+        Some(&log),
+        || loads.from(&remote_label, t) >= 1,
+    )
+    .await;
 
     // Reached as a non-root user (the SSH user) with a socket it may use (mode 660, its
     // group): changes go through the remote's runtime API, no reload there.
-    let remote_label = cfg.haproxy.servers[1].to_string();
     let c = Backend::start("c", Duration::ZERO);
     let remote_workers = remote.workers();
     w.do_send(hosts(&[&a, &b, &c]));

@@ -12,5 +12,6 @@ mod crash;
 mod haproxy_writer;
 mod launch;
 mod operator;
+mod signals;
 mod toolchain;
 mod tunnels;

@@ -384,6 +384,55 @@ fn simulate_replays_a_trace_with_the_configured_policy() {
     assert!(text.contains("hold         load within bounds"), "{text}");
     assert!(text.contains("0 scale-ups"), "{text}");
 
+    // The trace recorded from a slow backend at idle CPU: with no HAProxy signal on, its
+    // HAProxy columns are noted and nothing scales; with a sessions target, the replay
+    // scales up on them and the plot shows them against the target.
+    let slow =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/traces/slow-backend.csv");
+    s.set("scaling", "scale_up_threshold", "75");
+    for (k, v) in [
+        ("scale_up_window", "3s"),
+        ("scale_down_window", "4s"),
+        ("warmup", "0s"),
+        ("cooldown", "2s"),
+        ("scale_down_cooldown", "1s"),
+    ] {
+        s.set("scaling", k, v);
+    }
+    let replay = |s: &Sandbox| {
+        let svg = s.path().join("slow.svg");
+        let out = s.run(&[
+            "simulate",
+            "--trace",
+            slow.to_str().unwrap(),
+            "--launch-delay",
+            "2s",
+            "--svg",
+            svg.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (stdout(&out), fs::read_to_string(&svg).unwrap())
+    };
+    let (text, _) = replay(&s);
+    assert!(
+        text.contains("the trace has HAProxy columns and no HAProxy signal is on"),
+        "{text}"
+    );
+    assert!(text.contains("0 scale-ups"), "{text}");
+    s.set("scaling", "target_sessions_per_node", "4");
+    let (text, plot) = replay(&s);
+    let up = text
+        .lines()
+        .find(|l| l.contains("scale-up +1"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        up.contains("[sessions]") && up.contains("at 4 per node"),
+        "{text}"
+    );
+    assert!(text.contains("scale-in     new-1"), "{text}");
+    assert!(plot.contains("sessions per node, % of 4"));
+    s.set("scaling", "target_sessions_per_node", "");
+
     // A broken trace names its line.
     let bad = s.path().join("bad.csv");
     fs::write(&bad, "time,node,busy\n0,web-1,10\n5,web-1,lots\n").unwrap();

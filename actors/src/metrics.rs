@@ -64,6 +64,10 @@ pub struct Metrics {
     drains_in_flight: Gauge,
     launches_last_hour: Gauge,
     haproxy_failing: Family<Labels, Gauge>,
+    signal_value: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    signal_target: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    signal_desired: Family<Labels, Gauge>,
+    signal_servers_silent: Gauge,
 }
 
 impl Default for Metrics {
@@ -93,6 +97,10 @@ impl Metrics {
             drains_in_flight: Gauge::default(),
             launches_last_hour: Gauge::default(),
             haproxy_failing: Family::default(),
+            signal_value: Family::default(),
+            signal_target: Family::default(),
+            signal_desired: Family::default(),
+            signal_servers_silent: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -180,6 +188,26 @@ impl Metrics {
             "haproxy_server_failing",
             "1 while the last apply to an HAProxy server failed and is being retried",
             m.haproxy_failing.clone(),
+        );
+        r.register(
+            "haproxy_signal_value",
+            "Each HAProxy signal that is on, over scale_up_window across the HAProxy servers (requests: per second; sessions and queue: requests; response_time: milliseconds); absent without figures",
+            m.signal_value.clone(),
+        );
+        r.register(
+            "haproxy_signal_target",
+            "Each HAProxy signal's target per node (queue: 0, any queue is a breach; response_time: milliseconds)",
+            m.signal_target.clone(),
+        );
+        r.register(
+            "haproxy_signal_desired_nodes",
+            "The nodes each HAProxy signal asks for; absent while it has no opinion",
+            m.signal_desired.clone(),
+        );
+        r.register(
+            "haproxy_signal_servers_silent",
+            "HAProxy servers whose figures do not cover scale_up_window (not read as no load)",
+            m.signal_servers_silent.clone(),
         );
         m
     }
@@ -288,6 +316,21 @@ impl Metrics {
             .set(s.launches.iter().map(|(_, n)| i64::from(*n)).sum());
         self.drains_in_flight.set(s.drains.len() as i64);
         self.launches_last_hour.set(s.launches_last_hour as i64);
+        self.signal_value.clear();
+        self.signal_target.clear();
+        self.signal_desired.clear();
+        self.signal_servers_silent
+            .set(s.signals.first().map_or(0, |l| l.missing as i64));
+        for l in &s.signals {
+            let signal = labels(&[("signal", &l.signal)]);
+            self.signal_target.get_or_create(&signal).set(l.target);
+            if let Some(v) = l.value {
+                self.signal_value.get_or_create(&signal).set(v);
+            }
+            if let Some(d) = l.desired {
+                self.signal_desired.get_or_create(&signal).set(i64::from(d));
+            }
+        }
         for h in &s.haproxy {
             self.haproxy_failing
                 .get_or_create(&labels(&[("server", &h.server)]))

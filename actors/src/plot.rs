@@ -1,9 +1,12 @@
 //! The plot `autoscaler simulate --svg` draws (plotters, SVG backend, no fonts needed): each
-//! node's CPU with the thresholds and the decisions on top, the node count below.
+//! node's CPU with the thresholds and the decisions on top, the node count below, and between
+//! them, when the trace has HAProxy's figures and a HAProxy signal is on, each signal against
+//! its target.
 
 use plotters::prelude::*;
 
 use crate::config::{Policy, Scaling};
+use crate::policy::Signal;
 use crate::simulate::{clock, EventKind, Outcome};
 
 /// Most points drawn per line: a day at one frame a second would make a file of megabytes
@@ -98,6 +101,47 @@ fn node_lines(o: &Outcome) -> Vec<(String, Vec<Line>)> {
         .collect()
 }
 
+/// Each HAProxy signal that is on, as a percentage of its target per node through the
+/// replay (requests and sessions: per serving node; response time: as measured; queue: the
+/// requests waiting, as they are); thinned as the nodes' lines are.
+fn signal_lines(o: &Outcome, cfg: &Scaling) -> Vec<(String, Line)> {
+    let stride = o.frames.len().div_ceil(MAX_POINTS).max(1);
+    Signal::ALL
+        .into_iter()
+        .filter_map(|signal| {
+            let target = signal.target(cfg)?;
+            let label = match signal {
+                Signal::Requests => format!("requests/s per node, % of {target}"),
+                Signal::Sessions => format!("sessions per node, % of {target}"),
+                Signal::ResponseTime => format!("response time, % of {target:.0} ms"),
+                Signal::Queue => "requests queued".to_string(),
+            };
+            let line: Line = o
+                .frames
+                .chunks(stride)
+                .filter_map(|chunk| {
+                    let vals: Vec<f64> = chunk
+                        .iter()
+                        .filter_map(|f| {
+                            let b = f.backend?;
+                            let per_node = |x: f64| 100.0 * x / f.nodes.max(1) as f64 / target;
+                            match signal {
+                                Signal::Requests => Some(per_node(b.rate)),
+                                Signal::Sessions => Some(per_node(b.sessions)),
+                                Signal::ResponseTime => b.rtime_ms.map(|r| 100.0 * r / target),
+                                Signal::Queue => Some(b.queue),
+                            }
+                        })
+                        .collect();
+                    (!vals.is_empty())
+                        .then(|| (chunk[0].t, vals.iter().sum::<f64>() / vals.len() as f64))
+                })
+                .collect();
+            (!line.is_empty()).then_some((label, line))
+        })
+        .collect()
+}
+
 /// The node count as a step line: a point where it changes.
 fn node_steps(o: &Outcome) -> Vec<(f64, f64)> {
     let mut out: Vec<(f64, f64)> = Vec::new();
@@ -139,12 +183,21 @@ pub fn svg(o: &Outcome, cfg: &Scaling, title: &str) -> Result<String, PlotError>
     };
     let (t0, t1) = (first.t / unit, last.t.max(first.t + 1.0) / unit);
     let o = &scaled(o, unit);
+    let signals = signal_lines(o, cfg);
     let mut out = String::new();
     {
-        let root = SVGBackend::with_string(&mut out, (1100, 640)).into_drawing_area();
+        let height = if signals.is_empty() { 640 } else { 880 };
+        let root = SVGBackend::with_string(&mut out, (1100, height)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
-        let (top, bottom) = root.split_vertically(440);
+        let (top, rest) = root.split_vertically(440);
+        let (middle, bottom) = match signals.is_empty() {
+            true => (None, rest),
+            false => {
+                let (m, b) = rest.split_vertically(240);
+                (Some(m), b)
+            }
+        };
         let x_label = |t: &f64| clock(*t * unit);
 
         let mut cpu = ChartBuilder::on(&top)
@@ -199,6 +252,46 @@ pub fn svg(o: &Outcome, cfg: &Scaling, title: &str) -> Result<String, PlotError>
             .border_style(BLACK.mix(0.3))
             .draw()
             .map_err(err)?;
+
+        if let Some(middle) = middle {
+            let high = signals
+                .iter()
+                .flat_map(|(_, l)| l.iter().map(|p| p.1))
+                .fold(150.0, f64::max)
+                * 1.05;
+            let mut lb = ChartBuilder::on(&middle)
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(50)
+                .build_cartesian_2d(t0..t1, 0.0..high)
+                .map_err(err)?;
+            lb.configure_mesh()
+                .x_label_formatter(&x_label)
+                .y_desc("HAProxy, % of target")
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(err)?;
+            lb.draw_series(LineSeries::new(
+                [(t0, 100.0), (t1, 100.0)],
+                UP.stroke_width(1),
+            ))
+            .map_err(err)?
+            .label("target")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], UP));
+            for (i, (label, line)) in signals.into_iter().enumerate() {
+                let colour = Palette99::pick(i + 5).to_rgba();
+                lb.draw_series(LineSeries::new(line, colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour));
+            }
+            lb.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .draw()
+                .map_err(err)?;
+        }
 
         let most = o.max_nodes.max(1) as f64 + 1.0;
         let mut count = ChartBuilder::on(&bottom)
@@ -293,6 +386,46 @@ mod tests {
         // A parser accepts it (well-formed XML).
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.len() < 400_000, "{} bytes", svg.len());
+    }
+
+    /// With HAProxy's figures in the trace and a signal on, a panel shows each signal that
+    /// is on against its target; without a signal on, none.
+    #[test]
+    fn the_plot_shows_haproxy_signals_against_their_targets() {
+        let mut cfg =
+            Config::defaults(&Layout::for_dir(Path::new("/srv/as")), Role::Master).scaling;
+        cfg.warmup = std::time::Duration::ZERO;
+        let mut text = String::from("time,node,busy,requests,sessions,queue,rtime_ms\n");
+        for t in 0..=1200 {
+            let n = if (300..900).contains(&t) { 6.0 } else { 0.0 };
+            text += &format!("{t},web-1,4,{},{n},0,100\n", n * 10.0);
+        }
+        let trace = Trace::parse(&text).unwrap();
+        let plain = svg(&run(&cfg, &trace, &Settings::default()), &cfg, "t").unwrap();
+        assert!(!plain.contains("% of target"));
+        cfg.target_sessions_per_node = Some(4.0);
+        cfg.target_response_time = Some(std::time::Duration::from_millis(200));
+        let o = run(&cfg, &trace, &Settings::default());
+        assert!(o.scale_ups > 0, "{:?}", o.events);
+        let lines = signal_lines(&o, &cfg);
+        let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["sessions per node, % of 4", "response time, % of 200 ms"]
+        );
+        // 6 in progress on one node is 150 % of the target, 75 % once two serve.
+        let at = |t: f64| lines[0].1.iter().find(|p| p.0 == t).unwrap().1;
+        assert_eq!(at(320.0), 150.0);
+        assert_eq!(at(880.0), 75.0);
+        assert_eq!(lines[1].1[0].1, 50.0);
+        let plot = svg(&o, &cfg, "t").unwrap();
+        for want in [
+            "HAProxy, % of target",
+            "sessions per node, % of 4",
+            "target",
+        ] {
+            assert!(plot.contains(want), "{want} missing");
+        }
     }
 
     #[test]

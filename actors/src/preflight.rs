@@ -86,11 +86,10 @@ pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
     }
     match HaproxyTemplate::load(cfg.haproxy.template.as_deref()) {
         Err(e) => out.push(problem(cfg, "haproxy", "template", e.to_string())),
-        Ok(t) => {
-            if let Err(e) = t.plan(&cfg.haproxy, &cfg.general.hosts_dir, &[], &|_| None) {
-                out.push(problem(cfg, "haproxy", "template", e.to_string()));
-            }
-        }
+        Ok(t) => match t.plan(&cfg.haproxy, &cfg.general.hosts_dir, &[], &|_| None) {
+            Err(e) => out.push(problem(cfg, "haproxy", "template", e.to_string())),
+            Ok(plan) => out.extend(signal_problems(cfg, &plan.text)),
+        },
     }
     let launching = !cfg.scaling.dry_run;
     if launching && cfg.launch.launcher == ProvisionerKind::Ec2 {
@@ -116,6 +115,36 @@ pub async fn problems(cfg: &Config, role: Role) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// What keeps the HAProxy signals that are on from being read in the rendered `text`.
+fn signal_problems(cfg: &Config, text: &str) -> Vec<Problem> {
+    if !cfg.scaling.haproxy_signals() {
+        return Vec::new();
+    }
+    let backend = &cfg.haproxy.backend;
+    match crate::render::backend_mode(text, backend) {
+        None => vec![problem(
+            cfg,
+            "haproxy",
+            "backend",
+            format!(
+                "the HAProxy signals of [scaling] read backend {backend:?}, which the template does not define"
+            ),
+        )],
+        Some(mode) if mode != "http" && cfg.scaling.target_response_time.is_some() => {
+            vec![problem(
+                cfg,
+                "scaling",
+                "target_response_time",
+                format!(
+                    "HAProxy measures response times in HTTP mode only, and backend {backend:?} runs in {mode} mode; \
+                     use target_sessions_per_node or target_requests_per_node, or put `mode http` in the template"
+                ),
+            )]
+        }
+        Some(_) => Vec::new(),
+    }
 }
 
 /// The region EC2 calls go to: `[aws] region`, else the environment, else the profile. Never
@@ -273,6 +302,63 @@ mod tests {
             .filter_map(|p| p.key.clone())
             .collect();
         assert_eq!(keys, ["identity_file", "user_data_file"]);
+    }
+
+    /// A response-time target needs a backend in HTTP mode, and every HAProxy signal a
+    /// backend the template defines; with the signals off neither matters.
+    #[tokio::test]
+    async fn haproxy_signals_need_a_backend_that_measures_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path());
+        c.node.secret_file = None;
+        let tcp = tmp.path().join("tcp.cfg.tera");
+        let src = crate::render::HAPROXY_TEMPLATE.replace("    mode http\n", "    mode tcp\n");
+        assert_ne!(src, crate::render::HAPROXY_TEMPLATE);
+        std::fs::write(&tcp, src).unwrap();
+        c.haproxy.template = Some(tcp);
+        let about = |p: Vec<Problem>| -> Vec<String> {
+            p.into_iter()
+                .filter(|p| p.key.as_deref() != Some("identity_file"))
+                .map(|p| p.to_string())
+                .collect()
+        };
+        assert_eq!(
+            about(problems(&c, Role::Master).await),
+            Vec::<String>::new()
+        );
+        c.scaling.target_sessions_per_node = Some(20.0);
+        assert_eq!(
+            about(problems(&c, Role::Master).await),
+            Vec::<String>::new()
+        );
+        c.scaling.target_response_time = Some(std::time::Duration::from_millis(200));
+        let p = about(problems(&c, Role::Master).await);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("[scaling] target_response_time") && p[0].contains("tcp mode"),
+            "{p:?}"
+        );
+        c.haproxy.template = None;
+        assert_eq!(
+            about(problems(&c, Role::Master).await),
+            Vec::<String>::new()
+        );
+        c.haproxy.backend = "web".into();
+        assert_eq!(
+            about(problems(&c, Role::Master).await),
+            Vec::<String>::new()
+        );
+        c.haproxy.template = Some(tmp.path().join("other.cfg.tera"));
+        std::fs::write(
+            c.haproxy.template.as_ref().unwrap(),
+            "defaults\n    mode http\nbackend app\n{% for s in servers %}    server {{ s.name }} {{ s.address }}\n{% endfor %}",
+        )
+        .unwrap();
+        let p = about(problems(&c, Role::Master).await);
+        assert!(
+            p.len() == 1 && p[0].contains("[haproxy] backend") && p[0].contains("\"web\""),
+            "{p:?}"
+        );
     }
 
     /// `[cluster]`'s files are read as the etcd connection reads them: a credential another

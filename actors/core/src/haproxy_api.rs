@@ -191,6 +191,74 @@ pub fn parse_sessions(text: &str, backend: &str) -> Result<BTreeMap<String, u64>
     Ok(out)
 }
 
+/// What one HAProxy server measures for the backend at one moment (`show stat BACKEND 6 -1`,
+/// the BACKEND row and its servers): what users feel, whatever the nodes' CPU says.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LbSample {
+    /// Requests (HTTP streams, or TCP sessions) per second sent to the backend, over the last
+    /// second (`rate`).
+    pub rate: f64,
+    /// Requests in progress in the backend now (`scur`).
+    pub sessions: f64,
+    /// Requests waiting for a server: the backend's queue plus every server's (`qcur`).
+    pub queue: f64,
+    /// Average response time over the backend's last 1024 requests, in milliseconds
+    /// (`rtime`, HTTP mode only); None where HAProxy does not measure it.
+    pub rtime_ms: Option<f64>,
+}
+
+/// Parses `show stat BACKEND 6 -1` into the backend's [`LbSample`]. Columns are found by
+/// their names in the header; a missing BACKEND row is an error (not "no load").
+pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or("show stat: no header")?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .ok_or(format!("show stat: no {name} column"))
+    };
+    let (px, sv) = (col("pxname")?, col("svname")?);
+    let (qcur, scur, rate) = (col("qcur")?, col("scur")?, col("rate")?);
+    let (rtime, mode) = (col("rtime").ok(), col("mode").ok());
+    let num = |f: &[&str], i: usize| -> f64 {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .unwrap_or(0.0)
+    };
+    let mut backend_row: Option<LbSample> = None;
+    let mut server_queues = 0.0;
+    for line in lines.filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.get(px) != Some(&backend) {
+            continue;
+        }
+        match f.get(sv).copied().unwrap_or("") {
+            "BACKEND" => {
+                let http = mode.and_then(|m| f.get(m)).is_none_or(|m| *m == "http");
+                backend_row = Some(LbSample {
+                    rate: num(&f, rate),
+                    sessions: num(&f, scur),
+                    queue: num(&f, qcur),
+                    rtime_ms: match (rtime, http) {
+                        (Some(i), true) => f.get(i).and_then(|v| v.parse().ok()),
+                        _ => None,
+                    },
+                });
+            }
+            "FRONTEND" => {}
+            _ => server_queues += num(&f, qcur),
+        }
+    }
+    let mut sample = backend_row.ok_or(format!("show stat: no BACKEND row for {backend}"))?;
+    sample.queue += server_queues;
+    Ok(sample)
+}
+
 /// The commands, and how to tell that HAProxy did what was asked.
 pub mod command {
     use super::ServerLine;
@@ -231,6 +299,11 @@ pub mod command {
     /// `show stat BACKEND 4 -1`: the backend's servers.
     pub fn stat(backend: &str) -> String {
         format!("show stat {backend} 4 -1")
+    }
+
+    /// `show stat BACKEND 6 -1`: the backend's own row and its servers'.
+    pub fn stat_with_backend(backend: &str) -> String {
+        format!("show stat {backend} 6 -1")
     }
 
     /// `add server BACKEND/NAME ADDR OPTIONS`: the server starts in maintenance.
@@ -284,6 +357,42 @@ mod tests {
 3 app 2 127.0.0.3_18481 127.0.0.3 2 8 1 1 4 6 3 2 6 0 0 0 - 18481 - 0 0 - - 0\n\n";
 
     const STAT: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot\napp,127.0.0.2_18481,0,0,3,5,,40\napp,127.0.0.3_18481,0,0,0,1,,2\napp,BACKEND,0,0,3,5,,42\nother,x,0,0,9,9,,9\n";
+
+    /// `show stat app 6 -1` as HAProxy 2.6.12 answers it (columns cut after the ones read, and
+    /// a queue added on s2 and on the backend).
+    const STAT6: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,act,bck,chkfail,chkdown,lastchg,downtime,qlimit,pid,iid,sid,throttle,lbtot,tracked,type,rate,rate_lim,rate_max,check_status,check_code,check_duration,hrsp_1xx,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,hanafail,req_rate,req_rate_max,req_tot,cli_abrt,srv_abrt,comp_in,comp_out,comp_byp,comp_rsp,lastsess,last_chk,last_agt,qtime,ctime,rtime,ttime,agent_status,agent_code,agent_duration,check_desc,agent_desc,check_rise,check_fall,check_health,agent_rise,agent_fall,agent_health,addr,cookie,mode,algo\n\
+app,s1,0,0,4,5,,10,820,730,,0,,0,0,0,0,no check,1,1,0,,,31,,,1,3,1,,10,,2,12,,1,,,,0,10,0,0,0,0,,,,10,0,0,,,,,3,,,0,0,95,97,,,,,,,,,,,,127.0.0.1:18081,,http,\n\
+app,s2,2,2,5,5,,40,820,2170,,0,,10,0,30,0,no check,1,1,0,,,31,,,1,3,2,,10,,2,13,,2,,,,0,0,0,0,0,0,,,,0,0,0,,,,,0,,,0,0,105,110,,,,,,,,,,,,127.0.0.1:18082,,http,\n\
+app,BACKEND,3,3,12,12,999,20,1640,2900,0,0,,10,0,30,0,UP,2,2,0,,0,31,0,,1,3,0,,20,,1,25,,2,,,,0,10,0,0,10,0,,,,20,0,0,0,0,0,0,3,,,0,0,100,104,,,,,,,,,,,,,,http,roundrobin\n\
+other,BACKEND,9,9,99,99,999,20,1640,2900,0,0,,10,0,30,0,UP,2,2,0,,0,31,0,,1,3,0,,20,,1,99,,2,,,,0,10,0,0,10,0,,,,20,0,0,0,0,0,0,3,,,0,0,999,999,,,,,,,,,,,,,,http,roundrobin\n";
+
+    #[test]
+    fn reads_the_backends_load() {
+        let s = parse_stats(STAT6, "app").unwrap();
+        assert_eq!(s.rate, 25.0);
+        assert_eq!(s.sessions, 12.0);
+        // The backend's queue and every server's.
+        assert_eq!(s.queue, 3.0 + 2.0);
+        assert_eq!(s.rtime_ms, Some(100.0));
+        let other = parse_stats(STAT6, "other").unwrap();
+        assert_eq!((other.rate, other.sessions), (99.0, 99.0));
+        // No BACKEND row: an error, never "no load".
+        assert!(parse_stats(STAT6, "web")
+            .unwrap_err()
+            .contains("no BACKEND row"));
+        assert!(parse_stats("", "app").is_err());
+        assert!(
+            parse_stats("# pxname,svname,qcur,scur\napp,BACKEND,0,0\n", "app")
+                .unwrap_err()
+                .contains("no rate column")
+        );
+        // TCP mode: HAProxy's rtime means nothing there.
+        let tcp = STAT6.replace(",http,roundrobin", ",tcp,roundrobin");
+        assert_eq!(parse_stats(&tcp, "app").unwrap().rtime_ms, None);
+        // Garbage in a number is not a huge load.
+        let bad = STAT6.replace("app,BACKEND,3,3,12", "app,BACKEND,3,3,NaN");
+        assert_eq!(parse_stats(&bad, "app").unwrap().sessions, 0.0);
+    }
 
     #[test]
     fn reads_servers_state_and_sessions() {

@@ -1,5 +1,12 @@
 //! The scaling policy: a pure function from what the master knows (per-node sample windows,
-//! node states, launches in flight, past actions, configuration, now) to one decision.
+//! node states, what each HAProxy server measured, launches in flight, past actions,
+//! configuration, now) to one decision.
+//!
+//! Several signals: the nodes' CPU (instance or cluster policy) and, when their targets are
+//! set, the load HAProxy measures (requests per second, requests in progress, queued requests,
+//! response time). Each asks for a number of nodes; the fleet scales up to the largest, and in
+//! only when every signal allows one node fewer. A HAProxy server whose figures do not cover
+//! a window is missing, never "no load": scale-in waits for it.
 //!
 //! Time is an input (milliseconds on the master's clock, when each sample was *received*, so
 //! node clock skew does not matter). Nothing here sleeps, reads a clock or does I/O; the
@@ -9,6 +16,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::config::{Policy, Scaling};
+use crate::haproxy_api::LbSample;
 use crate::hosts::HostKey;
 
 /// One node as the policy sees it.
@@ -65,13 +73,82 @@ pub enum Hold {
     LaunchInFlight,
     /// Scale-in wanted but no host was launched by this autoscaler.
     NothingToRemove,
+    /// A HAProxy server's figures do not cover the scale-down window (it does not answer):
+    /// its silence is not read as no load.
+    BalancerSilent,
+    /// The CPU would allow a scale-in, but this HAProxy signal needs the nodes there are.
+    Needed(Signal),
+}
+
+/// A load signal HAProxy measures for the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Signal {
+    /// Requests per second (`target_requests_per_node`).
+    Requests,
+    /// Requests in progress (`target_sessions_per_node`).
+    Sessions,
+    /// Requests waiting for a server (`scale_on_queue`).
+    Queue,
+    /// Average response time (`target_response_time`).
+    ResponseTime,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 4] = [
+        Signal::Requests,
+        Signal::Sessions,
+        Signal::Queue,
+        Signal::ResponseTime,
+    ];
+
+    /// Its name in logs, status and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Requests => "requests",
+            Signal::Sessions => "sessions",
+            Signal::Queue => "queue",
+            Signal::ResponseTime => "response_time",
+        }
+    }
+
+    /// Its target in `cfg` (the queue's is 0: any queue is a breach); None when it is off.
+    pub fn target(self, cfg: &Scaling) -> Option<f64> {
+        match self {
+            Signal::Requests => cfg.target_requests_per_node,
+            Signal::Sessions => cfg.target_sessions_per_node,
+            Signal::Queue => cfg.scale_on_queue.then_some(0.0),
+            Signal::ResponseTime => cfg.target_response_time.map(|d| d.as_secs_f64() * 1000.0),
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One HAProxy server's recent figures for the backend: (received at, sample), oldest first.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BalancerInput {
+    /// Its name in `[haproxy] servers`.
+    pub name: String,
+    pub samples: Vec<(u64, LbSample)>,
 }
 
 /// The policy's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    ScaleUp { count: u32, reason: String },
-    ScaleDown { host: HostKey, reason: String },
+    /// `signal` is what asked for it: `min_nodes`, `cpu`, or a HAProxy [`Signal`]'s name.
+    ScaleUp {
+        count: u32,
+        reason: String,
+        signal: &'static str,
+    },
+    ScaleDown {
+        host: HostKey,
+        reason: String,
+    },
     Hold(Hold),
 }
 
@@ -88,6 +165,8 @@ impl Hold {
             Hold::HourlyCap => "hourly_cap",
             Hold::LaunchInFlight => "launch_in_flight",
             Hold::NothingToRemove => "nothing_to_remove",
+            Hold::BalancerSilent => "balancer_silent",
+            Hold::Needed(_) => "needed",
         }
     }
 }
@@ -107,6 +186,13 @@ impl fmt::Display for Hold {
             Hold::HourlyCap => f.write_str("max_launches_per_hour reached"),
             Hold::LaunchInFlight => f.write_str("launches in flight"),
             Hold::NothingToRemove => f.write_str("no host launched by autoscaler to remove"),
+            Hold::BalancerSilent => f.write_str(
+                "a HAProxy server's figures do not cover the scale-down window (it does not answer)",
+            ),
+            Hold::Needed(signal) => write!(
+                f,
+                "HAProxy's {signal} need the nodes there are (one fewer would be above its target)"
+            ),
         }
     }
 }
@@ -249,12 +335,283 @@ pub fn decide_with_summary(
     hist: &History,
     now: u64,
 ) -> (Decision, Summary) {
+    decide_all(cfg, nodes, &[], hist, now)
+}
+
+/// Decides on every signal: the nodes' CPU and what `balancers` (every HAProxy server of
+/// `[haproxy] servers`, answering or not) measured.
+pub fn decide_all(
+    cfg: &Scaling,
+    nodes: &[NodeInput],
+    balancers: &[BalancerInput],
+    hist: &History,
+    now: u64,
+) -> (Decision, Summary) {
     let (up_means, down_means, warming) = means(cfg, nodes, now);
     let sum = summary(&up_means, &down_means);
-    (
-        decide_from(cfg, nodes, hist, now, &up_means, &down_means, warming),
-        sum,
-    )
+    let cpu = Cpu {
+        up: &up_means,
+        down: &down_means,
+        warming,
+    };
+    (decide_from(cfg, nodes, balancers, hist, now, cpu), sum)
+}
+
+/// The backend's load over a window, across the HAProxy servers whose figures cover it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LbLoad {
+    /// Requests per second, summed over the servers (each one's mean over the window).
+    pub rate: f64,
+    /// Requests in progress, summed likewise.
+    pub sessions: f64,
+    /// The largest queue a server kept through the whole window (0: none did).
+    pub queue_held: f64,
+    /// The largest queue any server had at any moment of the window.
+    pub queue_peak: f64,
+    /// Response time, each server's mean weighted by its request rate; None without requests.
+    pub rtime_ms: Option<f64>,
+    /// The highest of each figure through the window (rates and sessions: each server's
+    /// highest, summed; response time: the highest any server had while requests came):
+    /// scale-in needs one
+    /// node fewer to have been enough all along, not on average.
+    pub rate_peak: f64,
+    pub sessions_peak: f64,
+    pub rtime_peak_ms: Option<f64>,
+    /// HAProxy servers whose figures cover the window, and those whose do not.
+    pub covered: usize,
+    pub missing: usize,
+}
+
+/// The samples of `b` inside `[now - window, now]`, if they cover it (the last no older than
+/// `stale_after`, the first no later than `stale_after` after the window's start).
+fn covering<'a>(
+    b: &'a BalancerInput,
+    cfg: &Scaling,
+    now: u64,
+    window: Duration,
+) -> Option<&'a [(u64, LbSample)]> {
+    let last = b.samples.last()?.0;
+    if now.saturating_sub(last) > ms(cfg.stale_after) {
+        return None;
+    }
+    let start = now.checked_sub(ms(window))?;
+    let inside = &b.samples[b.samples.partition_point(|(t, _)| *t < start)..];
+    (inside.first()?.0 <= start + ms(cfg.stale_after)).then_some(inside)
+}
+
+/// What `balancers` measured over `window`.
+pub fn lb_load(cfg: &Scaling, balancers: &[BalancerInput], now: u64, window: Duration) -> LbLoad {
+    let mut load = LbLoad::default();
+    let (mut weighted, mut weight) = (0.0, 0.0);
+    for b in balancers {
+        let Some(inside) = covering(b, cfg, now, window) else {
+            load.missing += 1;
+            continue;
+        };
+        load.covered += 1;
+        let n = inside.len() as f64;
+        let mean = |f: fn(&LbSample) -> f64| inside.iter().map(|(_, s)| f(s)).sum::<f64>() / n;
+        load.rate += mean(|s| s.rate);
+        load.sessions += mean(|s| s.sessions);
+        let peak = |f: fn(&LbSample) -> f64| inside.iter().map(|(_, s)| f(s)).fold(0.0, f64::max);
+        load.rate_peak += peak(|s| s.rate);
+        load.sessions_peak += peak(|s| s.sessions);
+        // As for the mean, only while requests come (HAProxy keeps its last figure).
+        let timed = inside.iter().filter(|(_, s)| s.rate > 0.0);
+        if let Some(r) = timed.filter_map(|(_, s)| s.rtime_ms).reduce(f64::max) {
+            load.rtime_peak_ms = Some(load.rtime_peak_ms.map_or(r, |p| p.max(r)));
+        }
+        let queues = inside.iter().map(|(_, s)| s.queue);
+        load.queue_held = load
+            .queue_held
+            .max(queues.clone().fold(f64::INFINITY, f64::min));
+        load.queue_peak = load.queue_peak.max(queues.fold(0.0, f64::max));
+        for (_, s) in inside {
+            if let Some(r) = s.rtime_ms {
+                weighted += r * s.rate;
+                weight += s.rate;
+            }
+        }
+    }
+    load.rtime_ms = (weight > 0.0).then(|| weighted / weight);
+    load
+}
+
+/// `x` rounded up, without float noise turning 4.0 into 5.
+fn ceil(x: f64) -> u32 {
+    (x - 1e-9).ceil().max(0.0) as u32
+}
+
+/// How many nodes `signal` asks for under `load`, with `serving` nodes registered and
+/// `current` counting launches in flight; None when it has no opinion (off, no figures, no
+/// requests for the response time, no queue).
+fn desired(
+    cfg: &Scaling,
+    signal: Signal,
+    load: &LbLoad,
+    serving: u32,
+    current: u32,
+) -> Option<u32> {
+    let target = signal.target(cfg)?;
+    if load.covered == 0 {
+        return None;
+    }
+    match signal {
+        Signal::Requests => Some(ceil(load.rate / target)),
+        Signal::Sessions => Some(ceil(load.sessions / target)),
+        Signal::Queue => (load.queue_held > 0.0).then_some(current + cfg.scale_up_step),
+        Signal::ResponseTime => load
+            .rtime_ms
+            .map(|r| ceil(f64::from(serving.max(1)) * r / target)),
+    }
+}
+
+/// The figure a signal is judged on.
+fn figure(signal: Signal, load: &LbLoad) -> Option<f64> {
+    if load.covered == 0 {
+        return None;
+    }
+    match signal {
+        Signal::Requests => Some(load.rate),
+        Signal::Sessions => Some(load.sessions),
+        Signal::Queue => Some(load.queue_peak),
+        Signal::ResponseTime => load.rtime_ms,
+    }
+}
+
+/// One HAProxy signal against its target, for status and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalEval {
+    pub signal: Signal,
+    /// Over the scale-up window, across the HAProxy servers that cover it (requests/s,
+    /// requests, queued requests, milliseconds).
+    pub value: Option<f64>,
+    /// Per node (the queue's is 0).
+    pub target: f64,
+    /// The nodes it asks for; None when it has no opinion.
+    pub desired: Option<u32>,
+    /// HAProxy servers whose figures cover the window, and those whose do not.
+    pub covered: usize,
+    pub missing: usize,
+}
+
+/// Every HAProxy signal that is on, as the next decision sees it.
+pub fn signals(
+    cfg: &Scaling,
+    balancers: &[BalancerInput],
+    serving: u32,
+    hist: &History,
+    now: u64,
+) -> Vec<SignalEval> {
+    let load = lb_load(cfg, balancers, now, cfg.scale_up_window);
+    let current = serving + hist.in_flight;
+    Signal::ALL
+        .into_iter()
+        .filter_map(|signal| {
+            Some(SignalEval {
+                signal,
+                target: signal.target(cfg)?,
+                value: figure(signal, &load),
+                desired: desired(cfg, signal, &load, serving, current),
+                covered: load.covered,
+                missing: load.missing,
+            })
+        })
+        .collect()
+}
+
+/// What the HAProxy signals ask for over the scale-up window: the most nodes any asks for
+/// beyond `current`, with its reason. Figures from some HAProxy servers only are a lower
+/// bound of the load, enough to scale up on.
+fn lb_wants(
+    cfg: &Scaling,
+    balancers: &[BalancerInput],
+    serving: u32,
+    current: u32,
+    now: u64,
+) -> Option<(u32, String, Signal)> {
+    if !cfg.haproxy_signals() {
+        return None;
+    }
+    let load = lb_load(cfg, balancers, now, cfg.scale_up_window);
+    let window = humantime::format_duration(cfg.scale_up_window);
+    let from = match load.missing {
+        0 => format!("{} HAProxy server(s)", load.covered),
+        m => format!("{} HAProxy server(s), {m} silent", load.covered),
+    };
+    Signal::ALL
+        .into_iter()
+        .filter_map(|signal| {
+            let want = desired(cfg, signal, &load, serving, current)?;
+            (want > current).then(|| {
+                let target = signal.target(cfg).unwrap_or_default();
+                let reason = match signal {
+                    Signal::Requests => format!(
+                        "{:.1} requests/s over {window} ({from}) at {target} per node: desired {want} nodes, have {current}",
+                        load.rate
+                    ),
+                    Signal::Sessions => format!(
+                        "{:.1} requests in progress over {window} ({from}) at {target} per node: desired {want} nodes, have {current}",
+                        load.sessions
+                    ),
+                    Signal::Queue => format!(
+                        "requests queued through {window} ({from}; at least {:.0} waiting)",
+                        load.queue_held
+                    ),
+                    Signal::ResponseTime => format!(
+                        "response time {:.0} ms over {window} ({from}) against {target:.0} ms: desired {want} nodes, have {current}",
+                        load.rtime_ms.unwrap_or_default()
+                    ),
+                };
+                (want - current, reason, signal)
+            })
+        })
+        .max_by_key(|(want, _, signal)| (*want, std::cmp::Reverse(*signal)))
+}
+
+/// Whether the HAProxy signals let the fleet lose one node: one node fewer would have been
+/// enough through the whole scale-down window (its peaks, not its means), and every HAProxy
+/// server's figures cover it.
+fn lb_allows_scale_in(
+    cfg: &Scaling,
+    balancers: &[BalancerInput],
+    serving: u32,
+    now: u64,
+) -> Result<(), Hold> {
+    if !cfg.haproxy_signals() {
+        return Ok(());
+    }
+    let load = lb_load(cfg, balancers, now, cfg.scale_down_window);
+    if load.missing > 0 || load.covered == 0 {
+        return Err(Hold::BalancerSilent);
+    }
+    for signal in Signal::ALL {
+        let Some(target) = signal.target(cfg) else {
+            continue;
+        };
+        let fewer = serving.saturating_sub(1);
+        let ok = match signal {
+            Signal::Requests => ceil(load.rate_peak / target) <= fewer,
+            Signal::Sessions => ceil(load.sessions_peak / target) <= fewer,
+            Signal::Queue => load.queue_peak == 0.0,
+            // One node fewer carries each one's share: the response time rises with it.
+            Signal::ResponseTime => load
+                .rtime_peak_ms
+                .is_none_or(|r| r * f64::from(serving) <= target * f64::from(fewer)),
+        };
+        if !ok {
+            return Err(Hold::Needed(signal));
+        }
+    }
+    Ok(())
+}
+
+/// The nodes' CPU, as [`means`] found it.
+#[derive(Clone, Copy)]
+struct Cpu<'a> {
+    up: &'a [f64],
+    down: &'a [f64],
+    warming: Option<u64>,
 }
 
 /// How many of `want` new nodes the guards let launch now: max_nodes (launches in flight
@@ -275,13 +632,14 @@ fn capped(cfg: &Scaling, hist: &History, now: u64, current: u32, want: u32) -> R
 fn decide_from(
     cfg: &Scaling,
     nodes: &[NodeInput],
+    balancers: &[BalancerInput],
     hist: &History,
     now: u64,
-    up_means: &[f64],
-    down_means: &[f64],
-    warming: Option<u64>,
+    cpu: Cpu,
 ) -> Decision {
-    let current = nodes.len() as u32 + hist.in_flight;
+    let (up_means, down_means, warming) = (cpu.up, cpu.down, cpu.warming);
+    let serving = nodes.len() as u32;
+    let current = serving + hist.in_flight;
     // The floor needs no CPU data: fewer nodes than min_nodes (one terminated from outside,
     // a launch that failed) are replaced, within the hourly cap, as EC2 Auto Scaling does.
     if current < cfg.min_nodes {
@@ -290,11 +648,18 @@ fn decide_from(
             cfg.min_nodes
         );
         return match capped(cfg, hist, now, current, cfg.min_nodes - current) {
-            Ok(count) => Decision::ScaleUp { count, reason },
+            Ok(count) => Decision::ScaleUp {
+                count,
+                reason,
+                signal: "min_nodes",
+            },
             Err(hold) => Decision::Hold(hold),
         };
     }
-    if up_means.is_empty() && down_means.is_empty() {
+    // What HAProxy measures needs no CPU data: a backend waiting on a database is slow at
+    // 5 % CPU.
+    let lb_up = lb_wants(cfg, balancers, serving, current, now);
+    if up_means.is_empty() && down_means.is_empty() && lb_up.is_none() {
         return Decision::Hold(match warming {
             Some(remaining_ms) => Hold::WarmingUp { remaining_ms },
             None => Hold::NoData,
@@ -330,14 +695,22 @@ fn decide_from(
         }
         Policy::Cluster => None,
     };
-    if let Some((want, reason)) = up_wanted {
+    // The largest ask wins; CPU first on a tie.
+    let up_wanted: Option<(u32, String, &'static str)> = match (up_wanted, lb_up) {
+        (Some((c, r)), Some((l, _, _))) if c >= l => Some((c, r, "cpu")),
+        (_, Some((l, r, signal))) => Some((l, r, signal.name())),
+        (Some((c, r)), None) => Some((c, r, "cpu")),
+        (None, None) => None,
+    };
+    if let Some((want, reason, signal)) = up_wanted {
         if current >= cfg.max_nodes {
             return Decision::Hold(Hold::AtMax);
         }
         // The load that asked for the launch in flight is still the load seen now: under the
         // instance policy, wait for that capacity before asking for more (a slow bootstrap
-        // can outlast the cooldown). The cluster policy counts launches in flight as nodes.
-        if cfg.policy == Policy::Instance && hist.in_flight > 0 {
+        // can outlast the cooldown). The cluster policy and HAProxy's signals count launches
+        // in flight as nodes.
+        if cfg.policy == Policy::Instance && signal == "cpu" && hist.in_flight > 0 {
             return Decision::Hold(Hold::LaunchInFlight);
         }
         if let Some(t) = hist.last_scale_up_ms {
@@ -349,12 +722,17 @@ fn decide_from(
             }
         }
         return match capped(cfg, hist, now, current, want) {
-            Ok(count) => Decision::ScaleUp { count, reason },
+            Ok(count) => Decision::ScaleUp {
+                count,
+                reason,
+                signal,
+            },
             Err(hold) => Decision::Hold(hold),
         };
     }
 
-    // Scale-in: the whole (long) window below the threshold, or below the tolerance band.
+    // Scale-in: the whole (long) window below the threshold, or below the tolerance band,
+    // and every HAProxy signal content with one node fewer.
     if down_means.is_empty() {
         return Decision::Hold(Hold::Steady);
     }
@@ -371,6 +749,9 @@ fn decide_from(
     }
     if current <= cfg.min_nodes {
         return Decision::Hold(Hold::AtMin);
+    }
+    if let Err(hold) = lb_allows_scale_in(cfg, balancers, serving, now) {
+        return Decision::Hold(hold);
     }
     if hist.in_flight > 0 {
         return Decision::Hold(Hold::LaunchInFlight);
@@ -465,6 +846,356 @@ mod tests {
 
     fn up(count: u32) -> impl Fn(&Decision) -> bool {
         move |d| matches!(d, Decision::ScaleUp { count: c, .. } if *c == count)
+    }
+
+    /// A HAProxy server's figures, one a second for the last `span`, all the same.
+    fn lb(name: &str, sample: LbSample, span: u64) -> BalancerInput {
+        BalancerInput {
+            name: name.into(),
+            samples: (0..span / S)
+                .map(|k| (NOW - span + k * S + S, sample))
+                .collect(),
+        }
+    }
+
+    fn load(rate: f64, sessions: f64, queue: f64, rtime: Option<f64>) -> LbSample {
+        LbSample {
+            rate,
+            sessions,
+            queue,
+            rtime_ms: rtime,
+        }
+    }
+
+    /// CPU is idle on every node; HAProxy's signals decide.
+    fn lb_cfg() -> Scaling {
+        let mut c = cfg();
+        c.target_requests_per_node = Some(100.0);
+        c.target_sessions_per_node = Some(10.0);
+        c.scale_on_queue = true;
+        c.target_response_time = Some(Duration::from_millis(200));
+        c
+    }
+
+    fn decided(c: &Scaling, nodes: &[NodeInput], lbs: &[BalancerInput], h: &History) -> Decision {
+        decide_all(c, nodes, lbs, h, NOW).0
+    }
+
+    fn up_on(count: u32, signal: &'static str) -> impl Fn(&Decision) -> bool {
+        move |d| matches!(d, Decision::ScaleUp { count: c, signal: s, .. } if *c == count && *s == signal)
+    }
+
+    /// The largest ask of any signal wins; scale-in needs every signal's consent; a silent
+    /// HAProxy server is not zero load; the guards hold as for CPU.
+    #[test]
+    fn haproxy_signals_table() {
+        let c = lb_cfg();
+        let fresh = History::default();
+        let idle = || vec![node(1, 5.0, 11 * MIN), node(2, 5.0, 11 * MIN)];
+        let idle_launched = || {
+            vec![
+                node(1, 5.0, 11 * MIN),
+                launched(node(2, 5.0, 11 * MIN), NOW - 30 * MIN),
+            ]
+        };
+        let quiet = load(10.0, 1.0, 0.0, Some(20.0));
+        type Check = Box<dyn Fn(&Decision) -> bool>;
+        type Case = (
+            &'static str,
+            Vec<NodeInput>,
+            Vec<BalancerInput>,
+            History,
+            Check,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "requests: 450/s at 100 per node asks for 5 nodes (3 more), CPU idle",
+                idle(),
+                vec![lb("local", load(450.0, 5.0, 0.0, Some(20.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(3, "requests")),
+            ),
+            (
+                "sessions: 31 in progress at 10 per node asks for 4 (2 more)",
+                idle(),
+                vec![lb("local", load(50.0, 31.0, 0.0, Some(20.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(2, "sessions")),
+            ),
+            (
+                "the largest ask wins: requests 3 nodes, sessions 5 (capped at max_nodes 5)",
+                idle(),
+                vec![lb("local", load(250.0, 45.0, 0.0, Some(20.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(3, "sessions")),
+            ),
+            (
+                "two HAProxy servers each at half: only the sum crosses the target",
+                idle(),
+                vec![
+                    lb("local", load(120.0, 2.0, 0.0, Some(20.0)), 11 * MIN),
+                    lb("ssh://lb2", load(120.0, 2.0, 0.0, Some(20.0)), 11 * MIN),
+                ],
+                fresh.clone(),
+                Box::new(up_on(1, "requests")),
+            ),
+            (
+                "a queue through the whole window scales up by the step",
+                idle(),
+                vec![lb("local", load(10.0, 1.0, 3.0, Some(20.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(1, "queue")),
+            ),
+            (
+                "response time 500 ms against 200 with 2 nodes asks for 5",
+                idle(),
+                vec![lb("local", load(10.0, 1.0, 0.0, Some(500.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(3, "response_time")),
+            ),
+            (
+                "CPU asks more than HAProxy: CPU drives",
+                vec![node(1, 95.0, 11 * MIN), node(2, 5.0, 11 * MIN)],
+                vec![lb("local", quiet, 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(1, "cpu")),
+            ),
+            (
+                "no CPU data at all: HAProxy's figures still scale up",
+                vec![node(1, 5.0, 5 * S), node(2, 5.0, 5 * S)],
+                vec![lb("local", load(450.0, 5.0, 0.0, None), 11 * MIN)],
+                fresh.clone(),
+                Box::new(up_on(3, "requests")),
+            ),
+            (
+                "figures younger than the window neither scale up nor let the fleet scale in",
+                idle(),
+                vec![lb("local", load(450.0, 5.0, 0.0, None), 30 * S)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "stale figures (none for 20 s) neither scale up nor let the fleet scale in",
+                idle(),
+                vec![BalancerInput {
+                    name: "local".into(),
+                    samples: lb("local", load(450.0, 5.0, 0.0, None), 11 * MIN)
+                        .samples
+                        .into_iter()
+                        .filter(|(t, _)| *t < NOW - 20 * S)
+                        .collect(),
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "a launch in flight counts as a node: 5 wanted, 2 + 3 in flight",
+                idle(),
+                vec![lb("local", load(450.0, 5.0, 0.0, None), 11 * MIN)],
+                History {
+                    in_flight: 3,
+                    ..fresh.clone()
+                },
+                Box::new(|d| matches!(d, Decision::Hold(_))),
+            ),
+            (
+                "the cooldown holds a HAProxy scale-up too",
+                idle(),
+                vec![lb("local", load(450.0, 5.0, 0.0, None), 11 * MIN)],
+                History {
+                    last_scale_up_ms: Some(NOW - MIN),
+                    ..fresh.clone()
+                },
+                Box::new(|d| matches!(d, Decision::Hold(Hold::Cooldown { .. }))),
+            ),
+            (
+                "the hourly cap holds a HAProxy scale-up too",
+                idle(),
+                vec![lb("local", load(450.0, 5.0, 0.0, None), 11 * MIN)],
+                History {
+                    launches_ms: vec![NOW - 10 * MIN; 4],
+                    ..fresh.clone()
+                },
+                Box::new(|d| *d == Decision::Hold(Hold::HourlyCap)),
+            ),
+            (
+                "max_nodes holds it",
+                (1..=5).map(|i| node(i, 5.0, 11 * MIN)).collect(),
+                vec![lb("local", load(900.0, 5.0, 0.0, None), 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::AtMax)),
+            ),
+            (
+                "quiet everywhere, CPU low: scale in the launched node",
+                idle_launched(),
+                vec![lb("local", quiet, 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| matches!(d, Decision::ScaleDown { host, .. } if *host == key(2))),
+            ),
+            (
+                "no requests at all (rtime is HAProxy's last value): scale in",
+                idle_launched(),
+                vec![lb("local", load(0.0, 0.0, 0.0, Some(900.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| matches!(d, Decision::ScaleDown { .. })),
+            ),
+            (
+                "CPU low but requests need both nodes: no scale-in",
+                idle_launched(),
+                vec![lb("local", load(150.0, 1.0, 0.0, Some(20.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Needed(Signal::Requests))),
+            ),
+            (
+                "a queue at one moment of the scale-down window: no scale-in",
+                idle_launched(),
+                vec![BalancerInput {
+                    name: "local".into(),
+                    samples: (0..11 * MIN / S)
+                        .map(|k| {
+                            let t = NOW - 11 * MIN + k * S + S;
+                            let q = if k == 100 { 1.0 } else { 0.0 };
+                            (t, load(10.0, 1.0, q, Some(20.0)))
+                        })
+                        .collect(),
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Needed(Signal::Queue))),
+            ),
+            (
+                "sessions that needed both nodes for a minute of the window (mean fits one): no scale-in",
+                idle_launched(),
+                vec![BalancerInput {
+                    name: "local".into(),
+                    samples: (0..11 * MIN / S)
+                        .map(|k| {
+                            let t = NOW - 11 * MIN + k * S + S;
+                            let n = if (200..260).contains(&k) { 15.0 } else { 1.0 };
+                            (t, load(10.0, n, 0.0, Some(20.0)))
+                        })
+                        .collect(),
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Needed(Signal::Sessions))),
+            ),
+            (
+                "response time that one node fewer would push over the target: no scale-in",
+                idle_launched(),
+                vec![lb("local", load(10.0, 1.0, 0.0, Some(150.0)), 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Needed(Signal::ResponseTime))),
+            ),
+            (
+                "one HAProxy server silent: its silence is not no load",
+                idle_launched(),
+                vec![
+                    lb("local", quiet, 11 * MIN),
+                    BalancerInput {
+                        name: "ssh://lb2".into(),
+                        samples: vec![],
+                    },
+                ],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "a HAProxy server that went silent 20 s ago: no scale-in",
+                idle_launched(),
+                vec![
+                    lb("local", quiet, 11 * MIN),
+                    BalancerInput {
+                        name: "ssh://lb2".into(),
+                        samples: lb("x", quiet, 11 * MIN)
+                            .samples
+                            .into_iter()
+                            .filter(|(t, _)| *t < NOW - 20 * S)
+                            .collect(),
+                    },
+                ],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "HAProxy quiet but CPU busy: no scale-in",
+                vec![
+                    node(1, 50.0, 11 * MIN),
+                    launched(node(2, 50.0, 11 * MIN), NOW - 30 * MIN),
+                ],
+                vec![lb("local", quiet, 11 * MIN)],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::Steady)),
+            ),
+        ];
+        for (what, nodes, lbs, hist, check) in cases {
+            let d = decided(&c, &nodes, &lbs, &hist);
+            assert!(check(&d), "{what}: {d:?}");
+        }
+    }
+
+    /// With every HAProxy signal off, the figures change nothing: the CPU policy decides
+    /// exactly as without them.
+    #[test]
+    fn haproxy_figures_are_ignored_when_no_signal_is_on() {
+        let c = cfg();
+        let busy = vec![lb(
+            "local",
+            load(9000.0, 900.0, 50.0, Some(5000.0)),
+            11 * MIN,
+        )];
+        let cases = [
+            vec![node(1, 5.0, 11 * MIN)],
+            vec![node(1, 90.0, 11 * MIN)],
+            vec![
+                node(1, 5.0, 11 * MIN),
+                launched(node(2, 5.0, 11 * MIN), NOW - 30 * MIN),
+            ],
+        ];
+        for nodes in cases {
+            assert_eq!(
+                decided(&c, &nodes, &busy, &History::default()),
+                decide(&c, &nodes, &History::default(), NOW)
+            );
+            assert_eq!(
+                decided(&c, &nodes, &[], &History::default()),
+                decide(&c, &nodes, &History::default(), NOW)
+            );
+        }
+    }
+
+    /// Aggregation across HAProxy servers: rates and sessions summed, the largest queue, the
+    /// response time weighted by requests; a server that does not cover the window counted
+    /// as missing, not as zero.
+    #[test]
+    fn haproxy_figures_aggregate_across_servers() {
+        let c = lb_cfg();
+        let a = lb("a", load(300.0, 6.0, 0.0, Some(100.0)), 2 * MIN);
+        let b = lb("b", load(100.0, 2.0, 4.0, Some(300.0)), 2 * MIN);
+        let silent = BalancerInput {
+            name: "c".into(),
+            samples: vec![],
+        };
+        let l = lb_load(&c, &[a, b, silent], NOW, Duration::from_secs(60));
+        assert_eq!((l.rate, l.sessions), (400.0, 8.0));
+        assert_eq!((l.queue_held, l.queue_peak), (4.0, 4.0));
+        // (100 × 300 + 300 × 100) / 400
+        assert_eq!(l.rtime_ms, Some(150.0));
+        assert_eq!((l.covered, l.missing), (2, 1));
+        let evals = signals(
+            &c,
+            &[lb("a", load(300.0, 6.0, 0.0, Some(100.0)), 2 * MIN)],
+            2,
+            &History::default(),
+            NOW,
+        );
+        let names: Vec<&str> = evals.iter().map(|e| e.signal.name()).collect();
+        assert_eq!(names, ["requests", "sessions", "queue", "response_time"]);
+        assert_eq!(evals[0].desired, Some(3));
+        assert_eq!(evals[1].desired, Some(1));
+        assert_eq!(evals[2].desired, None, "no queue: no opinion");
+        assert_eq!(evals[3].desired, Some(1));
+        // Exactly at the target is enough nodes (no float noise).
+        assert_eq!(ceil(300.0 / 100.0), 3);
+        assert_eq!(ceil(0.3 / 0.1), 3);
     }
 
     #[test]
@@ -787,7 +1518,7 @@ mod tests {
         let h = History::default();
         let d = decide(&c, &[silent(1)], &h, NOW);
         assert!(
-            matches!(&d, Decision::ScaleUp { count: 2, reason } if reason.contains("below min_nodes (3)")),
+            matches!(&d, Decision::ScaleUp { count: 2, reason, .. } if reason.contains("below min_nodes (3)")),
             "{d:?}"
         );
         let one_in_flight = History {

@@ -220,6 +220,38 @@ pub fn default_server_options(text: &str, backend: &str) -> Vec<String> {
     out
 }
 
+/// The proxy mode `backend` runs in, in a rendered configuration: its own `mode` line, else
+/// that of the last `defaults` section before it, else HAProxy's default, `tcp`. None when
+/// there is no such backend (nor `listen` section of that name).
+pub fn backend_mode(text: &str, backend: &str) -> Option<String> {
+    let mut from_defaults = "tcp".to_string();
+    let mut section = "";
+    let mut found: Option<String> = None;
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        let first = w.next().unwrap_or("");
+        match first {
+            "defaults" => {
+                section = "defaults";
+                from_defaults = "tcp".into();
+            }
+            "backend" | "listen" if w.clone().next() == Some(backend) => {
+                section = "ours";
+                found = Some(from_defaults.clone());
+            }
+            "global" | "frontend" | "backend" | "listen" | "resolvers" | "peers" | "userlist"
+            | "cache" | "program" | "mailers" | "ring" | "http-errors" => section = "",
+            "mode" => match (section, w.next()) {
+                ("defaults", Some(m)) => from_defaults = m.into(),
+                ("ours", Some(m)) => found = Some(m.into()),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    found
+}
+
 /// SHA-256 of `text` as lower-case hex.
 pub fn digest(text: &str) -> String {
     use sha2::{Digest, Sha256};
@@ -462,6 +494,42 @@ mod tests {
             plan.server_options.as_deref(),
             Some("check inter 500ms rise 1 fall 4")
         );
+    }
+
+    /// The backend's mode comes from its own line, else the last defaults before it, else
+    /// tcp; a defaults section after it, or another backend's mode, does not count.
+    #[test]
+    fn the_backend_mode_as_haproxy_reads_it() {
+        let cases = [
+            (
+                "defaults\n    mode http\nbackend app\n    server a 1.2.3.4:80\n",
+                Some("http"),
+            ),
+            (
+                "defaults\n    mode http\nbackend app\n    mode tcp\n",
+                Some("tcp"),
+            ),
+            ("backend app\n    balance roundrobin\n", Some("tcp")),
+            (
+                "defaults\n    mode http\ndefaults\n    timeout client 1s\nbackend app\n",
+                Some("tcp"),
+            ),
+            ("backend other\n    mode http\nbackend app\n", Some("tcp")),
+            ("backend app\ndefaults\n    mode http\n", Some("tcp")),
+            (
+                "defaults\n    mode http\nlisten app\n    bind :80\n",
+                Some("http"),
+            ),
+            ("defaults\n    mode http\nbackend other\n", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(backend_mode(text, "app").as_deref(), want, "{text}");
+        }
+        let plan = HaproxyTemplate::load(None)
+            .unwrap()
+            .plan(&cfg().haproxy, Path::new("/h"), &[], &dns)
+            .unwrap();
+        assert_eq!(backend_mode(&plan.text, "app").as_deref(), Some("http"));
     }
 
     #[test]

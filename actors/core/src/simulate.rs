@@ -5,24 +5,88 @@
 //! percent — one row per sample, any resolution; a header row is allowed. Each node reports
 //! every `sample_interval` the trace's last value for it, as its agent would.
 //!
+//! With a header row the columns are found by name, and a trace may carry what HAProxy
+//! measured for the backend (summed over the HAProxy servers, as the master aggregates it):
+//! `requests` (per second), `sessions` (in progress), `queue` (waiting) and `rtime_ms`
+//! (average response time). A row may give a node's CPU, the backend's figures, or both;
+//! cells may be empty. HAProxy's figures hold until the next row that gives them.
+//!
 //! The model of what scaling does: the trace's nodes carry the recorded load. A launch adds a
 //! node after `launch_delay` (boot and health check); load balancing then spreads the same
 //! demand over more nodes, so every node's CPU is its recorded value × (trace nodes present /
 //! nodes serving), and a launched node carries the mean. A scale-in removes the launched node
-//! the policy names, and the load spreads back. Time is simulated: nothing sleeps.
+//! the policy names, and the load spreads back. HAProxy's figures: the request rate and the
+//! requests in progress are demand, the same however many nodes serve; a queue is absorbed
+//! once more nodes serve than when it was recorded; the response time is taken as recorded
+//! (more nodes do not make an upstream faster), so a response-time target replays its worst
+//! case. Time is simulated: nothing sleeps.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use crate::config::Scaling;
+use crate::haproxy_api::LbSample;
 use crate::hosts::{HostKey, HostName};
-use crate::policy::{decide_with_summary, Decision, History, NodeInput};
+use crate::policy::{decide_all, BalancerInput, Decision, History, NodeInput};
 
-/// A recorded trace: per node, (seconds from start, busy %) in time order.
+/// A recorded trace: per node, (seconds from start, busy %) in time order; what HAProxy
+/// measured for the backend, (seconds from start, figures) in time order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Trace {
     pub nodes: BTreeMap<String, Vec<(f64, f64)>>,
+    pub backend: Vec<(f64, LbSample)>,
+}
+
+/// The columns a trace may have, by header name.
+const COLUMNS: [&str; 7] = [
+    "time", "node", "busy", "requests", "sessions", "queue", "rtime_ms",
+];
+
+/// Where each column of [`COLUMNS`] is in a row.
+#[derive(Debug, Clone, Copy)]
+struct Layout([Option<usize>; 7]);
+
+impl Layout {
+    /// `time,node,busy`, the format without a header.
+    const PLAIN: Layout = Layout([Some(0), Some(1), Some(2), None, None, None, None]);
+
+    /// The layout a header row names, or None when `cells` is not a header (its first cell
+    /// is a number).
+    fn from_header(cells: &[&str]) -> Option<Result<Layout, String>> {
+        if cells.first().is_some_and(|c| c.parse::<f64>().is_ok()) {
+            return None;
+        }
+        let mut at = [None; 7];
+        for (i, c) in cells.iter().enumerate() {
+            let name = c.to_ascii_lowercase();
+            let Some(k) = COLUMNS.iter().position(|n| *n == name) else {
+                return Some(Err(format!(
+                    "unknown column {c:?} in the header (columns: {})",
+                    COLUMNS.join(", ")
+                )));
+            };
+            if at[k].replace(i).is_some() {
+                return Some(Err(format!("column {c:?} appears twice in the header")));
+            }
+        }
+        if at[0].is_none() {
+            return Some(Err("the header has no time column".into()));
+        }
+        if at[1].is_some() != at[2].is_some() {
+            return Some(Err("node and busy go together in the header".into()));
+        }
+        Some(Ok(Layout(at)))
+    }
+
+    fn width(&self) -> usize {
+        self.0.iter().flatten().max().map_or(0, |m| m + 1)
+    }
+
+    /// The cell of column `k` (empty when absent).
+    fn cell<'a>(&self, cells: &[&'a str], k: usize) -> &'a str {
+        self.0[k].and_then(|i| cells.get(i).copied()).unwrap_or("")
+    }
 }
 
 /// A line of a trace that cannot be read.
@@ -34,10 +98,13 @@ pub struct TraceError {
 }
 
 impl Trace {
-    /// Parses `time,node,busy` rows. Blank lines and `#` comments are skipped; a first row
-    /// whose time is not a number is a header.
+    /// Parses `time,node,busy` rows, or the columns a header row names. Blank lines and `#`
+    /// comments are skipped; a first row whose time is not a number is a header.
     pub fn parse(text: &str) -> Result<Trace, TraceError> {
         let mut t = Trace::default();
+        let mut layout = Layout::PLAIN;
+        let mut headed = false;
+        let first = first_row(text);
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -48,46 +115,42 @@ impl Trace {
                 message,
             };
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            if cells.len() != 3 {
-                return Err(err(format!(
-                    "expected 3 columns (time,node,busy), found {}",
-                    cells.len()
-                )));
-            }
-            let Ok(time) = cells[0].parse::<f64>() else {
-                if t.nodes.is_empty() && i == first_row(text) {
-                    continue; // A header.
+            if i == first {
+                if let Some(l) = Layout::from_header(&cells) {
+                    layout = l.map_err(err)?;
+                    headed = true;
+                    continue;
                 }
+            }
+            let want = layout.width();
+            if (!headed && cells.len() != 3) || cells.len() < want {
+                return Err(err(match headed {
+                    false => format!("expected 3 columns (time,node,busy), found {}", cells.len()),
+                    true => format!(
+                        "expected {want} columns as the header names, found {}",
+                        cells.len()
+                    ),
+                }));
+            }
+            let time_cell = layout.cell(&cells, 0);
+            let Ok(time) = time_cell.parse::<f64>() else {
                 return Err(err(format!(
-                    "time {:?} is not a number of seconds",
-                    cells[0]
+                    "time {time_cell:?} is not a number of seconds"
                 )));
             };
             if !time.is_finite() || time < 0.0 {
                 return Err(err(format!("time {time} must be 0 or more")));
             }
-            let node = cells[1];
-            if HostName::parse(node).is_err() {
-                return Err(err(format!(
-                    "node {node:?} is not a host name (letters, digits, '-', '.')"
-                )));
+            let (node, busy_cell) = (layout.cell(&cells, 1), layout.cell(&cells, 2));
+            if !(node.is_empty() && busy_cell.is_empty() && headed) {
+                t.node_row(node, busy_cell, time).map_err(err)?;
             }
-            let busy: f64 = cells[2]
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| err(format!("busy {:?} is not a number", cells[2])))?;
-            if !(0.0..=100.0).contains(&busy) {
-                return Err(err(format!("busy {busy} is not between 0 and 100")));
+            let figures: Vec<&str> = (3..7).map(|k| layout.cell(&cells, k)).collect();
+            if figures.iter().any(|c| !c.is_empty()) {
+                t.backend_row(&figures, time).map_err(err)?;
             }
-            let samples = t.nodes.entry(node.to_string()).or_default();
-            if samples.last().is_some_and(|(last, _)| *last > time) {
-                return Err(err(format!(
-                    "time {time} for {node} is before its previous row; rows of a node go in time order"
-                )));
-            }
-            samples.push((time, busy));
         }
-        match t.nodes.is_empty() {
+        match t.nodes.is_empty() && t.backend.is_empty() {
             true => Err(TraceError {
                 line: 0,
                 message: "no samples".into(),
@@ -96,9 +159,69 @@ impl Trace {
         }
     }
 
+    fn node_row(&mut self, node: &str, busy: &str, time: f64) -> Result<(), String> {
+        if HostName::parse(node).is_err() {
+            return Err(format!(
+                "node {node:?} is not a host name (letters, digits, '-', '.')"
+            ));
+        }
+        let busy: f64 = busy
+            .trim_end_matches('%')
+            .parse()
+            .map_err(|_| format!("busy {busy:?} is not a number"))?;
+        if !(0.0..=100.0).contains(&busy) {
+            return Err(format!("busy {busy} is not between 0 and 100"));
+        }
+        let samples = self.nodes.entry(node.to_string()).or_default();
+        if samples.last().is_some_and(|(last, _)| *last > time) {
+            return Err(format!(
+                "time {time} for {node} is before its previous row; rows of a node go in time order"
+            ));
+        }
+        samples.push((time, busy));
+        Ok(())
+    }
+
+    /// `cells`: requests, sessions, queue, rtime_ms (empty: 0, or no response time).
+    fn backend_row(&mut self, cells: &[&str], time: f64) -> Result<(), String> {
+        let mut v = [0.0; 4];
+        for (k, c) in cells.iter().enumerate() {
+            if c.is_empty() {
+                continue;
+            }
+            let name = COLUMNS[k + 3];
+            v[k] = c
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| format!("{name} {c:?} is not a number of 0 or more"))?;
+        }
+        let sample = LbSample {
+            rate: v[0],
+            sessions: v[1],
+            queue: v[2],
+            rtime_ms: (!cells[3].is_empty()).then_some(v[3]),
+        };
+        match self.backend.last_mut() {
+            Some((last, _)) if *last > time => {
+                return Err(format!(
+                    "time {time} is before the previous row with HAProxy figures; rows go in time order"
+                ))
+            }
+            Some((last, s)) if *last == time => *s = sample,
+            _ => self.backend.push((time, sample)),
+        }
+        Ok(())
+    }
+
     /// The first and last time of any sample.
     pub fn span(&self) -> (f64, f64) {
-        let times = self.nodes.values().flatten().map(|(t, _)| *t);
+        let times = self
+            .nodes
+            .values()
+            .flatten()
+            .map(|(t, _)| *t)
+            .chain(self.backend.iter().map(|(t, _)| *t));
         let start = times.clone().fold(f64::INFINITY, f64::min);
         let end = times.fold(f64::NEG_INFINITY, f64::max);
         (start, end)
@@ -106,7 +229,7 @@ impl Trace {
 
     /// `node`'s recorded value at `t`: its last sample at or before `t`; None before its first
     /// sample or after its last.
-    fn at(samples: &[(f64, f64)], t: f64) -> Option<f64> {
+    fn at<T: Copy>(samples: &[(f64, T)], t: f64) -> Option<T> {
         let last = samples.last()?.0;
         if t > last {
             return None;
@@ -180,6 +303,9 @@ pub struct Frame {
     /// Nodes serving, and launches not ready yet.
     pub nodes: usize,
     pub in_flight: u32,
+    /// What HAProxy measures for the backend as the model has it (None: the trace has no
+    /// HAProxy figures for this time).
+    pub backend: Option<LbSample>,
 }
 
 /// The replay's outcome.
@@ -243,6 +369,11 @@ pub fn run(cfg: &Scaling, trace: &Trace, s: &Settings) -> Outcome {
         hot_s: 0.0,
     };
     let mut last_hold: Option<String> = None;
+    // HAProxy's figures, as one HAProxy server would report them to the master.
+    let mut balancer = BalancerInput {
+        name: "haproxy".into(),
+        samples: Vec::new(),
+    };
     let mut next_sample = at_ms(start);
     let stop = at_ms(end);
     let mut now = at_ms(start);
@@ -307,7 +438,22 @@ pub fn run(cfg: &Scaling, trace: &Trace, s: &Settings) -> Outcome {
                 (n.name.clone(), (base * share).min(100.0))
             })
             .collect();
+        // The backend's figures under the model: demand stays; a queue is absorbed once more
+        // nodes serve than when it was recorded.
+        let backend = Trace::at(&trace.backend, t).map(|mut b| {
+            if serving > recorded.len().max(1) as f64 {
+                b.queue = 0.0;
+            }
+            b
+        });
         if now >= next_sample {
+            if let Some(b) = backend {
+                balancer.samples.push((now, b));
+                let drop = balancer
+                    .samples
+                    .partition_point(|(at, _)| now.saturating_sub(*at) > keep);
+                balancer.samples.drain(..drop);
+            }
             for (n, (_, c)) in nodes.iter_mut().zip(&cpu) {
                 n.samples.push_back((now, *c));
                 while n
@@ -332,6 +478,7 @@ pub fn run(cfg: &Scaling, trace: &Trace, s: &Settings) -> Outcome {
             cpu,
             nodes: nodes.len(),
             in_flight: hist.in_flight,
+            backend,
         });
 
         let inputs: Vec<NodeInput> = nodes
@@ -345,7 +492,11 @@ pub fn run(cfg: &Scaling, trace: &Trace, s: &Settings) -> Outcome {
                 registered_ms: n.registered_ms,
             })
             .collect();
-        match decide_with_summary(cfg, &inputs, &hist, now).0 {
+        let balancers: &[BalancerInput] = match trace.backend.is_empty() {
+            true => &[],
+            false => std::slice::from_ref(&balancer),
+        };
+        match decide_all(cfg, &inputs, balancers, &hist, now).0 {
             Decision::Hold(h) => {
                 let reason = h.to_string();
                 if last_hold.as_deref() != Some(reason.as_str()) {
@@ -358,8 +509,13 @@ pub fn run(cfg: &Scaling, trace: &Trace, s: &Settings) -> Outcome {
                     last_hold = Some(reason);
                 }
             }
-            Decision::ScaleUp { count, reason } => {
+            Decision::ScaleUp {
+                count,
+                reason,
+                signal,
+            } => {
                 last_hold = None;
+                let reason = format!("[{signal}] {reason}");
                 out.scale_ups += 1;
                 out.launched += count;
                 hist.last_scale_up_ms = Some(now);
@@ -488,6 +644,121 @@ mod tests {
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.message.contains(says), "{text:?}: {e}");
         }
+    }
+
+    /// A header names the columns: HAProxy's figures alone, with the CPU on the same rows,
+    /// or in any order; empty cells are no figure.
+    #[test]
+    fn traces_with_haproxy_columns() {
+        let t = Trace::parse(
+            "time,node,busy,requests,sessions,queue,rtime_ms\n\
+             0,web-1,5,40,4,0,100\n\
+             1,web-1,6,,,,\n\
+             2,,,50,5,1,\n",
+        )
+        .unwrap();
+        assert_eq!(t.nodes["web-1"], vec![(0.0, 5.0), (1.0, 6.0)]);
+        let lb = |rate, sessions, queue, rtime_ms| LbSample {
+            rate,
+            sessions,
+            queue,
+            rtime_ms,
+        };
+        assert_eq!(
+            t.backend,
+            vec![
+                (0.0, lb(40.0, 4.0, 0.0, Some(100.0))),
+                (2.0, lb(50.0, 5.0, 1.0, None))
+            ]
+        );
+        let t = Trace::parse("sessions,time\n3,0\n4,10\n").unwrap();
+        assert!(t.nodes.is_empty());
+        assert_eq!(t.backend[1], (10.0, lb(0.0, 4.0, 0.0, None)));
+        assert_eq!(t.span(), (0.0, 10.0));
+        for (text, line, says) in [
+            ("time,node,cpu\n", 1, "unknown column \"cpu\""),
+            ("node,busy\n", 1, "no time column"),
+            ("time,node\n", 1, "node and busy go together"),
+            ("time,time,busy\n", 1, "appears twice"),
+            (
+                "time,sessions\n0,-1\n",
+                2,
+                "sessions \"-1\" is not a number of 0 or more",
+            ),
+            ("time,rtime_ms\n0,fast\n", 2, "rtime_ms"),
+            (
+                "time,sessions,queue\n0,1\n",
+                2,
+                "expected 3 columns as the header names",
+            ),
+            ("time,sessions\n5,1\n4,1\n", 3, "time order"),
+        ] {
+            let e = Trace::parse(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.message.contains(says), "{text:?}: {e}");
+        }
+    }
+
+    /// A backend that is slow at idle CPU: a replay with a sessions target scales up on
+    /// the sessions, not the CPU, and back in once the requests stop; with no HAProxy
+    /// signal on, the same trace does nothing.
+    #[test]
+    fn a_slow_backend_replays_on_its_sessions() {
+        let mut text = String::from("time,node,busy,requests,sessions,queue,rtime_ms\n");
+        for t in 0..=1800 {
+            let busy = 4.0;
+            let (rate, sessions) = if (300..900).contains(&t) {
+                (60.0, 6.0)
+            } else {
+                (0.0, 0.0)
+            };
+            text += &format!("{t},web-1,{busy},{rate},{sessions},0,100\n");
+        }
+        let trace = Trace::parse(&text).unwrap();
+        let settings = Settings {
+            launch_delay: Duration::from_secs(30),
+            ..Settings::default()
+        };
+        let mut c = scaling();
+        let idle = run(&c, &trace, &settings);
+        assert_eq!(
+            (idle.scale_ups, idle.scale_downs),
+            (0, 0),
+            "{:?}",
+            idle.events
+        );
+        c.target_sessions_per_node = Some(4.0);
+        c.scale_down_window = Duration::from_secs(120);
+        c.scale_down_cooldown = Duration::from_secs(60);
+        let o = run(&c, &trace, &settings);
+        assert_eq!(
+            (o.scale_ups, o.launched, o.scale_downs, o.max_nodes),
+            (1, 1, 1, 2),
+            "{:#?}",
+            o.events
+        );
+        let up = o
+            .events
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::ScaleUp { .. }))
+            .unwrap();
+        // Once the mean over the window (1 m) passes 4 per node: 40 s after the load starts
+        // at 5:00 (6 in progress over 40 of the 60 s).
+        assert!((340.0..=342.0).contains(&up.t), "{up}");
+        assert!(
+            up.to_string()
+                .contains("[sessions] 4.0 requests in progress"),
+            "{up}"
+        );
+        let down = o
+            .events
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::ScaleDown { .. }))
+            .unwrap();
+        // Not before the load stops (15:00) and the scale-down window has passed.
+        assert!(down.t >= 900.0 + 120.0, "{down}");
+        let f = o.frames.iter().find(|f| f.t == 600.0).unwrap();
+        assert_eq!(f.backend.map(|b| b.sessions), Some(6.0));
     }
 
     #[test]

@@ -44,6 +44,26 @@ pub struct Status {
     /// Several masters: who this is, and who leads.
     #[serde(default)]
     pub cluster: Option<ClusterLine>,
+    /// Each HAProxy signal that is on, against its target.
+    #[serde(default)]
+    pub signals: Vec<SignalLine>,
+}
+
+/// A HAProxy signal over scale_up_window, against its target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalLine {
+    /// requests, sessions, queue or response_time.
+    pub signal: String,
+    /// Requests per second, requests in progress, queued requests, or milliseconds; None
+    /// while no HAProxy server's figures cover the window.
+    pub value: Option<f64>,
+    /// Per node (the queue's is 0: any queue is a breach).
+    pub target: f64,
+    /// The nodes it asks for (None: no opinion).
+    pub desired: Option<u32>,
+    /// HAProxy servers whose figures cover the window, and those whose do not.
+    pub covered: usize,
+    pub missing: usize,
 }
 
 /// This master in its group.
@@ -183,6 +203,18 @@ impl Sources {
             holding: d.holding,
             cooldown_left_s: d.cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
             launches_last_hour: d.launches_last_hour,
+            signals: d
+                .signals
+                .into_iter()
+                .map(|l| SignalLine {
+                    signal: l.signal,
+                    value: l.value,
+                    target: l.target,
+                    desired: l.desired,
+                    covered: l.covered,
+                    missing: l.missing,
+                })
+                .collect(),
             launches: {
                 let mut l = d.in_flight;
                 for i in intents {
@@ -429,6 +461,32 @@ impl Status {
             out += &format!("cooldown: {} left\n", span(c));
         }
         out += &format!("launches in the last hour: {}\n", self.launches_last_hour);
+        for l in &self.signals {
+            let unit = match l.signal.as_str() {
+                "requests" => " requests/s",
+                "response_time" => " ms",
+                _ => "",
+            };
+            let value = l
+                .value
+                .map_or("no figures".to_string(), |v| format!("{v:.1}{unit}"));
+            let target = match l.signal.as_str() {
+                "queue" => "any queue is a breach".to_string(),
+                "response_time" => format!("target {:.0} ms", l.target),
+                _ => format!("target {} per node", l.target),
+            };
+            let desired = l
+                .desired
+                .map_or("no opinion".to_string(), |d| format!("asks for {d} nodes"));
+            let from = match l.missing {
+                0 => format!("{} HAProxy server(s)", l.covered),
+                m => format!("{} HAProxy server(s), {m} without figures", l.covered),
+            };
+            out += &format!(
+                "signal {}: {value} ({target}; {desired}; {from})\n",
+                l.signal
+            );
+        }
         if let Some(c) = &self.cluster {
             out += &match (c.leading, &c.leader) {
                 (true, _) => format!("cluster: {} leads (decides and launches)\n", c.name),
@@ -593,6 +651,24 @@ mod tests {
                 deadline_in_s: 30.0,
             }],
             cluster: None,
+            signals: vec![
+                SignalLine {
+                    signal: "sessions".into(),
+                    value: Some(31.0),
+                    target: 10.0,
+                    desired: Some(4),
+                    covered: 2,
+                    missing: 0,
+                },
+                SignalLine {
+                    signal: "response_time".into(),
+                    value: None,
+                    target: 200.0,
+                    desired: None,
+                    covered: 0,
+                    missing: 1,
+                },
+            ],
             haproxy: vec![HaproxyLine {
                 server: "local".into(),
                 state: "applied".into(),
@@ -611,6 +687,16 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("cooldown: 3m left"), "{t}");
+        assert!(
+            t.contains(
+                "signal sessions: 31.0 (target 10 per node; asks for 4 nodes; 2 HAProxy server(s))"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("signal response_time: no figures (target 200 ms; no opinion; 0 HAProxy server(s), 1 without figures)"),
+            "{t}"
+        );
         let lines: Vec<&str> = t.lines().collect();
         let header = lines.iter().position(|l| l.starts_with("HOST ")).unwrap();
         let col = |l: &str, word: &str| l.find(word).unwrap();

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,7 +36,7 @@ use crate::adapters::records::Records;
 use crate::config::Scaling;
 use crate::hosts::{Host, HostKey, Origin};
 use crate::metrics::Metrics;
-use crate::policy::{decide_with_summary, Decision, History, NodeInput};
+use crate::policy::{decide_all, Decision, History, NodeInput};
 
 /// How often the policy runs.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
@@ -59,6 +60,15 @@ pub struct LaunchFinished {
 #[rtype(result = "()")]
 pub struct Reconciled {
     pub resumed: Vec<(String, u32)>,
+}
+
+/// One HAProxy server's backend load, as its worker read it (HAProxy signals on).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct BalancerLoad {
+    /// Its name in `[haproxy] servers`.
+    pub server: String,
+    pub sample: crate::haproxy_api::LbSample,
 }
 
 /// Use these scaling settings from now on (the configuration was reloaded). The guards'
@@ -88,6 +98,22 @@ pub struct DecisionStatus {
     /// Time left before the next scale-up may happen (ms), if in a cooldown.
     pub cooldown_left_ms: Option<u64>,
     pub launches_last_hour: usize,
+    /// Each HAProxy signal that is on, against its target.
+    pub signals: Vec<SignalStatusLine>,
+}
+
+/// One HAProxy signal in [`DecisionStatus`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SignalStatusLine {
+    pub signal: String,
+    /// Over scale_up_window, across the HAProxy servers whose figures cover it.
+    pub value: Option<f64>,
+    pub target: f64,
+    /// The nodes it asks for (None: no opinion).
+    pub desired: Option<u32>,
+    /// HAProxy servers with figures covering the window, and without.
+    pub covered: usize,
+    pub missing: usize,
 }
 
 /// One node in [`DecisionStatus`].
@@ -152,6 +178,11 @@ pub struct ScaleDecider {
     /// The reason of the last hold, and the last scale-up/in (at, action, reason).
     holding: Option<String>,
     last_action: Option<(u64, String, String)>,
+    /// Each HAProxy server of `[haproxy] servers` (all of them, answering or not): the
+    /// backend load it measured (received at, sample).
+    balancers: BTreeMap<String, VecDeque<(u64, crate::haproxy_api::LbSample)>>,
+    /// Set while a HAProxy signal is on: the HAProxy workers read the load.
+    sampling: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     log: Logger,
 }
@@ -191,6 +222,8 @@ impl ScaleDecider {
             shared: None,
             leading: true,
             term: 0,
+            balancers: BTreeMap::new(),
+            sampling: Arc::default(),
             metrics: Arc::default(),
             log,
         };
@@ -204,6 +237,30 @@ impl ScaleDecider {
         self.memory = None;
         self.shared = Some(shared);
         self
+    }
+
+    /// Weighs the backend load these HAProxy servers measure ([`BalancerLoad`]); one that
+    /// never sends any is missing, never "no load". `sampling` is set while a HAProxy
+    /// signal is on (the HAProxy workers read the load only then).
+    pub fn with_balancers(
+        mut self,
+        names: impl IntoIterator<Item = String>,
+        sampling: Arc<AtomicBool>,
+    ) -> ScaleDecider {
+        self.balancers = names.into_iter().map(|n| (n, VecDeque::new())).collect();
+        sampling.store(self.cfg.haproxy_signals(), Ordering::Relaxed);
+        self.sampling = sampling;
+        self
+    }
+
+    fn balancer_inputs(&self) -> Vec<crate::policy::BalancerInput> {
+        self.balancers
+            .iter()
+            .map(|(name, samples)| crate::policy::BalancerInput {
+                name: name.clone(),
+                samples: samples.iter().copied().collect(),
+            })
+            .collect()
     }
 
     /// Counts its decisions in `metrics`.
@@ -332,7 +389,8 @@ impl ScaleDecider {
         let now = self.now();
         let nodes = self.inputs();
         self.hist.in_flight = self.pending.values().sum();
-        let (decision, sum) = decide_with_summary(&self.cfg, &nodes, &self.hist, now);
+        let balancers = self.balancer_inputs();
+        let (decision, sum) = decide_all(&self.cfg, &nodes, &balancers, &self.hist, now);
         let fleet = nodes.len();
         let in_flight = self.hist.in_flight;
         let inputs = slog::o!("nodes" => fleet, "eligible" => sum.eligible, "in_flight" => in_flight,
@@ -358,14 +416,24 @@ impl ScaleDecider {
                     self.last_hold = Some(key);
                 }
             }
-            Decision::ScaleUp { count, reason } => {
-                self.metrics.decision("scale_up", self.cfg.policy.as_str());
+            Decision::ScaleUp {
+                count,
+                reason,
+                signal,
+            } => {
+                self.metrics.decision(
+                    "scale_up",
+                    match signal {
+                        "cpu" => self.cfg.policy.as_str(),
+                        other => other,
+                    },
+                );
                 self.last_hold = None;
                 self.holding = None;
                 self.last_action = Some((now, format!("scale_up {count}"), reason.clone()));
                 let id = format!("as-{}-{:08x}", wall_ms() / 1000, rand::random::<u32>());
                 info!(log, "Decision"; "action" => "scale_up", "count" => count, "reason" => &reason,
-                    "decision" => &id, "dry_run" => self.cfg.dry_run);
+                    "signal" => signal, "decision" => &id, "dry_run" => self.cfg.dry_run);
                 self.hist.last_scale_up_ms = Some(now);
                 self.hist
                     .launches_ms
@@ -451,6 +519,22 @@ impl Handler<NodeUp> for ScaleDecider {
     }
 }
 
+impl Handler<BalancerLoad> for ScaleDecider {
+    type Result = ();
+    fn handle(&mut self, m: BalancerLoad, _: &mut Context<Self>) {
+        let now = self.now();
+        let keep = self.retention_d().as_millis() as u64;
+        let samples = self.balancers.entry(m.server).or_default();
+        samples.push_back((now, m.sample));
+        while samples
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > keep)
+        {
+            samples.pop_front();
+        }
+    }
+}
+
 impl Handler<NodeDown> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
@@ -515,6 +599,26 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
                 .iter()
                 .filter(|&&t| t > hour_ago)
                 .count(),
+            signals: crate::policy::signals(
+                &self.cfg,
+                &self.balancer_inputs(),
+                self.hosts.len() as u32,
+                &History {
+                    in_flight: self.pending.values().sum(),
+                    ..self.hist.clone()
+                },
+                now,
+            )
+            .into_iter()
+            .map(|e| SignalStatusLine {
+                signal: e.signal.name().into(),
+                value: e.value,
+                target: e.target,
+                desired: e.desired,
+                covered: e.covered,
+                missing: e.missing,
+            })
+            .collect(),
         })
     }
 }
@@ -598,6 +702,13 @@ impl Handler<SetScaling> for ScaleDecider {
     fn handle(&mut self, m: SetScaling, _: &mut Context<Self>) {
         info!(self.log, "Scaling settings replaced"; "policy" => %m.0.policy, "dry_run" => m.0.dry_run);
         self.cfg = m.0;
+        let on = self.cfg.haproxy_signals();
+        if !on {
+            // Figures from before a signal is turned off would be stale when it is turned
+            // back on.
+            self.balancers.values_mut().for_each(VecDeque::clear);
+        }
+        self.sampling.store(on, Ordering::Relaxed);
         self.last_hold = None;
     }
 }
@@ -1017,5 +1128,157 @@ mod tests {
             matches!(&got[..], [Out::Launch(1, _)]),
             "only the missing one: {got:?}"
         );
+    }
+
+    /// A decider with HAProxy signals (sessions: 4 per node) reading servers `names`.
+    fn start_lb(
+        names: &[&str],
+        hosts: &[Host],
+    ) -> (
+        Addr<ScaleDecider>,
+        mpsc::UnboundedReceiver<Out>,
+        Arc<AtomicBool>,
+    ) {
+        let mut cfg = scaling(false);
+        cfg.target_sessions_per_node = Some(4.0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        let log = Logger::root(slog::Discard, o!());
+        let out = DeciderOutputs {
+            launch: sink.clone().recipient(),
+            drain: sink.recipient(),
+        };
+        let sampling = Arc::new(AtomicBool::new(false));
+        let d = ScaleDecider::new(cfg, Some(out), None, DEFAULT_TICK, &log)
+            .with_balancers(names.iter().map(|n| n.to_string()), sampling.clone())
+            .start();
+        d.do_send(Reconciled { resumed: vec![] });
+        d.do_send(HostsChanged {
+            hosts: Arc::new(hosts.to_vec()),
+        });
+        for h in hosts {
+            d.do_send(NodeUp {
+                host: h.key(),
+                hello: hello(1, None),
+            });
+        }
+        (d, rx, sampling)
+    }
+
+    fn sessions(n: f64) -> crate::haproxy_api::LbSample {
+        crate::haproxy_api::LbSample {
+            rate: n * 10.0,
+            sessions: n,
+            queue: 0.0,
+            rtime_ms: Some(100.0),
+        }
+    }
+
+    /// `secs` seconds of CPU at `busy` from every host and, from each HAProxy server in
+    /// `loads`, its sessions; a server not in `loads` says nothing.
+    async fn feed_lb(
+        d: &Addr<ScaleDecider>,
+        hosts: &[Host],
+        busy: f64,
+        loads: &[(&str, f64)],
+        secs: u64,
+    ) {
+        for seq in 0..secs {
+            for h in hosts {
+                d.do_send(CpuReported {
+                    host: h.key(),
+                    sample: sample(seq, busy, 0),
+                });
+            }
+            for (server, n) in loads {
+                d.do_send(BalancerLoad {
+                    server: server.to_string(),
+                    sample: sessions(*n),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Two HAProxy servers each see half the load: neither half crosses 4 sessions per
+    /// node, the sum (6) does, and the idle CPU does not stop it.
+    #[actix_rt::test]
+    async fn two_balancers_with_half_the_load_each_scale_up_on_the_sum() {
+        tokio::time::pause();
+        let hosts = [host(1, Origin::Manual)];
+        for (loads, want) in [
+            (vec![("a", 3.0), ("b", 3.0)], true),
+            (vec![("a", 3.0), ("b", 0.0)], false),
+            (vec![("a", 0.0), ("b", 3.0)], false),
+        ] {
+            let (d, mut rx, sampling) = start_lb(&["a", "b"], &hosts);
+            assert!(
+                sampling.load(Ordering::Relaxed),
+                "the workers are asked to read"
+            );
+            feed_lb(&d, &hosts, 5.0, &loads, 15).await;
+            let got = sent(&mut rx);
+            match want {
+                true => assert!(
+                    matches!(&got[..], [Out::Launch(1, _)]),
+                    "{loads:?}: {got:?}"
+                ),
+                false => assert!(got.is_empty(), "{loads:?}: {got:?}"),
+            }
+            let st = d.send(GetDecisionStatus).await.unwrap();
+            let line = &st.signals[0];
+            assert_eq!(
+                (line.signal.as_str(), line.value, line.covered, line.missing),
+                ("sessions", Some(loads[0].1 + loads[1].1), 2, 0)
+            );
+        }
+    }
+
+    /// A HAProxy server that stops answering is missing figures, not no load: the idle
+    /// fleet is not scaled in while it is silent, and is once it answers again.
+    #[actix_rt::test]
+    async fn a_silent_balancer_holds_the_scale_in() {
+        tokio::time::pause();
+        let hosts = [host(1, Origin::Manual), host(2, Origin::Launched)];
+        let (d, mut rx, _) = start_lb(&["a", "b"], &hosts);
+        feed_lb(&d, &hosts, 3.0, &[("a", 0.0)], 60).await;
+        assert!(sent(&mut rx).is_empty());
+        let st = d.send(GetDecisionStatus).await.unwrap();
+        assert_eq!((st.signals[0].covered, st.signals[0].missing), (1, 1));
+        assert!(
+            st.holding
+                .as_deref()
+                .is_some_and(|h| h.contains("do not cover")),
+            "{:?}",
+            st.holding
+        );
+        feed_lb(&d, &hosts, 3.0, &[("a", 0.0), ("b", 0.0)], 30).await;
+        let k = host(2, Origin::Launched).key();
+        let got = sent(&mut rx);
+        assert!(matches!(&got[..], [Out::Drain(a)] if *a == k), "{got:?}");
+    }
+
+    /// A reload that turns the HAProxy signals off stops the reading and forgets the
+    /// figures; turning them on again starts from none.
+    #[actix_rt::test]
+    async fn a_reload_turns_the_reading_on_and_off() {
+        tokio::time::pause();
+        let hosts = [host(1, Origin::Manual)];
+        let (d, mut rx, sampling) = start_lb(&["a"], &hosts);
+        feed_lb(&d, &hosts, 5.0, &[("a", 2.0)], 3).await;
+        let mut off = scaling(false);
+        off.target_sessions_per_node = None;
+        d.send(SetScaling(off.clone())).await.unwrap();
+        assert!(!sampling.load(Ordering::Relaxed));
+        assert!(d.send(GetDecisionStatus).await.unwrap().signals.is_empty());
+        let mut on = off;
+        on.target_sessions_per_node = Some(1.0);
+        d.send(SetScaling(on)).await.unwrap();
+        assert!(sampling.load(Ordering::Relaxed));
+        let st = d.send(GetDecisionStatus).await.unwrap();
+        assert_eq!((st.signals[0].value, st.signals[0].covered), (None, 0));
+        feed_lb(&d, &hosts, 5.0, &[("a", 2.0)], 15).await;
+        let got = sent(&mut rx);
+        assert!(matches!(&got[..], [Out::Launch(1, _)]), "{got:?}");
     }
 }

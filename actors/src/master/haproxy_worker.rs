@@ -29,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,8 @@ use crate::adapters::ssh::SshSettings;
 use crate::backoff::Backoff;
 use crate::config::{CommandLine, Config, HaproxyTarget};
 use crate::haproxy_api::{
-    command, parse_info_pid, parse_servers_state, parse_sessions, parse_show_proc, state_file,
+    command, parse_info_pid, parse_servers_state, parse_sessions, parse_show_proc, parse_stats,
+    state_file, LbSample,
 };
 use crate::render::{digest, Plan};
 
@@ -71,6 +73,10 @@ pub struct WorkerSettings {
     pub retry_max: Duration,
     /// How often draining servers are looked at.
     pub reap_every: Duration,
+    /// How often the backend's load (`show stat`) is read for the decider, while `sampling`
+    /// is set (a HAProxy signal is on; the decider sets it when `[scaling]` changes).
+    pub sample_every: Duration,
+    pub sampling: Arc<AtomicBool>,
 }
 
 impl WorkerSettings {
@@ -93,9 +99,19 @@ impl WorkerSettings {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             reap_every: Duration::from_millis(500),
+            sample_every: SAMPLE_EVERY,
+            sampling: Arc::new(AtomicBool::new(cfg.scaling.haproxy_signals())),
         }
     }
 }
+
+/// How often each HAProxy server's load is read when a HAProxy signal is on: the decider's
+/// tick.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Longest a `show stat` for the decider may take (a later answer would be stale anyway).
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait between two reads of a server that does not answer.
+const SAMPLE_MAX: Duration = Duration::from_secs(30);
 
 /// Work for a worker.
 #[derive(Debug)]
@@ -137,6 +153,8 @@ pub enum ServerEvent {
     /// Whether changes can go through the runtime API (None) or why they are reloads; sent
     /// when that changes.
     Runtime(Option<String>),
+    /// The backend's load as this server measures it now (HAProxy signals on).
+    Load(LbSample),
 }
 
 /// A worker's report to the HaproxyWriter.
@@ -328,15 +346,20 @@ impl Worker {
         let mut backoff = Backoff::new(s.retry_base, s.retry_max);
         let mut reap_backoff = Backoff::new(s.reap_every, REAP_MAX.max(s.reap_every));
         let mut reap_at = Instant::now();
+        let mut sample_at = Instant::now();
+        let mut sample_backoff = Backoff::new(s.sample_every, SAMPLE_MAX.max(s.sample_every));
         loop {
             let reaping = !self.draining.is_empty() || !self.watched.is_empty();
-            let wake = match (
+            let wake = [
                 retry_at.filter(|_| plan.is_some()),
                 reaping.then_some(reap_at),
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+                // Looked at every sample_every whether sampling is on or not, so a signal
+                // turned on by a reload is read within a second.
+                Some(sample_at),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let work = match wake {
                 Some(at) => tokio::select! {
                     w = rx.recv() => w.map(Some),
@@ -411,7 +434,40 @@ impl Worker {
                     }
                 }
             }
+            if Instant::now() >= sample_at {
+                if !s.sampling.load(Ordering::Relaxed) {
+                    sample_at = Instant::now() + s.sample_every;
+                } else {
+                    match self.sample().await {
+                        Ok(load) => {
+                            sample_backoff.reset();
+                            sample_at = Instant::now() + s.sample_every;
+                            self.report(ServerEvent::Load(load));
+                        }
+                        Err(e) => {
+                            // No figure is sent: the decider reads the silence as missing
+                            // figures, never as no load.
+                            let delay = sample_backoff.next_delay();
+                            debug!(self.log, "Cannot read the backend's load"; "error" => %e, "retry_in" => ?delay);
+                            self.reset_link();
+                            sample_at = Instant::now() + delay;
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    /// The backend's load as this server measures it (`show stat BACKEND 6 -1`).
+    async fn sample(&mut self) -> Result<LbSample, HaproxyError> {
+        let (socket, backend) = (self.settings.socket.clone(), self.settings.backend.clone());
+        let timeout = self.settings.timeout.min(SAMPLE_TIMEOUT);
+        let answer = self
+            .link()
+            .await?
+            .api(&socket, &command::stat_with_backend(&backend), timeout)
+            .await?;
+        parse_stats(&answer, &backend).map_err(|m| self.api_error(m))
     }
 
     async fn apply(&mut self, plan: &Plan) -> Result<Applied, HaproxyError> {

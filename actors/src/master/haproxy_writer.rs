@@ -20,12 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient, ResponseFuture,
+    WrapFuture,
 };
 use slog::{error, info, o, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::decider::BalancerLoad;
 use super::haproxy_worker::{self, Applied, ServerEvent, ServerReport, Work, WorkerSettings};
 use super::messages::HostsChanged;
 use crate::adapters::ssh::SshSettings;
@@ -99,6 +101,8 @@ pub struct HaproxyWriter {
     resolving: bool,
     scheduled: bool,
     waiters: Vec<Waiter>,
+    /// Who hears each server's backend load (the decider, when a HAProxy signal is on).
+    load_to: Option<Recipient<BalancerLoad>>,
     metrics: Arc<Metrics>,
     log: Logger,
 }
@@ -126,6 +130,7 @@ impl HaproxyWriter {
             resolving: false,
             scheduled: false,
             waiters: Vec::new(),
+            load_to: None,
             metrics: Arc::default(),
             log: log.new(o!("actor" => "HaproxyWriter")),
         }
@@ -134,6 +139,19 @@ impl HaproxyWriter {
     /// Counts applies in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> HaproxyWriter {
         self.metrics = metrics;
+        self
+    }
+
+    /// Sends each HAProxy server's backend load, as its worker reads it, to `to`.
+    pub fn with_load_to(mut self, to: Recipient<BalancerLoad>) -> HaproxyWriter {
+        self.load_to = Some(to);
+        self
+    }
+
+    /// The workers read each server's backend load while `on` is set (shared with the
+    /// decider, which sets it when a HAProxy signal is on).
+    pub fn with_sampling(mut self, on: Arc<std::sync::atomic::AtomicBool>) -> HaproxyWriter {
+        Arc::make_mut(&mut self.settings).sampling = on;
         self
     }
 
@@ -293,6 +311,14 @@ impl Handler<ServerReport> for HaproxyWriter {
                     self.runtime_unavailable.remove(&m.server);
                 }
             },
+            ServerEvent::Load(sample) => {
+                if let Some(to) = &self.load_to {
+                    to.do_send(BalancerLoad {
+                        server: m.server,
+                        sample,
+                    });
+                }
+            }
             ServerEvent::Drained { name, timed_out } => {
                 for w in self.waiters.iter_mut().filter(|w| w.name == name) {
                     w.left.remove(&m.server);

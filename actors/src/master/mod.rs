@@ -137,16 +137,21 @@ pub async fn start_master(
             }
         });
     }
-    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log)
-        .with_metrics(metrics.clone())
-        .start();
-    let status = NodeStatus::new(log).start();
-    // Registry, decider and launcher address each other: make the contexts (and so the
-    // addresses) first, start the actors once everyone has what it needs.
+    // Registry, decider, writer and launcher address each other: make the contexts (and so
+    // the addresses) first, start the actors once everyone has what it needs.
     let registry_ctx = actix::Context::<HostRegistry>::new();
     let registry = registry_ctx.address();
     let decider_ctx = actix::Context::<ScaleDecider>::new();
     let decider = decider_ctx.address();
+    // Set while a HAProxy signal is on (the decider keeps it current across reloads): the
+    // HAProxy workers then read each server's backend load.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = HaproxyWriter::new(Arc::new(cfg.clone()), template, Some(ssh), log)
+        .with_metrics(metrics.clone())
+        .with_load_to(decider.clone().recipient())
+        .with_sampling(sampling.clone())
+        .start();
+    let status = NodeStatus::new(log).start();
     // With several masters: the leadership task stops the launcher's work directly when the
     // lease is lost.
     let acting = launcher::Acting::new(cluster.is_none());
@@ -180,7 +185,8 @@ pub async fn start_master(
         .as_ref()
         .map(|_| cfg.general.state_dir.join("decider.json"));
     let decider_actor = ScaleDecider::new(cfg.scaling.clone(), outputs, memory, tick, log)
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_balancers(cfg.haproxy.servers.iter().map(|t| t.to_string()), sampling);
     decider_ctx.run(match cluster.is_some() {
         true => decider_actor.following(records.clone()),
         false => decider_actor,

@@ -5,9 +5,9 @@
 
 use super::kinds::{
     check_bound, quote_if_needed, unquote, Binds, Bound, CheckCommand, Choice, Command, ConfigWord,
-    Cx, Dur, FilePath, Flag, Fraction, GroupTag, Kind, OptionalListen, OptionalName, OptionalPath,
-    Percent, Port, Ports, ReportSocket, RequiredCommand, SecretText, SocketPath, Targets, Text,
-    UrlOrEmpty, UrlPath, UserName, Whole, Words,
+    Cx, Dur, FilePath, Flag, Fraction, GroupTag, Kind, OptionalDur, OptionalListen, OptionalName,
+    OptionalPath, Percent, Port, Ports, ReportSocket, RequiredCommand, SecretText, SocketPath,
+    Target, Targets, Text, UrlOrEmpty, UrlPath, UserName, Whole, Words,
 };
 use super::values::{HostKeyPolicy, Policy, ProvisionerKind, Role};
 use super::{Config, Layout};
@@ -184,6 +184,23 @@ pub static KEYS: &[Key] = &[
         "Mean busy CPU percentage below which the fleet scales in."),
     key!("scaling", scaling.scale_down_window: Dur = T("10m"), Bound::Above("0s"), "",
         "How long CPU must stay below scale_down_threshold before a scale-in."),
+    key!("scaling", scaling.target_requests_per_node: Target = T(""),
+        "HAProxy signal: requests per second each node should carry (the backend's rate, summed\n\
+         over every HAProxy server). The fleet aims for ceil(rate / target) nodes. Empty: off."),
+    key!("scaling", scaling.target_sessions_per_node: Target = T(""),
+        "HAProxy signal: requests in progress per node (the backend's current sessions, summed\n\
+         over every HAProxy server): ceil(sessions / target) nodes. Empty: off."),
+    key!("scaling", scaling.scale_on_queue: Flag = T("false"),
+        "HAProxy signal: true scales up by scale_up_step while requests wait in a queue (the\n\
+         backend's or a server's, on any HAProxy server) through the whole scale_up_window;\n\
+         scale-in needs no queue at all over scale_down_window."),
+    key!("scaling", scaling.target_response_time: OptionalDur = T(""),
+        "HAProxy signal (HTTP mode): the backend's average response time to aim for, e.g. 200ms\n\
+         (HAProxy's rtime, weighted by each server's request rate): nodes × rtime / target\n\
+         nodes. Empty: off. HAProxy signals are read every tick from every [haproxy] server;\n\
+         the fleet scales up to the largest count any signal (CPU included) asks for, and in\n\
+         only when every signal allows it. A server that does not answer is never read as no\n\
+         load."),
     key!("scaling", scaling.min_nodes: Whole<u32> = T("1"),
         "Never fewer nodes than this (scale-in stops here)."),
     key!("scaling", scaling.max_nodes: Whole<u32> = T("10"), Bound::AtLeast("1"), "",

@@ -359,6 +359,50 @@ impl Kind for Percent {
     }
 }
 
+/// A per-node target for a load signal: a positive number, or empty (the signal is off).
+/// Zero is refused: it would ask for endless nodes.
+pub struct Target;
+impl Kind for Target {
+    type Value = Option<f64>;
+    fn parse(v: &str, _: &Cx) -> Result<Option<f64>, String> {
+        if v.is_empty() || v == "off" {
+            return Ok(None);
+        }
+        match v.parse::<f64>() {
+            Ok(t) if t.is_finite() && t > 0.0 => Ok(Some(t)),
+            Ok(_) => Err(format!(
+                "{v} is not a target: use a number above 0, or leave it empty to turn the signal off"
+            )),
+            Err(_) => Err(format!(
+                "{v:?} is not a number (a target above 0, or empty to turn the signal off)"
+            )),
+        }
+    }
+    fn show(v: &Option<f64>) -> String {
+        v.map(|t| t.to_string()).unwrap_or_default()
+    }
+}
+
+/// A duration that turns something on, or empty (off). Zero is refused.
+pub struct OptionalDur;
+impl Kind for OptionalDur {
+    type Value = Option<Duration>;
+    fn parse(v: &str, cx: &Cx) -> Result<Option<Duration>, String> {
+        if v.is_empty() || v == "off" {
+            return Ok(None);
+        }
+        match Dur::parse(v, cx)? {
+            d if d.is_zero() => Err(format!(
+                "{v} is not a target: use a duration above 0 (e.g. 250ms), or leave it empty to turn the signal off"
+            )),
+            d => Ok(Some(d)),
+        }
+    }
+    fn show(v: &Option<Duration>) -> String {
+        v.map(|d| Dur::show(&d)).unwrap_or_default()
+    }
+}
+
 /// A fraction in [0, 1).
 pub struct Fraction;
 impl Kind for Fraction {
@@ -598,6 +642,28 @@ impl Kind for CheckCommand {
 mod tests {
     use super::*;
 
+    /// A signal's target is above 0 or off: 0, a negative number, a word and a zero duration
+    /// are refused, each saying how to turn the signal off.
+    #[test]
+    fn targets_are_above_zero_or_off() {
+        for bad in ["0", "-5", "0.0", "inf", "NaN"] {
+            let e = Target::parse(bad, &Cx::PLAIN).unwrap_err();
+            assert!(e.contains("empty to turn the signal off"), "{bad}: {e}");
+        }
+        assert!(Target::parse("lots", &Cx::PLAIN)
+            .unwrap_err()
+            .contains("not a number"));
+        assert_eq!(Target::parse("off", &Cx::PLAIN).unwrap(), None);
+        assert_eq!(Target::parse("40", &Cx::PLAIN).unwrap(), Some(40.0));
+        let e = OptionalDur::parse("0s", &Cx::PLAIN).unwrap_err();
+        assert!(e.contains("above 0"), "{e}");
+        assert!(OptionalDur::parse("fast", &Cx::PLAIN).is_err());
+        assert_eq!(
+            OptionalDur::parse("250ms", &Cx::PLAIN).unwrap(),
+            Some(Duration::from_millis(250))
+        );
+    }
+
     /// Every kind writes back text that parses to the same value.
     #[test]
     fn shown_values_parse_back() {
@@ -613,6 +679,11 @@ mod tests {
         round::<Percent>("75%");
         round::<Percent>("12.5");
         round::<Fraction>("0.25");
+        round::<Target>("150");
+        round::<Target>("2.5");
+        round::<Target>("");
+        round::<OptionalDur>("250ms");
+        round::<OptionalDur>("");
         round::<Words>("sg-1, sg-2,");
         round::<Targets>("local, ops@lb2:2222, ssh://[2001:db8::2]:22");
         round::<Command>("sh -c 'kill -USR2 $(cat /run/h.pid)'");

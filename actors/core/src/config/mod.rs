@@ -92,6 +92,11 @@ pub struct Scaling {
     pub tolerance: f64,
     pub scale_down_threshold: f64,
     pub scale_down_window: Duration,
+    /// HAProxy signals (None / false: off).
+    pub target_requests_per_node: Option<f64>,
+    pub target_sessions_per_node: Option<f64>,
+    pub scale_on_queue: bool,
+    pub target_response_time: Option<Duration>,
     pub min_nodes: u32,
     pub max_nodes: u32,
     pub scale_up_step: u32,
@@ -102,6 +107,16 @@ pub struct Scaling {
     pub warmup: Duration,
     pub drain_timeout: Duration,
     pub dry_run: bool,
+}
+
+impl Scaling {
+    /// Whether any HAProxy signal is on (the master then reads `show stat` every tick).
+    pub fn haproxy_signals(&self) -> bool {
+        self.target_requests_per_node.is_some()
+            || self.target_sessions_per_node.is_some()
+            || self.scale_on_queue
+            || self.target_response_time.is_some()
+    }
 }
 
 /// `[ssh]`: how the master reaches nodes and remote HAProxy servers.

@@ -121,6 +121,23 @@ struct LaunchedJson {
     /// connection.
     #[serde(default)]
     host_key: Option<OneOrManyKeys>,
+    /// The host's SSH port, when not `[ssh] port`.
+    #[serde(default)]
+    ssh_port: Option<serde_json::Value>,
+    /// TCP reports (`[node] report_socket` empty): the port on the host's 127.0.0.1 for
+    /// the master's forward, when not `[node] report_port`.
+    #[serde(default)]
+    report_port: Option<serde_json::Value>,
+}
+
+/// A port given as a JSON number or string.
+fn json_port(v: &serde_json::Value) -> Result<u16, String> {
+    match v {
+        serde_json::Value::Number(n) => parse_port(&n.to_string()),
+        serde_json::Value::String(s) => parse_port(s),
+        other => parse_port(&other.to_string()),
+    }
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Deserialize)]
@@ -138,7 +155,7 @@ enum OneOrMany {
 }
 
 /// Parses a scale-up command's output: `{"host": …, "port": …, "instance_id": …?,
-/// "host_key": …?}` or an array of those. Every host and port is validated as `add-host`
+/// "host_key": …?, "ssh_port": …?, "report_port": …?}` or an array of those. Every host and port is validated as `add-host`
 /// would, every host key must be an Ed25519 or ECDSA public key.
 pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
     let parsed: OneOrMany = serde_json::from_str(stdout.trim()).map_err(|e| {
@@ -157,23 +174,30 @@ pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
     items
         .into_iter()
         .map(|j| {
-            let port = match &j.port {
-                serde_json::Value::Number(n) => parse_port(&n.to_string()),
-                serde_json::Value::String(s) => parse_port(s),
-                other => parse_port(&other.to_string()),
-            }
-            .map_err(|e| e.to_string())?;
+            let port = json_port(&j.port)?;
             let instance_id = j
                 .instance_id
                 .as_deref()
                 .map(validate_instance_id)
                 .transpose()?
                 .map(String::from);
-            let host = Host::launched(
+            let mut host = Host::launched(
                 HostName::parse(&j.host).map_err(|e| e.to_string())?,
                 port,
                 instance_id,
             );
+            host.ssh_port = j
+                .ssh_port
+                .as_ref()
+                .map(json_port)
+                .transpose()
+                .map_err(|e| format!("ssh_port: {e}"))?;
+            host.report_port = j
+                .report_port
+                .as_ref()
+                .map(json_port)
+                .transpose()
+                .map_err(|e| format!("report_port: {e}"))?;
             let keys = match j.host_key {
                 None => vec![],
                 Some(OneOrManyKeys::One(k)) => vec![k],
@@ -239,7 +263,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(hs.len(), 2);
+        assert_eq!((hs[0].host.ssh_port, hs[0].host.report_port), (None, None));
+        let hs = parse_launched(
+            r#"{"host": "127.0.1.9", "port": 80, "ssh_port": 2222, "report_port": "9701"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (hs[0].host.ssh_port, hs[0].host.report_port),
+            (Some(2222), Some(9701))
+        );
         for (bad, want) in [
+            (r#"{"host": "a", "port": 80, "ssh_port": 0}"#, "ssh_port: "),
+            (
+                r#"{"host": "a", "port": 80, "report_port": "x"}"#,
+                "report_port: ",
+            ),
             ("", "expected JSON"),
             ("OK launched", "expected JSON"),
             ("[]", "empty array"),
