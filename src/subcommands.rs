@@ -343,17 +343,31 @@ fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(autoscaler_actors::preflight::check(&cfg, cfg.general.role))?;
-    if cfg.general.role == autoscaler_actors::config::Role::Master && cfg.haproxy.runtime_api {
+    let signals = cfg.scaling.haproxy_signals();
+    if cfg.general.role == autoscaler_actors::config::Role::Master
+        && (cfg.haproxy.runtime_api || signals)
+    {
+        let mut unreadable = Vec::new();
         for (server, said) in runtime.block_on(autoscaler_actors::preflight::runtime_sockets(&cfg))
         {
             match said {
                 Ok(version) => {
-                    info!(log, "HAProxy runtime API answers"; "server" => server, "version" => version)
+                    info!(log, "HAProxy runtime API answers"; "server" => &server, "version" => version)
                 }
                 Err(why) => {
-                    slog::warn!(log, "HAProxy runtime API unavailable"; "server" => server, "error" => why)
+                    slog::warn!(log, "HAProxy runtime API unavailable"; "server" => &server, "error" => &why);
+                    unreadable.push(format!("{server}: {why}"));
                 }
             }
+        }
+        // Without a runtime API changes become reloads; the HAProxy signals cannot do without.
+        if signals && !unreadable.is_empty() {
+            anyhow::bail!(
+                "{}: [scaling] HAProxy signals are on and read every [haproxy] server's runtime API \
+                 once a second; a server that cannot be read holds every scale-in: {}",
+                cfg.source.display(),
+                unreadable.join("; ")
+            );
         }
     }
     let mut out = std::io::stdout().lock();

@@ -205,6 +205,19 @@ pub struct LbSample {
     /// Average response time over the backend's last 1024 requests, in milliseconds
     /// (`rtime`, HTTP mode only); None where HAProxy does not measure it.
     pub rtime_ms: Option<f64>,
+    /// Workers left by a reload may hold requests these figures do not count (they could
+    /// not be asked): a lower bound, enough to scale up on, never to scale in on.
+    pub partial: bool,
+}
+
+impl LbSample {
+    /// Adds what an old worker (left by a reload) holds: its requests in progress and
+    /// queue; its rate is what it still takes (none, once it stopped listening).
+    pub fn add_old_worker(&mut self, old: &LbSample) {
+        self.rate += old.rate;
+        self.sessions += old.sessions;
+        self.queue += old.queue;
+    }
 }
 
 /// Parses `show stat BACKEND 6 -1` into the backend's [`LbSample`]. Columns are found by
@@ -224,11 +237,13 @@ pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
     let (px, sv) = (col("pxname")?, col("svname")?);
     let (qcur, scur, rate) = (col("qcur")?, col("scur")?, col("rate")?);
     let (rtime, mode) = (col("rtime").ok(), col("mode").ok());
-    let num = |f: &[&str], i: usize| -> f64 {
+    // A figure HAProxy always gives: a row cut short or a value that is not a number is an
+    // answer that cannot be read, never a zero load.
+    let num = |f: &[&str], i: usize, name: &str| -> Result<f64, String> {
         f.get(i)
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
-            .unwrap_or(0.0)
+            .ok_or(format!("show stat: {name} of {backend} is not a number"))
     };
     let mut backend_row: Option<LbSample> = None;
     let mut server_queues = 0.0;
@@ -237,21 +252,29 @@ pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
         if f.get(px) != Some(&backend) {
             continue;
         }
+        if f.len() < cols.len() {
+            return Err(format!(
+                "show stat: a row of {backend} has {} fields, the header {} (answer cut short?)",
+                f.len(),
+                cols.len()
+            ));
+        }
         match f.get(sv).copied().unwrap_or("") {
             "BACKEND" => {
                 let http = mode.and_then(|m| f.get(m)).is_none_or(|m| *m == "http");
                 backend_row = Some(LbSample {
-                    rate: num(&f, rate),
-                    sessions: num(&f, scur),
-                    queue: num(&f, qcur),
+                    rate: num(&f, rate, "rate")?,
+                    sessions: num(&f, scur, "scur")?,
+                    queue: num(&f, qcur, "qcur")?,
                     rtime_ms: match (rtime, http) {
                         (Some(i), true) => f.get(i).and_then(|v| v.parse().ok()),
                         _ => None,
                     },
+                    partial: false,
                 });
             }
             "FRONTEND" => {}
-            _ => server_queues += num(&f, qcur),
+            _ => server_queues += num(&f, qcur, "a server's qcur")?,
         }
     }
     let mut sample = backend_row.ok_or(format!("show stat: no BACKEND row for {backend}"))?;
@@ -386,12 +409,23 @@ other,BACKEND,9,9,99,99,999,20,1640,2900,0,0,,10,0,30,0,UP,2,2,0,,0,31,0,,1,3,0,
                 .unwrap_err()
                 .contains("no rate column")
         );
+        // An answer cut short in the BACKEND row, or a figure that is not a number: an error,
+        // never zeros.
+        let cut = &STAT6[..STAT6.find("app,BACKEND,3,3,12").unwrap() + 30];
+        assert!(
+            parse_stats(cut, "app").unwrap_err().contains("cut short"),
+            "{cut}"
+        );
+        let blank = STAT6.replace("app,BACKEND,3,3,12,", "app,BACKEND,3,3,,");
+        assert!(parse_stats(&blank, "app")
+            .unwrap_err()
+            .contains("scur of app is not a number"));
         // TCP mode: HAProxy's rtime means nothing there.
         let tcp = STAT6.replace(",http,roundrobin", ",tcp,roundrobin");
         assert_eq!(parse_stats(&tcp, "app").unwrap().rtime_ms, None);
-        // Garbage in a number is not a huge load.
+        // Garbage in a number is neither a huge load nor none.
         let bad = STAT6.replace("app,BACKEND,3,3,12", "app,BACKEND,3,3,NaN");
-        assert_eq!(parse_stats(&bad, "app").unwrap().sessions, 0.0);
+        assert!(parse_stats(&bad, "app").is_err());
     }
 
     #[test]

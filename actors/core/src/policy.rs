@@ -64,8 +64,12 @@ pub enum Hold {
     AtMax,
     /// Scale-in wanted, but min_nodes is reached.
     AtMin,
-    /// Within `cooldown` of the last scale-up (or `scale_down_cooldown` of the last scale-in).
-    Cooldown { remaining_ms: u64 },
+    /// A scale-up within `cooldown` of the last scale-up, or a scale-in within
+    /// `scale_down_cooldown` of the last scaling of either kind; `key` names the setting.
+    Cooldown {
+        key: &'static str,
+        remaining_ms: u64,
+    },
     /// max_launches_per_hour reached.
     HourlyCap,
     /// Launches are in flight: no scale-in until they finish, and (instance policy) no more
@@ -73,8 +77,8 @@ pub enum Hold {
     LaunchInFlight,
     /// Scale-in wanted but no host was launched by this autoscaler.
     NothingToRemove,
-    /// A HAProxy server's figures do not cover the scale-down window (it does not answer):
-    /// its silence is not read as no load.
+    /// A HAProxy server's figures do not cover the scale-down window (it does not answer, or
+    /// workers left by a reload could not be asked): its silence is not read as no load.
     BalancerSilent,
     /// The CPU would allow a scale-in, but this HAProxy signal needs the nodes there are.
     Needed(Signal),
@@ -182,12 +186,17 @@ impl fmt::Display for Hold {
             Hold::AtMin => f.write_str("min_nodes reached"),
             // No countdown in the text: a hold is logged when its text changes (the time left
             // is in the decider's status).
-            Hold::Cooldown { .. } => f.write_str("in a cooldown after the last scaling"),
+            Hold::Cooldown { key: "cooldown", .. } => {
+                f.write_str("cooldown: no scale-up this soon after the last one")
+            }
+            Hold::Cooldown { key, .. } => {
+                write!(f, "{key}: no scale-in this soon after the last scaling")
+            }
             Hold::HourlyCap => f.write_str("max_launches_per_hour reached"),
             Hold::LaunchInFlight => f.write_str("launches in flight"),
             Hold::NothingToRemove => f.write_str("no host launched by autoscaler to remove"),
             Hold::BalancerSilent => f.write_str(
-                "a HAProxy server's figures do not cover the scale-down window (it does not answer)",
+                "a HAProxy server's figures do not cover the scale-down window (it does not answer, or workers left by a reload could not be counted)",
             ),
             Hold::Needed(signal) => write!(
                 f,
@@ -380,10 +389,13 @@ pub struct LbLoad {
     /// HAProxy servers whose figures cover the window, and those whose do not.
     pub covered: usize,
     pub missing: usize,
+    /// Servers among `covered` with figures that leave out workers left by a reload.
+    pub partial: usize,
 }
 
-/// The samples of `b` inside `[now - window, now]`, if they cover it (the last no older than
-/// `stale_after`, the first no later than `stale_after` after the window's start).
+/// The samples of `b` inside `[now - window, now]`, if they cover it: the last no older than
+/// `stale_after`, the first no later than `stale_after` after the window's start, and no two
+/// further apart than `stale_after`.
 fn covering<'a>(
     b: &'a BalancerInput,
     cfg: &Scaling,
@@ -396,7 +408,14 @@ fn covering<'a>(
     }
     let start = now.checked_sub(ms(window))?;
     let inside = &b.samples[b.samples.partition_point(|(t, _)| *t < start)..];
-    (inside.first()?.0 <= start + ms(cfg.stale_after)).then_some(inside)
+    if inside.first()?.0 > start + ms(cfg.stale_after) {
+        return None;
+    }
+    // Silent for a while inside the window: what it missed may have been the peak.
+    let gap = inside
+        .windows(2)
+        .any(|w| w[1].0 - w[0].0 > ms(cfg.stale_after));
+    (!gap).then_some(inside)
 }
 
 /// What `balancers` measured over `window`.
@@ -409,6 +428,9 @@ pub fn lb_load(cfg: &Scaling, balancers: &[BalancerInput], now: u64, window: Dur
             continue;
         };
         load.covered += 1;
+        if inside.iter().any(|(_, s)| s.partial) {
+            load.partial += 1;
+        }
         let n = inside.len() as f64;
         let mean = |f: fn(&LbSample) -> f64| inside.iter().map(|(_, s)| f(s)).sum::<f64>() / n;
         load.rate += mean(|s| s.rate);
@@ -445,13 +467,7 @@ fn ceil(x: f64) -> u32 {
 /// How many nodes `signal` asks for under `load`, with `serving` nodes registered and
 /// `current` counting launches in flight; None when it has no opinion (off, no figures, no
 /// requests for the response time, no queue).
-fn desired(
-    cfg: &Scaling,
-    signal: Signal,
-    load: &LbLoad,
-    serving: u32,
-    current: u32,
-) -> Option<u32> {
+fn desired(cfg: &Scaling, signal: Signal, load: &LbLoad, serving: u32) -> Option<u32> {
     let target = signal.target(cfg)?;
     if load.covered == 0 {
         return None;
@@ -459,7 +475,8 @@ fn desired(
     match signal {
         Signal::Requests => Some(ceil(load.rate / target)),
         Signal::Sessions => Some(ceil(load.sessions / target)),
-        Signal::Queue => (load.queue_held > 0.0).then_some(current + cfg.scale_up_step),
+        // One step beyond the nodes serving: a launch in flight is that step already.
+        Signal::Queue => (load.queue_held > 0.0).then_some(serving + cfg.scale_up_step),
         Signal::ResponseTime => load
             .rtime_ms
             .map(|r| ceil(f64::from(serving.max(1)) * r / target)),
@@ -500,11 +517,13 @@ pub fn signals(
     cfg: &Scaling,
     balancers: &[BalancerInput],
     serving: u32,
-    hist: &History,
     now: u64,
 ) -> Vec<SignalEval> {
     let load = lb_load(cfg, balancers, now, cfg.scale_up_window);
-    let current = serving + hist.in_flight;
+    // Silent over the longer scale-down window counts too: scale-in waits for it.
+    let missing = load
+        .missing
+        .max(lb_load(cfg, balancers, now, cfg.scale_down_window).missing);
     Signal::ALL
         .into_iter()
         .filter_map(|signal| {
@@ -512,9 +531,9 @@ pub fn signals(
                 signal,
                 target: signal.target(cfg)?,
                 value: figure(signal, &load),
-                desired: desired(cfg, signal, &load, serving, current),
+                desired: desired(cfg, signal, &load, serving),
                 covered: load.covered,
-                missing: load.missing,
+                missing,
             })
         })
         .collect()
@@ -542,7 +561,7 @@ fn lb_wants(
     Signal::ALL
         .into_iter()
         .filter_map(|signal| {
-            let want = desired(cfg, signal, &load, serving, current)?;
+            let want = desired(cfg, signal, &load, serving)?;
             (want > current).then(|| {
                 let target = signal.target(cfg).unwrap_or_default();
                 let reason = match signal {
@@ -582,7 +601,7 @@ fn lb_allows_scale_in(
         return Ok(());
     }
     let load = lb_load(cfg, balancers, now, cfg.scale_down_window);
-    if load.missing > 0 || load.covered == 0 {
+    if load.missing > 0 || load.covered == 0 || load.partial > 0 {
         return Err(Hold::BalancerSilent);
     }
     for signal in Signal::ALL {
@@ -616,6 +635,43 @@ struct Cpu<'a> {
 
 /// How many of `want` new nodes the guards let launch now: max_nodes (launches in flight
 /// count as nodes) and max_launches_per_hour.
+/// Time left (ms) before `cooldown` lets a scale-up happen; None when it does now.
+pub fn cooldown_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
+    let left = (hist.last_scale_up_ms? + ms(cfg.cooldown)).saturating_sub(now);
+    (left > 0).then_some(left)
+}
+
+/// Time left (ms) before `scale_down_cooldown` lets a scale-in happen: it runs from the last
+/// scaling of either kind (a scale-in right after a scale-up would undo it); None when it
+/// does now.
+pub fn scale_down_cooldown_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
+    let last = hist.last_scale_up_ms.max(hist.last_scale_down_ms)?;
+    let left = (last + ms(cfg.scale_down_cooldown)).saturating_sub(now);
+    (left > 0).then_some(left)
+}
+
+/// Time left (ms) before `max_launches_per_hour` allows another launch; None when it does
+/// now.
+pub fn hourly_cap_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
+    let cap = cfg.max_launches_per_hour as usize;
+    let hour_ago = now.saturating_sub(HOUR_MS);
+    let mut recent: Vec<u64> = hist
+        .launches_ms
+        .iter()
+        .copied()
+        .filter(|&t| t > hour_ago)
+        .collect();
+    if cap == 0 || recent.len() < cap {
+        return None;
+    }
+    recent.sort_unstable();
+    // For one more to fit, the oldest len - cap + 1 launches must leave the hour.
+    let t = recent[recent.len() - cap];
+    Some((t + HOUR_MS).saturating_sub(now).max(1))
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
 fn capped(cfg: &Scaling, hist: &History, now: u64, current: u32, want: u32) -> Result<u32, Hold> {
     if current >= cfg.max_nodes {
         return Err(Hold::AtMax);
@@ -713,13 +769,11 @@ fn decide_from(
         if cfg.policy == Policy::Instance && signal == "cpu" && hist.in_flight > 0 {
             return Decision::Hold(Hold::LaunchInFlight);
         }
-        if let Some(t) = hist.last_scale_up_ms {
-            let since = now.saturating_sub(t);
-            if since < ms(cfg.cooldown) {
-                return Decision::Hold(Hold::Cooldown {
-                    remaining_ms: ms(cfg.cooldown) - since,
-                });
-            }
+        if let Some(remaining_ms) = cooldown_left(cfg, hist, now) {
+            return Decision::Hold(Hold::Cooldown {
+                key: "cooldown",
+                remaining_ms,
+            });
         }
         return match capped(cfg, hist, now, current, want) {
             Ok(count) => Decision::ScaleUp {
@@ -756,18 +810,11 @@ fn decide_from(
     if hist.in_flight > 0 {
         return Decision::Hold(Hold::LaunchInFlight);
     }
-    for (last, cooldown) in [
-        (hist.last_scale_down_ms, cfg.scale_down_cooldown),
-        (hist.last_scale_up_ms, cfg.cooldown),
-    ] {
-        if let Some(t) = last {
-            let since = now.saturating_sub(t);
-            if since < ms(cooldown) {
-                return Decision::Hold(Hold::Cooldown {
-                    remaining_ms: ms(cooldown) - since,
-                });
-            }
-        }
+    if let Some(remaining_ms) = scale_down_cooldown_left(cfg, hist, now) {
+        return Decision::Hold(Hold::Cooldown {
+            key: "scale_down_cooldown",
+            remaining_ms,
+        });
     }
     match nodes
         .iter()
@@ -848,6 +895,80 @@ mod tests {
         move |d| matches!(d, Decision::ScaleUp { count: c, .. } if *c == count)
     }
 
+    /// Each cooldown holds what its name says: a long scale-up `cooldown` does not hold a
+    /// scale-in once `scale_down_cooldown` (from the scale-up) is over; the hold names its key.
+    #[test]
+    fn cooldowns_hold_what_their_names_say() {
+        let mut c = cfg();
+        c.cooldown = Duration::from_secs(1800);
+        c.scale_down_cooldown = Duration::from_secs(30);
+        let idle = vec![
+            node(1, 5.0, 11 * MIN),
+            launched(node(2, 5.0, 11 * MIN), NOW - 50 * MIN),
+        ];
+        let after = |ago: u64| History {
+            last_scale_up_ms: Some(NOW - ago),
+            ..History::default()
+        };
+        assert!(matches!(
+            decide(&c, &idle, &after(MIN), NOW),
+            Decision::ScaleDown { .. }
+        ));
+        let d = decide(&c, &idle, &after(10 * S), NOW);
+        assert_eq!(
+            d,
+            Decision::Hold(Hold::Cooldown {
+                key: "scale_down_cooldown",
+                remaining_ms: 20 * S
+            })
+        );
+        assert_eq!(
+            Hold::Cooldown {
+                key: "scale_down_cooldown",
+                remaining_ms: 1
+            }
+            .to_string(),
+            "scale_down_cooldown: no scale-in this soon after the last scaling"
+        );
+        let hot = vec![node(1, 95.0, 11 * MIN)];
+        assert_eq!(
+            decide(&c, &hot, &after(MIN), NOW),
+            Decision::Hold(Hold::Cooldown {
+                key: "cooldown",
+                remaining_ms: 29 * MIN
+            })
+        );
+        assert_eq!(cooldown_left(&c, &after(MIN), NOW), Some(29 * MIN));
+        assert_eq!(scale_down_cooldown_left(&c, &after(MIN), NOW), None);
+        assert_eq!(cooldown_left(&c, &History::default(), NOW), None);
+    }
+
+    /// When the hourly cap clears: when the launch whose hour ends first leaves it.
+    #[test]
+    fn the_hourly_cap_says_when_it_clears() {
+        let mut c = cfg();
+        c.max_launches_per_hour = 2;
+        let launches = |ago: &[u64]| History {
+            launches_ms: ago.iter().map(|a| NOW - a).collect(),
+            ..History::default()
+        };
+        assert_eq!(hourly_cap_left(&c, &launches(&[]), NOW), None);
+        assert_eq!(hourly_cap_left(&c, &launches(&[10 * MIN]), NOW), None);
+        assert_eq!(
+            hourly_cap_left(&c, &launches(&[10 * MIN, 50 * MIN]), NOW),
+            Some(10 * MIN)
+        );
+        // Three in the hour (the cap lowered since): two must leave; the second oldest.
+        assert_eq!(
+            hourly_cap_left(&c, &launches(&[5 * MIN, 20 * MIN, 50 * MIN]), NOW),
+            Some(40 * MIN)
+        );
+        assert_eq!(
+            hourly_cap_left(&c, &launches(&[61 * MIN, 62 * MIN]), NOW),
+            None
+        );
+    }
+
     /// A HAProxy server's figures, one a second for the last `span`, all the same.
     fn lb(name: &str, sample: LbSample, span: u64) -> BalancerInput {
         BalancerInput {
@@ -864,6 +985,7 @@ mod tests {
             sessions,
             queue,
             rtime_ms: rtime,
+            partial: false,
         }
     }
 
@@ -996,7 +1118,58 @@ mod tests {
                     in_flight: 3,
                     ..fresh.clone()
                 },
-                Box::new(|d| matches!(d, Decision::Hold(_))),
+                Box::new(|d| *d == Decision::Hold(Hold::Needed(Signal::Requests))),
+            ),
+            (
+                "a queue with a launch in flight asks for nothing more (the launch is its step)",
+                idle(),
+                vec![lb("local", load(10.0, 1.0, 2.0, Some(20.0)), 11 * MIN)],
+                History {
+                    in_flight: 1,
+                    ..fresh.clone()
+                },
+                Box::new(|d| !matches!(d, Decision::ScaleUp { .. })),
+            ),
+            (
+                "a balancer silent for a minute inside the scale-down window: no scale-in",
+                idle_launched(),
+                vec![BalancerInput {
+                    name: "local".into(),
+                    samples: (0..11 * MIN / S)
+                        .filter(|k| !(200..260).contains(k))
+                        .map(|k| (NOW - 11 * MIN + k * S + S, quiet))
+                        .collect(),
+                }],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "figures that leave out a reload's old workers: no scale-in",
+                idle_launched(),
+                vec![lb(
+                    "local",
+                    LbSample {
+                        partial: true,
+                        ..quiet
+                    },
+                    11 * MIN,
+                )],
+                fresh.clone(),
+                Box::new(|d| *d == Decision::Hold(Hold::BalancerSilent)),
+            ),
+            (
+                "…but enough to scale up on",
+                idle(),
+                vec![lb(
+                    "local",
+                    LbSample {
+                        partial: true,
+                        ..load(450.0, 5.0, 0.0, Some(20.0))
+                    },
+                    11 * MIN,
+                )],
+                fresh.clone(),
+                Box::new(up_on(3, "requests")),
             ),
             (
                 "the cooldown holds a HAProxy scale-up too",
@@ -1184,7 +1357,6 @@ mod tests {
             &c,
             &[lb("a", load(300.0, 6.0, 0.0, Some(100.0)), 2 * MIN)],
             2,
-            &History::default(),
             NOW,
         );
         let names: Vec<&str> = evals.iter().map(|e| e.signal.name()).collect();
@@ -1302,6 +1474,7 @@ mod tests {
                 },
                 Box::new(|d| {
                     *d == Decision::Hold(Hold::Cooldown {
+                        key: "cooldown",
                         remaining_ms: 3 * MIN,
                     })
                 }),
@@ -1400,7 +1573,25 @@ mod tests {
                 },
                 Box::new(|d| {
                     *d == Decision::Hold(Hold::Cooldown {
+                        key: "scale_down_cooldown",
                         remaining_ms: 5 * MIN,
+                    })
+                }),
+            ),
+            (
+                "scale_down_cooldown runs from a scale-up too",
+                vec![
+                    node(1, 5.0, 11 * MIN),
+                    launched(node(2, 5.0, 11 * MIN), NOW - 50 * MIN),
+                ],
+                History {
+                    last_scale_up_ms: Some(NOW - 4 * MIN),
+                    ..fresh.clone()
+                },
+                Box::new(|d| {
+                    *d == Decision::Hold(Hold::Cooldown {
+                        key: "scale_down_cooldown",
+                        remaining_ms: 6 * MIN,
                     })
                 }),
             ),

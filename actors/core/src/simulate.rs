@@ -57,6 +57,11 @@ impl Layout {
         if cells.first().is_some_and(|c| c.parse::<f64>().is_ok()) {
             return None;
         }
+        let known = |c: &&str| COLUMNS.contains(&c.to_ascii_lowercase().as_str());
+        if cells.len() == 3 && !cells.iter().any(known) {
+            // A header of its own words over time,node,busy (`timestamp,host,cpu%`).
+            return Some(Ok(Layout::PLAIN));
+        }
         let mut at = [None; 7];
         for (i, c) in cells.iter().enumerate() {
             let name = c.to_ascii_lowercase();
@@ -182,9 +187,16 @@ impl Trace {
         Ok(())
     }
 
-    /// `cells`: requests, sessions, queue, rtime_ms (empty: 0, or no response time).
+    /// `cells`: requests, sessions, queue, rtime_ms; an empty cell keeps the figure the last
+    /// row gave (0, or no response time, before any).
     fn backend_row(&mut self, cells: &[&str], time: f64) -> Result<(), String> {
-        let mut v = [0.0; 4];
+        let last = self.backend.last().map(|(_, s)| *s).unwrap_or_default();
+        let mut v = [
+            last.rate,
+            last.sessions,
+            last.queue,
+            last.rtime_ms.unwrap_or_default(),
+        ];
         for (k, c) in cells.iter().enumerate() {
             if c.is_empty() {
                 continue;
@@ -200,7 +212,8 @@ impl Trace {
             rate: v[0],
             sessions: v[1],
             queue: v[2],
-            rtime_ms: (!cells[3].is_empty()).then_some(v[3]),
+            rtime_ms: (!cells[3].is_empty() || last.rtime_ms.is_some()).then_some(v[3]),
+            partial: false,
         };
         match self.backend.last_mut() {
             Some((last, _)) if *last > time => {
@@ -663,20 +676,28 @@ mod tests {
             sessions,
             queue,
             rtime_ms,
+            partial: false,
         };
         assert_eq!(
             t.backend,
             vec![
                 (0.0, lb(40.0, 4.0, 0.0, Some(100.0))),
-                (2.0, lb(50.0, 5.0, 1.0, None))
+                (2.0, lb(50.0, 5.0, 1.0, Some(100.0)))
             ]
         );
         let t = Trace::parse("sessions,time\n3,0\n4,10\n").unwrap();
         assert!(t.nodes.is_empty());
         assert_eq!(t.backend[1], (10.0, lb(0.0, 4.0, 0.0, None)));
         assert_eq!(t.span(), (0.0, 10.0));
+        // An empty cell keeps the last figure: a sparse column is not a drop to zero.
+        let t = Trace::parse("time,requests,sessions\n0,50,5\n1,,6\n").unwrap();
+        assert_eq!(t.backend[1], (1.0, lb(50.0, 6.0, 0.0, None)));
+        // A three-column header of other words is read as time,node,busy, as always.
+        let t = Trace::parse("timestamp,host,cpu%\n0,web-1,10\n").unwrap();
+        assert_eq!(t.nodes["web-1"], vec![(0.0, 10.0)]);
         for (text, line, says) in [
             ("time,node,cpu\n", 1, "unknown column \"cpu\""),
+            ("time,node,busy,rps\n", 1, "unknown column \"rps\""),
             ("node,busy\n", 1, "no time column"),
             ("time,node\n", 1, "node and busy go together"),
             ("time,time,busy\n", 1, "appears twice"),

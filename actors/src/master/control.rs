@@ -35,7 +35,16 @@ pub struct Status {
     pub last_action: Option<LastAction>,
     /// Why the decider holds now, if it does.
     pub holding: Option<String>,
+    /// Time left before `cooldown` lets a scale-up happen, if it holds.
     pub cooldown_left_s: Option<f64>,
+    /// Time left before `scale_down_cooldown` lets a scale-in happen, if it holds.
+    #[serde(default)]
+    pub scale_down_cooldown_left_s: Option<f64>,
+    /// Time left before `max_launches_per_hour` allows a launch, if it holds.
+    #[serde(default)]
+    pub hourly_cap_left_s: Option<f64>,
+    #[serde(default)]
+    pub max_launches_per_hour: u32,
     pub launches_last_hour: usize,
     /// Launches in flight: decision id and instances.
     pub launches: Vec<(String, u32)>,
@@ -202,6 +211,9 @@ impl Sources {
             }),
             holding: d.holding,
             cooldown_left_s: d.cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
+            scale_down_cooldown_left_s: d.scale_down_cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
+            hourly_cap_left_s: d.hourly_cap_left_ms.map(|ms| ms as f64 / 1000.0),
+            max_launches_per_hour: d.max_launches_per_hour,
             launches_last_hour: d.launches_last_hour,
             signals: d
                 .signals
@@ -458,9 +470,19 @@ impl Status {
             out += &format!("holding: {h}\n");
         }
         if let Some(c) = self.cooldown_left_s {
-            out += &format!("cooldown: {} left\n", span(c));
+            out += &format!("cooldown (no scale-up): {} left\n", span(c));
         }
-        out += &format!("launches in the last hour: {}\n", self.launches_last_hour);
+        if let Some(c) = self.scale_down_cooldown_left_s {
+            out += &format!("scale_down_cooldown (no scale-in): {} left\n", span(c));
+        }
+        out += &format!(
+            "launches in the last hour: {} of max_launches_per_hour {}",
+            self.launches_last_hour, self.max_launches_per_hour
+        );
+        if let Some(c) = self.hourly_cap_left_s {
+            out += &format!(" (reached: the next launch in {})", span(c));
+        }
+        out += "\n";
         for l in &self.signals {
             let unit = match l.signal.as_str() {
                 "requests" => " requests/s",
@@ -643,6 +665,9 @@ mod tests {
             }),
             holding: Some("cooldown after the last scale-up".into()),
             cooldown_left_s: Some(200.0),
+            scale_down_cooldown_left_s: Some(20.0),
+            hourly_cap_left_s: Some(1500.0),
+            max_launches_per_hour: 1,
             launches_last_hour: 1,
             launches: vec![("d-1".into(), 1)],
             drains: vec![DrainLine {
@@ -686,7 +711,15 @@ mod tests {
             t.contains("last decision: scale-up 95s ago: 10.0.0.5:80 at 80%"),
             "{t}"
         );
-        assert!(t.contains("cooldown: 3m left"), "{t}");
+        assert!(t.contains("cooldown (no scale-up): 3m left"), "{t}");
+        assert!(
+            t.contains("scale_down_cooldown (no scale-in): 20s left"),
+            "{t}"
+        );
+        assert!(
+            t.contains("launches in the last hour: 1 of max_launches_per_hour 1 (reached: the next launch in 25m)"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "signal sessions: 31.0 (target 10 per node; asks for 4 nodes; 2 HAProxy server(s))"

@@ -95,8 +95,13 @@ pub struct DecisionStatus {
     pub holding: Option<String>,
     /// Launches in flight: decision id, instances.
     pub in_flight: Vec<(String, u32)>,
-    /// Time left before the next scale-up may happen (ms), if in a cooldown.
+    /// Time left before `cooldown` lets a scale-up happen (ms), if it holds.
     pub cooldown_left_ms: Option<u64>,
+    /// Time left before `scale_down_cooldown` lets a scale-in happen (ms), if it holds.
+    pub scale_down_cooldown_left_ms: Option<u64>,
+    /// Time left before `max_launches_per_hour` allows a launch (ms), if it holds.
+    pub hourly_cap_left_ms: Option<u64>,
+    pub max_launches_per_hour: u32,
     pub launches_last_hour: usize,
     /// Each HAProxy signal that is on, against its target.
     pub signals: Vec<SignalStatusLine>,
@@ -522,6 +527,11 @@ impl Handler<NodeUp> for ScaleDecider {
 impl Handler<BalancerLoad> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: BalancerLoad, _: &mut Context<Self>) {
+        // Read before the signals were turned off: figures kept now would look older than
+        // they are once turned on again.
+        if !self.cfg.haproxy_signals() {
+            return;
+        }
         let now = self.now();
         let keep = self.retention_d().as_millis() as u64;
         let samples = self.balancers.entry(m.server).or_default();
@@ -574,10 +584,10 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
                 }
             })
             .collect();
-        let cooldown_left_ms = self.hist.last_scale_up_ms.and_then(|t| {
-            let left = (t + self.cfg.cooldown.as_millis() as u64).saturating_sub(now);
-            (left > 0).then_some(left)
-        });
+        let cooldown_left_ms = crate::policy::cooldown_left(&self.cfg, &self.hist, now);
+        let scale_down_cooldown_left_ms =
+            crate::policy::scale_down_cooldown_left(&self.cfg, &self.hist, now);
+        let hourly_cap_left_ms = crate::policy::hourly_cap_left(&self.cfg, &self.hist, now);
         let hour_ago = now.saturating_sub(3_600_000);
         let mut in_flight: Vec<(String, u32)> =
             self.pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
@@ -593,6 +603,9 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
             holding: self.holding.clone(),
             in_flight,
             cooldown_left_ms,
+            scale_down_cooldown_left_ms,
+            hourly_cap_left_ms,
+            max_launches_per_hour: self.cfg.max_launches_per_hour,
             launches_last_hour: self
                 .hist
                 .launches_ms
@@ -603,10 +616,6 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
                 &self.cfg,
                 &self.balancer_inputs(),
                 self.hosts.len() as u32,
-                &History {
-                    in_flight: self.pending.values().sum(),
-                    ..self.hist.clone()
-                },
                 now,
             )
             .into_iter()
@@ -1171,6 +1180,7 @@ mod tests {
             sessions: n,
             queue: 0.0,
             rtime_ms: Some(100.0),
+            partial: false,
         }
     }
 

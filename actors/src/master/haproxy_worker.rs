@@ -110,8 +110,12 @@ impl WorkerSettings {
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Longest a `show stat` for the decider may take (a later answer would be stale anyway).
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait between two reads of a server that does not answer.
-const SAMPLE_MAX: Duration = Duration::from_secs(30);
+/// Longest wait between two reads of a server that does not answer: under the default
+/// stale_after, so figures resume within it once the server answers again.
+const SAMPLE_MAX: Duration = Duration::from_secs(5);
+/// Longest a whole read may take, reaching the server included (a black-holed server must not
+/// hold up the plans and drains this worker also serves).
+const SAMPLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Work for a worker.
 #[derive(Debug)]
@@ -438,18 +442,35 @@ impl Worker {
                 if !s.sampling.load(Ordering::Relaxed) {
                     sample_at = Instant::now() + s.sample_every;
                 } else {
-                    match self.sample().await {
-                        Ok(load) => {
+                    let read = tokio::time::timeout(SAMPLE_LIMIT, self.sample()).await;
+                    match read {
+                        Ok(Ok(load)) => {
+                            if sample_backoff.attempts() > 0 {
+                                info!(self.log, "The backend's load can be read again");
+                            }
                             sample_backoff.reset();
                             sample_at = Instant::now() + s.sample_every;
                             self.report(ServerEvent::Load(load));
                         }
-                        Err(e) => {
+                        Ok(Err(_)) | Err(_) => {
                             // No figure is sent: the decider reads the silence as missing
-                            // figures, never as no load.
+                            // figures, never as no load (no scale-in while it lasts).
+                            let e = match &read {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => format!("no answer within {SAMPLE_LIMIT:?}"),
+                            };
                             let delay = sample_backoff.next_delay();
-                            debug!(self.log, "Cannot read the backend's load"; "error" => %e, "retry_in" => ?delay);
-                            self.reset_link();
+                            if sample_backoff.attempts() == 1 {
+                                warn!(self.log, "Cannot read the backend's load; no scale-in while this lasts";
+                                    "error" => %e, "retry_in" => ?delay);
+                            } else {
+                                debug!(self.log, "Cannot read the backend's load"; "error" => %e, "retry_in" => ?delay);
+                            }
+                            // A failed transport is dialled again; a refusal by the socket is not
+                            // the session's fault.
+                            if !matches!(read, Ok(Err(HaproxyError::Api { .. }))) {
+                                self.reset_link();
+                            }
                             sample_at = Instant::now() + delay;
                         }
                     }
@@ -458,16 +479,44 @@ impl Worker {
         }
     }
 
-    /// The backend's load as this server measures it (`show stat BACKEND 6 -1`).
+    /// The backend's load as this server measures it (`show stat BACKEND 6 -1`), workers
+    /// left by a reload included: their requests in progress count (asked through the master
+    /// CLI); when they may live and cannot be asked, the figures are marked partial.
     async fn sample(&mut self) -> Result<LbSample, HaproxyError> {
-        let (socket, backend) = (self.settings.socket.clone(), self.settings.backend.clone());
-        let timeout = self.settings.timeout.min(SAMPLE_TIMEOUT);
-        let answer = self
-            .link()
-            .await?
-            .api(&socket, &command::stat_with_backend(&backend), timeout)
-            .await?;
-        parse_stats(&answer, &backend).map_err(|m| self.api_error(m))
+        let s = self.settings.clone();
+        let timeout = s.timeout.min(SAMPLE_TIMEOUT);
+        let stat = command::stat_with_backend(&s.backend);
+        let answer = self.link().await?.api(&s.socket, &stat, timeout).await?;
+        let mut sample = parse_stats(&answer, &s.backend).map_err(|m| self.api_error(m))?;
+        let old_may_live = self.reloaded_at.is_some_and(|at| {
+            s.hard_stop_after.is_zero() || at.elapsed() < s.hard_stop_after + Duration::from_secs(5)
+        });
+        let Some(master) = s.master_socket.clone() else {
+            sample.partial = old_may_live;
+            return Ok(sample);
+        };
+        let link = self.link().await?;
+        let old = match link.master_cli(&master, "show proc", timeout).await {
+            Ok(p) => parse_show_proc(&p).map(|(_, old)| old).ok(),
+            Err(_) => None,
+        };
+        let Some(old) = old else {
+            sample.partial = old_may_live;
+            return Ok(sample);
+        };
+        for pid in old {
+            let cmd = format!("@!{pid} {stat}");
+            match link.master_cli(&master, &cmd, timeout).await {
+                Ok(answer) => match parse_stats(&answer, &s.backend) {
+                    Ok(o) => sample.add_old_worker(&o),
+                    // One that exited meanwhile holds nothing; anything else is not known.
+                    Err(_) if answer.trim().is_empty() => {}
+                    Err(_) => sample.partial = true,
+                },
+                Err(_) => sample.partial = true,
+            }
+        }
+        Ok(sample)
     }
 
     async fn apply(&mut self, plan: &Plan) -> Result<Applied, HaproxyError> {

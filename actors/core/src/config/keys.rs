@@ -208,16 +208,18 @@ pub static KEYS: &[Key] = &[
     key!("scaling", scaling.scale_up_step: Whole<u32> = T("1"), Bound::AtLeast("1"), "",
         "Nodes launched per scale-up decision (policy = instance)."),
     key!("scaling", scaling.cooldown: Dur = T("5m"),
-        "No new scale-up for this long after one."),
+        "No new scale-up for this long after one (scale-ins are not held by it)."),
     key!("scaling", scaling.scale_down_cooldown: Dur = T("10m"),
-        "No new scale-in for this long after one."),
+        "No scale-in for this long after the last scaling, up or in (a scale-in right after a\n\
+         scale-up would undo it)."),
     key!("scaling", scaling.max_launches_per_hour: Whole<u32> = T("6"),
         Bound::AtLeast("1"), " (set dry_run = true to launch nothing)",
         "Hard cap on launches in any hour, whatever the load does."),
     key!("scaling", scaling.stale_after: Dur = T("10s"), Bound::Above("0s"), "",
         "A node whose last sample is older than this takes no part in decisions."),
     key!("scaling", scaling.warmup: Dur = T("2m"),
-        "A node takes no part in decisions until it has reported for this long."),
+        "A node takes no part in decisions until its machine has been up this long (the uptime\n\
+         its agent reports: a master restart or a reconnect does not start it again)."),
     key!("scaling", scaling.drain_timeout: Dur = T("1m"),
         "Longest a host taken out of HAProxy may keep its sessions before it is terminated (it\n\
          goes as soon as every HAProxy server reports none left)."),
