@@ -4,15 +4,16 @@
 # HAProxy (master-worker) on 127.0.0.1 in front of one backend that answers every request after
 # 100 ms (a small threaded Python server, CPU idle), and `autoscaler master` in dry-run (it
 # decides and logs, launches nothing), with its own HAProxy servers list:
-#   1. cost: the master's CPU (every thread's schedstat) over 60 s with the HAProxy signals
+#   1. cost: the master's CPU (every thread's schedstat) over 30 s with the HAProxy signals
 #      off, then on with the server reached locally ([haproxy] servers = local), then on with
 #      the same HAProxy reached over SSH (servers = ssh://USER@127.0.0.1:PORT/…, a loopback
 #      sshd): the master reads `show stat app 6 -1` once a second, locally or through the SSH
-#      session; the difference per second is the cost of one read per tick;
+#      session (3 rounds of the three, alternated; medians); the difference per second is
+#      the cost of one read per tick;
 #   2. reaction: target_sessions_per_node = 4, scale_up_window = 5s; six clients start
 #      (six requests in progress); the time from the first request to the scale-up decision,
 #      median of 5 rounds (a fresh master each round, started once its figures arrive).
-# Usage: benches/haproxy-signals.sh      (root: sshd needs it; about 5 minutes)
+# Usage: benches/haproxy-signals.sh      (root: sshd needs it; about 7 minutes)
 #   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -111,31 +112,37 @@ wait_figures() {
   done
   echo "no HAProxy figures within 20 s" >&2; tail -5 "$tmp/master-$1.log" >&2; exit 1
 }
-# measure NAME: the master's CPU over 60 s, in ms per second.
+# measure NAME: the master's CPU over 30 s, in ms per second.
 measure() {
   start_master "$1"
   sleep 5
   local a b
   a=$(cpu_ns "$master")
-  sleep 60
+  sleep 30
   b=$(cpu_ns "$master")
   kill -9 "$master"
   wait "$master" 2>/dev/null || true
-  echo "scale=3; ($b - $a) / 1000000 / 60" | bc
+  echo "scale=3; ($b - $a) / 1000000 / 30" | bc
 }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-echo "== cost: master CPU, ms per second (60 s each, idle backend)"
-set_key scaling target_sessions_per_node ""
-off=$(measure off)
-echo "signals off:                $off"
-set_key scaling target_sessions_per_node 4
-local_on=$(measure local)
-echo "signals on, local:          $local_on"
-set_key haproxy servers "ssh://$(id -un)@127.0.0.1:$ssh_port$tmp/m/haproxy.cfg"
-ssh_on=$(measure ssh)
-echo "signals on, over SSH:       $ssh_on"
+echo "== cost: master CPU, ms per second (30 s each, idle backend; 3 rounds, alternated)"
+off=() local_on=() ssh_on=()
+ssh_target="ssh://$(id -un)@127.0.0.1:$ssh_port$tmp/m/haproxy.cfg"
+for round in 1 2 3; do
+  set_key haproxy servers local
+  set_key scaling target_sessions_per_node ""
+  off+=("$(measure "off$round")")
+  set_key scaling target_sessions_per_node 4
+  local_on+=("$(measure "local$round")")
+  set_key haproxy servers "$ssh_target"
+  ssh_on+=("$(measure "ssh$round")")
+  echo "round $round: off ${off[-1]}, local ${local_on[-1]}, over SSH ${ssh_on[-1]}"
+done
 set_key haproxy servers local
-echo "per read (one a second):    local $(echo "$local_on - $off" | bc) ms, over SSH $(echo "$ssh_on - $off" | bc) ms"
+m_off=$(median "${off[@]}") m_local=$(median "${local_on[@]}") m_ssh=$(median "${ssh_on[@]}")
+echo "medians: signals off $m_off, on locally $m_local, on over SSH $m_ssh ms/s"
+echo "per read (one a second): local $(echo "$m_local - $m_off" | bc) ms, over SSH $(echo "$m_ssh - $m_off" | bc) ms"
 
 echo "== reaction: six requests in progress against 4 per node, scale_up_window 5s"
 set_key scaling scale_up_window 5s

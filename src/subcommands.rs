@@ -291,16 +291,33 @@ fn simulate(
     let (start, end) = trace.span();
     let outcome = simulate::run(&cfg.scaling, &trace, &settings);
     let mut out = std::io::stdout().lock();
+    let nodes = match trace.nodes.len() {
+        1 => "1 node".to_string(),
+        n => format!("{n} nodes"),
+    };
+    let figures = match trace.backend.is_empty() {
+        true => "",
+        false => ", HAProxy figures",
+    };
     writeln!(
         out,
-        "Replaying {} ({} nodes, {}) with [scaling] of {}: policy {}, launch delay {}",
+        "Replaying {} ({nodes}{figures}, {}) with [scaling] of {}: policy {}, launch delay {}",
         trace_file.display(),
-        trace.nodes.len(),
         clock(end - start),
         cfg.source.display(),
         cfg.scaling.policy,
         humantime::format_duration(launch_delay)
     )?;
+    let span = Duration::from_secs_f64((end - start).max(0.0));
+    if span < cfg.scaling.scale_up_window {
+        writeln!(
+            out,
+            "Note: the trace lasts {} and scale_up_window is {}: no window is ever covered, so \
+             nothing can scale up (or in) on the load",
+            humantime::format_duration(span),
+            humantime::format_duration(cfg.scaling.scale_up_window)
+        )?;
+    }
     match (trace.backend.is_empty(), cfg.scaling.haproxy_signals()) {
         (true, true) => writeln!(
             out,

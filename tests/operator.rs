@@ -390,6 +390,13 @@ fn simulate_replays_a_trace_with_the_configured_policy() {
     let slow =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/traces/slow-backend.csv");
     s.set("scaling", "scale_up_threshold", "75");
+    let out = s.run(&["simulate", "--trace", slow.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(text.contains("(1 node, HAProxy figures, 0:"), "{text}");
+    assert!(
+        text.contains("and scale_up_window is 1m: no window is ever covered"),
+        "{text}"
+    );
     for (k, v) in [
         ("scale_up_window", "3s"),
         ("scale_down_window", "4s"),

@@ -316,17 +316,25 @@ pub fn svg(o: &Outcome, cfg: &Scaling, title: &str) -> Result<String, PlotError>
             .label("nodes serving")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
         count
-            .draw_series(o.events.iter().filter_map(|e| {
-                let (colour, y) = match e.kind {
-                    EventKind::ScaleUp { .. } => (UP, most - 0.3),
-                    EventKind::ScaleDown { .. } => (DOWN, most - 0.3),
-                    _ => return None,
-                };
-                Some(TriangleMarker::new((e.t, y), 6, colour.filled()))
-            }))
+            .draw_series(
+                o.events
+                    .iter()
+                    .filter(|e| matches!(e.kind, EventKind::ScaleUp { .. }))
+                    .map(|e| TriangleMarker::new((e.t, most - 0.3), 6, UP.filled())),
+            )
             .map_err(err)?
-            .label("decision (red: scale-up, blue: scale-in)")
+            .label("scale-up decision")
             .legend(|(x, y)| TriangleMarker::new((x + 10, y), 5, UP.filled()));
+        count
+            .draw_series(
+                o.events
+                    .iter()
+                    .filter(|e| matches!(e.kind, EventKind::ScaleDown { .. }))
+                    .map(|e| Circle::new((e.t, most - 0.3), 5, DOWN.filled())),
+            )
+            .map_err(err)?
+            .label("scale-in decision")
+            .legend(|(x, y)| Circle::new((x + 10, y), 4, DOWN.filled()));
         count
             .configure_series_labels()
             .position(SeriesLabelPosition::LowerRight)
@@ -374,6 +382,8 @@ mod tests {
             "scale_up_threshold 75%",
             "nodes serving",
             "spike",
+            "scale-up decision",
+            "scale-in decision",
         ] {
             assert!(svg.contains(want), "{want} missing");
         }
@@ -382,6 +392,12 @@ mod tests {
         assert!(
             polylines >= 2 + 3 + (o.scale_ups + o.scale_downs) as usize,
             "{polylines}"
+        );
+        // Scale-ins have their own marker (and its legend entry).
+        assert!(
+            svg.matches("<circle").count() > o.scale_downs as usize,
+            "{}",
+            svg.matches("<circle").count()
         );
         // A parser accepts it (well-formed XML).
         assert!(svg.trim_end().ends_with("</svg>"));
