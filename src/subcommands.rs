@@ -107,15 +107,17 @@ fn init(
         None => cli.config.clone(),
     };
     let done = admin::init_file(&file, role, force)?;
-    info!(log, "Wrote configuration";
-        "file" => %done.config_file.display(), "role" => %role,
-        "hosts_dir" => %done.hosts_dir.display(), "replaced" => done.replaced);
     match role {
         Role::Master => {
+            info!(log, "Wrote configuration";
+                "file" => %done.config_file.display(), "role" => %role,
+                "hosts_dir" => %done.hosts_dir.display(), "replaced" => done.replaced);
             info!(log, "Report secret: copy it to every node (mode 0600, the agent's user)";
                 "file" => %done.report_secret.display())
         }
         Role::Node => {
+            info!(log, "Wrote configuration (the keys a node reads)";
+                "file" => %done.config_file.display(), "role" => %role, "replaced" => done.replaced);
             info!(log, "Copy the master's report secret here (mode 0600, the agent's user)";
                 "file" => %done.report_secret.display())
         }
@@ -308,15 +310,25 @@ fn simulate(
         cfg.scaling.policy,
         humantime::format_duration(launch_delay)
     )?;
-    let span = Duration::from_secs_f64((end - start).max(0.0));
-    if span < cfg.scaling.scale_up_window {
-        writeln!(
-            out,
-            "Note: the trace lasts {} and scale_up_window is {}: no window is ever covered, so \
-             nothing can scale up (or in) on the load",
-            humantime::format_duration(span),
-            humantime::format_duration(cfg.scaling.scale_up_window)
-        )?;
+    // A window is covered when its first sample is within stale_after of its start.
+    let span = Duration::from_secs_f64((end - start).max(0.0)) + cfg.scaling.stale_after;
+    for (key, window, what) in [
+        ("scale_up_window", cfg.scaling.scale_up_window, "scale up"),
+        (
+            "scale_down_window",
+            cfg.scaling.scale_down_window,
+            "scale in",
+        ),
+    ] {
+        if span < window {
+            writeln!(
+                out,
+                "Note: the trace lasts {} and {key} is {}: no such window is ever covered, so \
+                 nothing can {what} on the load",
+                humantime::format_duration(Duration::from_secs_f64((end - start).max(0.0))),
+                humantime::format_duration(window)
+            )?;
+        }
     }
     match (trace.backend.is_empty(), cfg.scaling.haproxy_signals()) {
         (true, true) => writeln!(
@@ -387,15 +399,18 @@ fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             );
         }
     }
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "# Effective configuration of {} (secrets redacted)",
-        cfg.source.display()
-    )
-    .context("cannot print the configuration")?;
-    out.write_all(cfg.to_ini_text().as_bytes())?;
-    out.flush()?;
+    // -q: the verdict only (the exit code, and problems on standard error).
+    if cli.quiet == 0 {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "# Effective configuration of {} (secrets redacted)",
+            cfg.source.display()
+        )
+        .context("cannot print the configuration")?;
+        out.write_all(cfg.to_ini_text().as_bytes())?;
+        out.flush()?;
+    }
     info!(log, "Configuration is valid"; "file" => %cfg.source.display(), "role" => %cfg.general.role);
     Ok(())
 }

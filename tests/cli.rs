@@ -41,6 +41,25 @@ fn init_writes_a_private_complete_config_and_never_overwrites() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = fs::read_to_string(&cfg).unwrap();
     assert!(text.contains("role = node\n") && !text.contains("operator's note"));
+    // Only what a node reads: [autoscaler] role and [node].
+    let sections: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(sections, ["[autoscaler]", "[node]"], "{text}");
+    for absent in [
+        "hosts_dir",
+        "control_socket",
+        "[scaling]",
+        "[aws]",
+        "secret_access_key",
+    ] {
+        assert!(!text.contains(absent), "{absent} in a node's file:\n{text}");
+    }
+    assert!(text.contains("report_socket = ") && text.contains("secret_file = "));
+    assert!(text.len() < 4000, "{} bytes", text.len());
+    // A node made in a fresh directory gets no hosts.d.
+    let fresh = s.path().join("fresh-node");
+    let out = s.run(&["init", "--dir", fresh.to_str().unwrap(), "--role", "node"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!fresh.join("hosts.d").exists());
     assert_eq!(
         fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
         0o600
@@ -49,6 +68,11 @@ fn init_writes_a_private_complete_config_and_never_overwrites() {
     let out = s.run(&["check"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("role = node"));
+    // Quietly: the verdict only.
+    let out = s.run(&["-q", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "");
 }
 
 #[test]

@@ -394,7 +394,7 @@ fn simulate_replays_a_trace_with_the_configured_policy() {
     let text = stdout(&out);
     assert!(text.contains("(1 node, HAProxy figures, 0:"), "{text}");
     assert!(
-        text.contains("and scale_up_window is 1m: no window is ever covered"),
+        text.contains("and scale_up_window is 1m: no such window is ever covered"),
         "{text}"
     );
     for (k, v) in [

@@ -209,7 +209,9 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 /// idle CPU (5 %, far under the 75 % threshold) under six clients — six requests in
 /// progress against a target of four per node: the master adds a node on `sessions`, the
 /// new node serves, and once the load stops the fleet is scaled back in and the launched
-/// node leaves HAProxy. `status` and `/metrics` show the signals against their targets.
+/// node leaves HAProxy, though the scale-up `cooldown` (5 m) still runs: only
+/// `scale_down_cooldown` (1 s) holds a scale-in. `status` and `/metrics` show the signals
+/// against their targets, and each guard by name.
 /// With `AUTOSCALER_RECORD_TRACE=FILE` the run's figures are written there as a trace for
 /// `autoscaler simulate` (contrib/traces/slow-backend.csv was made so).
 #[test]
@@ -248,7 +250,8 @@ fn a_slow_backend_at_idle_cpu_scales_up_on_concurrency_and_back_in() {
         ("scaling", "target_response_time", "1s".into()),
         ("scaling", "scale_up_window", "3s".into()),
         ("scaling", "scale_down_window", "4s".into()),
-        ("scaling", "cooldown", "2s".into()),
+        // A long scale-up cooldown does not hold the scale-in: scale_down_cooldown does.
+        ("scaling", "cooldown", "5m".into()),
         ("scaling", "scale_down_cooldown", "1s".into()),
         ("scaling", "max_nodes", "2".into()),
         ("scaling", "drain_timeout", "10s".into()),
@@ -387,6 +390,20 @@ fn a_slow_backend_at_idle_cpu_scales_up_on_concurrency_and_back_in() {
         .unwrap();
     assert_eq!(first["last_cpu_pct"], 5.0, "{st}");
     let table = stdout(&s.run(&["status"]));
+    // Each guard by name, with the time it has left.
+    assert!(table.contains("cooldown (no scale-up): "), "{table}");
+    assert!(
+        table.contains("launches in the last hour: 1 of max_launches_per_hour 6\n"),
+        "{table}"
+    );
+    assert!(
+        st["cooldown_left_s"].as_f64().unwrap() > 240.0
+            && st["scale_down_cooldown_left_s"]
+                .as_f64()
+                .is_none_or(|left| left <= 1.0)
+            && st["hourly_cap_left_s"].is_null(),
+        "{st}"
+    );
     assert!(
         table.contains("signal sessions: ")
             && table.contains("(target 4 per node; asks for 2 nodes; 1 HAProxy server(s))"),

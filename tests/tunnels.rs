@@ -285,6 +285,55 @@ fn strictly_increasing(seqs: &[u64]) -> bool {
     seqs.windows(2).all(|w| w[0] < w[1])
 }
 
+/// A node given the wrong report secret (an operator's common mistake): the agent says once
+/// what to check and backs off, rather than reconnecting several times a second with a log
+/// line each time; the master counts the refusals.
+#[actix_rt::test]
+async fn a_wrong_secret_is_said_once_and_backed_off() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.2.17",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let wrong = dir.path().join("wrong.key");
+    std::fs::write(&wrong, "b".repeat(64)).unwrap();
+    let (_node, node_dir) = start_node(report_port, None, &wrong);
+    let m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.log.wait_for("Tunnel up", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let log = std::fs::read_to_string(node_dir.path().join("node.log")).unwrap();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("did not accept this agent"))
+        .collect::<Vec<_>>();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains("does this node's report secret ([node] secret_file) match the master's?"),
+        "{log}"
+    );
+    assert!(log.lines().count() < 10, "{log}");
+    // Attempts in about 10 s: a backoff doubling from 200 ms (0.2, 0.4, … 6.4 s) gives at most
+    // 7 (it was about 70).
+    let text = m.metrics.counted();
+    let refused: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("autoscaler_report_channels_refused_total{host=\"127.0.2.17\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=8.0).contains(&refused),
+        "{refused} refusals:\n{text}"
+    );
+}
+
 #[actix_rt::test]
 async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
     let Some(sshd_bin) = tool("sshd") else { return };
@@ -532,7 +581,10 @@ fn master_binary_follows_hosts_d() {
         .unwrap();
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("another master answers on"), "{err}");
+    assert!(err.contains("another master answers on it"), "{err}");
+    // The socket is named once, not twice.
+    let sock = s.path().join("master.sock").display().to_string();
+    assert_eq!(err.matches(&sock).count(), 1, "{err}");
     let out = s.run(&[
         "add-host",
         "127.0.0.6",

@@ -189,8 +189,8 @@ pub fn init_file(file: &Path, role: Role, force: bool) -> Result<Initialised, Ad
         return Err(AdminError::Exists(file));
     }
     // Directories first: if one cannot be created, no config points at it.
-    files::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
     if role == Role::Master {
+        files::create_dir_all(&layout.hosts_dir, 0o755).map_err(write_err(&layout.hosts_dir))?;
         files::create_dir_all(&layout.state_dir, 0o700).map_err(write_err(&layout.state_dir))?;
         // The report secret nodes prove they hold; an existing one is kept (nodes have it).
         let secret = &layout.report_secret;

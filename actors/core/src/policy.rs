@@ -165,7 +165,7 @@ impl Hold {
             Hold::Steady => "steady",
             Hold::AtMax => "at_max",
             Hold::AtMin => "at_min",
-            Hold::Cooldown { .. } => "cooldown",
+            Hold::Cooldown { key, .. } => key,
             Hold::HourlyCap => "hourly_cap",
             Hold::LaunchInFlight => "launch_in_flight",
             Hold::NothingToRemove => "nothing_to_remove",
@@ -207,7 +207,7 @@ impl fmt::Display for Hold {
 }
 
 fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Why a node has no mean for a window.
@@ -633,11 +633,9 @@ struct Cpu<'a> {
     warming: Option<u64>,
 }
 
-/// How many of `want` new nodes the guards let launch now: max_nodes (launches in flight
-/// count as nodes) and max_launches_per_hour.
 /// Time left (ms) before `cooldown` lets a scale-up happen; None when it does now.
 pub fn cooldown_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
-    let left = (hist.last_scale_up_ms? + ms(cfg.cooldown)).saturating_sub(now);
+    let left = (hist.last_scale_up_ms?.saturating_add(ms(cfg.cooldown))).saturating_sub(now);
     (left > 0).then_some(left)
 }
 
@@ -646,7 +644,7 @@ pub fn cooldown_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
 /// does now.
 pub fn scale_down_cooldown_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
     let last = hist.last_scale_up_ms.max(hist.last_scale_down_ms)?;
-    let left = (last + ms(cfg.scale_down_cooldown)).saturating_sub(now);
+    let left = (last.saturating_add(ms(cfg.scale_down_cooldown))).saturating_sub(now);
     (left > 0).then_some(left)
 }
 
@@ -672,6 +670,8 @@ pub fn hourly_cap_left(cfg: &Scaling, hist: &History, now: u64) -> Option<u64> {
 
 const HOUR_MS: u64 = 3_600_000;
 
+/// How many of `want` new nodes the guards let launch now: max_nodes (launches in flight
+/// count as nodes) and max_launches_per_hour.
 fn capped(cfg: &Scaling, hist: &History, now: u64, current: u32, want: u32) -> Result<u32, Hold> {
     if current >= cfg.max_nodes {
         return Err(Hold::AtMax);
@@ -938,6 +938,37 @@ mod tests {
                 remaining_ms: 29 * MIN
             })
         );
+        assert_eq!(
+            Hold::Cooldown {
+                key: "cooldown",
+                remaining_ms: 1
+            }
+            .to_string(),
+            "cooldown: no scale-up this soon after the last one"
+        );
+        // A recent scale-in does not hold a scale-up; the later of the two scalings counts
+        // for scale_down_cooldown.
+        let both = |up: u64, down: u64| History {
+            last_scale_up_ms: Some(NOW - up),
+            last_scale_down_ms: Some(NOW - down),
+            ..History::default()
+        };
+        assert!(matches!(
+            decide(&c, &hot, &both(40 * MIN, 5 * S), NOW),
+            Decision::ScaleUp { .. }
+        ));
+        assert_eq!(
+            scale_down_cooldown_left(&c, &both(40 * MIN, 5 * S), NOW),
+            Some(25 * S)
+        );
+        assert_eq!(
+            scale_down_cooldown_left(&c, &both(5 * S, 40 * MIN), NOW),
+            Some(25 * S)
+        );
+        // A cooldown of centuries neither overflows nor lets anything through.
+        let mut forever = c.clone();
+        forever.cooldown = Duration::from_secs(u64::MAX / 2);
+        assert!(cooldown_left(&forever, &after(MIN), NOW).is_some());
         assert_eq!(cooldown_left(&c, &after(MIN), NOW), Some(29 * MIN));
         assert_eq!(scale_down_cooldown_left(&c, &after(MIN), NOW), None);
         assert_eq!(cooldown_left(&c, &History::default(), NOW), None);

@@ -43,8 +43,9 @@ pub struct Status {
     /// Time left before `max_launches_per_hour` allows a launch, if it holds.
     #[serde(default)]
     pub hourly_cap_left_s: Option<f64>,
+    /// None from a master before this field.
     #[serde(default)]
-    pub max_launches_per_hour: u32,
+    pub max_launches_per_hour: Option<u32>,
     pub launches_last_hour: usize,
     /// Launches in flight: decision id and instances.
     pub launches: Vec<(String, u32)>,
@@ -213,7 +214,7 @@ impl Sources {
             cooldown_left_s: d.cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
             scale_down_cooldown_left_s: d.scale_down_cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
             hourly_cap_left_s: d.hourly_cap_left_ms.map(|ms| ms as f64 / 1000.0),
-            max_launches_per_hour: d.max_launches_per_hour,
+            max_launches_per_hour: Some(d.max_launches_per_hour),
             launches_last_hour: d.launches_last_hour,
             signals: d
                 .signals
@@ -291,7 +292,8 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
-            format!("another master answers on {}", path.display()),
+            // The caller names the socket ("cannot listen on control socket PATH: …").
+            "another master answers on it".to_string(),
         ));
     }
     match std::fs::remove_file(path) {
@@ -475,10 +477,10 @@ impl Status {
         if let Some(c) = self.scale_down_cooldown_left_s {
             out += &format!("scale_down_cooldown (no scale-in): {} left\n", span(c));
         }
-        out += &format!(
-            "launches in the last hour: {} of max_launches_per_hour {}",
-            self.launches_last_hour, self.max_launches_per_hour
-        );
+        out += &format!("launches in the last hour: {}", self.launches_last_hour);
+        if let Some(cap) = self.max_launches_per_hour {
+            out += &format!(" of max_launches_per_hour {cap}");
+        }
         if let Some(c) = self.hourly_cap_left_s {
             out += &format!(" (reached: the next launch in {})", span(c));
         }
@@ -667,7 +669,7 @@ mod tests {
             cooldown_left_s: Some(200.0),
             scale_down_cooldown_left_s: Some(20.0),
             hourly_cap_left_s: Some(1500.0),
-            max_launches_per_hour: 1,
+            max_launches_per_hour: Some(1),
             launches_last_hour: 1,
             launches: vec![("d-1".into(), 1)],
             drains: vec![DrainLine {
@@ -749,6 +751,28 @@ mod tests {
         assert!(
             !t.lines().any(|l| l.ends_with(' ')),
             "trailing spaces: {t:?}"
+        );
+    }
+
+    /// A master from before the guard fields answers without them: still read, shown
+    /// without what it did not say.
+    #[test]
+    fn status_from_an_older_master_reads() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        for k in [
+            "scale_down_cooldown_left_s",
+            "hourly_cap_left_s",
+            "max_launches_per_hour",
+            "signals",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old: Status = serde_json::from_value(v).unwrap();
+        let t = old.to_table();
+        assert!(t.contains("launches in the last hour: 1\n"), "{t}");
+        assert!(
+            !t.contains("scale_down_cooldown") && !t.contains("signal "),
+            "{t}"
         );
     }
 

@@ -127,6 +127,19 @@ pub const FILE_HEADER: &str = "\
 # (`systemctl reload autoscaler-master`): [scaling] applies at once, the rest at the next start.
 ";
 
+/// The header of a node's file: what `init --role node` writes holds only what a node reads.
+pub const NODE_FILE_HEADER: &str = "\
+# autoscaler configuration of a node (the agent on a web server). A node reads only [autoscaler]
+# role and [node]; every other section is the master's and is left out here. Every key is
+# shown with its value; a removed key takes its default. Durations: 500ms, 30s, 5m.
+# Relative paths are relative to this file's directory. Check it with `autoscaler check`.
+";
+
+/// Whether a node reads key `section`/`name` (the rest is the master's).
+pub fn node_reads(section: &str, name: &str) -> bool {
+    section == "node" || (section == "autoscaler" && name == "role")
+}
+
 /// Every key, in file order.
 pub static KEYS: &[Key] = &[
     // [autoscaler]
@@ -219,7 +232,8 @@ pub static KEYS: &[Key] = &[
         "A node whose last sample is older than this takes no part in decisions."),
     key!("scaling", scaling.warmup: Dur = T("2m"),
         "A node takes no part in decisions until its machine has been up this long (the uptime\n\
-         its agent reports: a master restart or a reconnect does not start it again)."),
+         its agent reports: a master restart or a reconnect does not start it again; an agent\n\
+         that cannot read its uptime counts from when the master first heard it)."),
     key!("scaling", scaling.drain_timeout: Dur = T("1m"),
         "Longest a host taken out of HAProxy may keep its sessions before it is terminated (it\n\
          goes as soon as every HAProxy server reports none left)."),

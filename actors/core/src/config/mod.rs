@@ -568,9 +568,16 @@ impl Config {
     /// The configuration as `autoscaler.ini` text: every key with its comment and value,
     /// secrets redacted. `init` writes it for the defaults; `check` prints it.
     pub fn to_ini_text(&self) -> String {
-        let mut out = String::from(keys::FILE_HEADER);
+        let node = self.general.role == Role::Node;
+        let mut out = String::from(match node {
+            true => keys::NODE_FILE_HEADER,
+            false => keys::FILE_HEADER,
+        });
         let mut section = "";
-        for k in KEYS {
+        for k in KEYS
+            .iter()
+            .filter(|k| !node || keys::node_reads(k.section, k.name))
+        {
             if k.section != section {
                 section = k.section;
                 out.push_str(&format!("\n[{section}]\n"));

@@ -155,15 +155,28 @@ enum OneOrMany {
 }
 
 /// Parses a scale-up command's output: `{"host": …, "port": …, "instance_id": …?,
-/// "host_key": …?, "ssh_port": …?, "report_port": …?}` or an array of those. Every host and port is validated as `add-host`
-/// would, every host key must be an Ed25519 or ECDSA public key.
+/// "host_key": …?, "ssh_port": …?, "report_port": …?}` or an array of those, as the whole
+/// output or as its last line (lines before it are the command's progress). Every host and
+/// port is validated as `add-host` would, every host key must be an Ed25519 or ECDSA public
+/// key.
 pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
-    let parsed: OneOrMany = serde_json::from_str(stdout.trim()).map_err(|e| {
-        format!(
-            "expected JSON {{\"host\": …, \"port\": …, \"instance_id\": …, \"host_key\": …}} (or an array of them) on standard output, got {:?} ({e})",
-            stdout.chars().take(200).collect::<String>()
-        )
-    })?;
+    let whole = stdout.trim();
+    let last = whole.lines().last().unwrap_or("").trim();
+    let parsed: OneOrMany = serde_json::from_str(whole)
+        .or_else(|e| match last.starts_with('{') || last.starts_with('[') {
+            true => serde_json::from_str(last),
+            false => Err(e),
+        })
+        .map_err(|e| {
+            // The end of the output: where the answer should be.
+            let tail: String = {
+                let chars: Vec<char> = whole.chars().collect();
+                chars[chars.len().saturating_sub(200)..].iter().collect()
+            };
+            format!(
+                "expected JSON {{\"host\": …, \"port\": …, \"instance_id\": …, \"host_key\": …}} (or an array of them) as its output or its last line, got {tail:?} ({e})"
+            )
+        })?;
     let items = match parsed {
         OneOrMany::One(x) => vec![x],
         OneOrMany::Many(v) if v.is_empty() => {
@@ -264,6 +277,15 @@ mod tests {
         .unwrap();
         assert_eq!(hs.len(), 2);
         assert_eq!((hs[0].host.ssh_port, hs[0].host.report_port), (None, None));
+        // Progress lines before the answer: the last line counts.
+        let hs = parse_launched(
+            "starting vm-7...\n{\"note\": 1}\nwaiting for ssh\n{\"host\": \"127.0.1.9\", \"port\": 80}\n",
+        )
+        .unwrap();
+        assert_eq!(hs[0].host.host.to_string(), "127.0.1.9");
+        // Pretty-printed JSON over several lines is read whole, as before.
+        let hs = parse_launched("{\n  \"host\": \"127.0.1.9\",\n  \"port\": 80\n}\n").unwrap();
+        assert_eq!(hs[0].host.port, 80);
         let hs = parse_launched(
             r#"{"host": "127.0.1.9", "port": 80, "ssh_port": 2222, "report_port": "9701"}"#,
         )
@@ -273,6 +295,12 @@ mod tests {
             (Some(2222), Some(9701))
         );
         for (bad, want) in [
+            // The answer must be the last line: output after it is not an answer.
+            (
+                "{\"host\": \"127.0.1.9\", \"port\": 80}\ndone\n",
+                "its last line, got \"{\\\"host",
+            ),
+            ("starting\n\"done\"\n", "expected JSON"),
             (r#"{"host": "a", "port": 80, "ssh_port": 0}"#, "ssh_port: "),
             (
                 r#"{"host": "a", "port": 80, "report_port": "x"}"#,
