@@ -47,6 +47,30 @@ pub struct History {
     pub launches_ms: Vec<u64>,
     /// Launches asked for and not finished yet: they count as nodes.
     pub in_flight: u32,
+    /// Launches in a row that failed with nothing registered (0 after one that worked), and
+    /// when the last of them failed: the next waits `launch_backoff`.
+    pub failed_launches: u32,
+    pub last_failure_ms: Option<u64>,
+}
+
+/// How long after `failed` launches in a row failed the next may be asked for: 1 minute,
+/// doubling, at most 30 minutes. A failed launch does not count toward max_launches_per_hour
+/// (it started nothing that stayed); this keeps a broken launcher from being run in a loop.
+pub fn launch_backoff(failed: u32) -> Duration {
+    match failed {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(60 << (n - 1).min(5)).min(Duration::from_secs(1800)),
+    }
+}
+
+/// Time left (ms) before a launch may be asked for after failed ones; None when it may now.
+pub fn launch_backoff_left(hist: &History, now: u64) -> Option<u64> {
+    let wait = ms(launch_backoff(hist.failed_launches));
+    let left = hist
+        .last_failure_ms?
+        .saturating_add(wait)
+        .saturating_sub(now);
+    (hist.failed_launches > 0 && left > 0).then_some(left)
 }
 
 /// Why nothing is done.
@@ -72,6 +96,8 @@ pub enum Hold {
     },
     /// max_launches_per_hour reached.
     HourlyCap,
+    /// The last launches failed: the next waits (see [`launch_backoff`]).
+    LaunchBackoff { failed: u32 },
     /// Launches are in flight: no scale-in until they finish, and (instance policy) no more
     /// scale-up for the load that asked for them.
     LaunchInFlight,
@@ -167,6 +193,7 @@ impl Hold {
             Hold::AtMin => "at_min",
             Hold::Cooldown { key, .. } => key,
             Hold::HourlyCap => "hourly_cap",
+            Hold::LaunchBackoff { .. } => "launch_backoff",
             Hold::LaunchInFlight => "launch_in_flight",
             Hold::NothingToRemove => "nothing_to_remove",
             Hold::BalancerSilent => "balancer_silent",
@@ -193,6 +220,10 @@ impl fmt::Display for Hold {
                 write!(f, "{key}: no scale-in this soon after the last scaling")
             }
             Hold::HourlyCap => f.write_str("max_launches_per_hour reached"),
+            Hold::LaunchBackoff { failed } => write!(
+                f,
+                "{failed} launch(es) in a row failed: waiting before the next (see the launcher's error)"
+            ),
             Hold::LaunchInFlight => f.write_str("launches in flight"),
             Hold::NothingToRemove => f.write_str("no host launched by autoscaler to remove"),
             Hold::BalancerSilent => f.write_str(
@@ -676,6 +707,11 @@ fn capped(cfg: &Scaling, hist: &History, now: u64, current: u32, want: u32) -> R
     if current >= cfg.max_nodes {
         return Err(Hold::AtMax);
     }
+    if launch_backoff_left(hist, now).is_some() {
+        return Err(Hold::LaunchBackoff {
+            failed: hist.failed_launches,
+        });
+    }
     let hour_ago = now.saturating_sub(3_600_000);
     let recent = hist.launches_ms.iter().filter(|&&t| t > hour_ago).count() as u32;
     let allowed = cfg.max_launches_per_hour.saturating_sub(recent);
@@ -972,6 +1008,40 @@ mod tests {
         assert_eq!(cooldown_left(&c, &after(MIN), NOW), Some(29 * MIN));
         assert_eq!(scale_down_cooldown_left(&c, &after(MIN), NOW), None);
         assert_eq!(cooldown_left(&c, &History::default(), NOW), None);
+    }
+
+    /// Failed launches: the next waits 1 minute, then 2, 4 … at most 30; the floor too.
+    #[test]
+    fn failed_launches_back_off() {
+        assert_eq!(launch_backoff(0), Duration::ZERO);
+        assert_eq!(launch_backoff(1), Duration::from_secs(60));
+        assert_eq!(launch_backoff(3), Duration::from_secs(240));
+        assert_eq!(launch_backoff(6), Duration::from_secs(1800));
+        assert_eq!(launch_backoff(60), Duration::from_secs(1800));
+        let c = cfg();
+        let failed = |n: u32, ago: u64| History {
+            failed_launches: n,
+            last_failure_ms: Some(NOW - ago),
+            ..History::default()
+        };
+        let hot = vec![node(1, 95.0, 11 * MIN)];
+        assert_eq!(
+            decide(&c, &hot, &failed(2, MIN), NOW),
+            Decision::Hold(Hold::LaunchBackoff { failed: 2 })
+        );
+        assert_eq!(launch_backoff_left(&failed(2, MIN), NOW), Some(MIN));
+        assert!(matches!(
+            decide(&c, &hot, &failed(2, 2 * MIN), NOW),
+            Decision::ScaleUp { .. }
+        ));
+        // The floor waits too: a launcher that fails is not run in a loop.
+        let mut floor = c.clone();
+        floor.min_nodes = 2;
+        assert_eq!(
+            decide(&floor, &[node(1, 5.0, 11 * MIN)], &failed(1, 10 * S), NOW),
+            Decision::Hold(Hold::LaunchBackoff { failed: 1 })
+        );
+        assert_eq!(launch_backoff_left(&History::default(), NOW), None);
     }
 
     /// When the hourly cap clears: when the launch whose hour ends first leaves it.

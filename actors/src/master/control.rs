@@ -46,6 +46,11 @@ pub struct Status {
     /// None from a master before this field.
     #[serde(default)]
     pub max_launches_per_hour: Option<u32>,
+    /// Launches in a row that failed, and the time left before the next may be asked for.
+    #[serde(default)]
+    pub failed_launches: u32,
+    #[serde(default)]
+    pub launch_backoff_left_s: Option<f64>,
     pub launches_last_hour: usize,
     /// Launches in flight: decision id and instances.
     pub launches: Vec<(String, u32)>,
@@ -215,6 +220,8 @@ impl Sources {
             scale_down_cooldown_left_s: d.scale_down_cooldown_left_ms.map(|ms| ms as f64 / 1000.0),
             hourly_cap_left_s: d.hourly_cap_left_ms.map(|ms| ms as f64 / 1000.0),
             max_launches_per_hour: Some(d.max_launches_per_hour),
+            failed_launches: d.failed_launches,
+            launch_backoff_left_s: d.launch_backoff_left_ms.map(|ms| ms as f64 / 1000.0),
             launches_last_hour: d.launches_last_hour,
             signals: d
                 .signals
@@ -485,6 +492,13 @@ impl Status {
             out += &format!(" (reached: the next launch in {})", span(c));
         }
         out += "\n";
+        if self.failed_launches > 0 {
+            out += &format!("failed launches in a row: {}", self.failed_launches);
+            if let Some(c) = self.launch_backoff_left_s {
+                out += &format!(" (the next may start in {})", span(c));
+            }
+            out += "\n";
+        }
         for l in &self.signals {
             let unit = match l.signal.as_str() {
                 "requests" => " requests/s",
@@ -670,6 +684,8 @@ mod tests {
             scale_down_cooldown_left_s: Some(20.0),
             hourly_cap_left_s: Some(1500.0),
             max_launches_per_hour: Some(1),
+            failed_launches: 2,
+            launch_backoff_left_s: Some(90.0),
             launches_last_hour: 1,
             launches: vec![("d-1".into(), 1)],
             drains: vec![DrainLine {
@@ -716,6 +732,10 @@ mod tests {
         assert!(t.contains("cooldown (no scale-up): 3m left"), "{t}");
         assert!(
             t.contains("scale_down_cooldown (no scale-in): 20s left"),
+            "{t}"
+        );
+        assert!(
+            t.contains("failed launches in a row: 2 (the next may start in 90s)"),
             "{t}"
         );
         assert!(

@@ -101,6 +101,9 @@ pub struct DecisionStatus {
     pub scale_down_cooldown_left_ms: Option<u64>,
     /// Time left before `max_launches_per_hour` allows a launch (ms), if it holds.
     pub hourly_cap_left_ms: Option<u64>,
+    /// Launches in a row that failed, and the time left before the next may be asked for.
+    pub failed_launches: u32,
+    pub launch_backoff_left_ms: Option<u64>,
     pub max_launches_per_hour: u32,
     pub launches_last_hour: usize,
     /// Each HAProxy signal that is on, against its target.
@@ -145,6 +148,11 @@ struct Remembered {
     last_scale_down_ms: Option<u64>,
     #[serde(default)]
     launches_ms: Vec<u64>,
+    /// Launches in a row that failed, and when the last did.
+    #[serde(default)]
+    failed_launches: u32,
+    #[serde(default)]
+    last_failure_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +187,8 @@ pub struct ScaleDecider {
     hist: History,
     /// decision id → instances requested, until LaunchFinished.
     pending: HashMap<String, u32>,
+    /// When each launch of this run was decided (its instances' place in the hourly count).
+    decided_at: HashMap<String, u64>,
     last_hold: Option<String>,
     /// The reason of the last hold, and the last scale-up/in (at, action, reason).
     holding: Option<String>,
@@ -221,6 +231,7 @@ impl ScaleDecider {
             hosts_known: false,
             hist: History::default(),
             pending: HashMap::new(),
+            decided_at: HashMap::new(),
             last_hold: None,
             holding: None,
             last_action: None,
@@ -308,7 +319,10 @@ impl ScaleDecider {
         self.hist.last_scale_up_ms = m.last_scale_up_ms.map(to_clock);
         self.hist.last_scale_down_ms = m.last_scale_down_ms.map(to_clock);
         self.hist.launches_ms = m.launches_ms.into_iter().map(to_clock).collect();
-        info!(self.log, "Recalled the guards' history"; "launches_last_hour" => self.hist.launches_ms.len());
+        self.hist.failed_launches = m.failed_launches;
+        self.hist.last_failure_ms = m.last_failure_ms.map(to_clock);
+        info!(self.log, "Recalled the guards' history"; "launches_last_hour" => self.hist.launches_ms.len(),
+            "failed_launches" => m.failed_launches);
     }
 
     /// The guards' history as it is remembered (Unix ms).
@@ -319,6 +333,8 @@ impl ScaleDecider {
             last_scale_up_ms: self.hist.last_scale_up_ms.map(to_wall),
             last_scale_down_ms: self.hist.last_scale_down_ms.map(to_wall),
             launches_ms: self.hist.launches_ms.iter().copied().map(to_wall).collect(),
+            failed_launches: self.hist.failed_launches,
+            last_failure_ms: self.hist.last_failure_ms.map(to_wall),
         }
     }
 
@@ -445,6 +461,7 @@ impl ScaleDecider {
                     .extend(std::iter::repeat_n(now, count as usize));
                 if let Some(out) = acting {
                     self.pending.insert(id.clone(), count);
+                    self.decided_at.insert(id.clone(), now);
                     let msg = LaunchInstances {
                         count,
                         decision_id: id.clone(),
@@ -605,6 +622,8 @@ impl Handler<GetDecisionStatus> for ScaleDecider {
             cooldown_left_ms,
             scale_down_cooldown_left_ms,
             hourly_cap_left_ms,
+            failed_launches: self.hist.failed_launches,
+            launch_backoff_left_ms: crate::policy::launch_backoff_left(&self.hist, now),
             max_launches_per_hour: self.cfg.max_launches_per_hour,
             launches_last_hour: self
                 .hist
@@ -735,15 +754,40 @@ impl Handler<Reconciled> for ScaleDecider {
 
 impl Handler<LaunchFinished> for ScaleDecider {
     type Result = ();
-    fn handle(&mut self, m: LaunchFinished, _: &mut Context<Self>) {
+    fn handle(&mut self, m: LaunchFinished, ctx: &mut Context<Self>) {
         self.pending.remove(&m.decision_id);
+        let decided = self.decided_at.remove(&m.decision_id);
+        let now = self.now();
         match &m.error {
-            None => {
-                info!(self.log, "Launch finished"; "decision" => &m.decision_id, "registered" => m.registered.len())
+            Some(e) if m.registered.is_empty() => {
+                // Nothing of it stayed: not a launch for the hourly cap; the next waits.
+                if let Some(at) = decided {
+                    let mut uncount = m.requested as usize;
+                    self.hist.launches_ms.retain(|&t| {
+                        let drop = t == at && uncount > 0;
+                        uncount -= usize::from(drop);
+                        !drop
+                    });
+                }
+                self.hist.failed_launches = self.hist.failed_launches.saturating_add(1);
+                self.hist.last_failure_ms = Some(now);
+                let wait = crate::policy::launch_backoff(self.hist.failed_launches);
+                warn!(self.log, "Launch failed; a new decision will retry if still needed";
+                    "decision" => &m.decision_id, "registered" => 0, "requested" => m.requested, "error" => e,
+                    "failed_in_a_row" => self.hist.failed_launches, "next_launch_in" => %humantime::format_duration(wait));
+                self.remember_then(ctx, None, || {});
             }
             Some(e) => {
+                self.hist.failed_launches = 0;
                 warn!(self.log, "Launch failed; a new decision will retry if still needed";
                 "decision" => &m.decision_id, "registered" => m.registered.len(), "requested" => m.requested, "error" => e)
+            }
+            None => {
+                if self.hist.failed_launches > 0 {
+                    self.hist.failed_launches = 0;
+                    self.remember_then(ctx, None, || {});
+                }
+                info!(self.log, "Launch finished"; "decision" => &m.decision_id, "registered" => m.registered.len())
             }
         }
     }
@@ -1290,5 +1334,78 @@ mod tests {
         feed_lb(&d, &hosts, 5.0, &[("a", 2.0)], 15).await;
         let got = sent(&mut rx);
         assert!(matches!(&got[..], [Out::Launch(1, _)]), "{got:?}");
+    }
+
+    /// A launch that failed with nothing registered: not counted toward
+    /// max_launches_per_hour (the cap of 1 would otherwise hold for an hour), and the next
+    /// waits 1 minute, then 2 after a second failure; a success clears the count.
+    #[actix_rt::test]
+    async fn failed_launches_back_off_and_leave_the_hourly_cap_alone() {
+        tokio::time::pause();
+        let mut cfg = scaling(false);
+        cfg.cooldown = Duration::from_secs(1);
+        cfg.max_launches_per_hour = 1;
+        let hosts = [host(1, Origin::Manual)];
+        let (d, mut rx) = start_with(cfg, None, &hosts);
+        let fail = |id: String| LaunchFinished {
+            decision_id: id,
+            requested: 1,
+            registered: vec![],
+            error: Some("scale-up command failed".into()),
+        };
+        let mut seq = 0;
+        let mut feed_secs = |n: u64| {
+            let from = seq;
+            seq += n;
+            (from, n)
+        };
+        let (from, n) = feed_secs(12);
+        feed(&d, &hosts, 95.0, from, n).await;
+        let got = sent(&mut rx);
+        let [Out::Launch(1, first)] = &got[..] else {
+            panic!("{got:?}")
+        };
+        d.send(fail(first.clone())).await.unwrap();
+        let st = d.send(GetDecisionStatus).await.unwrap();
+        assert_eq!((st.failed_launches, st.launches_last_hour), (1, 0));
+        // Within the minute: held by the backoff, not by the cap.
+        let (from, n) = feed_secs(50);
+        feed(&d, &hosts, 95.0, from, n).await;
+        assert!(sent(&mut rx).is_empty());
+        let st = d.send(GetDecisionStatus).await.unwrap();
+        assert!(
+            st.holding
+                .as_deref()
+                .is_some_and(|h| h.contains("1 launch(es) in a row failed")),
+            "{:?}",
+            st.holding
+        );
+        let (from, n) = feed_secs(12);
+        feed(&d, &hosts, 95.0, from, n).await;
+        let got = sent(&mut rx);
+        let [Out::Launch(1, second)] = &got[..] else {
+            panic!("{got:?}")
+        };
+        d.send(fail(second.clone())).await.unwrap();
+        // Second failure: two minutes.
+        let (from, n) = feed_secs(100);
+        feed(&d, &hosts, 95.0, from, n).await;
+        assert!(sent(&mut rx).is_empty());
+        let (from, n) = feed_secs(30);
+        feed(&d, &hosts, 95.0, from, n).await;
+        let got = sent(&mut rx);
+        let [Out::Launch(1, third)] = &got[..] else {
+            panic!("{got:?}")
+        };
+        d.send(LaunchFinished {
+            decision_id: third.clone(),
+            requested: 1,
+            registered: vec![host(2, Origin::Launched).key()],
+            error: None,
+        })
+        .await
+        .unwrap();
+        let st = d.send(GetDecisionStatus).await.unwrap();
+        assert_eq!((st.failed_launches, st.launches_last_hour), (0, 1));
     }
 }
