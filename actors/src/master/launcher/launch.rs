@@ -244,7 +244,8 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
             warn!(log, "The scale-up command printed no host_key: the host's SSH key must already be known, or it will not report under host_key_policy = strict";
                 "host" => &host);
         } else {
-            known_hosts::replace(&s.known_hosts, &host, s.ssh_port, &keys).map_err(|source| {
+            let ssh_port = l.host.ssh_port.unwrap_or(s.ssh_port);
+            known_hosts::replace(&s.known_hosts, &host, ssh_port, &keys).map_err(|source| {
                 LaunchError::KnownHosts {
                     path: s.known_hosts.clone(),
                     source,
@@ -252,7 +253,7 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
             })?;
             info!(log, "Recorded the host's SSH keys"; "host" => &host, "keys" => keys.len());
             durably(inner, log, || {
-                crate::master::cluster_sync::share(&inner.records, &host, s.ssh_port, &keys)
+                crate::master::cluster_sync::share(&inner.records, &host, ssh_port, &keys)
             })
             .await?;
         }
