@@ -320,6 +320,14 @@ fn generate_writes_a_config_the_real_haproxy_accepts() {
             .unwrap()
     };
     assert!(check(&cfg_path).success());
+    // The server-state file the configuration loads is there for HAProxy's first start (a
+    // missing one is a warning at every start until the first reload); one that exists is
+    // left alone.
+    let state = s.path().join("haproxy.state");
+    assert_eq!(fs::read_to_string(&state).unwrap(), "1\n");
+    fs::write(&state, "1\n# saved\n").unwrap();
+    assert!(s.run(&["generate"]).status.success());
+    assert_eq!(fs::read_to_string(&state).unwrap(), "1\n# saved\n");
     for (h, p) in [
         ("127.0.0.3", "8080"),
         ("127.0.0.2", "8080"),

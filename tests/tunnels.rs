@@ -90,6 +90,7 @@ impl Master {
                 cpu: vec![sink.clone().recipient()],
                 up: vec![sink.clone().recipient()],
                 down: vec![sink.recipient()],
+                problem: vec![],
             },
             &logger,
         )
@@ -283,6 +284,39 @@ fn secret_of(cfg: &Config) -> PathBuf {
 
 fn strictly_increasing(seqs: &[u64]) -> bool {
     seqs.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Two agents on one node's forward (a second `autoscaler node`, or a copied configuration):
+/// each replaces the other's channel in turn, and the master says so instead of logging
+/// "Node up" over and over without a word.
+#[actix_rt::test]
+async fn two_agents_taking_turns_on_one_forward_are_named() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.2.18",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.log.wait_for("Tunnel up", Duration::from_secs(10)).await;
+    let one = crate::common::FakeAgent::start_as(report_port, 5.0, &m.secret(), 7);
+    m.log.wait_for("Node up", Duration::from_secs(10)).await;
+    assert!(!m.log.text().contains("Two agents take turns"));
+    let _two = crate::common::FakeAgent::start_as(report_port, 5.0, &m.secret(), 8);
+    m.log
+        .wait_for("Two agents take turns", Duration::from_secs(20))
+        .await;
+    // Once a minute, not at every turn.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(m.log.text().matches("Two agents take turns").count(), 1);
+    drop(one);
 }
 
 /// A node given the wrong report secret (an operator's common mistake): the agent says once
@@ -651,6 +685,100 @@ async fn a_silent_host_costs_a_bounded_timeout_and_retries() {
         .wait_for_count("no answer within 500ms", first + 1, Duration::from_secs(10))
         .await;
     drop(silent);
+}
+
+/// `status` says why a node is not heard, with what to do: a host whose key is not known
+/// (the exact ssh-keyscan line), a node whose agent holds another report secret, a node whose
+/// tunnel is up and no agent answers; the reason goes once the agent is heard.
+#[test]
+fn status_says_why_a_node_is_not_heard() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let s = crate::common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    let (p_wrong, p_silent) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    s.set("ssh", "user", &crate::common::current_user());
+    s.set("node", "report_socket", "");
+    s.set("haproxy", "reload_command", "true");
+    let unknown = Sshd::start(&sshd_bin, "127.0.2.21", None, &pub_of(&key), None);
+    let wrong = Sshd::start(&sshd_bin, "127.0.2.22", None, &pub_of(&key), None);
+    let silent = Sshd::start(&sshd_bin, "127.0.2.23", None, &pub_of(&key), None);
+    // Only the last two are trusted.
+    std::fs::write(
+        s.path().join("known_hosts"),
+        wrong.known_hosts_line() + &silent.known_hosts_line(),
+    )
+    .unwrap();
+    for (d, report) in [
+        (&unknown, None),
+        (&wrong, Some(p_wrong)),
+        (&silent, Some(p_silent)),
+    ] {
+        let mut args = vec![
+            "add-host".to_string(),
+            d.addr.clone(),
+            "8080".into(),
+            "--ssh-port".into(),
+            d.port.to_string(),
+        ];
+        if let Some(p) = report {
+            args.extend(["--report-port".into(), p.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = s.run(&args);
+        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    }
+    let other = s.path().join("other.key");
+    std::fs::write(&other, "c".repeat(64)).unwrap();
+    let agent = crate::common::FakeAgent::start(p_wrong, 5.0, &other);
+    let master = MasterProc::spawn(&s.config(), &[]);
+    master.wait_msg("Started");
+    let problems = || {
+        let out = s.run(&["status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let of = |host: &str| {
+            st["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["host"] == host)
+                .and_then(|n| n["problem"].as_str().map(String::from))
+                .unwrap_or_default()
+        };
+        (of("127.0.2.21"), of("127.0.2.22"), of("127.0.2.23"))
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let (a, b, c) = loop {
+        let (a, b, c) = problems();
+        if (a.contains("ssh-keyscan") && b.contains("report secret") && c.contains("no agent"))
+            || Instant::now() > end
+        {
+            break (a, b, c);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        a.contains(&format!("ssh-keyscan -p {} 127.0.2.21", unknown.port)),
+        "{a}"
+    );
+    assert!(
+        b.contains("does the node's [node] secret_file hold the master's report.key?"),
+        "{b}"
+    );
+    assert!(c.contains("is `autoscaler node` running there"), "{c}");
+    let table = crate::common::stdout(&s.run(&["status"]));
+    assert!(
+        table.contains("127.0.2.21:8080 not heard: host key of 127.0.2.21"),
+        "{table}"
+    );
+    // The right secret: heard, and the reason is gone.
+    drop(agent);
+    let _agent = crate::common::FakeAgent::start(p_wrong, 5.0, &s.path().join("report.key"));
+    let end = Instant::now() + Duration::from_secs(20);
+    while !problems().1.is_empty() {
+        assert!(Instant::now() < end, "still: {}", problems().1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    master.terminate();
 }
 
 /// The whole master, as a binary: a node reports 95 % CPU through a real SSH tunnel, the

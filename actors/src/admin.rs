@@ -250,6 +250,26 @@ pub struct Generated {
 /// false; a machine without HAProxy gets the file and a [`Validation::Skipped`]) and installs
 /// it. A host file that cannot be read stops it (a config silently missing a backend would be
 /// worse); a failed validation leaves the output untouched.
+/// An empty server-state file (its version line only) where none is yet, so HAProxy's first
+/// start with the generated configuration loads it without a warning; an existing one is
+/// left alone.
+fn seed_state_file(path: &Path) -> Result<(), AdminError> {
+    // HAProxy's own directory (/var/lib/haproxy): its creation is the package's.
+    if path
+        .parent()
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        return Ok(());
+    }
+    match files::create_new(path, b"1\n", 0o644) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(AdminError::Write {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub async fn generate(
     cfg: &Config,
     output: &Output,
@@ -276,6 +296,9 @@ pub async fn generate(
         ),
         Output::File(path) => {
             let installed = haproxy::install(&text, path, check).await?;
+            if *path == cfg.haproxy.config_path {
+                seed_state_file(&cfg.haproxy.server_state_file)?;
+            }
             let (Installed::Replaced { validation } | Installed::Unchanged { validation }) =
                 &installed;
             (validate.then(|| validation.clone()), Some(installed))

@@ -837,12 +837,17 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     pub fn start(port: u16, busy: f64, secret: &Path) -> FakeAgent {
+        FakeAgent::start_as(port, busy, secret, 1000 + u64::from(port))
+    }
+
+    /// [`FakeAgent::start`] as the agent run `boot` (two of them on one port are two agents
+    /// taking turns).
+    pub fn start_as(port: u16, busy: f64, secret: &Path, boot: u64) -> FakeAgent {
         let secret = secret.to_path_buf();
         use std::io::Write;
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
-        let boot: u64 = 1000 + u64::from(port);
         let thread = std::thread::spawn(move || {
             let mut seq = 0u64;
             // Bounded: at most ten minutes, whatever the test does.

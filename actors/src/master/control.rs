@@ -127,6 +127,9 @@ pub struct NodeLine {
     pub mean_down_pct: Option<f64>,
     /// Why it takes no part in scale-up decisions; None when it does.
     pub why_not: Option<String>,
+    /// Why the node is not heard (SSH, host key, forward, report secret), if it is not.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// A host on its way out.
@@ -190,9 +193,10 @@ impl Sources {
                     },
                     instance_id: h.instance_id.clone(),
                     tunnel: match v {
-                        None => "never".into(),
                         Some(v) if v.up => "up".into(),
-                        Some(_) => "down".into(),
+                        // Heard before: down now. Never heard (only a problem known): never.
+                        Some(v) if v.hello.is_some() => "down".into(),
+                        _ => "never".into(),
                     },
                     last_cpu_pct: v.and_then(|v| v.last_sample).map(|s| s.busy_pct),
                     last_seen_s: v
@@ -201,6 +205,7 @@ impl Sources {
                     mean_up_pct: eval.and_then(|e| e.mean_up_pct),
                     mean_down_pct: eval.and_then(|e| e.mean_down_pct),
                     why_not: eval.and_then(|e| e.why_not.clone()),
+                    problem: v.and_then(|v| v.problem.clone()),
                 }
             })
             .collect();
@@ -569,6 +574,12 @@ impl Status {
         if self.nodes.is_empty() {
             out += "(no hosts registered: `autoscaler add-host HOST PORT`)\n";
         }
+        // Why a node is not heard, one line each: what to fix.
+        for n in self.nodes.iter().filter(|n| n.tunnel != "up") {
+            if let Some(p) = &n.problem {
+                out += &format!("{}:{} not heard: {p}\n", n.host, n.port);
+            }
+        }
         if !self.launches.is_empty() {
             out += "\nLAUNCHES IN FLIGHT\n";
             let mut rows = vec![vec!["DECISION".to_string(), "INSTANCES".into()]];
@@ -660,6 +671,7 @@ mod tests {
                     mean_up_pct: Some(80.0),
                     mean_down_pct: Some(70.0),
                     why_not: None,
+                    problem: None,
                 },
                 NodeLine {
                     host: "10.0.0.17".into(),
@@ -672,6 +684,9 @@ mod tests {
                     mean_up_pct: None,
                     mean_down_pct: None,
                     why_not: Some("no report yet".into()),
+                    problem: Some(
+                        "host key of 10.0.0.17 is not in /etc/autoscaler/known_hosts".into(),
+                    ),
                 },
             ],
             last_action: Some(LastAction {
@@ -762,6 +777,10 @@ mod tests {
         assert!(lines[header + 2].contains("launched i-0abc"), "{t}");
         assert!(lines[header + 2].ends_with("no: no report yet"), "{t}");
         assert!(lines[header + 1].ends_with("yes"), "{t}");
+        assert!(
+            t.contains("10.0.0.17:8080 not heard: host key of 10.0.0.17 is not in /etc/autoscaler/known_hosts\n"),
+            "{t}"
+        );
         let drain = lines
             .iter()
             .find(|l| l.starts_with("10.0.0.9:80 "))

@@ -24,6 +24,15 @@ pub struct NodeUp {
     pub hello: Hello,
 }
 
+/// Why a node is not heard (SSH refused, host key unknown, forward refused, a report channel
+/// that did not prove the report secret), or None once it is: for `status`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct TunnelProblem {
+    pub host: HostKey,
+    pub problem: Option<String>,
+}
+
 /// A node stopped reporting: its session or channel died, or its samples went stale.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]

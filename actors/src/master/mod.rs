@@ -197,6 +197,7 @@ pub async fn start_master(
             cpu: vec![status.clone().recipient(), decider.clone().recipient()],
             up: vec![status.clone().recipient(), decider.clone().recipient()],
             down: vec![status.clone().recipient(), decider.clone().recipient()],
+            problem: vec![status.clone().recipient()],
         },
         log,
     )

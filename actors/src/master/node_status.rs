@@ -7,7 +7,7 @@ use std::time::Instant;
 use actix::{Actor, Context, Handler, Message};
 use slog::{debug, info, o, warn, Logger};
 
-use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
+use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::hosts::HostKey;
 use crate::report::{CpuSample, Hello};
 
@@ -20,6 +20,8 @@ pub struct NodeView {
     pub last_seen: Option<Instant>,
     pub samples: u64,
     pub last_down_reason: Option<String>,
+    /// Why it is not heard, as the tunnel last found (None once its agent is heard).
+    pub problem: Option<String>,
 }
 
 /// Every node heard of so far.
@@ -49,6 +51,7 @@ impl NodeStatus {
             last_seen: None,
             samples: 0,
             last_down_reason: None,
+            problem: None,
         })
     }
 }
@@ -65,6 +68,13 @@ impl Handler<NodeUp> for NodeStatus {
         v.up = true;
         v.hello = Some(m.hello);
         v.last_seen = Some(Instant::now());
+    }
+}
+
+impl Handler<TunnelProblem> for NodeStatus {
+    type Result = ();
+    fn handle(&mut self, m: TunnelProblem, _: &mut Context<Self>) {
+        self.entry(&m.host).problem = m.problem;
     }
 }
 

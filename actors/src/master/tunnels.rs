@@ -48,7 +48,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
+use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::adapters::secret;
 use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
 use crate::backoff::Backoff;
@@ -188,6 +188,8 @@ pub struct TunnelOutputs {
     pub cpu: Vec<Recipient<CpuReported>>,
     pub up: Vec<Recipient<NodeUp>>,
     pub down: Vec<Recipient<NodeDown>>,
+    /// Why a node is not heard, and when that is over (NodeStatus, for `status`).
+    pub problem: Vec<Recipient<TunnelProblem>>,
 }
 
 impl TunnelOutputs {
@@ -199,6 +201,14 @@ impl TunnelOutputs {
     }
     fn down(&self, m: NodeDown) {
         self.down.iter().for_each(|r| r.do_send(m.clone()));
+    }
+    fn problem(&self, host: &HostKey, problem: Option<String>) {
+        self.problem.iter().for_each(|r| {
+            r.do_send(TunnelProblem {
+                host: host.clone(),
+                problem: problem.clone(),
+            })
+        });
     }
 }
 
@@ -339,6 +349,9 @@ async fn session_loop(
         next: AtomicU64::default(),
         pending: Mutex::default(),
         last_refusal_log: Mutex::default(),
+        live_boot: Mutex::default(),
+        turns: Mutex::default(),
+        last_turns_log: Mutex::default(),
     });
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     loop {
@@ -359,6 +372,7 @@ async fn session_loop(
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
+        out.problem(&key, Some(reason.clone()));
         let delay = backoff.next_delay();
         settings.metrics.ssh_reconnect(&key.host.to_string());
         warn!(log, "Tunnel down; retrying"; "error" => reason, "attempt" => backoff.attempts(),
@@ -417,6 +431,14 @@ async fn run_session(
         .map_err(|_| SshError::ConnectTimeout(timeout))??;
     drop(permit);
     info!(log, "Tunnel up"; "forward" => %forward);
+    if !up.load(Ordering::SeqCst) {
+        out.problem(
+            key,
+            Some(format!(
+                "SSH tunnel up ({forward}); no agent has proved itself on it yet: is `autoscaler node` running there and reporting to that forward?"
+            )),
+        );
+    }
     (&mut handle).await?;
     Ok(())
 }
@@ -448,13 +470,50 @@ struct Channels {
     /// make room.
     pending: Mutex<VecDeque<(u64, Arc<Notify>)>>,
     last_refusal_log: Mutex<Option<Instant>>,
+    /// The live channel's agent run (its hello's boot), and when a channel of another run
+    /// replaced a live one lately: two agents taking turns on one forward.
+    live_boot: Mutex<Option<u64>>,
+    turns: Mutex<VecDeque<Instant>>,
+    last_turns_log: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Replacements by another agent run within this long, this many times: two agents on one
+/// forward (the same report socket or port, or a copied configuration).
+const TURNS_WINDOW: Duration = Duration::from_secs(60);
+const TURNS_SEEN: usize = 3;
+
 impl Channels {
+    /// Records that a channel of agent run `boot` became the live one; true when agents of
+    /// different runs have taken turns often enough lately to say so (once a minute).
+    fn took_turn(&self, boot: u64) -> bool {
+        let previous = lock(&self.live_boot).replace(boot);
+        if previous.is_none_or(|p| p == boot) {
+            return false;
+        }
+        let now = Instant::now();
+        let mut turns = lock(&self.turns);
+        turns.push_back(now);
+        while turns
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > TURNS_WINDOW)
+        {
+            turns.pop_front();
+        }
+        if turns.len() < TURNS_SEEN {
+            return false;
+        }
+        let mut last = lock(&self.last_turns_log);
+        if last.is_some_and(|t| now.duration_since(t) < TURNS_WINDOW) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     fn is_live(&self, id: u64) -> bool {
         *lock(&self.live) == Some(id)
     }
@@ -687,7 +746,12 @@ async fn read_channel(
                         let replaced = lock(&chans.live).replace(id);
                         info!(log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
                             "channel" => id, "replaces" => replaced);
+                        if chans.took_turn(hello.boot) {
+                            warn!(log, "Two agents take turns on this node's forward: each new one replaces the other's channel (two `autoscaler node` running, or two nodes sharing one report socket or port?)";
+                                "boot" => hello.boot, "replacements_in_a_minute" => lock(&chans.turns).len());
+                        }
                         up.store(true, Ordering::SeqCst);
+                        out.problem(&key, None);
                         out.up(NodeUp {
                             host: key.clone(),
                             hello,
@@ -731,7 +795,16 @@ async fn read_channel(
     }
     match &end {
         ChannelEnd::Bad(DecodeError::Unauthenticated | DecodeError::NoMac) if !authenticated => {
-            metrics.channel_refused(&host, "unauthenticated")
+            metrics.channel_refused(&host, "unauthenticated");
+            if !up.load(Ordering::SeqCst) {
+                out.problem(
+                    &key,
+                    Some(
+                        "tunnel up, but the report channel did not prove the report secret: does the node's [node] secret_file hold the master's report.key?"
+                            .into(),
+                    ),
+                );
+            }
         }
         // A frame without the channel's MAC is not the agent's either.
         ChannelEnd::Bad(DecodeError::Forged | DecodeError::NoMac) if authenticated => {
