@@ -256,12 +256,24 @@ fn generate(
 fn status(cli: &Cli, json: bool, log: &Logger) -> anyhow::Result<()> {
     // The running master may run an older file than the one on disk: a file with problems
     // still names the socket.
-    let (cfg, problems) = Config::load_lenient(&cli.config)?;
-    if !problems.is_empty() {
-        warn!(log, "The configuration file has problems (`autoscaler check`); asking the master anyway";
-            "file" => %cli.config.display(), "problems" => problems.len());
-    }
-    let s = control::request(&cfg.general.control_socket, Duration::from_secs(10))?;
+    let socket = match Config::load_lenient(&cli.config) {
+        Ok((cfg, problems)) => {
+            if !problems.is_empty() {
+                warn!(log, "The configuration file has problems (`autoscaler check`); asking the master anyway";
+                    "file" => %cli.config.display(), "problems" => problems.len());
+            }
+            cfg.general.control_socket
+        }
+        // Not INI at all: the running master still answers where the file's line (or the
+        // default) says.
+        Err(e @ autoscaler_actors::config::ConfigError::Syntax { .. }) => {
+            warn!(log, "The configuration file cannot be read (`autoscaler check`); asking the master anyway";
+                "error" => %e);
+            Config::control_socket_of(&cli.config)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let s = control::request(&socket, Duration::from_secs(10))?;
     let text = match json {
         true => serde_json::to_string_pretty(&s)? + "\n",
         false => s.to_table(),

@@ -330,6 +330,25 @@ fn notifies_systemd_and_reloads_on_sighup() {
     assert_eq!(notes.next().trim(), "READY=1");
     assert_eq!(status(&s)["policy"], "cluster", "old configuration kept");
 
+    // A file that is not INI any more (a broken section header): refused on SIGHUP, and
+    // `status` still reaches the running master (it used to stop at the file, exit 78).
+    let good = fs::read_to_string(s.config()).unwrap();
+    fs::write(s.config(), good.replace("[scaling]", "[scaling")).unwrap();
+    hup(&master);
+    assert_eq!(notes.next().trim(), "RELOADING=1");
+    let refused = master.wait_msg("Configuration not reloaded; the running one is kept");
+    assert!(
+        refused["error"].as_str().unwrap().contains("line"),
+        "{refused}"
+    );
+    assert_eq!(notes.next().trim(), "READY=1");
+    let out = s.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot be read"), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["policy"], "cluster");
+    fs::write(s.config(), good).unwrap();
+
     master.terminate();
     assert_eq!(notes.next().trim(), "STOPPING=1");
     master.wait_msg("Stopped");

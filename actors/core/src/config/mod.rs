@@ -381,6 +381,33 @@ impl Config {
         Config::parse_all(&text, path)
     }
 
+    /// Where the master at `path`'s configuration answers `status`, even when the file is
+    /// not INI at all (a running master may run an older, good copy): the `[autoscaler]
+    /// control_socket` line as written, else the default for the file's directory.
+    pub fn control_socket_of(path: &Path) -> PathBuf {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let text = fs::read_to_string(path).unwrap_or_default();
+        let mut section = "";
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = if name.trim() == "autoscaler" {
+                    "autoscaler"
+                } else {
+                    ""
+                };
+            } else if let Some((k, v)) = line.split_once('=') {
+                let v = v.trim();
+                if section == "autoscaler" && k.trim() == "control_socket" && !v.is_empty() {
+                    return dir.join(v);
+                }
+            }
+        }
+        Layout::for_dir(dir).control_socket
+    }
+
     /// The configuration in `text` and every problem found in it; only a file that is not
     /// INI at all is an error.
     fn parse_all(text: &str, path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
