@@ -109,7 +109,12 @@ pub enum Command {
         no_validate: bool,
     },
     /// Load and validate the configuration, print it with secrets redacted.
-    Check,
+    Check {
+        /// Also reach every registered host as the master does (SSH, host key, login, the
+        /// report forward) and print a table; exit 69 when one cannot be reached.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Ask the running master what it sees: nodes, decisions, launches, drains, HAProxy.
     Status {
         /// Print the master's JSON document instead of tables.

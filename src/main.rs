@@ -55,6 +55,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         EX_DATAERR
     } else if let Some(ControlError::NoMaster { .. }) = e.downcast_ref::<ControlError>() {
         EX_UNAVAILABLE
+    } else if e.downcast_ref::<subcommands::FleetUnreachable>().is_some() {
+        EX_UNAVAILABLE
     } else if etcd_error(e).is_some_and(|e| e.is_configuration()) {
         EX_CONFIG
     } else if etcd_error(e).is_some() {

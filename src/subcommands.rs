@@ -41,7 +41,7 @@ pub fn run(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
             output,
             no_validate,
         } => generate(cli, output.as_deref(), *no_validate, log),
-        Command::Check => check(cli, log),
+        Command::Check { fleet } => check(cli, *fleet, log),
         Command::ImportHosts => import_hosts(cli, log),
         Command::Status { json } => status(cli, *json, log),
         Command::Simulate {
@@ -377,7 +377,78 @@ fn simulate(
     Ok(())
 }
 
-fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
+/// Some registered host cannot be reached as the master reaches it (exit 69).
+#[derive(Debug)]
+pub struct FleetUnreachable(String);
+
+impl std::fmt::Display for FleetUnreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FleetUnreachable {}
+
+/// `check --fleet`: every registered host reached as the master reaches it; a table (unless
+/// -q) and exit 69 when one cannot be reached.
+fn check_fleet(
+    cli: &Cli,
+    cfg: &Config,
+    runtime: &tokio::runtime::Runtime,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    if cfg.general.role != Role::Master {
+        anyhow::bail!(
+            "check --fleet runs on the master: {} is a node's file",
+            cfg.source.display()
+        );
+    }
+    let lines = runtime
+        .block_on(autoscaler_actors::preflight::fleet(cfg, log))
+        .map_err(|e| anyhow::anyhow!("cannot read the registered hosts: {e}"))?;
+    let failed = lines.iter().filter(|l| !l.ok()).count();
+    if cli.quiet == 0 {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "\n# The fleet: {} host(s), {failed} not reachable as the master reaches them",
+            lines.len()
+        )?;
+        let width = lines
+            .iter()
+            .map(|l| l.host.len() + 1 + l.port.to_string().len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        writeln!(out, "{:<width$}  {:<4}  REPORT FORWARD", "HOST", "SSH")?;
+        for l in &lines {
+            let ssh = if l.ssh == "ok" { "ok" } else { "FAIL" };
+            writeln!(
+                out,
+                "{:<width$}  {ssh:<4}  {}",
+                format!("{}:{}", l.host, l.port),
+                l.forward
+            )?;
+            if l.ssh != "ok" {
+                writeln!(out, "{:<width$}        {}", "", l.ssh)?;
+            }
+        }
+    }
+    for l in lines.iter().filter(|l| !l.ok()) {
+        slog::warn!(log, "Host not reachable as the master reaches it"; "host" => &l.host, "port" => l.port,
+            "ssh" => &l.ssh, "forward" => &l.forward);
+    }
+    if failed > 0 {
+        return Err(FleetUnreachable(format!(
+            "{failed} of {} host(s) cannot be reached as the master reaches them",
+            lines.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn check(cli: &Cli, fleet: bool, log: &Logger) -> anyhow::Result<()> {
     let cfg = load(cli)?;
     // What start-up would trip on, too: the key, the files, the region, the template.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -424,5 +495,8 @@ fn check(cli: &Cli, log: &Logger) -> anyhow::Result<()> {
         out.flush()?;
     }
     info!(log, "Configuration is valid"; "file" => %cfg.source.display(), "role" => %cfg.general.role);
+    if fleet {
+        check_fleet(cli, &cfg, &runtime, log)?;
+    }
     Ok(())
 }

@@ -687,6 +687,86 @@ async fn a_silent_host_costs_a_bounded_timeout_and_retries() {
     drop(silent);
 }
 
+/// `check --fleet` reaches every registered host as the master would, before it runs: a
+/// host that is fine, one whose key is not known (the ssh-keyscan line), one where nothing
+/// answers, one whose sshd refuses the forward; a table, exit 69, nothing on stdout with -q,
+/// and nothing written (known_hosts unchanged).
+#[test]
+fn check_fleet_finds_what_the_master_would_trip_on() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let s = crate::common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    s.set("ssh", "user", &crate::common::current_user());
+    s.set("ssh", "connect_timeout", "2s");
+    s.set("node", "report_socket", "");
+    s.set("haproxy", "reload_command", "true");
+    let good = Sshd::start(&sshd_bin, "127.0.2.31", None, &pub_of(&key), None);
+    let unknown = Sshd::start(&sshd_bin, "127.0.2.32", None, &pub_of(&key), None);
+    let mut no_forward = Sshd::start(&sshd_bin, "127.0.2.33", None, &pub_of(&key), None);
+    let conf = no_forward.dir.path().join("sshd_config");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("AllowTcpForwarding yes", "AllowTcpForwarding no"),
+    )
+    .unwrap();
+    no_forward.restart(&sshd_bin);
+    let silent_port = free_port("127.0.2.34");
+    let known = good.known_hosts_line() + &no_forward.known_hosts_line();
+    std::fs::write(s.path().join("known_hosts"), &known).unwrap();
+    for (addr, port) in [
+        ("127.0.2.31", good.port),
+        ("127.0.2.32", unknown.port),
+        ("127.0.2.33", no_forward.port),
+        ("127.0.2.34", silent_port),
+    ] {
+        let out = s.run(&["add-host", addr, "8080", "--ssh-port", &port.to_string()]);
+        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    }
+    let out = s.run(&["check", "--fleet"]);
+    let text = crate::common::stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{text}{}",
+        crate::common::stderr(&out)
+    );
+    let row = |host: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{host}:8080 ")))
+            .unwrap_or_else(|| panic!("{host} missing:\n{text}"))
+            .to_string()
+    };
+    assert!(row("127.0.2.31").contains(" ok    ok"), "{text}");
+    assert!(row("127.0.2.32").contains(" FAIL "), "{text}");
+    assert!(
+        text.contains(&format!("ssh-keyscan -p {} 127.0.2.32", unknown.port)),
+        "{text}"
+    );
+    assert!(
+        row("127.0.2.33").contains(" ok    TCP forward refused")
+            && row("127.0.2.33").contains("AllowTcpForwarding"),
+        "{text}"
+    );
+    assert!(row("127.0.2.34").contains(" FAIL "), "{text}");
+    assert!(text.contains("4 host(s), 3 not reachable"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("known_hosts")).unwrap(),
+        known
+    );
+    // Quietly: the exit code, and the hosts on standard error.
+    let out = s.run(&["-q", "check", "--fleet"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert_eq!(crate::common::stdout(&out), "");
+    assert!(crate::common::stderr(&out).contains("127.0.2.32"));
+    // Only the good one left: exit 0.
+    for addr in ["127.0.2.32", "127.0.2.33", "127.0.2.34"] {
+        assert!(s.run(&["remove-host", addr, "8080"]).status.success());
+    }
+    let out = s.run(&["check", "--fleet"]);
+    assert!(out.status.success(), "{}", crate::common::stdout(&out));
+}
+
 /// `status` says why a node is not heard, with what to do: a host whose key is not known
 /// (the exact ssh-keyscan line), a node whose agent holds another report secret, a node whose
 /// tunnel is up and no agent answers; the reason goes once the agent is heard.

@@ -214,6 +214,134 @@ pub async fn check(cfg: &Config, role: Role) -> Result<(), ConfigError> {
     }
 }
 
+/// One registered host as `check --fleet` found it: reached over SSH with the master's
+/// identity and known_hosts, and allowed the remote forward its reports come through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetLine {
+    pub host: String,
+    pub port: u16,
+    /// "ok", or what failed (with what to do).
+    pub ssh: String,
+    /// "ok", "-" when SSH failed, or why the forward was refused.
+    pub forward: String,
+}
+
+impl FleetLine {
+    pub fn ok(&self) -> bool {
+        self.ssh == "ok" && self.forward == "ok"
+    }
+}
+
+/// `check --fleet`: every registered host, reached as the master reaches it. Nothing is
+/// written: a host key that is not known is a finding (with the ssh-keyscan line), even
+/// under `host_key_policy = accept-new` (the master would record it on first contact). The
+/// forward is tried beside the real one (a TCP port sshd chooses, or a socket of another
+/// name in the report directory), so a running master is not disturbed.
+pub async fn fleet(cfg: &Config, log: &slog::Logger) -> Result<Vec<FleetLine>, String> {
+    use crate::adapters::ssh::{self, HostKeyCheck, SshSettings};
+    use crate::master::tunnels::{Forward, TunnelSettings};
+    let (hosts, errors) = crate::admin::host_store(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .load()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(e) = errors.first() {
+        return Err(e.to_string());
+    }
+    let tunnels = TunnelSettings::from_config(cfg).map_err(|e| e.to_string())?;
+    let mut ssh_settings: SshSettings = (*tunnels.ssh).clone();
+    let accept_new = ssh_settings.policy == crate::config::HostKeyPolicy::AcceptNew;
+    ssh_settings.policy = crate::config::HostKeyPolicy::Strict;
+    let mut out = Vec::new();
+    for h in &hosts {
+        let (port, forward) = tunnels.route(h);
+        let host = h.host.to_string();
+        let mut line = FleetLine {
+            host: host.clone(),
+            port: h.port,
+            ssh: "ok".into(),
+            forward: "-".into(),
+        };
+        let check = HostKeyCheck::new(&ssh_settings, &host, port, log);
+        let client = CheckClient {
+            check: check.clone(),
+        };
+        let connected = tokio::time::timeout(
+            ssh_settings.connect_timeout,
+            ssh::connect(&ssh_settings, &host, port, &check, client),
+        )
+        .await;
+        let handle = match connected {
+            Err(_) => {
+                line.ssh = format!(
+                    "no answer within {} on port {port}",
+                    humantime::format_duration(ssh_settings.connect_timeout)
+                );
+                out.push(line);
+                continue;
+            }
+            Ok(Err(e)) => {
+                line.ssh = match (accept_new, &e) {
+                    (true, ssh::SshError::UnknownHostKey { .. }) => format!(
+                        "{e} (host_key_policy = accept-new records it on the master's first contact)"
+                    ),
+                    _ => e.to_string(),
+                };
+                out.push(line);
+                continue;
+            }
+            Ok(Ok(h)) => h,
+        };
+        line.forward = match &forward {
+            Forward::Tcp(_) => match handle.tcpip_forward("127.0.0.1", 0).await {
+                Ok(_) => "ok".into(),
+                Err(e) => format!(
+                    "TCP forward refused ({e}): sshd must allow it for {} (AllowTcpForwarding remote or yes)",
+                    ssh_settings.user
+                ),
+            },
+            Forward::Unix(path) => {
+                let probe = std::path::Path::new(path)
+                    .with_file_name(format!(".check-{:08x}.sock", rand::random::<u32>()));
+                let probe = probe.display().to_string();
+                match handle.streamlocal_forward(probe.clone()).await {
+                    Ok(()) => {
+                        let _ = handle.cancel_streamlocal_forward(probe).await;
+                        "ok".into()
+                    }
+                    Err(e) => format!(
+                        "forward to a socket in {} refused ({e}): the directory must exist and belong to {} (is the agent running?), and sshd allow AllowStreamLocalForwarding remote for that user",
+                        std::path::Path::new(path).parent().map(|d| d.display().to_string()).unwrap_or_default(),
+                        ssh_settings.user
+                    ),
+                }
+            }
+        };
+        let _ = handle
+            .disconnect(russh::Disconnect::ByApplication, "", "")
+            .await;
+        out.push(line);
+    }
+    Ok(out)
+}
+
+/// russh's callbacks for a `check --fleet` session: the host key check only.
+struct CheckClient {
+    check: crate::adapters::ssh::HostKeyCheck,
+}
+
+impl russh::client::Handler for CheckClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.check.check(key))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
