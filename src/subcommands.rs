@@ -422,7 +422,11 @@ fn check_fleet(
             .max(4);
         writeln!(out, "{:<width$}  {:<4}  REPORT FORWARD", "HOST", "SSH")?;
         for l in &lines {
-            let ssh = if l.ssh == "ok" { "ok" } else { "FAIL" };
+            let ssh = if l.ssh.starts_with("ok") {
+                "ok"
+            } else {
+                "FAIL"
+            };
             writeln!(
                 out,
                 "{:<width$}  {ssh:<4}  {}",

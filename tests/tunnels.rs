@@ -687,6 +687,14 @@ async fn a_silent_host_costs_a_bounded_timeout_and_retries() {
     drop(silent);
 }
 
+/// The table row of `host` in `check --fleet`'s output.
+fn row_of(text: &str, host: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{host}:8080 ")))
+        .unwrap_or_else(|| panic!("{host} missing:\n{text}"))
+        .to_string()
+}
+
 /// `check --fleet` reaches every registered host as the master would, before it runs: a
 /// host that is fine, one whose key is not known (the ssh-keyscan line), one where nothing
 /// answers, one whose sshd refuses the forward; a table, exit 69, nothing on stdout with -q,
@@ -759,6 +767,21 @@ fn check_fleet_finds_what_the_master_would_trip_on() {
     assert_eq!(out.status.code(), Some(69));
     assert_eq!(crate::common::stdout(&out), "");
     assert!(crate::common::stderr(&out).contains("127.0.2.32"));
+    // Under accept-new, the unknown key is a note, not a failure: login and forward are
+    // tried with it (taken into a copy of known_hosts; the real one is unchanged).
+    s.set("ssh", "host_key_policy", "accept-new");
+    let out = s.run(&["check", "--fleet"]);
+    let text = crate::common::stdout(&out);
+    assert!(row_of(&text, "127.0.2.32").contains(" ok    ok"), "{text}");
+    assert!(
+        text.contains("host_key_policy = accept-new records it"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("known_hosts")).unwrap(),
+        known
+    );
+    s.set("ssh", "host_key_policy", "strict");
     // Only the good one left: exit 0.
     for addr in ["127.0.2.32", "127.0.2.33", "127.0.2.34"] {
         assert!(s.run(&["remove-host", addr, "8080"]).status.success());

@@ -220,15 +220,16 @@ pub async fn check(cfg: &Config, role: Role) -> Result<(), ConfigError> {
 pub struct FleetLine {
     pub host: String,
     pub port: u16,
-    /// "ok", or what failed (with what to do).
+    /// "ok" (perhaps with a note), or what failed (with what to do).
     pub ssh: String,
     /// "ok", "-" when SSH failed, or why the forward was refused.
     pub forward: String,
 }
 
 impl FleetLine {
+    /// SSH "ok" may carry a note ("ok (host key not known yet: …)").
     pub fn ok(&self) -> bool {
-        self.ssh == "ok" && self.forward == "ok"
+        self.ssh.starts_with("ok") && self.forward == "ok"
     }
 }
 
@@ -238,8 +239,7 @@ impl FleetLine {
 /// forward is tried beside the real one (a TCP port sshd chooses, or a socket of another
 /// name in the report directory), so a running master is not disturbed.
 pub async fn fleet(cfg: &Config, log: &slog::Logger) -> Result<Vec<FleetLine>, String> {
-    use crate::adapters::ssh::{self, HostKeyCheck, SshSettings};
-    use crate::master::tunnels::{Forward, TunnelSettings};
+    use crate::master::tunnels::TunnelSettings;
     let (hosts, errors) = crate::admin::host_store(cfg)
         .await
         .map_err(|e| e.to_string())?
@@ -250,80 +250,114 @@ pub async fn fleet(cfg: &Config, log: &slog::Logger) -> Result<Vec<FleetLine>, S
         return Err(e.to_string());
     }
     let tunnels = TunnelSettings::from_config(cfg).map_err(|e| e.to_string())?;
-    let mut ssh_settings: SshSettings = (*tunnels.ssh).clone();
+    let mut ssh_settings = (*tunnels.ssh).clone();
+    // Under accept-new a new key is taken into a copy of known_hosts, never the real one.
     let accept_new = ssh_settings.policy == crate::config::HostKeyPolicy::AcceptNew;
-    ssh_settings.policy = crate::config::HostKeyPolicy::Strict;
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    if accept_new {
+        let copy = scratch.path().join("known_hosts");
+        if let Err(e) = std::fs::copy(&ssh_settings.known_hosts, &copy) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("{}: {e}", ssh_settings.known_hosts.display()));
+            }
+        }
+        ssh_settings.known_hosts = copy;
+    }
+    // Connect, log in, ask for the forward, go: all of it within twice the connect timeout.
+    let limit = ssh_settings.connect_timeout * 2;
     let mut out = Vec::new();
     for h in &hosts {
         let (port, forward) = tunnels.route(h);
         let host = h.host.to_string();
-        let mut line = FleetLine {
-            host: host.clone(),
-            port: h.port,
-            ssh: "ok".into(),
-            forward: "-".into(),
-        };
-        let check = HostKeyCheck::new(&ssh_settings, &host, port, log);
-        let client = CheckClient {
-            check: check.clone(),
-        };
-        let connected = tokio::time::timeout(
-            ssh_settings.connect_timeout,
-            ssh::connect(&ssh_settings, &host, port, &check, client),
-        )
-        .await;
-        let handle = match connected {
-            Err(_) => {
-                line.ssh = format!(
-                    "no answer within {} on port {port}",
-                    humantime::format_duration(ssh_settings.connect_timeout)
-                );
-                out.push(line);
-                continue;
-            }
-            Ok(Err(e)) => {
-                line.ssh = match (accept_new, &e) {
-                    (true, ssh::SshError::UnknownHostKey { .. }) => format!(
-                        "{e} (host_key_policy = accept-new records it on the master's first contact)"
+        let before = std::fs::read_to_string(&ssh_settings.known_hosts).unwrap_or_default();
+        let mut line =
+            match tokio::time::timeout(limit, probe(&ssh_settings, &host, port, &forward, log))
+                .await
+            {
+                Ok(line) => line,
+                Err(_) => FleetLine {
+                    host: host.clone(),
+                    port: h.port,
+                    ssh: format!(
+                        "no answer within {} on port {port}",
+                        humantime::format_duration(limit)
                     ),
-                    _ => e.to_string(),
-                };
-                out.push(line);
-                continue;
+                    forward: "-".into(),
+                },
+            };
+        line.port = h.port;
+        if accept_new && line.ssh == "ok" {
+            let after = std::fs::read_to_string(&ssh_settings.known_hosts).unwrap_or_default();
+            if after != before {
+                line.ssh = "ok (host key not known yet: host_key_policy = accept-new records it on the master's first contact)".into();
             }
-            Ok(Ok(h)) => h,
-        };
-        line.forward = match &forward {
-            Forward::Tcp(_) => match handle.tcpip_forward("127.0.0.1", 0).await {
-                Ok(_) => "ok".into(),
-                Err(e) => format!(
-                    "TCP forward refused ({e}): sshd must allow it for {} (AllowTcpForwarding remote or yes)",
-                    ssh_settings.user
-                ),
-            },
-            Forward::Unix(path) => {
-                let probe = std::path::Path::new(path)
-                    .with_file_name(format!(".check-{:08x}.sock", rand::random::<u32>()));
-                let probe = probe.display().to_string();
-                match handle.streamlocal_forward(probe.clone()).await {
-                    Ok(()) => {
-                        let _ = handle.cancel_streamlocal_forward(probe).await;
-                        "ok".into()
-                    }
-                    Err(e) => format!(
-                        "forward to a socket in {} refused ({e}): the directory must exist and belong to {} (is the agent running?), and sshd allow AllowStreamLocalForwarding remote for that user",
-                        std::path::Path::new(path).parent().map(|d| d.display().to_string()).unwrap_or_default(),
-                        ssh_settings.user
-                    ),
-                }
-            }
-        };
-        let _ = handle
-            .disconnect(russh::Disconnect::ByApplication, "", "")
-            .await;
+        }
         out.push(line);
     }
     Ok(out)
+}
+
+/// Reaches `host:port` as the master does and asks for a forward beside `forward`.
+async fn probe(
+    ssh_settings: &crate::adapters::ssh::SshSettings,
+    host: &str,
+    port: u16,
+    forward: &crate::master::tunnels::Forward,
+    log: &slog::Logger,
+) -> FleetLine {
+    use crate::adapters::ssh::{self, HostKeyCheck};
+    use crate::master::tunnels::Forward;
+    let mut line = FleetLine {
+        host: host.to_string(),
+        port: 0,
+        ssh: "ok".into(),
+        forward: "-".into(),
+    };
+    let check = HostKeyCheck::new(ssh_settings, host, port, log);
+    let client = CheckClient {
+        check: check.clone(),
+    };
+    let handle = match ssh::connect(ssh_settings, host, port, &check, client).await {
+        Err(e) => {
+            line.ssh = e.to_string();
+            return line;
+        }
+        Ok(h) => h,
+    };
+    line.forward = match forward {
+        Forward::Tcp(_) => match handle.tcpip_forward("127.0.0.1", 0).await {
+            Ok(_) => "ok".into(),
+            Err(e) => format!(
+                "TCP forward refused ({e}): sshd must allow it for {} (AllowTcpForwarding remote or yes)",
+                ssh_settings.user
+            ),
+        },
+        Forward::Unix(path) => {
+            // A dotfile: the agent does not take it for a master's socket, and removes it
+            // once nobody listens on it.
+            let probe = std::path::Path::new(path)
+                .with_file_name(format!(".check-{:08x}.sock", rand::random::<u32>()));
+            let probe = probe.display().to_string();
+            match handle.streamlocal_forward(probe.clone()).await {
+                Ok(()) => {
+                    let _ = handle.cancel_streamlocal_forward(probe).await;
+                    "ok".into()
+                }
+                Err(e) => format!(
+                    "forward to a socket in {} refused ({e}): the directory must exist and belong to {} (is the agent running?), and sshd allow AllowStreamLocalForwarding remote for that user",
+                    std::path::Path::new(path)
+                        .parent()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
+                    ssh_settings.user
+                ),
+            }
+        }
+    };
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, "", "")
+        .await;
+    line
 }
 
 /// russh's callbacks for a `check --fleet` session: the host key check only.

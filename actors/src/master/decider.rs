@@ -52,6 +52,9 @@ pub struct LaunchFinished {
     pub requested: u32,
     pub registered: Vec<HostKey>,
     pub error: Option<String>,
+    /// Not settled here: this master stopped leading, or the launch was left to the
+    /// reconciler. Neither a failure nor a success of the launcher.
+    pub abandoned: bool,
 }
 
 /// The launcher settled what it found on disk and in EC2. `resumed` are launches of an
@@ -362,6 +365,7 @@ impl ScaleDecider {
                         warn!(this.log, "Decision not carried out: its record was refused"; "error" => %e);
                         if let Some(id) = decision {
                             this.pending.remove(&id);
+                            this.decided_at.remove(&id);
                         }
                     }
                 }),
@@ -758,6 +762,11 @@ impl Handler<LaunchFinished> for ScaleDecider {
         self.pending.remove(&m.decision_id);
         let decided = self.decided_at.remove(&m.decision_id);
         let now = self.now();
+        if m.abandoned {
+            info!(self.log, "Launch left to whoever settles it next"; "decision" => &m.decision_id,
+                "why" => m.error.as_deref().unwrap_or(""));
+            return;
+        }
         match &m.error {
             Some(e) if m.registered.is_empty() => {
                 // Nothing of it stayed: not a launch for the hourly cap; the next waits.
@@ -778,7 +787,10 @@ impl Handler<LaunchFinished> for ScaleDecider {
                 self.remember_then(ctx, None, || {});
             }
             Some(e) => {
-                self.hist.failed_launches = 0;
+                if self.hist.failed_launches > 0 {
+                    self.hist.failed_launches = 0;
+                    self.remember_then(ctx, None, || {});
+                }
                 warn!(self.log, "Launch failed; a new decision will retry if still needed";
                 "decision" => &m.decision_id, "registered" => m.registered.len(), "requested" => m.requested, "error" => e)
             }
@@ -1080,6 +1092,7 @@ mod tests {
             requested: 1,
             registered: vec![],
             error: None,
+            abandoned: false,
         });
     }
 
@@ -1139,6 +1152,7 @@ mod tests {
             requested: 1,
             registered: vec![],
             error: None,
+            abandoned: false,
         });
         feed(&d, std::slice::from_ref(&h), 95.0, 15, 25).await;
         let lines = lines.0.lock().unwrap().clone();
@@ -1352,6 +1366,7 @@ mod tests {
             requested: 1,
             registered: vec![],
             error: Some("scale-up command failed".into()),
+            abandoned: false,
         };
         let mut seq = 0;
         let mut feed_secs = |n: u64| {
@@ -1402,6 +1417,7 @@ mod tests {
             requested: 1,
             registered: vec![host(2, Origin::Launched).key()],
             error: None,
+            abandoned: false,
         })
         .await
         .unwrap();

@@ -32,6 +32,8 @@ pub struct ListNodes;
 /// The actor.
 pub struct NodeStatus {
     nodes: BTreeMap<HostKey, NodeView>,
+    /// The registered hosts, as the registry last said.
+    known: std::collections::BTreeSet<HostKey>,
     log: Logger,
 }
 
@@ -39,6 +41,7 @@ impl NodeStatus {
     pub fn new(log: &Logger) -> NodeStatus {
         NodeStatus {
             nodes: BTreeMap::new(),
+            known: Default::default(),
             log: log.new(o!("actor" => "NodeStatus")),
         }
     }
@@ -66,6 +69,7 @@ impl Handler<NodeUp> for NodeStatus {
         info!(self.log, "NodeUp"; "host" => %m.host.host, "port" => m.host.port, "node" => &m.hello.node);
         let v = self.entry(&m.host);
         v.up = true;
+        v.problem = None;
         v.hello = Some(m.hello);
         v.last_seen = Some(Instant::now());
     }
@@ -74,7 +78,15 @@ impl Handler<NodeUp> for NodeStatus {
 impl Handler<TunnelProblem> for NodeStatus {
     type Result = ();
     fn handle(&mut self, m: TunnelProblem, _: &mut Context<Self>) {
-        self.entry(&m.host).problem = m.problem;
+        // A host that left the registry is not brought back by a late word about it; a node
+        // that is heard has no problem, whatever a late message says.
+        if !self.known.contains(&m.host) {
+            return;
+        }
+        let v = self.entry(&m.host);
+        if !v.up {
+            v.problem = m.problem;
+        }
     }
 }
 
@@ -106,6 +118,7 @@ impl Handler<HostsChanged> for NodeStatus {
     fn handle(&mut self, m: HostsChanged, _: &mut Context<Self>) {
         let keep: std::collections::BTreeSet<HostKey> = m.hosts.iter().map(|h| h.key()).collect();
         self.nodes.retain(|k, _| keep.contains(k));
+        self.known = keep;
     }
 }
 

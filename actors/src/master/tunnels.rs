@@ -350,6 +350,7 @@ async fn session_loop(
         pending: Mutex::default(),
         last_refusal_log: Mutex::default(),
         live_boot: Mutex::default(),
+        recent_boots: Mutex::default(),
         turns: Mutex::default(),
         last_turns_log: Mutex::default(),
     });
@@ -473,6 +474,8 @@ struct Channels {
     /// The live channel's agent run (its hello's boot), and when a channel of another run
     /// replaced a live one lately: two agents taking turns on one forward.
     live_boot: Mutex<Option<u64>>,
+    /// Agent runs heard lately, and when each last became live.
+    recent_boots: Mutex<VecDeque<(u64, Instant)>>,
     turns: Mutex<VecDeque<Instant>>,
     last_turns_log: Mutex<Option<Instant>>,
 }
@@ -488,13 +491,23 @@ const TURNS_SEEN: usize = 3;
 
 impl Channels {
     /// Records that a channel of agent run `boot` became the live one; true when agents of
-    /// different runs have taken turns often enough lately to say so (once a minute).
+    /// different runs have taken turns often enough lately to say so (once a minute). A
+    /// turn is a run coming back after another replaced it (A, B, A): an agent restarted a
+    /// few times in a row (a new run each time) is not two agents.
     fn took_turn(&self, boot: u64) -> bool {
+        let now = Instant::now();
+        let came_back = {
+            let mut recent = lock(&self.recent_boots);
+            recent.retain(|(_, at)| now.duration_since(*at) <= TURNS_WINDOW);
+            let back = recent.iter().any(|(b, _)| *b == boot);
+            recent.retain(|(b, _)| *b != boot);
+            recent.push_back((boot, now));
+            back
+        };
         let previous = lock(&self.live_boot).replace(boot);
-        if previous.is_none_or(|p| p == boot) {
+        if previous.is_none_or(|p| p == boot) || !came_back {
             return false;
         }
-        let now = Instant::now();
         let mut turns = lock(&self.turns);
         turns.push_back(now);
         while turns

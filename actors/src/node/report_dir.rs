@@ -118,6 +118,14 @@ impl ReportDir {
             let path = e.path();
             let is_socket = e.file_type().is_ok_and(|t| t.is_socket());
             let named = path.extension().is_some_and(|x| x == "sock");
+            // `.name.sock`: not a master's (`check --fleet` tries a forward beside the real
+            // one, and sshd leaves the socket behind); removed once nobody listens on it.
+            if is_socket && e.file_name().to_string_lossy().starts_with('.') {
+                if std::os::unix::net::UnixStream::connect(&path).is_err() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
             if !is_socket || !named || self.links.contains_key(&path) {
                 continue;
             }
@@ -179,5 +187,40 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
         let e = prepare(&dir).unwrap_err().to_string();
         assert!(e.contains("mode 750") && e.contains("chmod 700"), "{e}");
+    }
+
+    /// A `.name.sock` (what `check --fleet` leaves) is not a master's: no link to it, and it
+    /// is removed once nobody listens on it; a master's socket gets its link.
+    #[actix_rt::test]
+    async fn dot_sockets_are_not_masters() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("reports");
+        prepare(&dir).unwrap();
+        let _master = std::os::unix::net::UnixListener::bind(dir.join("master.sock")).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(dir.join(".check-1.sock")).unwrap());
+        let live = std::os::unix::net::UnixListener::bind(dir.join(".check-2.sock")).unwrap();
+        let hello = Hello {
+            node: "n".into(),
+            boot: 1,
+            instance_id: None,
+            uptime_ms: None,
+            interval_ms: 1000,
+            buffer: 1,
+            nonce: String::new(),
+        };
+        let log = Logger::root(slog::Discard, o!());
+        let mut d = ReportDir::new(&dir, hello, 1, None, &log);
+        d.scan();
+        let linked: Vec<PathBuf> = d.links.keys().cloned().collect();
+        assert_eq!(linked, [dir.join("master.sock")]);
+        assert!(
+            !dir.join(".check-1.sock").exists(),
+            "a stale probe is removed"
+        );
+        assert!(
+            dir.join(".check-2.sock").exists(),
+            "one still listened on is left"
+        );
+        drop(live);
     }
 }

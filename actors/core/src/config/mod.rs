@@ -391,6 +391,7 @@ impl Config {
         };
         let text = fs::read_to_string(path).unwrap_or_default();
         let mut section = "";
+        let mut found = None;
         for line in text.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = if name.trim() == "autoscaler" {
@@ -398,14 +399,15 @@ impl Config {
                 } else {
                     ""
                 };
-            } else if let Some((k, v)) = line.split_once('=') {
+            } else if let Some((k, v)) = line.split_once(['=', ':']) {
                 let v = v.trim();
+                // The last one counts, as for the parser.
                 if section == "autoscaler" && k.trim() == "control_socket" && !v.is_empty() {
-                    return dir.join(v);
+                    found = Some(dir.join(v));
                 }
             }
         }
-        Layout::for_dir(dir).control_socket
+        found.unwrap_or_else(|| Layout::for_dir(dir).control_socket)
     }
 
     /// The configuration in `text` and every problem found in it; only a file that is not

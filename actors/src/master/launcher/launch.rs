@@ -95,6 +95,7 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
                     "left to the reconciler (the ClientToken was used with other settings)".into()
                 }
             }),
+            abandoned: true,
         });
         return;
     }
@@ -116,6 +117,7 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
         requested: count,
         registered: progress.registered,
         error: result.err().map(|e| e.to_string()),
+        abandoned: false,
     });
 }
 
@@ -275,12 +277,12 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
     }
     let unregistered = |h: &Host| !p.registered.contains(&h.key());
     for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
-        if let Err(e) = known_hosts::remove(&s.known_hosts, &l.host.host.to_string(), s.ssh_port) {
+        let ssh_port = l.host.ssh_port.unwrap_or(s.ssh_port);
+        if let Err(e) = known_hosts::remove(&s.known_hosts, &l.host.host.to_string(), ssh_port) {
             warn!(log, "Cannot remove a failed host's known_hosts lines"; "host" => %l.host.host, "error" => %e);
         }
         let host = l.host.host.to_string();
-        if let Err(e) =
-            crate::master::cluster_sync::unshare(&inner.records, &host, s.ssh_port).await
+        if let Err(e) = crate::master::cluster_sync::unshare(&inner.records, &host, ssh_port).await
         {
             warn!(log, "Cannot withdraw a failed host's shared SSH keys"; "host" => %l.host.host, "error" => %e);
         }
