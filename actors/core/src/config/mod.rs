@@ -414,16 +414,41 @@ impl Config {
     /// INI at all is an error.
     fn parse_all(text: &str, path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
         // rust-ini lets a section header run on to the next lines; a header is one line here.
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
+        // A broken one is a problem, and is read as closed, so the rest of the file is
+        // checked in the same go.
+        let mut broken = Vec::new();
+        let mut repaired = String::with_capacity(text.len());
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
             if line.starts_with('[') && !line.ends_with(']') {
-                return Err(ConfigError::Syntax {
-                    path: path.to_path_buf(),
-                    line: n + 1,
-                    message: format!("section header {line:?} must be one line ending with ']'"),
+                let name = line.trim_start_matches('[').trim();
+                broken.push(Problem {
+                    file: path.to_path_buf(),
+                    section: String::new(),
+                    key: None,
+                    message: format!(
+                        "line {}: section header {line:?} must be one line ending with ']' (the lines after it were read as [{name}])",
+                        n + 1
+                    ),
                 });
+                repaired.push_str(&format!("[{name}]\n"));
+            } else if !line.is_empty()
+                && !line.starts_with(['#', ';', '['])
+                && !line.contains(['=', ':'])
+            {
+                broken.push(Problem {
+                    file: path.to_path_buf(),
+                    section: String::new(),
+                    key: None,
+                    message: format!("line {}: {line:?} is not `key = value`", n + 1),
+                });
+                repaired.push('\n');
+            } else {
+                repaired.push_str(raw);
+                repaired.push('\n');
             }
         }
+        let text = repaired.as_str();
         let ini = ini::Ini::load_from_str_opt(
             text,
             // Values are taken as written: a command line keeps its shell quoting, and each
@@ -452,7 +477,8 @@ impl Config {
             }
         }
         r.check_unknown();
-        let mut problems = std::mem::take(&mut r.problems);
+        let mut problems = broken;
+        problems.append(&mut r.problems);
         cfg.validate_into(&mut problems);
         Ok((cfg, problems))
     }

@@ -251,11 +251,31 @@ fn repeated_keys_and_sections() {
 
 #[test]
 fn syntax_error_names_the_line() {
-    let e = parse("[node]\nreport_port = 1\n[scaling\ncooldown = 1m\n").unwrap_err();
-    assert!(matches!(e, ConfigError::Syntax { line: 3, .. }), "{e}");
+    let got = problems("[node]\nreport_port = 1\n[scaling\ncooldown = 1m\n");
+    assert_eq!(got.len(), 1, "{got:?}");
     assert!(
-        e.to_string().starts_with("/srv/as/autoscaler.ini:3:"),
-        "{e}"
+        got[0].starts_with(
+            "/srv/as/autoscaler.ini: line 3: section header \"[scaling\" must be one line"
+        ),
+        "{got:?}"
+    );
+    // The rest of the file is checked in the same go: every problem at once.
+    let got = problems("[node]\nreport_port = x\n[scaling\ncooldown = soon\n");
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[0].contains("line 3: section header"), "{got:?}");
+    assert!(
+        got.iter().any(|p| p.contains("[node] report_port")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|p| p.contains("[scaling] cooldown")),
+        "{got:?}"
+    );
+    let got = problems("[node]\nreport_port = x\nthis is not ini\n");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0].contains("line 3: \"this is not ini\" is not `key = value`"),
+        "{got:?}"
     );
 }
 
