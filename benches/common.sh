@@ -4,6 +4,7 @@
 #   tmp       a temp dir, removed at exit
 #   pids      processes to SIGKILL at exit, with their children (append with pids+=(PID))
 #   free_port a free TCP port on 127.0.0.1
+#   ini_set   FILE SECTION KEY VALUE: sets `KEY = VALUE` in [SECTION] of an autoscaler.ini
 bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
 [ -x "$bin" ] || (cd "$root" && cargo build --release --quiet --bin autoscaler)
 tmp=$(mktemp -d)
@@ -14,3 +15,18 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+ini_set() { # ini_set FILE SECTION KEY VALUE
+  python3 - "$@" <<'PY'
+import sys
+path, section, key, value = sys.argv[1:]
+out, current, done = [], None, False
+for line in open(path).read().splitlines():
+    if line.startswith("["):
+        current = line.strip("[]")
+    if current == section and line.split(" = ")[0] == key:
+        line, done = f"{key} = {value}", True
+    out.append(line)
+assert done, (section, key)
+open(path, "w").write("\n".join(out) + "\n")
+PY
+}

@@ -80,17 +80,7 @@ run_mode() {
   "$bin" -q init --dir "$m"
   ssh-keygen -q -t ed25519 -N '' -f "$m/id_ed25519"
   local ini="$m/autoscaler.ini"
-  set_key() { python3 - "$ini" "$1" "$2" "$3" <<'PY'
-import sys
-path, section, key, value = sys.argv[1:]
-out, cur = [], None
-for line in open(path).read().splitlines():
-    if line.startswith("["): cur = line.strip("[]")
-    if cur == section and line.split(" = ")[0] == key: line = f"{key} = {value}"
-    out.append(line)
-open(path, "w").write("\n".join(out) + "\n")
-PY
-  }
+  set_key() { ini_set "$ini" "$@"; }
   set_key haproxy bind "127.0.0.1:$front"
   set_key haproxy debounce 100ms
   set_key haproxy check_interval 1s

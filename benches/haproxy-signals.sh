@@ -61,21 +61,7 @@ start_loopback_sshd "$tmp/sshd" 127.0.0.1 "$ssh_port" "$tmp/m/id_ed25519.pub"
 pids+=("$SSHD_PID")
 echo "[127.0.0.1]:$ssh_port $(cut -d' ' -f1,2 "$tmp/sshd/host.pub")" >"$tmp/m/known_hosts"
 ini=$tmp/m/autoscaler.ini
-set_key() { # set_key SECTION KEY VALUE
-  python3 - "$ini" "$1" "$2" "$3" <<'PY'
-import sys
-path, section, key, value = sys.argv[1:]
-out, current, done = [], None, False
-for line in open(path).read().splitlines():
-    if line.startswith("["):
-        current = line.strip("[]")
-    if current == section and line.split(" = ")[0] == key:
-        line, done = f"{key} = {value}", True
-    out.append(line)
-assert done, (section, key)
-open(path, "w").write("\n".join(out) + "\n")
-PY
-}
+set_key() { ini_set "$ini" "$@"; } # set_key SECTION KEY VALUE
 set_key ssh user "$(id -un)"
 set_key haproxy config_path "$tmp/m/haproxy.cfg"
 set_key haproxy bind "127.0.0.1:$front"

@@ -28,21 +28,7 @@ front=$(free_port) sshport=$(free_port)
 cp -p "$tmp/master/report.key" "$tmp/node/report.key"
 m="$tmp/master/autoscaler.ini"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/master/id_ed25519"
-set_key() { # set_key SECTION KEY VALUE
-  python3 - "$m" "$1" "$2" "$3" <<'PY'
-import sys
-path, section, key, value = sys.argv[1:]
-out, current, done = [], None, False
-for line in open(path).read().splitlines():
-    if line.startswith("["):
-        current = line.strip("[]")
-    if current == section and line.split(" = ")[0] == key:
-        line, done = f"{key} = {value}", True
-    out.append(line)
-assert done, (section, key)
-open(path, "w").write("\n".join(out) + "\n")
-PY
-}
+set_key() { ini_set "$m" "$@"; } # set_key SECTION KEY VALUE
 set_key ssh user "$(id -un)"
 set_key ssh host_key_policy accept-new
 set_key node report_socket "$tmp/node/reports/master.sock"

@@ -158,46 +158,18 @@ impl Lb {
 }
 
 /// A backend on 127.0.0.1 answering HTTP with its name after `hold`; stops when dropped.
-struct Backend {
-    port: u16,
-    stop: Arc<AtomicBool>,
+struct Backend(crate::common::HttpBackend);
+
+impl std::ops::Deref for Backend {
+    type Target = crate::common::HttpBackend;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Backend {
     fn start(name: &str, hold: Duration) -> Backend {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, name) = (stop.clone(), name.to_string());
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(mut c) = conn else { continue };
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut buf = [0u8; 4096];
-                    let mut req = Vec::new();
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match c.read(&mut buf) {
-                            Ok(0) | Err(_) => return, // a TCP health check
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    std::thread::sleep(hold);
-                    let _ = c.write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                            name.len()
-                        )
-                        .as_bytes(),
-                    );
-                });
-            }
-        });
-        Backend { port, stop }
+        Backend(crate::common::HttpBackend::start("127.0.0.1", name, hold))
     }
 
     fn host(&self) -> Host {
@@ -206,13 +178,6 @@ impl Backend {
 
     fn name(&self) -> String {
         format!("127.0.0.1_{}", self.port)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -5,7 +5,7 @@
 //! load stops.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,72 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_port, stderr, stdout, tool, FakeAgent, MasterProc, Proc, Sandbox, Sshd};
+use crate::common::{
+    free_port, stderr, stdout, tool, FakeAgent, HttpBackend, MasterProc, Proc, Sandbox, Sshd,
+};
 use autoscaler_actors::haproxy_api::{parse_stats, LbSample};
-
-/// An HTTP backend on `ip` that answers every request after `hold` (CPU idle meanwhile),
-/// counting what it served; stops when dropped.
-struct SlowBackend {
-    addr: String,
-    port: u16,
-    served: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl SlowBackend {
-    fn start(ip: &str, hold: Duration) -> SlowBackend {
-        let l = TcpListener::bind((ip, 0)).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), served.clone());
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(mut c) = conn else { continue };
-                let count = count.clone();
-                std::thread::spawn(move || {
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut buf = [0u8; 4096];
-                    let mut req = Vec::new();
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match c.read(&mut buf) {
-                            Ok(0) | Err(_) => return, // a TCP health check
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    std::thread::sleep(hold);
-                    if c.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .is_ok()
-                    {
-                        count.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        SlowBackend {
-            addr: ip.to_string(),
-            port,
-            served,
-            stop,
-        }
-    }
-
-    fn served(&self) -> u64 {
-        self.served.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for SlowBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect((self.addr.as_str(), self.port));
-    }
-}
 
 /// `workers` clients, each sending one request after another through HAProxy's frontend
 /// until stopped (at most `limit`); counts the answers that were not a 200.
@@ -225,8 +163,8 @@ fn a_slow_backend_at_idle_cpu_scales_up_on_concurrency_and_back_in() {
     let (node_ip, new_ip) = ("127.0.2.41", "127.0.2.42");
     let node_sshd = Sshd::start(&sshd_bin, node_ip, None, &client_pub, None);
     let new_sshd = Sshd::start(&sshd_bin, new_ip, None, &client_pub, None);
-    let node_app = SlowBackend::start(node_ip, Duration::from_millis(100));
-    let new_app = SlowBackend::start(new_ip, Duration::from_millis(100));
+    let node_app = HttpBackend::start(node_ip, "ok", Duration::from_millis(100));
+    let new_app = HttpBackend::start(new_ip, "ok", Duration::from_millis(100));
     let (report_port, new_report_port) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
     let front = free_port("127.0.0.1");
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));

@@ -1000,3 +1000,71 @@ fn json_values(dir: &Path) -> Vec<serde_json::Value> {
         .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
         .collect()
 }
+
+/// An HTTP backend on `ip` (a port chosen here) answering every request with `body` after
+/// `hold` (CPU idle meanwhile), counting what it served; stops when dropped.
+pub struct HttpBackend {
+    pub addr: String,
+    pub port: u16,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpBackend {
+    pub fn start(ip: &str, body: &str, hold: Duration) -> HttpBackend {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), served.clone());
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut c) = conn else { continue };
+                let (count, answer) = (count.clone(), answer.clone());
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 4096];
+                    let mut req = Vec::new();
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return, // a TCP health check
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    std::thread::sleep(hold);
+                    if c.write_all(answer.as_bytes()).is_ok() {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        HttpBackend {
+            addr: ip.to_string(),
+            port,
+            served,
+            stop,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect((self.addr.as_str(), self.port));
+    }
+}

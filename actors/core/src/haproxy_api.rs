@@ -161,26 +161,48 @@ pub fn state_file(
     Ok(out)
 }
 
-/// Current sessions per server of `backend`, from `show stat` (CSV).
-pub fn parse_sessions(text: &str, backend: &str) -> Result<BTreeMap<String, u64>, String> {
-    let mut lines = text.lines();
-    let header = lines
-        .next()
-        .and_then(|h| h.strip_prefix("# "))
-        .ok_or("show stat: no header")?;
-    let cols: Vec<&str> = header.split(',').collect();
-    let col = |name: &str| {
-        cols.iter()
+/// `show stat` (CSV): the header's columns, and the rows of one backend (its servers, then
+/// its BACKEND row), each split into fields.
+struct StatRows<'a> {
+    cols: Vec<&'a str>,
+    rows: Vec<Vec<&'a str>>,
+}
+
+impl<'a> StatRows<'a> {
+    fn of(text: &'a str, backend: &str) -> Result<StatRows<'a>, String> {
+        let mut lines = text.lines();
+        let header = lines
+            .next()
+            .and_then(|h| h.strip_prefix("# "))
+            .ok_or("show stat: no header")?;
+        let cols: Vec<&str> = header.split(',').collect();
+        let px = cols
+            .iter()
+            .position(|c| *c == "pxname")
+            .ok_or("show stat: no pxname column")?;
+        let rows = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.get(px) == Some(&backend))
+            .collect();
+        Ok(StatRows { cols, rows })
+    }
+
+    /// Where column `name` is.
+    fn col(&self, name: &str) -> Result<usize, String> {
+        self.cols
+            .iter()
             .position(|c| *c == name)
             .ok_or(format!("show stat: no {name} column"))
-    };
-    let (px, sv, scur) = (col("pxname")?, col("svname")?, col("scur")?);
+    }
+}
+
+/// Current sessions per server of `backend`, from `show stat` (CSV).
+pub fn parse_sessions(text: &str, backend: &str) -> Result<BTreeMap<String, u64>, String> {
+    let stat = StatRows::of(text, backend)?;
+    let (sv, scur) = (stat.col("svname")?, stat.col("scur")?);
     let mut out = BTreeMap::new();
-    for line in lines.filter(|l| !l.is_empty()) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.get(px) != Some(&backend) {
-            continue;
-        }
+    for f in &stat.rows {
         let name = f.get(sv).copied().unwrap_or("");
         if name == "BACKEND" || name == "FRONTEND" {
             continue;
@@ -223,18 +245,9 @@ impl LbSample {
 /// Parses `show stat BACKEND 6 -1` into the backend's [`LbSample`]. Columns are found by
 /// their names in the header; a missing BACKEND row is an error (not "no load").
 pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
-    let mut lines = text.lines();
-    let header = lines
-        .next()
-        .and_then(|h| h.strip_prefix("# "))
-        .ok_or("show stat: no header")?;
-    let cols: Vec<&str> = header.split(',').collect();
-    let col = |name: &str| {
-        cols.iter()
-            .position(|c| *c == name)
-            .ok_or(format!("show stat: no {name} column"))
-    };
-    let (px, sv) = (col("pxname")?, col("svname")?);
+    let stat = StatRows::of(text, backend)?;
+    let col = |name: &str| stat.col(name);
+    let sv = col("svname")?;
     let (qcur, scur, rate) = (col("qcur")?, col("scur")?, col("rate")?);
     let (rtime, mode) = (col("rtime").ok(), col("mode").ok());
     // A figure HAProxy always gives: a row cut short or a value that is not a number is an
@@ -247,25 +260,21 @@ pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
     };
     let mut backend_row: Option<LbSample> = None;
     let mut server_queues = 0.0;
-    for line in lines.filter(|l| !l.is_empty()) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.get(px) != Some(&backend) {
-            continue;
-        }
-        if f.len() < cols.len() {
+    for f in &stat.rows {
+        if f.len() < stat.cols.len() {
             return Err(format!(
                 "show stat: a row of {backend} has {} fields, the header {} (answer cut short?)",
                 f.len(),
-                cols.len()
+                stat.cols.len()
             ));
         }
         match f.get(sv).copied().unwrap_or("") {
             "BACKEND" => {
                 let http = mode.and_then(|m| f.get(m)).is_none_or(|m| *m == "http");
                 backend_row = Some(LbSample {
-                    rate: num(&f, rate, "rate")?,
-                    sessions: num(&f, scur, "scur")?,
-                    queue: num(&f, qcur, "qcur")?,
+                    rate: num(f, rate, "rate")?,
+                    sessions: num(f, scur, "scur")?,
+                    queue: num(f, qcur, "qcur")?,
                     rtime_ms: match (rtime, http) {
                         (Some(i), true) => f.get(i).and_then(|v| v.parse().ok()),
                         _ => None,
@@ -274,7 +283,7 @@ pub fn parse_stats(text: &str, backend: &str) -> Result<LbSample, String> {
                 });
             }
             "FRONTEND" => {}
-            _ => server_queues += num(&f, qcur, "a server's qcur")?,
+            _ => server_queues += num(f, qcur, "a server's qcur")?,
         }
     }
     let mut sample = backend_row.ok_or(format!("show stat: no BACKEND row for {backend}"))?;

@@ -878,6 +878,16 @@ mod tests {
         memory: Option<PathBuf>,
         hosts: &[Host],
     ) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
+        start_made(cfg, memory, hosts, |d| d)
+    }
+
+    /// [`start_with`], the decider shaped by `make` before it starts.
+    fn start_made(
+        cfg: Scaling,
+        memory: Option<PathBuf>,
+        hosts: &[Host],
+        make: impl FnOnce(ScaleDecider) -> ScaleDecider,
+    ) -> (Addr<ScaleDecider>, mpsc::UnboundedReceiver<Out>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = Sink(tx).start();
         let log = Logger::root(slog::Discard, o!());
@@ -885,7 +895,14 @@ mod tests {
             launch: sink.clone().recipient(),
             drain: sink.recipient(),
         };
-        let d = ScaleDecider::new(cfg, Some(out), memory, DEFAULT_TICK, &log).start();
+        let d = make(ScaleDecider::new(
+            cfg,
+            Some(out),
+            memory,
+            DEFAULT_TICK,
+            &log,
+        ))
+        .start();
         d.do_send(Reconciled { resumed: vec![] });
         d.do_send(HostsChanged {
             hosts: Arc::new(hosts.to_vec()),
@@ -1208,27 +1225,10 @@ mod tests {
     ) {
         let mut cfg = scaling(false);
         cfg.target_sessions_per_node = Some(4.0);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sink = Sink(tx).start();
-        let log = Logger::root(slog::Discard, o!());
-        let out = DeciderOutputs {
-            launch: sink.clone().recipient(),
-            drain: sink.recipient(),
-        };
         let sampling = Arc::new(AtomicBool::new(false));
-        let d = ScaleDecider::new(cfg, Some(out), None, DEFAULT_TICK, &log)
-            .with_balancers(names.iter().map(|n| n.to_string()), sampling.clone())
-            .start();
-        d.do_send(Reconciled { resumed: vec![] });
-        d.do_send(HostsChanged {
-            hosts: Arc::new(hosts.to_vec()),
+        let (d, rx) = start_made(cfg, None, hosts, |d| {
+            d.with_balancers(names.iter().map(|n| n.to_string()), sampling.clone())
         });
-        for h in hosts {
-            d.do_send(NodeUp {
-                host: h.key(),
-                hello: hello(1, None),
-            });
-        }
         (d, rx, sampling)
     }
 
