@@ -121,7 +121,7 @@ async def main():
     perf = None
     if os.environ.get("FANIN_PERF"):
         import subprocess
-        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "-g", "-p", str(master),
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", os.environ.get("FANIN_PERF_HZ", "499"), "-g", "-p", str(master),
                                  "-o", os.environ["FANIN_PERF"], "--", "sleep", str(dur)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c0, start, sent, seq = cpu(master), time.time(), 0, 0

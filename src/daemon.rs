@@ -1,6 +1,7 @@
-//! Running a role: the actix system on a multi-thread tokio runtime, signals, and the service
-//! manager's notifications (`Type=notify`: READY once started, RELOADING/READY around a
-//! SIGHUP reload, STOPPING on the way out; nothing happens without `$NOTIFY_SOCKET`).
+//! Running a role: the actix system on a tokio runtime (multi-thread for a master, one thread
+//! for a node), signals, and the service manager's notifications (`Type=notify`: READY once
+//! started, RELOADING/READY around a SIGHUP reload, STOPPING on the way out; nothing happens
+//! without `$NOTIFY_SOCKET`).
 
 use actix::Recipient;
 use autoscaler_actors::config::{Config, Role, KEYS};
@@ -24,9 +25,15 @@ struct Reload {
 /// Runs `role` until SIGTERM or SIGINT.
 pub fn run(cfg: Config, role: Role, log: &Logger) -> anyhow::Result<()> {
     let log = log.new(o!("role" => role.as_str()));
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
+    let system = actix::System::with_tokio_rt(move || {
+        let mut rt = match role {
+            // SSH sessions to every node, HAProxy servers, etcd: the tasks beside the actors
+            // get the machine's cores.
+            Role::Master => tokio::runtime::Builder::new_multi_thread(),
+            // One sampler and one link: a thread does it (no idle workers to keep).
+            Role::Node => tokio::runtime::Builder::new_current_thread(),
+        };
+        rt.enable_all()
             .thread_name("autoscaler")
             .build()
             .expect("tokio runtime")

@@ -26,10 +26,12 @@ pub fn build(format: LogFormat, verbose: u8, quiet: u8) -> (Logger, slog_async::
                 .fuse(),
         ),
     };
-    let drain = drain.filter_level(level).fuse();
+    // The level is checked before the queue: a record below it costs a comparison, not a
+    // serialisation and a hand-off to the logging thread (the master logs a debug line per
+    // report).
     let (drain, guard) = slog_async::Async::new(drain)
         .chan_size(4096)
         .overflow_strategy(slog_async::OverflowStrategy::Block)
         .build_with_guard();
-    (Logger::root(drain.fuse(), o!()), guard)
+    (Logger::root(drain.filter_level(level).fuse(), o!()), guard)
 }

@@ -12,6 +12,7 @@ use actix::{Actor, Addr, Context, Handler};
 use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
 use autoscaler_actors::hosts::{Host, HostName};
+use autoscaler_actors::master::heard::Heard;
 use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp};
 use autoscaler_actors::master::registry::HostRegistry;
 use autoscaler_actors::master::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
@@ -42,11 +43,30 @@ impl Handler<NodeDown> for Collect {
         let _ = self.0.send(Event::Down(m));
     }
 }
-impl Handler<CpuReported> for Collect {
-    type Result = ();
-    fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
-        let _ = self.0.send(Event::Cpu(m));
-    }
+
+/// Passes what the tunnels fold into `heard` on as events, in the order each node's samples
+/// were read, until the test drops its receiver.
+fn collect_samples(heard: Heard, tx: mpsc::UnboundedSender<Event>) {
+    actix::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            every.tick().await;
+            for (host, fresh) in heard.take_fresh() {
+                for f in fresh {
+                    let m = CpuReported {
+                        host: host.clone(),
+                        sample: f.sample,
+                    };
+                    if tx.send(Event::Cpu(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
 }
 
 /// The master side under test: a config dir with a client key, HostRegistry + TunnelManager
@@ -78,6 +98,8 @@ impl Master {
 
     fn start(dir: tempfile::TempDir, cfg: Config) -> Master {
         let (tx, events) = mpsc::unbounded_channel();
+        let heard = Heard::default();
+        collect_samples(heard.clone(), tx.clone());
         let sink = Collect(tx).start();
         let log = LogBuf::default();
         let logger = log.logger();
@@ -87,7 +109,7 @@ impl Master {
         let tunnels = TunnelManager::new(
             settings,
             TunnelOutputs {
-                cpu: vec![sink.clone().recipient()],
+                samples: heard,
                 up: vec![sink.clone().recipient()],
                 down: vec![sink.recipient()],
                 problem: vec![],

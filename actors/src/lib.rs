@@ -28,7 +28,7 @@
 //! master:  HostRegistry ──HostsChanged──▶ TunnelManager ──SSH session + tcpip-forward per host
 //!          (hosts.d)   ╲                      │ forwarded channels, decoded in-process
 //!             ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
-//!             │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
+//!             │          ▼                    └──samples ──▶ Heard ◀── read by NodeStatus, ScaleDecider
 //!             │        ScaleDecider ──LaunchInstances / DrainHost──▶ Launcher (EC2 or command)
 //!             │          ▲                                         │ intents, drains (state_dir),
 //!             │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic

@@ -205,10 +205,16 @@ where
         // 0s: no keepalive (as OpenSSH's ServerAliveInterval 0).
         keepalive_interval: (!settings.keepalive.is_zero()).then_some(settings.keepalive),
         keepalive_max: 3,
-        nodelay: true,
         ..Default::default()
     });
-    let mut handle = client::connect(config, (host, port), handler)
+    let socket = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| SshError::Ssh(russh::Error::from(e)))?;
+    let _ = socket.set_nodelay(true);
+    // Read through a buffer: russh reads a packet's length, then its rest, each a read of
+    // its own; buffered, one system call brings both (a report is one small packet).
+    let stream = tokio::io::BufReader::with_capacity(4096, socket);
+    let mut handle = client::connect_stream(config, stream, handler)
         .await
         .map_err(|e| check.take_refusal().unwrap_or(SshError::Ssh(e)))?;
     let hash: Option<HashAlg> = handle.best_supported_rsa_hash().await?.flatten();

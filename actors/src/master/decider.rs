@@ -28,6 +28,7 @@ use actix::{
 use serde::{Deserialize, Serialize};
 use slog::{info, o, warn, Logger};
 
+use super::heard::Heard;
 use super::launcher::{DrainHost, LaunchInstances};
 use super::leadership::Leading;
 use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp};
@@ -201,6 +202,8 @@ pub struct ScaleDecider {
     balancers: BTreeMap<String, VecDeque<(u64, crate::haproxy_api::LbSample)>>,
     /// Set while a HAProxy signal is on: the HAProxy workers read the load.
     sampling: Arc<AtomicBool>,
+    /// The tunnels' samples, taken at each tick.
+    heard: Option<Heard>,
     metrics: Arc<Metrics>,
     log: Logger,
 }
@@ -243,6 +246,7 @@ impl ScaleDecider {
             term: 0,
             balancers: BTreeMap::new(),
             sampling: Arc::default(),
+            heard: None,
             metrics: Arc::default(),
             log,
         };
@@ -280,6 +284,48 @@ impl ScaleDecider {
                 samples: samples.iter().copied().collect(),
             })
             .collect()
+    }
+
+    /// Takes the samples the tunnels fold into `heard` at each tick (besides those sent to it
+    /// as [`CpuReported`]).
+    pub fn with_samples(mut self, heard: Heard) -> ScaleDecider {
+        self.heard = Some(heard);
+        self
+    }
+
+    /// Puts a sample of `host`'s taken `age_ms` before `now` in its series, and lets go of
+    /// what is older than the longest window needs.
+    fn place(&mut self, host: HostKey, now: u64, age_ms: u64, busy_pct: f64) {
+        let keep = self.retention_d().as_millis() as u64;
+        // A sample resent after an outage is placed when it was taken, not when it arrived.
+        let at = now.saturating_sub(age_ms);
+        let t = self.nodes.entry(host).or_default();
+        let pos = t.samples.partition_point(|(x, _)| *x <= at);
+        t.samples.insert(pos, (at, busy_pct));
+        while t
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > keep)
+        {
+            t.samples.pop_front();
+        }
+    }
+
+    /// Takes the tunnels' fresh samples into the series: each placed when it was read (plus
+    /// its age on the node), those of an agent run other than the node's current one left out.
+    fn take_heard(&mut self) {
+        let Some(heard) = &self.heard else { return };
+        let now = self.now();
+        for (host, fresh) in heard.take_fresh() {
+            let boot = self.nodes.get(&host).and_then(|t| t.boot);
+            for f in fresh {
+                if boot.is_some_and(|b| b != f.boot) {
+                    continue;
+                }
+                let age = f.arrived.elapsed().as_millis() as u64 + f.sample.age_ms;
+                self.place(host.clone(), now, age, f.sample.busy_pct);
+            }
+        }
     }
 
     /// Counts its decisions in `metrics`.
@@ -406,6 +452,7 @@ impl ScaleDecider {
     }
 
     fn evaluate(&mut self, ctx: &mut Context<Self>) {
+        self.take_heard();
         // A follower decides too (logged, never carried out), so an operator sees what it
         // would do; a leader waits for the launcher's first reconciliation.
         if !(self.hosts_known && (self.reconciled || !self.leading)) {
@@ -508,19 +555,7 @@ impl Handler<CpuReported> for ScaleDecider {
     type Result = ();
     fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
         let now = self.now();
-        let keep = self.retention_d().as_millis() as u64;
-        // A sample resent after an outage is placed when it was taken, not when it arrived.
-        let at = now.saturating_sub(m.sample.age_ms);
-        let t = self.nodes.entry(m.host).or_default();
-        let pos = t.samples.partition_point(|(x, _)| *x <= at);
-        t.samples.insert(pos, (at, m.sample.busy_pct));
-        while t
-            .samples
-            .front()
-            .is_some_and(|(at, _)| now.saturating_sub(*at) > keep)
-        {
-            t.samples.pop_front();
-        }
+        self.place(m.host, now, m.sample.age_ms, m.sample.busy_pct);
     }
 }
 
@@ -987,6 +1022,28 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(3500)).await;
             let launched = matches!(rx.try_recv(), Ok(Out::Launch(1, _)));
             assert_eq!(launched, want_launch, "aged = {aged}");
+        }
+    }
+
+    /// The tunnels' path: samples folded into the shared book are taken at each tick, placed
+    /// when they were read; those of another agent run than the node's are left out.
+    #[actix_rt::test]
+    async fn samples_heard_by_the_tunnels_count_those_of_another_run_do_not() {
+        tokio::time::pause();
+        for (boot, want_launch) in [(1, true), (7, false)] {
+            let h = host(1, Origin::Manual);
+            let heard = Heard::default();
+            let (_d, mut rx) = start_made(scaling(false), None, std::slice::from_ref(&h), |d| {
+                d.with_samples(heard.clone())
+            });
+            let feed = heard.feed(&h.key());
+            for seq in 0..30 {
+                feed.lock().unwrap().push(boot, sample(seq, 95.0, 0));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let launched = matches!(rx.try_recv(), Ok(Out::Launch(1, _)));
+            assert_eq!(launched, want_launch, "samples of boot {boot}");
+            assert!(heard.take_fresh().is_empty(), "every tick takes them");
         }
     }
 

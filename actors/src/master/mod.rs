@@ -5,7 +5,7 @@
 //! HostRegistry ──HostsChanged──▶ TunnelManager ──SSH session + tcpip-forward per host
 //! (hosts.d)   ╲                      │ forwarded channels, decoded in-process
 //!    ▲         ╲HostsChanged         ├──NodeUp / NodeDown──▶ NodeStatus, ScaleDecider
-//!    │          ▼                    └──CpuReported───────▶ NodeStatus, ScaleDecider
+//!    │          ▼                    └──samples ──▶ Heard ◀── read by NodeStatus, ScaleDecider
 //!    │        ScaleDecider ──LaunchInstances / DrainHost──▶ Launcher (EC2 or command)
 //!    │          ▲                                         │ intents, drains (state_dir),
 //!    │          └──LaunchFinished / Reconciled────────────┤ reconciler at start and periodic
@@ -25,6 +25,7 @@ pub mod control;
 pub mod decider;
 pub mod haproxy_worker;
 pub mod haproxy_writer;
+pub mod heard;
 pub mod launcher;
 pub mod leadership;
 pub mod messages;
@@ -40,6 +41,7 @@ use slog::Logger;
 
 use self::decider::{DeciderOutputs, ScaleDecider};
 use self::haproxy_writer::HaproxyWriter;
+use self::heard::Heard;
 use self::launcher::{LaunchSettings, Launcher, LauncherOutputs, Provisioner};
 use self::node_status::NodeStatus;
 use self::registry::HostRegistry;
@@ -151,7 +153,9 @@ pub async fn start_master(
         .with_load_to(decider.clone().recipient())
         .with_sampling(sampling.clone())
         .start();
-    let status = NodeStatus::new(log).start();
+    // The tunnels fold every sample into this book; NodeStatus and the decider read it.
+    let heard = Heard::default();
+    let status = NodeStatus::new(log).with_samples(heard.clone()).start();
     // With several masters: the leadership task stops the launcher's work directly when the
     // lease is lost.
     let acting = launcher::Acting::new(cluster.is_none());
@@ -186,6 +190,7 @@ pub async fn start_master(
         .map(|_| cfg.general.state_dir.join("decider.json"));
     let decider_actor = ScaleDecider::new(cfg.scaling.clone(), outputs, memory, tick, log)
         .with_metrics(metrics.clone())
+        .with_samples(heard.clone())
         .with_balancers(cfg.haproxy.servers.iter().map(|t| t.to_string()), sampling);
     decider_ctx.run(match cluster.is_some() {
         true => decider_actor.following(records.clone()),
@@ -194,7 +199,7 @@ pub async fn start_master(
     let tunnels = TunnelManager::new(
         tunnel_settings,
         TunnelOutputs {
-            cpu: vec![status.clone().recipient(), decider.clone().recipient()],
+            samples: heard,
             up: vec![status.clone().recipient(), decider.clone().recipient()],
             down: vec![status.clone().recipient(), decider.clone().recipient()],
             problem: vec![status.clone().recipient()],

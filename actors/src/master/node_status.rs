@@ -1,5 +1,6 @@
 //! NodeStatus (master role): what the master currently knows of each node — up or down, the
-//! last sample, when it was heard from. Logs transitions; answers [`ListNodes`].
+//! last sample, when it was heard from. Logs transitions; answers [`ListNodes`]. The samples
+//! themselves are read from the tunnels' book ([`Heard`]) when asked, not sent one by one.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -7,6 +8,7 @@ use std::time::Instant;
 use actix::{Actor, Context, Handler, Message};
 use slog::{debug, info, o, warn, Logger};
 
+use super::heard::Heard;
 use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::hosts::HostKey;
 use crate::report::{CpuSample, Hello};
@@ -34,6 +36,8 @@ pub struct NodeStatus {
     nodes: BTreeMap<HostKey, NodeView>,
     /// The registered hosts, as the registry last said.
     known: std::collections::BTreeSet<HostKey>,
+    /// The tunnels' samples: each node's last one, read when asked.
+    heard: Option<Heard>,
     log: Logger,
 }
 
@@ -42,8 +46,16 @@ impl NodeStatus {
         NodeStatus {
             nodes: BTreeMap::new(),
             known: Default::default(),
+            heard: None,
             log: log.new(o!("actor" => "NodeStatus")),
         }
+    }
+
+    /// Reads each node's last sample from `heard` (besides those sent to it as
+    /// [`CpuReported`]).
+    pub fn with_samples(mut self, heard: Heard) -> NodeStatus {
+        self.heard = Some(heard);
+        self
     }
 
     fn entry(&mut self, host: &HostKey) -> &mut NodeView {
@@ -125,6 +137,21 @@ impl Handler<HostsChanged> for NodeStatus {
 impl Handler<ListNodes> for NodeStatus {
     type Result = actix::MessageResult<ListNodes>;
     fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        if let Some(heard) = &self.heard {
+            for (host, (last, count)) in heard.last() {
+                let Some((sample, at)) = last else { continue };
+                if !self.known.contains(&host) {
+                    continue;
+                }
+                let at = at.into_std();
+                let v = self.entry(&host);
+                if v.last_seen.is_none_or(|seen| seen <= at) {
+                    v.last_seen = Some(at);
+                }
+                v.last_sample = Some(sample);
+                v.samples = count;
+            }
+        }
         actix::MessageResult(self.nodes.clone())
     }
 }

@@ -7,7 +7,7 @@
 //!  ReportLink ──▶ sshd forward (socket or port) ══SSH══▶ session task ──▶ channel task
 //!                                                        (russh client)   MasterChannel
 //!                                                                         ├─▶ NodeUp / NodeDown
-//!                                                                         └─▶ CpuReported
+//!                                                                         └─▶ samples into Heard
 //! ```
 //!
 //! **Whose reports count.** Every channel proves it comes from the agent before anything it
@@ -48,7 +48,8 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp, TunnelProblem};
+use super::heard::Heard;
+use super::messages::{HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::adapters::secret;
 use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
 use crate::backoff::Backoff;
@@ -182,10 +183,11 @@ pub fn report_secret(cfg: &Config) -> Result<Option<Arc<Vec<u8>>>, TunnelError> 
         .map_err(TunnelError::from)
 }
 
-/// Where the tunnels' events go (each to every recipient listed).
+/// Where the tunnels' events go (each to every recipient listed), and the book their samples
+/// are folded into (no message per sample: [`Heard`]).
 #[derive(Clone)]
 pub struct TunnelOutputs {
-    pub cpu: Vec<Recipient<CpuReported>>,
+    pub samples: Heard,
     pub up: Vec<Recipient<NodeUp>>,
     pub down: Vec<Recipient<NodeDown>>,
     /// Why a node is not heard, and when that is over (NodeStatus, for `status`).
@@ -193,9 +195,6 @@ pub struct TunnelOutputs {
 }
 
 impl TunnelOutputs {
-    fn cpu(&self, m: CpuReported) {
-        self.cpu.iter().for_each(|r| r.do_send(m.clone()));
-    }
     fn up(&self, m: NodeUp) {
         self.up.iter().for_each(|r| r.do_send(m.clone()));
     }
@@ -284,6 +283,7 @@ impl Handler<HostsChanged> for TunnelManager {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        self.out.samples.retain(|k| wanted.contains_key(k));
         for k in gone {
             info!(self.log, "Closing tunnel"; "host" => %k.host, "port" => k.port);
             self.stop_session(&k, "removed from the registry");
@@ -703,21 +703,33 @@ async fn read_channel(
     let mut stream = channel.into_stream();
     let (mut ch, challenge) = MasterChannel::open(&chans.via);
     let mut lines = LineBuffer::default();
-    let mut buf = vec![0u8; 8192];
+    let mut buf = vec![0u8; crate::report::MAX_LINE];
     // Until its hello is accepted, a channel holds a waiting slot and has HELLO_TIMEOUT from
     // now, however it spreads its bytes.
     let hello_by =
         tokio::time::Instant::now() + HELLO_TIMEOUT.min(stale_after.max(Duration::from_secs(1)));
     let mut authenticated = false;
     let keys: Vec<&[u8]> = chans.keys.iter().map(Vec::as_slice).collect();
+    let feed = out.samples.feed(&key);
+    // An authenticated channel is stale once nothing arrived for stale_after: one timer,
+    // moved on only when it fires (not a new one per read).
+    let mut last_read = tokio::time::Instant::now();
+    let stale = tokio::time::sleep(stale_after);
+    tokio::pin!(stale);
     let end = match stream.write_all(challenge.as_bytes()).await {
         Err(e) => ChannelEnd::Io(e),
         Ok(()) => 'read: loop {
             let read = stream.read(&mut buf);
             let n = match authenticated {
-                true => match tokio::time::timeout(stale_after, read).await {
-                    Err(_) => break ChannelEnd::Stale(stale_after),
-                    Ok(r) => r,
+                true => tokio::select! {
+                    r = read => r,
+                    _ = &mut stale => {
+                        if last_read.elapsed() >= stale_after {
+                            break ChannelEnd::Stale(stale_after);
+                        }
+                        stale.as_mut().reset(last_read + stale_after);
+                        continue 'read;
+                    }
                 },
                 false => tokio::select! {
                     r = tokio::time::timeout_at(hello_by, read) => match r {
@@ -733,6 +745,7 @@ async fn read_channel(
                 Ok(0) => break ChannelEnd::Closed,
                 Ok(n) => n,
             };
+            last_read = tokio::time::Instant::now();
             if authenticated && !chans.is_live(id) {
                 break ChannelEnd::Replaced;
             }
@@ -779,10 +792,8 @@ async fn read_channel(
                                     metrics.samples_missing(&host, gap);
                                     debug!(log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
                                 }
-                                out.cpu(CpuReported {
-                                    host: key.clone(),
-                                    sample,
-                                });
+                                debug!(log, "CPU"; "busy_pct" => sample.busy_pct, "seq" => sample.seq);
+                                lock(&feed).push(hello.boot, sample);
                             }
                             SeqVerdict::Old => metrics.frame_dropped(&host, "duplicate"),
                         }
