@@ -35,17 +35,30 @@ fn main() -> ExitCode {
     let code = exit_code(&e);
     match cli.log_format {
         LogFormat::Json => {
-            error!(log, "Command failed"; "error" => format!("{e:#}"), "exit_code" => code);
+            error!(log, "Command failed"; "error" => said(&e), "exit_code" => code);
             drop(log);
             drop(guard);
         }
         LogFormat::Human => {
             // Flush queued log lines first so the error comes last.
             drop(guard);
-            eprintln!("autoscaler: error: {e:#}");
+            eprintln!("autoscaler: error: {}", said(&e));
         }
     }
     ExitCode::from(code)
+}
+
+/// The error and its causes, each said once: most of the project's errors already name their
+/// cause (`cannot read PATH: CAUSE`), and `{:#}` would repeat it after them.
+fn said(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {

@@ -389,8 +389,9 @@ impl std::fmt::Display for FleetUnreachable {
 
 impl std::error::Error for FleetUnreachable {}
 
-/// `check --fleet`: every registered host reached as the master reaches it; a table (unless
-/// -q) and exit 69 when one cannot be reached.
+/// `check --fleet`: every registered host reached as the master reaches it, and whether the
+/// running master (if one answers) hears its agent; a table (unless -q) and exit 69 when one
+/// cannot be reached or is not heard.
 fn check_fleet(
     cli: &Cli,
     cfg: &Config,
@@ -406,12 +407,17 @@ fn check_fleet(
     let lines = runtime
         .block_on(autoscaler_actors::preflight::fleet(cfg, log))
         .map_err(|e| anyhow::anyhow!("cannot read the registered hosts: {e}"))?;
-    let failed = lines.iter().filter(|l| !l.ok()).count();
+    let agents = agents_heard(cfg, &lines);
+    let failed = lines
+        .iter()
+        .zip(&agents)
+        .filter(|(l, a)| !l.ok() || a.is_err())
+        .count();
     if cli.quiet == 0 {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "\n# The fleet: {} host(s), {failed} not reachable as the master reaches them",
+            "\n# The fleet: {} host(s), {failed} not reachable as the master reaches them, or not heard by it",
             lines.len()
         )?;
         let width = lines
@@ -421,7 +427,7 @@ fn check_fleet(
             .unwrap_or(4)
             .max(4);
         writeln!(out, "{:<width$}  {:<4}  REPORT FORWARD", "HOST", "SSH")?;
-        for l in &lines {
+        for (l, agent) in lines.iter().zip(&agents) {
             let ssh = if l.ssh.starts_with("ok") {
                 "ok"
             } else {
@@ -436,20 +442,68 @@ fn check_fleet(
             if l.ssh != "ok" {
                 writeln!(out, "{:<width$}        {}", "", l.ssh)?;
             }
+            let (Ok(a) | Err(a)) = agent;
+            writeln!(out, "{:<width$}        agent: {a}", "")?;
         }
     }
-    for l in lines.iter().filter(|l| !l.ok()) {
-        slog::warn!(log, "Host not reachable as the master reaches it"; "host" => &l.host, "port" => l.port,
-            "ssh" => &l.ssh, "forward" => &l.forward);
+    for (l, agent) in lines.iter().zip(&agents) {
+        if !l.ok() {
+            slog::warn!(log, "Host not reachable as the master reaches it"; "host" => &l.host, "port" => l.port,
+                "ssh" => &l.ssh, "forward" => &l.forward);
+        }
+        if let Err(a) = agent {
+            slog::warn!(log, "The running master does not hear this node's agent"; "host" => &l.host, "port" => l.port,
+                "agent" => a);
+        }
     }
     if failed > 0 {
         return Err(FleetUnreachable(format!(
-            "{failed} of {} host(s) cannot be reached as the master reaches them",
+            "{failed} of {} host(s) cannot be reached as the master reaches them, or are not heard by the running master",
             lines.len()
         ))
         .into());
     }
     Ok(())
+}
+
+/// Whether the running master hears each host's agent (the report secret proven), as its
+/// control socket says: Ok with what it heard, Err with why not. With no master running
+/// there is nothing to ask: Ok, saying so (the forward above is what can be checked).
+fn agents_heard(
+    cfg: &Config,
+    lines: &[autoscaler_actors::preflight::FleetLine],
+) -> Vec<Result<String, String>> {
+    use autoscaler_actors::master::control;
+    let status = control::request(
+        &cfg.general.control_socket,
+        std::time::Duration::from_secs(3),
+    );
+    lines
+        .iter()
+        .map(|l| {
+            let st = match &status {
+                Err(e) => return Ok(format!("not checked: no master answers ({e})")),
+                Ok(st) => st,
+            };
+            match st
+                .nodes
+                .iter()
+                .find(|n| n.host == l.host && n.port == l.port)
+            {
+                None => Err("not known to the running master yet".into()),
+                Some(n) if n.tunnel == "up" => Ok(match n.last_seen_s {
+                    Some(s) => format!("heard by the running master ({s:.1}s ago)"),
+                    None => "heard by the running master".into(),
+                }),
+                Some(n) => Err(format!(
+                    "not heard by the running master: {}",
+                    n.problem
+                        .clone()
+                        .unwrap_or_else(|| format!("tunnel {}", n.tunnel))
+                )),
+            }
+        })
+        .collect()
 }
 
 fn check(cli: &Cli, fleet: bool, log: &Logger) -> anyhow::Result<()> {

@@ -259,6 +259,21 @@ fn missing_or_broken_config_exits_78_naming_every_problem() {
     assert_eq!(fs::read_dir(s.path().join("hosts.d")).unwrap().count(), 0);
 }
 
+/// An error names its cause once: "PATH: No such file" said three times over (each error
+/// of the chain already names the next) was what a node without its report secret printed.
+#[test]
+fn an_error_says_its_cause_once() {
+    let s = Sandbox::new();
+    let key = s.path().join("report.key");
+    fs::remove_file(&key).unwrap();
+    let out = s.run(&["node"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let path = key.display().to_string();
+    assert_eq!(err.matches(&path).count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
 #[test]
 fn aws_keys_need_a_private_file_and_never_show() {
     let s = Sandbox::new();

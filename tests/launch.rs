@@ -806,6 +806,83 @@ async fn the_command_launcher_cleans_up_and_says_what_it_did() {
     assert!(!r.log.text().contains("\"msg\":\"Terminated\""));
 }
 
+/// Defect: a scale-up command that started something and then failed (a non-zero exit, or
+/// output that is not the contract's) left it running, with no scale-down run and no word.
+/// Now what its output names is stopped with the scale-down command; when it names nothing,
+/// the log says so with the decision.
+#[actix_rt::test]
+async fn a_scale_up_command_that_fails_after_starting_something_is_undone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), None);
+    let stopped = tmp.path().join("stopped");
+    let down = script(
+        tmp.path(),
+        "down.sh",
+        &format!(
+            "echo \"$AUTOSCALER_DECISION $AUTOSCALER_HOST $AUTOSCALER_PORT $AUTOSCALER_INSTANCE_ID\" >> {}",
+            stopped.display()
+        ),
+    );
+    let cases = [
+        // Printed its instance, then failed.
+        (
+            "exits.sh",
+            r#"echo 'starting'; echo '{"host": "127.0.1.54", "port": 80, "instance_id": "i-0abc"}'; exit 3"#,
+            "as-fail-1 127.0.1.54 80 i-0abc\n",
+        ),
+        // Exit 0, but a port out of range: the rest of what it said is still acted on.
+        (
+            "badport.sh",
+            r#"echo '{"host": "127.0.1.55", "port": 99999, "instance_id": "i-0def"}'"#,
+            "as-fail-2 127.0.1.55  i-0def\n",
+        ),
+    ];
+    for (i, (name, body, want)) in cases.into_iter().enumerate() {
+        let _ = std::fs::remove_file(&stopped);
+        let mut r = rig(
+            &cfg,
+            commands(
+                script(tmp.path(), name, body),
+                down.clone(),
+                Duration::from_secs(10),
+            ),
+            settings(&cfg),
+        );
+        r.launch(&format!("as-fail-{}", i + 1), 1);
+        assert!(r.finished().await.error.is_some());
+        assert_eq!(
+            std::fs::read_to_string(&stopped).unwrap_or_default(),
+            want,
+            "{name}"
+        );
+        r.log
+            .wait_for(
+                "Stopped what a failed scale-up command printed",
+                Duration::from_secs(5),
+            )
+            .await;
+    }
+    // Nothing named: nothing to stop, and the log says what may be left.
+    let _ = std::fs::remove_file(&stopped);
+    let mut r = rig(
+        &cfg,
+        commands(
+            script(tmp.path(), "silent.sh", "echo 'creating a VM...'; exit 1"),
+            down,
+            Duration::from_secs(10),
+        ),
+        settings(&cfg),
+    );
+    r.launch("as-fail-3", 1);
+    assert!(r.finished().await.error.is_some());
+    r.log
+        .wait_for("keeps running unregistered", Duration::from_secs(5))
+        .await;
+    assert!(r.log.text().contains("as-fail-3"), "{}", r.log.text());
+    assert!(!stopped.exists(), "nothing to stop was named");
+    assert!(r.hosts.load_strict().unwrap().is_empty());
+}
+
 /// After a crash the command launcher resumes from what the command printed, or runs it again
 /// with the same decision id (the command must then print the same host: idempotent).
 #[actix_rt::test]

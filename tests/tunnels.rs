@@ -780,6 +780,11 @@ fn check_fleet_finds_what_the_master_would_trip_on() {
     );
     assert!(row("127.0.2.34").contains(" FAIL "), "{text}");
     assert!(text.contains("4 host(s), 3 not reachable"), "{text}");
+    // No master runs: whether its agent is heard is not asked, and not held against it.
+    assert!(
+        text.contains("agent: not checked: no master answers"),
+        "{text}"
+    );
     assert_eq!(
         std::fs::read_to_string(s.path().join("known_hosts")).unwrap(),
         known
@@ -895,6 +900,24 @@ fn status_says_why_a_node_is_not_heard() {
         table.contains("127.0.2.21:8080 not heard: host key of 127.0.2.21"),
         "{table}"
     );
+    // `check --fleet` beside the running master: SSH and the forward are fine for the node
+    // with the wrong secret, and its agent line says the master does not hear it, and why.
+    let out = s.run(&["check", "--fleet"]);
+    let text = crate::common::stdout(&out);
+    assert_eq!(out.status.code(), Some(69), "{text}");
+    let agent_of = |text: &str, host: &str| {
+        text.lines()
+            .skip_while(|l| !l.starts_with(&format!("{host}:8080 ")))
+            .find(|l| l.trim_start().starts_with("agent: "))
+            .unwrap_or_else(|| panic!("no agent line for {host}:\n{text}"))
+            .to_string()
+    };
+    assert!(row_of(&text, "127.0.2.22").contains(" ok    ok"), "{text}");
+    assert!(
+        agent_of(&text, "127.0.2.22").contains("not heard by the running master")
+            && agent_of(&text, "127.0.2.22").contains("report secret"),
+        "{text}"
+    );
     // The right secret: heard, and the reason is gone.
     drop(agent);
     let _agent = crate::common::FakeAgent::start(p_wrong, 5.0, &s.path().join("report.key"));
@@ -903,6 +926,12 @@ fn status_says_why_a_node_is_not_heard() {
         assert!(Instant::now() < end, "still: {}", problems().1);
         std::thread::sleep(Duration::from_millis(200));
     }
+    let text = crate::common::stdout(&s.run(&["check", "--fleet"]));
+    assert!(
+        agent_of(&text, "127.0.2.22").contains("heard by the running master (")
+            && !agent_of(&text, "127.0.2.22").contains("not heard"),
+        "{text}"
+    );
     master.terminate();
 }
 

@@ -19,6 +19,8 @@ pub struct CommandFailed {
     pub status: Option<String>,
     /// What it printed on standard error, then standard output.
     pub output: String,
+    /// It was started (and may have started something before it failed).
+    pub ran: bool,
 }
 
 /// Runs a user command: argv as configured (no shell), a clean environment plus PATH and the
@@ -60,6 +62,7 @@ pub async fn run_exclusive(
         not_found: false,
         status: None,
         output: String::new(),
+        ran: false,
     };
     if let Some(dir) = lock.parent() {
         crate::adapters::files::create_dir_all(dir, 0o700)
@@ -129,6 +132,7 @@ async fn run_with(
         not_found: false,
         status: None,
         output: String::new(),
+        ran: false,
     };
     let Some((program, args)) = cmd.0.split_first() else {
         return Err(fail("no command configured".into()));
@@ -158,6 +162,10 @@ async fn run_with(
         ..fail(format!("cannot run: {e}"))
     })?;
     let group = GroupKill(child.id());
+    let fail = |message: String| CommandFailed {
+        ran: true,
+        ..fail(message)
+    };
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => {
             return Err(fail(format!(

@@ -1,6 +1,8 @@
 //! The report secret (`[node] secret_file`): the key agents prove they hold on every report
 //! channel ([`crate::report::auth_tag`]). Like an SSH private key, a file others can read is
-//! refused.
+//! refused. A systemd credential is the exception for its group bits: the service manager
+//! keeps it in a directory only the service reaches and may show an ACL mask there (mode 0440);
+//! readable by everyone it is still refused.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -41,7 +43,9 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretError> {
     };
     let meta = std::fs::metadata(path).map_err(read_err)?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .is_some_and(|d| path.parent() == Some(Path::new(&d)));
+    if too_open(mode, credential) {
         return Err(SecretError::Loose {
             path: path.to_path_buf(),
             mode,
@@ -58,9 +62,35 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretError> {
     }
 }
 
+/// Whether a secret file with `mode` can be read by others than its owner: for a systemd
+/// `credential`, only "everyone" counts (its directory is the service's alone).
+fn too_open(mode: u32, credential: bool) -> bool {
+    mode & if credential { 0o007 } else { 0o077 } != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_may_show_group_bits_never_world_bits() {
+        for (mode, credential, open) in [
+            (0o600, false, false),
+            (0o400, false, false),
+            (0o640, false, true),
+            (0o604, false, true),
+            (0o400, true, false),
+            (0o440, true, false),
+            (0o444, true, true),
+            (0o404, true, true),
+        ] {
+            assert_eq!(
+                too_open(mode, credential),
+                open,
+                "{mode:o} credential={credential}"
+            );
+        }
+    }
 
     #[test]
     fn only_a_private_long_enough_file_is_a_secret() {

@@ -87,27 +87,94 @@ impl CommandProvisioner {
             message,
             not_found: false,
             status: None,
-            output: String::new(),
+            output: stdout.clone(),
+            ran: true,
         })?)
     }
 
     /// Runs the scale-down command for `h`, when one is configured.
     pub async fn stop(&self, h: &Host) -> Result<Stopped, LaunchError> {
+        self.stop_what(&Leftover {
+            host: Some(h.host.to_string()),
+            port: Some(h.port),
+            instance_id: h.instance_id.clone(),
+            decision: h.decision.clone(),
+        })
+        .await
+    }
+
+    /// Runs the scale-down command with what is known of what to stop (an empty variable for
+    /// what is not), when one is configured.
+    pub async fn stop_what(&self, l: &Leftover) -> Result<Stopped, LaunchError> {
         if self.down.is_empty() {
             return Ok(Stopped::NotConfigured);
         }
         let mut env = vec![
-            ("AUTOSCALER_HOST", h.host.to_string()),
-            ("AUTOSCALER_PORT", h.port.to_string()),
+            ("AUTOSCALER_HOST", l.host.clone().unwrap_or_default()),
+            (
+                "AUTOSCALER_PORT",
+                l.port.map(|p| p.to_string()).unwrap_or_default(),
+            ),
             (
                 "AUTOSCALER_INSTANCE_ID",
-                h.instance_id.clone().unwrap_or_default(),
+                l.instance_id.clone().unwrap_or_default(),
             ),
         ];
+        if let Some(d) = &l.decision {
+            env.push(("AUTOSCALER_DECISION", d.clone()));
+        }
         env.extend(self.env.iter().cloned());
         process::run(&self.down, &env, self.timeout).await?;
         Ok(Stopped::Stopped)
     }
+}
+
+/// What a scale-up command that failed after it ran said of a host it started: whatever of
+/// host, port and instance id its output names validly (the rest of the object may be wrong).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftover {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub instance_id: Option<String>,
+    pub decision: Option<String>,
+}
+
+/// Every object in a failed scale-up command's output (the whole output, or any line of it,
+/// as an object or an array of objects; what it printed on standard error is read too) that
+/// names a valid host or instance id: what it may have started. Invalid values are left out,
+/// never passed on.
+pub fn leftovers(stdout: &str, decision: &str) -> Vec<Leftover> {
+    let whole = std::iter::once(stdout.trim());
+    let values = whole
+        .chain(stdout.lines().map(str::trim))
+        .filter(|t| t.starts_with('{') || t.starts_with('['))
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok());
+    let mut found: Vec<Leftover> = Vec::new();
+    for v in values {
+        let objects = match v {
+            serde_json::Value::Array(a) => a,
+            o => vec![o],
+        };
+        for o in objects {
+            let field = |k: &str| o.get(k);
+            let l = Leftover {
+                host: field("host")
+                    .and_then(|h| h.as_str())
+                    .and_then(|h| HostName::parse(h).ok())
+                    .map(|h| h.to_string()),
+                port: field("port").and_then(|p| json_port(p).ok()),
+                instance_id: field("instance_id")
+                    .and_then(|i| i.as_str())
+                    .and_then(|i| validate_instance_id(i).ok())
+                    .map(String::from),
+                decision: Some(decision.to_string()),
+            };
+            if (l.host.is_some() || l.instance_id.is_some()) && !found.contains(&l) {
+                found.push(l);
+            }
+        }
+    }
+    found
 }
 
 #[derive(Deserialize)]
@@ -233,6 +300,29 @@ pub fn parse_launched(stdout: &str) -> Result<Vec<Launched>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_take_every_valid_name_and_drop_the_rest() {
+        let out =
+            "creating...\n{\"host\": \"10.0.0.5\", \"port\": 99999, \"instance_id\": \"i-0abc\"}\n\
+                   [{\"host\": \"bad host;rm\", \"instance_id\": \"i-0def\"}, {\"port\": 80}]\n\
+                   {\"host\": \"10.0.0.5\", \"port\": 99999, \"instance_id\": \"i-0abc\"}";
+        let got = leftovers(out, "as-1");
+        let want = |host: Option<&str>, id: &str| Leftover {
+            host: host.map(String::from),
+            port: None,
+            instance_id: Some(id.into()),
+            decision: Some("as-1".into()),
+        };
+        // Once each; the invalid port, the invalid host and the object naming nothing left out.
+        assert_eq!(
+            got,
+            [want(Some("10.0.0.5"), "i-0abc"), want(None, "i-0def")]
+        );
+        assert!(leftovers("Error: quota exceeded", "as-1").is_empty());
+        let whole = leftovers("{\"host\": \"10.0.0.6\",\n \"port\": 8080}", "as-2");
+        assert_eq!(whole[0].port, Some(8080), "{whole:?}");
+    }
 
     #[test]
     fn aws_region_and_profile_reach_the_commands() {

@@ -104,7 +104,7 @@ pub async fn run(inner: Arc<Inner>, decision: String, count: u32, resume: Option
         Ok(()) => info!(log, "Launch finished"; "registered" => progress.registered.len()),
         Err(e) => {
             warn!(log, "Launch failed"; "error" => %e, "registered" => progress.registered.len());
-            clean_up(&inner, &progress, e, &log).await;
+            clean_up(&inner, &decision, &progress, e, &log).await;
         }
     }
     // Settled either way: registered, terminated, or handed to a drain record.
@@ -270,7 +270,13 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
 /// stopped (the scale-down command), and its known_hosts lines go. What cannot be undone now
 /// becomes a drain record, which the reconciler retries until it succeeds. Only while this
 /// master leads: a step-down stops it, leaving the record to the next leader.
-async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &Logger) {
+async fn clean_up(
+    inner: &Arc<Inner>,
+    decision: &str,
+    p: &Progress,
+    cause: &LaunchError,
+    log: &Logger,
+) {
     let s = &inner.settings;
     if inner.may_act().is_err() {
         return;
@@ -315,6 +321,12 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
             }
         }
         Provisioner::Command(c) => {
+            if let LaunchError::Command(f) = cause {
+                if f.ran && p.launched.is_empty() {
+                    stop_leftovers(inner, c, decision, f, log).await;
+                    return;
+                }
+            }
             for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
                 if inner.may_act().is_err() {
                     return;
@@ -332,6 +344,46 @@ async fn clean_up(inner: &Arc<Inner>, p: &Progress, cause: &LaunchError, log: &L
                         later(inner, Some(l.host.clone()), l.host.instance_id.clone(), log).await;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The scale-up command failed after it ran (a non-zero exit, a timeout, output that is not
+/// the contract's): whatever host or instance id its output names is stopped with the
+/// scale-down command; when it names none, the log says exactly what may be left running.
+async fn stop_leftovers(
+    inner: &Arc<Inner>,
+    c: &super::command::CommandProvisioner,
+    decision: &str,
+    failed: &crate::adapters::process::CommandFailed,
+    log: &Logger,
+) {
+    let known = super::command::leftovers(&failed.output, decision);
+    if known.is_empty() {
+        warn!(log, "The scale-up command failed after it ran and printed no host or instance id: anything it started keeps running unregistered (look for what it made for this decision, AUTOSCALER_DECISION)";
+            "decision" => decision, "error" => %failed);
+        return;
+    }
+    for l in known {
+        if inner.may_act().is_err() {
+            return;
+        }
+        let (host, id) = (
+            l.host.as_deref().unwrap_or(""),
+            l.instance_id.as_deref().unwrap_or(""),
+        );
+        match c.stop_what(&l).await {
+            Ok(Stopped::Stopped) => {
+                info!(log, "Stopped what a failed scale-up command printed"; "host" => host, "instance_id" => id, "decision" => decision)
+            }
+            Ok(Stopped::NotConfigured) => {
+                warn!(log, "What a failed scale-up command printed keeps running: scale_down_command is empty";
+                    "host" => host, "instance_id" => id, "decision" => decision)
+            }
+            Err(e) => {
+                warn!(log, "Cannot stop what a failed scale-up command printed; stop it by hand";
+                    "host" => host, "instance_id" => id, "decision" => decision, "error" => %e)
             }
         }
     }
