@@ -49,14 +49,17 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes, each said once: most of the project's errors already name their
-/// cause (`cannot read PATH: CAUSE`), and `{:#}` would repeat it after them.
+/// cause (`cannot read PATH: CAUSE`), and `{:#}` would repeat it after them. A cause is left
+/// out only when the error it causes already says it.
 fn said(e: &anyhow::Error) -> String {
     let mut out = e.to_string();
+    let mut previous = out.clone();
     for cause in e.chain().skip(1) {
         let cause = cause.to_string();
-        if !out.contains(&cause) {
+        if !previous.contains(&cause) {
             out = format!("{out}: {cause}");
         }
+        previous = cause;
     }
     out
 }

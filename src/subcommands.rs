@@ -482,7 +482,11 @@ fn agents_heard(
         .iter()
         .map(|l| {
             let st = match &status {
-                Err(e) => return Ok(format!("not checked: no master answers ({e})")),
+                Err(e @ control::ControlError::NoMaster { .. }) => {
+                    return Ok(format!("not checked: no master answers ({e})"))
+                }
+                // A master is there and does not answer as it should: that is a finding.
+                Err(e) => return Err(format!("the running master did not say: {e}")),
                 Ok(st) => st,
             };
             match st

@@ -808,8 +808,8 @@ async fn the_command_launcher_cleans_up_and_says_what_it_did() {
 
 /// Defect: a scale-up command that started something and then failed (a non-zero exit, or
 /// output that is not the contract's) left it running, with no scale-down run and no word.
-/// Now what its output names is stopped with the scale-down command; when it names nothing,
-/// the log says so with the decision.
+/// Now a host its answer names (address and port, not registered) is stopped with the
+/// scale-down command; anything else is said in the log, with the decision.
 #[actix_rt::test]
 async fn a_scale_up_command_that_fails_after_starting_something_is_undone() {
     let tmp = tempfile::tempdir().unwrap();
@@ -823,21 +823,40 @@ async fn a_scale_up_command_that_fails_after_starting_something_is_undone() {
             stopped.display()
         ),
     );
+    // A host of the fleet, registered before: never a leftover.
+    let fleet = Host::manual(HostName::parse("127.0.1.56").unwrap(), 80);
+    HostsDir::new(&cfg.general.hosts_dir).add(&fleet).unwrap();
     let cases = [
-        // Printed its instance, then failed.
+        // Printed its instance, then failed: stopped, with everything it printed.
         (
             "exits.sh",
             r#"echo 'starting'; echo '{"host": "127.0.1.54", "port": 80, "instance_id": "i-0abc"}'; exit 3"#,
             "as-fail-1 127.0.1.54 80 i-0abc\n",
+            "Stopped what a failed scale-up command printed",
         ),
-        // Exit 0, but a port out of range: the rest of what it said is still acted on.
+        // Exit 0, but a port out of range: not a host the scale-down command can be given.
         (
             "badport.sh",
             r#"echo '{"host": "127.0.1.55", "port": 99999, "instance_id": "i-0def"}'"#,
-            "as-fail-2 127.0.1.55  i-0def\n",
+            "",
+            "without both address and port",
+        ),
+        // A registered host in its answer: left alone.
+        (
+            "fleet.sh",
+            r#"echo '{"host": "127.0.1.56", "port": 80}'; exit 1"#,
+            "",
+            "printed a registered host; it is left alone",
+        ),
+        // JSON among its progress, then a failure: not its answer, nothing named.
+        (
+            "progress.sh",
+            r#"echo '{"host": "127.0.1.57", "port": 80}'; echo 'quota exceeded'; exit 1"#,
+            "",
+            "keeps running unregistered",
         ),
     ];
-    for (i, (name, body, want)) in cases.into_iter().enumerate() {
+    for (i, (name, body, want, said)) in cases.into_iter().enumerate() {
         let _ = std::fs::remove_file(&stopped);
         let mut r = rig(
             &cfg,
@@ -848,39 +867,19 @@ async fn a_scale_up_command_that_fails_after_starting_something_is_undone() {
             ),
             settings(&cfg),
         );
-        r.launch(&format!("as-fail-{}", i + 1), 1);
+        let decision = format!("as-fail-{}", i + 1);
+        r.launch(&decision, 1);
         assert!(r.finished().await.error.is_some());
+        r.log.wait_for(said, Duration::from_secs(5)).await;
+        assert!(r.log.text().contains(&decision), "{}", r.log.text());
         assert_eq!(
             std::fs::read_to_string(&stopped).unwrap_or_default(),
             want,
             "{name}"
         );
-        r.log
-            .wait_for(
-                "Stopped what a failed scale-up command printed",
-                Duration::from_secs(5),
-            )
-            .await;
+        let hosts = r.hosts.load_strict().unwrap();
+        assert_eq!(hosts.len(), 1, "{name}: only the fleet's host: {hosts:?}");
     }
-    // Nothing named: nothing to stop, and the log says what may be left.
-    let _ = std::fs::remove_file(&stopped);
-    let mut r = rig(
-        &cfg,
-        commands(
-            script(tmp.path(), "silent.sh", "echo 'creating a VM...'; exit 1"),
-            down,
-            Duration::from_secs(10),
-        ),
-        settings(&cfg),
-    );
-    r.launch("as-fail-3", 1);
-    assert!(r.finished().await.error.is_some());
-    r.log
-        .wait_for("keeps running unregistered", Duration::from_secs(5))
-        .await;
-    assert!(r.log.text().contains("as-fail-3"), "{}", r.log.text());
-    assert!(!stopped.exists(), "nothing to stop was named");
-    assert!(r.hosts.load_strict().unwrap().is_empty());
 }
 
 /// After a crash the command launcher resumes from what the command printed, or runs it again

@@ -33,7 +33,7 @@ fn long_buckets() -> Histogram {
 }
 
 /// Why a report frame is not used.
-pub const FRAME_REASONS: &[&str] = &["duplicate", "malformed", "truncated"];
+pub const FRAME_REASONS: &[&str] = &["duplicate", "malformed", "truncated", "overflow"];
 /// Why a report channel is refused.
 pub const REFUSAL_REASONS: &[&str] = &[
     "unauthenticated",
@@ -467,12 +467,13 @@ mod tests {
                 m.channel_refused(host, r);
             }
         }
+        let series = 2 + FRAME_REASONS.len() + REFUSAL_REASONS.len();
         let before = m.counted();
-        assert_eq!(before.matches("host=\"127.0.1.5\"").count(), 10, "{before}");
+        assert_eq!(before.matches("host=\"127.0.1.5\"").count(), series, "{before}");
         m.forget_host("127.0.1.5");
         let after = m.counted();
         assert!(!after.contains("127.0.1.5"), "{after}");
-        assert_eq!(after.matches("host=\"127.0.1.6\"").count(), 10, "{after}");
+        assert_eq!(after.matches("host=\"127.0.1.6\"").count(), series, "{after}");
     }
 
     #[test]

@@ -389,16 +389,18 @@ pub fn validate_report_socket(path: &str) -> Result<&str, String> {
     }
 }
 
-/// An instance id as EC2 or a launch command reports it: 1–64 of `[A-Za-z0-9_.:-]`.
+/// An instance id as EC2 or a launch command reports it: 1–64 of `[A-Za-z0-9_.:-]`, the first
+/// a letter or digit (never an option, `.` or `..` to a command that is handed it).
 pub fn validate_instance_id(id: &str) -> Result<&str, String> {
     if id.is_empty()
         || id.len() > 64
+        || !id.starts_with(|c: char| c.is_ascii_alphanumeric())
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
     {
         return Err(format!(
-            "instance id {id:?} is not 1-64 letters, digits, '-', '_', '.' or ':'"
+            "instance id {id:?} is not 1-64 letters, digits, '-', '_', '.' or ':' starting with a letter or digit"
         ));
     }
     Ok(id)
@@ -594,6 +596,14 @@ mod tests {
             ),
             ("host = a\nport = 80\norigin = cloud\n", "origin \"cloud\""),
             ("host = a\nport = 80\ninstance_id = i 1\n", "instance id"),
+            (
+                "host = a\nport = 80\ninstance_id = --all\n",
+                "starting with a letter",
+            ),
+            (
+                "host = a\nport = 80\ninstance_id = ..\n",
+                "starting with a letter",
+            ),
             (
                 "host = a\nport = 80\nregistered_ms = soon\n",
                 "registered_ms",

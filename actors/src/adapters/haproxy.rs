@@ -112,7 +112,7 @@ pub async fn validate(check: &Check<'_>, file: &Path) -> Result<Validation, Hapr
         Err(e) => match e.status {
             Some(status) => Err(HaproxyError::Invalid {
                 command: e.command,
-                status,
+                status: status.into(),
                 output: e.output,
             }),
             None => Err(e.into()),

@@ -15,12 +15,13 @@ pub struct CommandFailed {
     pub message: String,
     /// The program does not exist (or is not executable).
     pub not_found: bool,
-    /// How it exited, when it ran to its end.
-    pub status: Option<String>,
+    /// How it exited, when it ran to its end (boxed, as `stdout`: the error stays small).
+    pub status: Option<Box<str>>,
     /// What it printed on standard error, then standard output.
     pub output: String,
-    /// It was started (and may have started something before it failed).
-    pub ran: bool,
+    /// What it printed on standard output when it was started (and so may have started
+    /// something before it failed): empty after a timeout. None when it did not run.
+    pub stdout: Option<Box<str>>,
 }
 
 /// Runs a user command: argv as configured (no shell), a clean environment plus PATH and the
@@ -62,7 +63,7 @@ pub async fn run_exclusive(
         not_found: false,
         status: None,
         output: String::new(),
-        ran: false,
+        stdout: None,
     };
     if let Some(dir) = lock.parent() {
         crate::adapters::files::create_dir_all(dir, 0o700)
@@ -132,7 +133,7 @@ async fn run_with(
         not_found: false,
         status: None,
         output: String::new(),
-        ran: false,
+        stdout: None,
     };
     let Some((program, args)) = cmd.0.split_first() else {
         return Err(fail("no command configured".into()));
@@ -163,7 +164,7 @@ async fn run_with(
     })?;
     let group = GroupKill(child.id());
     let fail = |message: String| CommandFailed {
-        ran: true,
+        stdout: Some(Box::default()),
         ..fail(message)
     };
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
@@ -182,13 +183,14 @@ async fn run_with(
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
         return Err(CommandFailed {
-            status: Some(out.status.to_string()),
+            status: Some(out.status.to_string().into()),
             output: [stderr.as_str(), stdout.as_str()]
                 .iter()
                 .filter(|s| !s.is_empty())
                 .copied()
                 .collect::<Vec<_>>()
                 .join("\n"),
+            stdout: Some(stdout.as_str().into()),
             ..fail(format!("exited with {}: {stderr}", out.status))
         });
     }

@@ -44,7 +44,8 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretError> {
     let meta = std::fs::metadata(path).map_err(read_err)?;
     let mode = meta.permissions().mode() & 0o777;
     let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .is_some_and(|d| path.parent() == Some(Path::new(&d)));
+        .map(PathBuf::from)
+        .is_some_and(|d| d.is_absolute() && path.parent() == Some(&d) && private_dir(&d));
     if too_open(mode, credential) {
         return Err(SecretError::Loose {
             path: path.to_path_buf(),
@@ -60,6 +61,11 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretError> {
         }),
         false => Ok(secret.as_bytes().to_vec()),
     }
+}
+
+/// A directory nobody but its owner and group may enter (systemd's credentials directory).
+fn private_dir(d: &Path) -> bool {
+    std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o007 == 0)
 }
 
 /// Whether a secret file with `mode` can be read by others than its owner: for a systemd

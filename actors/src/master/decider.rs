@@ -312,14 +312,20 @@ impl ScaleDecider {
     }
 
     /// Takes the tunnels' fresh samples into the series: each placed when it was read (plus
-    /// its age on the node), those of an agent run other than the node's current one left out.
+    /// its age on the node); those of an agent run other than the node's current one, and of
+    /// hosts no longer registered, are left out. A node whose hello has not been handled yet
+    /// takes its run from its samples (NodeUp of that run then keeps them).
     fn take_heard(&mut self) {
         let Some(heard) = &self.heard else { return };
         let now = self.now();
         for (host, fresh) in heard.take_fresh() {
-            let boot = self.nodes.get(&host).and_then(|t| t.boot);
+            if !self.hosts.contains_key(&host) {
+                continue;
+            }
+            let t = self.nodes.entry(host.clone()).or_default();
+            let boot = *t.boot.get_or_insert(fresh[0].boot);
             for f in fresh {
-                if boot.is_some_and(|b| b != f.boot) {
+                if f.boot != boot {
                     continue;
                 }
                 let age = f.arrived.elapsed().as_millis() as u64 + f.sample.age_ms;
@@ -1038,7 +1044,7 @@ mod tests {
             });
             let feed = heard.feed(&h.key());
             for seq in 0..30 {
-                feed.lock().unwrap().push(boot, sample(seq, 95.0, 0));
+                assert!(feed.lock().unwrap().push(boot, sample(seq, 95.0, 0), 0));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             let launched = matches!(rx.try_recv(), Ok(Out::Launch(1, _)));

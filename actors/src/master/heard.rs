@@ -13,9 +13,10 @@ use tokio::time::Instant;
 use crate::hosts::HostKey;
 use crate::report::CpuSample;
 
-/// Fresh samples kept per node until the decider takes them: far more than a tick brings at
-/// any sane report interval (the oldest give way, so a decider that stalls costs memory
-/// bounded by this, not by its stall).
+/// Fresh samples kept per node until the decider takes them, beyond what the node's hello says
+/// it may resend at once (its buffer): far more than a tick brings at any sane report
+/// interval. The oldest give way, so a decider that stalls costs memory bounded by this, not
+/// by its stall.
 pub const MAX_FRESH: usize = 1024;
 
 /// A sample not yet taken by the decider.
@@ -38,11 +39,14 @@ pub struct NodeHeard {
 }
 
 impl NodeHeard {
-    /// A new sample (duplicates already removed by the channel).
-    pub fn push(&mut self, boot: u64, sample: CpuSample) {
+    /// A new sample (duplicates already removed by the channel), keeping at most `buffer` +
+    /// [`MAX_FRESH`] fresh ones; false when the oldest had to give way.
+    pub fn push(&mut self, boot: u64, sample: CpuSample, buffer: usize) -> bool {
         let arrived = Instant::now();
-        if self.fresh.len() == MAX_FRESH {
+        let mut kept_all = true;
+        while self.fresh.len() >= buffer.saturating_add(MAX_FRESH) {
             self.fresh.pop_front();
+            kept_all = false;
         }
         self.fresh.push_back(Fresh {
             boot,
@@ -51,6 +55,7 @@ impl NodeHeard {
         });
         self.last = Some((sample, arrived));
         self.count += 1;
+        kept_all
     }
 }
 
@@ -131,8 +136,8 @@ mod tests {
     fn fresh_samples_are_taken_once_and_the_last_stays() {
         let heard = Heard::default();
         let feed = heard.feed(&key(80));
-        lock(&feed).push(1, sample(1, 10.0));
-        lock(&feed).push(1, sample(2, 20.0));
+        assert!(lock(&feed).push(1, sample(1, 10.0), 0));
+        assert!(lock(&feed).push(1, sample(2, 20.0), 0));
         let taken = heard.take_fresh();
         assert_eq!(taken.len(), 1);
         let seqs: Vec<u64> = taken[0].1.iter().map(|f| f.sample.seq).collect();
@@ -144,17 +149,24 @@ mod tests {
     }
 
     #[test]
-    fn an_untaken_feed_keeps_only_the_newest() {
+    fn an_untaken_feed_keeps_the_nodes_buffer_and_more_then_only_the_newest() {
         let heard = Heard::default();
         let feed = heard.feed(&key(80));
-        for seq in 0..(MAX_FRESH as u64 + 10) {
-            lock(&feed).push(1, sample(seq, 1.0));
-        }
+        let buffer = 5000;
+        let cap = buffer + MAX_FRESH;
+        let kept: Vec<bool> = (0..(cap as u64 + 10))
+            .map(|seq| lock(&feed).push(1, sample(seq, 1.0), buffer))
+            .collect();
+        assert!(
+            kept[..cap].iter().all(|k| *k),
+            "a whole resent buffer is kept"
+        );
+        assert!(kept[cap..].iter().all(|k| !k), "then each push lets one go");
         let taken = heard.take_fresh();
         let fresh = &taken[0].1;
-        assert_eq!(fresh.len(), MAX_FRESH);
+        assert_eq!(fresh.len(), cap);
         assert_eq!(fresh[0].sample.seq, 10);
-        assert_eq!(heard.last()[&key(80)].1, MAX_FRESH as u64 + 10);
+        assert_eq!(heard.last()[&key(80)].1, cap as u64 + 10);
     }
 
     #[test]

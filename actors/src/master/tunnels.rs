@@ -722,6 +722,8 @@ async fn read_channel(
             let read = stream.read(&mut buf);
             let n = match authenticated {
                 true => tokio::select! {
+                    // What has arrived is read before the timer is looked at.
+                    biased;
                     r = read => r,
                     _ = &mut stale => {
                         if last_read.elapsed() >= stale_after {
@@ -793,7 +795,10 @@ async fn read_channel(
                                     debug!(log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
                                 }
                                 debug!(log, "CPU"; "busy_pct" => sample.busy_pct, "seq" => sample.seq);
-                                lock(&feed).push(hello.boot, sample);
+                                let buffer = hello.buffer as usize;
+                                if !lock(&feed).push(hello.boot, sample, buffer) {
+                                    metrics.frame_dropped(&host, "overflow");
+                                }
                             }
                             SeqVerdict::Old => metrics.frame_dropped(&host, "duplicate"),
                         }

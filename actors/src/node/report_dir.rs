@@ -121,9 +121,13 @@ impl ReportDir {
             // `.name.sock`: not a master's (`check --fleet` tries a forward beside the real
             // one, and sshd leaves the socket behind); removed once nobody listens on it.
             if is_socket && e.file_name().to_string_lossy().starts_with('.') {
-                if std::os::unix::net::UnixStream::connect(&path).is_err() {
-                    let _ = std::fs::remove_file(&path);
-                }
+                // Asked without blocking: a listener with a full backlog must not stall the
+                // agent (one thread does all of its work).
+                actix::spawn(async move {
+                    if tokio::net::UnixStream::connect(&path).await.is_err() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                });
                 continue;
             }
             if !is_socket || !named || self.links.contains_key(&path) {
@@ -213,6 +217,13 @@ mod tests {
         d.scan();
         let linked: Vec<PathBuf> = d.links.keys().cloned().collect();
         assert_eq!(linked, [dir.join("master.sock")]);
+        // The probes are asked in the background: give them a moment (bounded).
+        for _ in 0..50 {
+            if !dir.join(".check-1.sock").exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert!(
             !dir.join(".check-1.sock").exists(),
             "a stale probe is removed"

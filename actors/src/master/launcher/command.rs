@@ -87,40 +87,25 @@ impl CommandProvisioner {
             message,
             not_found: false,
             status: None,
-            output: stdout.clone(),
-            ran: true,
+            output: String::new(),
+            stdout: Some(stdout.as_str().into()),
         })?)
     }
 
     /// Runs the scale-down command for `h`, when one is configured.
     pub async fn stop(&self, h: &Host) -> Result<Stopped, LaunchError> {
-        self.stop_what(&Leftover {
-            host: Some(h.host.to_string()),
-            port: Some(h.port),
-            instance_id: h.instance_id.clone(),
-            decision: h.decision.clone(),
-        })
-        .await
-    }
-
-    /// Runs the scale-down command with what is known of what to stop (an empty variable for
-    /// what is not), when one is configured.
-    pub async fn stop_what(&self, l: &Leftover) -> Result<Stopped, LaunchError> {
         if self.down.is_empty() {
             return Ok(Stopped::NotConfigured);
         }
         let mut env = vec![
-            ("AUTOSCALER_HOST", l.host.clone().unwrap_or_default()),
-            (
-                "AUTOSCALER_PORT",
-                l.port.map(|p| p.to_string()).unwrap_or_default(),
-            ),
+            ("AUTOSCALER_HOST", h.host.to_string()),
+            ("AUTOSCALER_PORT", h.port.to_string()),
             (
                 "AUTOSCALER_INSTANCE_ID",
-                l.instance_id.clone().unwrap_or_default(),
+                h.instance_id.clone().unwrap_or_default(),
             ),
         ];
-        if let Some(d) = &l.decision {
+        if let Some(d) = &h.decision {
             env.push(("AUTOSCALER_DECISION", d.clone()));
         }
         env.extend(self.env.iter().cloned());
@@ -130,7 +115,7 @@ impl CommandProvisioner {
 }
 
 /// What a scale-up command that failed after it ran said of a host it started: whatever of
-/// host, port and instance id its output names validly (the rest of the object may be wrong).
+/// host, port and instance id its answer names validly (the rest of the object may be wrong).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leftover {
     pub host: Option<String>,
@@ -139,14 +124,29 @@ pub struct Leftover {
     pub decision: Option<String>,
 }
 
-/// Every object in a failed scale-up command's output (the whole output, or any line of it,
-/// as an object or an array of objects; what it printed on standard error is read too) that
-/// names a valid host or instance id: what it may have started. Invalid values are left out,
-/// never passed on.
+impl Leftover {
+    /// The host to hand to the scale-down command: only with both its address and port (the
+    /// command's contract sets every variable).
+    pub fn host(&self) -> Option<Host> {
+        let mut h = Host::launched(
+            HostName::parse(self.host.as_deref()?).ok()?,
+            self.port?,
+            self.instance_id.clone(),
+        );
+        h.decision = self.decision.clone();
+        Some(h)
+    }
+}
+
+/// Every object in a failed scale-up command's answer — where [`parse_launched`] looks: its
+/// whole standard output or its last line, an object or an array of them — that names a
+/// valid host or instance id: what it may have started. Invalid values are left out, never
+/// passed on; progress lines and standard error are not read.
 pub fn leftovers(stdout: &str, decision: &str) -> Vec<Leftover> {
-    let whole = std::iter::once(stdout.trim());
-    let values = whole
-        .chain(stdout.lines().map(str::trim))
+    let whole = stdout.trim();
+    let last = whole.lines().last().unwrap_or("").trim();
+    let values = [whole, last]
+        .into_iter()
         .filter(|t| t.starts_with('{') || t.starts_with('['))
         .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok());
     let mut found: Vec<Leftover> = Vec::new();
@@ -302,26 +302,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn leftovers_take_every_valid_name_and_drop_the_rest() {
-        let out =
-            "creating...\n{\"host\": \"10.0.0.5\", \"port\": 99999, \"instance_id\": \"i-0abc\"}\n\
-                   [{\"host\": \"bad host;rm\", \"instance_id\": \"i-0def\"}, {\"port\": 80}]\n\
-                   {\"host\": \"10.0.0.5\", \"port\": 99999, \"instance_id\": \"i-0abc\"}";
+    fn leftovers_are_read_where_the_answer_is_and_only_valid_names_kept() {
+        // Progress lines that look like JSON are not the answer: only the last line is.
+        let out = "{\"host\": \"10.9.9.9\", \"port\": 80}\n\
+                   [{\"host\": \"10.0.0.5\", \"port\": 99999, \"instance_id\": \"i-0abc\"}, {\"host\": \"bad host;rm\", \"instance_id\": \"--all\"}, {\"port\": 80}]";
         let got = leftovers(out, "as-1");
-        let want = |host: Option<&str>, id: &str| Leftover {
-            host: host.map(String::from),
-            port: None,
-            instance_id: Some(id.into()),
-            decision: Some("as-1".into()),
-        };
-        // Once each; the invalid port, the invalid host and the object naming nothing left out.
+        // The invalid port, host and id are left out; an object naming nothing is dropped.
         assert_eq!(
             got,
-            [want(Some("10.0.0.5"), "i-0abc"), want(None, "i-0def")]
+            [Leftover {
+                host: Some("10.0.0.5".into()),
+                port: None,
+                instance_id: Some("i-0abc".into()),
+                decision: Some("as-1".into()),
+            }]
+        );
+        assert_eq!(
+            got[0].host(),
+            None,
+            "no port: not a host for the scale-down command"
         );
         assert!(leftovers("Error: quota exceeded", "as-1").is_empty());
+        // The whole output as one (multi-line) object.
         let whole = leftovers("{\"host\": \"10.0.0.6\",\n \"port\": 8080}", "as-2");
-        assert_eq!(whole[0].port, Some(8080), "{whole:?}");
+        let h = whole[0].host().unwrap();
+        assert_eq!(
+            (h.host.to_string(), h.port, h.decision.as_deref()),
+            ("10.0.0.6".into(), 8080, Some("as-2"))
+        );
     }
 
     #[test]

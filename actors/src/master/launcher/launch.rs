@@ -15,7 +15,7 @@ use super::{ec2, Inner, LaunchError, Provisioner};
 use crate::adapters::known_hosts;
 use crate::hosts::{Host, HostKey, HostName};
 use crate::master::decider::LaunchFinished;
-use crate::master::registry::RegisterHost;
+use crate::master::registry::{ListHosts, RegisterHost};
 
 /// Where a resumed launch picks up.
 pub enum Resume {
@@ -322,8 +322,8 @@ async fn clean_up(
         }
         Provisioner::Command(c) => {
             if let LaunchError::Command(f) = cause {
-                if f.ran && p.launched.is_empty() {
-                    stop_leftovers(inner, c, decision, f, log).await;
+                if let (Some(stdout), true) = (&f.stdout, p.launched.is_empty()) {
+                    stop_leftovers(inner, c, decision, stdout, f, log).await;
                     return;
                 }
             }
@@ -349,22 +349,33 @@ async fn clean_up(
     }
 }
 
-/// The scale-up command failed after it ran (a non-zero exit, a timeout, output that is not
-/// the contract's): whatever host or instance id its output names is stopped with the
-/// scale-down command; when it names none, the log says exactly what may be left running.
+/// The scale-up command failed after it ran (a non-zero exit, a timeout, an answer that is
+/// not the contract's): each host its answer names with address and port — and that is not
+/// registered — is stopped with the scale-down command (a failure of that goes to a drain
+/// record, retried as any); what is named only in part, or nothing, is said in the log.
 async fn stop_leftovers(
     inner: &Arc<Inner>,
     c: &super::command::CommandProvisioner,
     decision: &str,
+    stdout: &str,
     failed: &crate::adapters::process::CommandFailed,
     log: &Logger,
 ) {
-    let known = super::command::leftovers(&failed.output, decision);
+    let known = super::command::leftovers(stdout, decision);
     if known.is_empty() {
         warn!(log, "The scale-up command failed after it ran and printed no host or instance id: anything it started keeps running unregistered (look for what it made for this decision, AUTOSCALER_DECISION)";
             "decision" => decision, "error" => %failed);
         return;
     }
+    // A registered host is never a leftover, whatever a failing command prints.
+    let registered = match inner.out.list.send(ListHosts).await {
+        Ok(hosts) => hosts,
+        Err(e) => {
+            warn!(log, "Cannot list the registered hosts: what the failed scale-up command printed is left running";
+                "decision" => decision, "error" => %e);
+            return;
+        }
+    };
     for l in known {
         if inner.may_act().is_err() {
             return;
@@ -373,7 +384,21 @@ async fn stop_leftovers(
             l.host.as_deref().unwrap_or(""),
             l.instance_id.as_deref().unwrap_or(""),
         );
-        match c.stop_what(&l).await {
+        let taken = registered.iter().any(|r| {
+            l.host().is_some_and(|h| r.key() == h.key())
+                || (l.instance_id.is_some() && r.instance_id == l.instance_id)
+        });
+        if taken {
+            warn!(log, "A failed scale-up command printed a registered host; it is left alone";
+                "host" => host, "instance_id" => id, "decision" => decision);
+            continue;
+        }
+        let Some(h) = l.host() else {
+            warn!(log, "A failed scale-up command printed a host without both address and port: whatever it is keeps running unregistered; stop it by hand";
+                "host" => host, "port" => l.port, "instance_id" => id, "decision" => decision);
+            continue;
+        };
+        match c.stop(&h).await {
             Ok(Stopped::Stopped) => {
                 info!(log, "Stopped what a failed scale-up command printed"; "host" => host, "instance_id" => id, "decision" => decision)
             }
@@ -382,8 +407,8 @@ async fn stop_leftovers(
                     "host" => host, "instance_id" => id, "decision" => decision)
             }
             Err(e) => {
-                warn!(log, "Cannot stop what a failed scale-up command printed; stop it by hand";
-                    "host" => host, "instance_id" => id, "decision" => decision, "error" => %e)
+                warn!(log, "Cannot stop what a failed scale-up command printed; retrying later"; "host" => host, "error" => %e);
+                later(inner, Some(h.clone()), h.instance_id.clone(), log).await;
             }
         }
     }
