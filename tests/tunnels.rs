@@ -1624,3 +1624,101 @@ async fn a_launched_host_speaks_with_its_launch_key_and_instance_id() {
     let (_good, _gd) = start_agent_as(Via::Tcp(port, &[]), None, &secret_of(&m.cfg), "i-0launched");
     m.up("127.0.0.16").await;
 }
+
+/// The node's sshd settings the README gives (step 3 of "Your first fleet"), taken from the
+/// README as written: the master's forward to the agent's socket comes up and the agent is
+/// heard; a TCP forward and a command are refused for that user.
+#[actix_rt::test]
+async fn the_readmes_node_sshd_settings_let_reports_through_and_nothing_else() {
+    let (Some(sshd_bin), Some(ssh)) = (tool("sshd"), tool("ssh")) else {
+        return;
+    };
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = "cat > /etc/ssh/sshd_config.d/50-autoscaler.conf <<'EOF'\n";
+    let snippet = readme
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+        .map(|(s, _)| s.to_string())
+        .expect("README step 3 writes 50-autoscaler.conf");
+    assert!(snippet.contains("Match User autoscaler"), "{snippet}");
+    // A launched node gets the same settings (contrib/cloud-init/node.yaml).
+    let cloud = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/cloud-init/node.yaml"),
+    )
+    .unwrap();
+    let settings = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .skip_while(|l| *l != "Match User autoscaler")
+            .skip(1)
+            .take_while(|l| l.split_whitespace().count() == 2 && !l.starts_with('-'))
+            .map(String::from)
+            .collect()
+    };
+    let in_cloud = settings(&cloud);
+    assert!(settings(&snippet).len() >= 5, "{snippet}");
+    for line in settings(&snippet) {
+        assert!(
+            in_cloud.contains(&line),
+            "node.yaml lacks {line:?}: {in_cloud:?}"
+        );
+    }
+    // The master logs in as the user the tests run as, standing in for `autoscaler`.
+    let user = crate::common::current_user();
+    let snippet = snippet.replace("Match User autoscaler", &format!("Match User {user}"));
+
+    let (dir, mut cfg) = Master::dir_with_key();
+    let base = tempfile::tempdir().unwrap();
+    let socket = base.path().join("reports/master.sock");
+    cfg.node.report_socket = Some(socket.display().to_string());
+    let key = cfg.ssh.identity_file.clone();
+    let mut sshd = Sshd::start(&sshd_bin, "127.0.0.16", None, &pub_of(&key), None);
+    let conf = sshd.dir.path().join("sshd_config");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{text}{snippet}\n")).unwrap();
+    sshd.restart(&sshd_bin);
+    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.up("127.0.0.16").await;
+    assert!(strictly_increasing(&m.samples("127.0.0.16", 3).await));
+
+    // Nothing else for that user: no command (ForceCommand /bin/false: exit 1, where a
+    // refused login or connection would be 255), no TCP forward.
+    let ssh_as = |options: &[&str], command: &[&str]| {
+        Command::new(&ssh)
+            .args(["-i", key.to_str().unwrap(), "-p", &sshd.port.to_string()])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"])
+            .args(["-o", "StrictHostKeyChecking=yes"])
+            .args([
+                "-o",
+                &format!("UserKnownHostsFile={}", m.cfg.ssh.known_hosts.display()),
+            ])
+            .args(options)
+            .arg(format!("{user}@127.0.0.16"))
+            .args(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = ssh_as(&["-T"], &["echo", "ran"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
+    let out = ssh_as(
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            "127.0.0.1:0:127.0.0.1:9",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("forwarding failed"),
+        "a TCP forward was allowed: {err}"
+    );
+}

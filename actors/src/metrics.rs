@@ -469,11 +469,19 @@ mod tests {
         }
         let series = 2 + FRAME_REASONS.len() + REFUSAL_REASONS.len();
         let before = m.counted();
-        assert_eq!(before.matches("host=\"127.0.1.5\"").count(), series, "{before}");
+        assert_eq!(
+            before.matches("host=\"127.0.1.5\"").count(),
+            series,
+            "{before}"
+        );
         m.forget_host("127.0.1.5");
         let after = m.counted();
         assert!(!after.contains("127.0.1.5"), "{after}");
-        assert_eq!(after.matches("host=\"127.0.1.6\"").count(), series, "{after}");
+        assert_eq!(
+            after.matches("host=\"127.0.1.6\"").count(),
+            series,
+            "{after}"
+        );
     }
 
     #[test]

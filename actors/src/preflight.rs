@@ -344,7 +344,7 @@ async fn probe(
                     "ok".into()
                 }
                 Err(e) => format!(
-                    "forward to a socket in {} refused ({e}): the directory must exist and belong to {} (is the agent running?), and sshd allow AllowStreamLocalForwarding remote for that user",
+                    "forward to a socket in {} refused ({e}): the directory must exist and belong to {} (is the agent running?), and sshd allow AllowStreamLocalForwarding remote for that user, with AllowTcpForwarding not `no` (it refuses socket forwards too; `remote` with PermitListen none forwards no TCP port)",
                     std::path::Path::new(path)
                         .parent()
                         .map(|d| d.display().to_string())

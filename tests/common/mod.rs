@@ -197,6 +197,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("sshd", "openssh-server"),
     ("ssh-keygen", "openssh-client"),
+    ("ssh", "openssh-client"),
     ("ip", "iproute2"),
     ("etcd", "etcd-server"),
     ("promtool", "prometheus"),
