@@ -328,7 +328,7 @@ async fn probe(
         Forward::Tcp(_) => match handle.tcpip_forward("127.0.0.1", 0).await {
             Ok(_) => "ok".into(),
             Err(e) => format!(
-                "TCP forward refused ({e}): sshd must allow it for {} (AllowTcpForwarding remote or yes)",
+                "TCP forward refused ({e}): sshd must allow it for {} (AllowTcpForwarding remote or yes, and no PermitListen none)",
                 ssh_settings.user
             ),
         },

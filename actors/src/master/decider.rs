@@ -323,7 +323,9 @@ impl ScaleDecider {
                 continue;
             }
             let t = self.nodes.entry(host.clone()).or_default();
-            let boot = *t.boot.get_or_insert(fresh[0].boot);
+            // The newest run, when the batch spans a restart of the agent.
+            let newest = fresh.last().map_or(0, |f| f.boot);
+            let boot = *t.boot.get_or_insert(newest);
             for f in fresh {
                 if f.boot != boot {
                     continue;

@@ -18,6 +18,8 @@ use crate::report::CpuSample;
 /// interval. The oldest give way, so a decider that stalls costs memory bounded by this, not
 /// by its stall.
 pub const MAX_FRESH: usize = 1024;
+/// Most of a node's resend buffer the book makes room for (the hello may say up to 100,000).
+pub const MAX_BUFFER_ROOM: usize = 4096;
 
 /// A sample not yet taken by the decider.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +46,7 @@ impl NodeHeard {
     pub fn push(&mut self, boot: u64, sample: CpuSample, buffer: usize) -> bool {
         let arrived = Instant::now();
         let mut kept_all = true;
-        while self.fresh.len() >= buffer.saturating_add(MAX_FRESH) {
+        while self.fresh.len() >= buffer.min(MAX_BUFFER_ROOM) + MAX_FRESH {
             self.fresh.pop_front();
             kept_all = false;
         }
@@ -92,7 +94,8 @@ impl Heard {
         feeds
             .into_iter()
             .filter_map(|(k, f)| {
-                let fresh: Vec<Fresh> = lock(&f).fresh.drain(..).collect();
+                // Taken whole: a burst (a resent buffer) leaves no capacity behind.
+                let fresh: Vec<Fresh> = std::mem::take(&mut lock(&f).fresh).into();
                 (!fresh.is_empty()).then_some((k, fresh))
             })
             .collect()
@@ -152,7 +155,7 @@ mod tests {
     fn an_untaken_feed_keeps_the_nodes_buffer_and_more_then_only_the_newest() {
         let heard = Heard::default();
         let feed = heard.feed(&key(80));
-        let buffer = 5000;
+        let buffer = 3000;
         let cap = buffer + MAX_FRESH;
         let kept: Vec<bool> = (0..(cap as u64 + 10))
             .map(|seq| lock(&feed).push(1, sample(seq, 1.0), buffer))
@@ -167,6 +170,17 @@ mod tests {
         assert_eq!(fresh.len(), cap);
         assert_eq!(fresh[0].sample.seq, 10);
         assert_eq!(heard.last()[&key(80)].1, cap as u64 + 10);
+    }
+
+    #[test]
+    fn a_node_cannot_claim_an_unbounded_buffer() {
+        let heard = Heard::default();
+        let feed = heard.feed(&key(80));
+        let cap = MAX_BUFFER_ROOM + MAX_FRESH;
+        for seq in 0..(cap as u64 + 1) {
+            lock(&feed).push(1, sample(seq, 1.0), 100_000);
+        }
+        assert_eq!(heard.take_fresh()[0].1.len(), cap);
     }
 
     #[test]

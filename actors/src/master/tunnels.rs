@@ -81,7 +81,7 @@ pub enum TunnelError {
     Ssh(#[from] SshError),
     #[error("report secret: {0}")]
     Secret(#[from] secret::SecretError),
-    #[error("the node refused the forward of 127.0.0.1:{port}: is report_port {port} already in use on the node, or AllowTcpForwarding off? ({message})")]
+    #[error("the node refused the forward of 127.0.0.1:{port}: is report_port {port} already in use on the node, or AllowTcpForwarding off, or PermitListen none (the README's settings for socket reports)? ({message})")]
     ForwardRefused { port: u16, message: String },
     #[error("the node refused the forward of {path}: does its directory exist (the agent makes it at start) and belong to the SSH user, is the socket left from an earlier session (the agent removes it; or StreamLocalBindUnlink yes), or is AllowStreamLocalForwarding off, or AllowTcpForwarding no (which refuses socket forwards too)? ({message})")]
     SocketRefused { path: String, message: String },

@@ -376,16 +376,23 @@ async fn stop_leftovers(
             return;
         }
     };
-    for l in known {
+    for (i, l) in known.iter().enumerate() {
         if inner.may_act().is_err() {
+            let left: Vec<String> = known[i..]
+                .iter()
+                .map(|l| format!("{:?} {:?}", l.host, l.instance_id))
+                .collect();
+            warn!(log, "No longer leading: what the failed scale-up command printed is left to stop by hand";
+                "decision" => decision, "left" => left.join(", "));
             return;
         }
         let (host, id) = (
             l.host.as_deref().unwrap_or(""),
             l.instance_id.as_deref().unwrap_or(""),
         );
+        // Any registered machine: the same address on another port is the same machine.
         let taken = registered.iter().any(|r| {
-            l.host().is_some_and(|h| r.key() == h.key())
+            l.host().is_some_and(|h| r.host == h.host)
                 || (l.instance_id.is_some() && r.instance_id == l.instance_id)
         });
         if taken {
