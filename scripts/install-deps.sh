@@ -28,7 +28,7 @@ if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -n1)" != "$want" ]; t
 fi
 
 need=()
-for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ssh:openssh-client ip:iproute2 \
+for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ssh:openssh-client ssh-keyscan:openssh-client ip:iproute2 \
     cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
     etcd:etcd-server protoc:protobuf-compiler openssl:openssl unshare:util-linux \
     setpriv:util-linux nsenter:util-linux bash:bash nft:nftables; do

@@ -15,3 +15,4 @@ mod operator;
 mod signals;
 mod toolchain;
 mod tunnels;
+mod walkthrough;

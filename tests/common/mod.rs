@@ -198,6 +198,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ssh-keygen", "openssh-client"),
     ("ssh", "openssh-client"),
+    ("ssh-keyscan", "openssh-client"),
     ("ip", "iproute2"),
     ("etcd", "etcd-server"),
     ("promtool", "prometheus"),
@@ -1068,4 +1069,19 @@ impl Drop for HttpBackend {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::net::TcpStream::connect((self.addr.as_str(), self.port));
     }
+}
+
+/// The node's sshd settings as README step 3 writes them (`50-autoscaler.conf`), with `user`
+/// standing in for `autoscaler`.
+pub fn readme_sshd_snippet(user: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = "cat > /etc/ssh/sshd_config.d/50-autoscaler.conf <<'EOF'\n";
+    let snippet = readme
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+        .map(|(s, _)| s.to_string())
+        .expect("README step 3 writes 50-autoscaler.conf");
+    assert!(snippet.contains("Match User autoscaler"), "{snippet}");
+    snippet.replace("Match User autoscaler", &format!("Match User {user}"))
 }
