@@ -413,6 +413,8 @@ fn check_fleet(
         .zip(&agents)
         .filter(|(l, a)| !l.ok() || a.is_err())
         .count();
+    let reloads = runtime.block_on(autoscaler_actors::preflight::reloads(cfg));
+    let unreloadable = reloads.iter().filter(|(_, r)| r.is_err()).count();
     if cli.quiet == 0 {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -445,6 +447,22 @@ fn check_fleet(
             let (Ok(a) | Err(a)) = agent;
             writeln!(out, "{:<width$}        agent: {a}", "")?;
         }
+        writeln!(
+            out,
+            "\n# HAProxy servers: {}, {unreloadable} cannot be reloaded as the master reloads them",
+            reloads.len()
+        )?;
+        for (server, said) in &reloads {
+            match said {
+                Ok(s) => writeln!(out, "{server}  reload ok: {s}")?,
+                Err(e) => writeln!(out, "{server}  reload FAIL: {e}")?,
+            }
+        }
+    }
+    for (server, said) in &reloads {
+        if let Err(e) = said {
+            slog::warn!(log, "HAProxy server cannot be reloaded as the master reloads it"; "server" => server, "error" => e);
+        }
     }
     for (l, agent) in lines.iter().zip(&agents) {
         if !l.ok() {
@@ -456,10 +474,11 @@ fn check_fleet(
                 "agent" => a);
         }
     }
-    if failed > 0 {
+    if failed > 0 || unreloadable > 0 {
         return Err(FleetUnreachable(format!(
-            "{failed} of {} host(s) cannot be reached as the master reaches them, or are not heard by the running master",
-            lines.len()
+            "{failed} of {} host(s) cannot be reached as the master reaches them, or are not heard by the running master; {unreloadable} of {} HAProxy server(s) cannot be reloaded",
+            lines.len(),
+            reloads.len()
         ))
         .into());
     }

@@ -244,7 +244,12 @@ fn the_first_fleet_as_the_readme_tells_it() {
     );
     // 6. Start the master and see that it works.
     let out = m.run(&["check", "--fleet"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("local  reload ok: `sh` found; master CLI answers"),
+        "{text}"
+    );
     let master = MasterProc::spawn(&m.config(), &[]);
     master.wait_msg("Started");
     let status = || {

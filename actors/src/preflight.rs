@@ -205,6 +205,65 @@ pub async fn runtime_sockets(cfg: &Config) -> Vec<(String, Result<String, String
     out
 }
 
+/// Whether each HAProxy server can be reloaded as the master will reload it, reached as the
+/// master reaches it: the reload command's program is there, and the master CLI
+/// (`[haproxy] master_socket`, when set), which tells a reload that ran from one that did not
+/// and which old workers still hold sessions, answers. Ok with what was found, or what is
+/// wrong and how to fix it. Nothing is reloaded.
+pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
+    use crate::adapters::haproxy::Link;
+    use crate::config::CommandLine;
+    let ssh = crate::adapters::ssh::SshSettings::from_config(cfg)
+        .ok()
+        .map(std::sync::Arc::new);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let timeout = std::time::Duration::from_secs(5);
+    let mut out = Vec::new();
+    for target in &cfg.haproxy.servers {
+        let said = async {
+            let link = Link::connect(target, ssh.as_ref(), &log)
+                .await
+                .map_err(|e| e.to_string())?;
+            let program = cfg.haproxy.reload_command.0.first().cloned().unwrap_or_default();
+            let find = CommandLine(vec![
+                "sh".into(),
+                "-c".into(),
+                "command -v \"$1\" >/dev/null".into(),
+                "sh".into(),
+                program.clone(),
+            ]);
+            link.run(&find, timeout).await.map_err(|_| {
+                format!("the reload command's program `{program}` is not found there ([haproxy] reload_command)")
+            })?;
+            let Some(socket) = &cfg.haproxy.master_socket else {
+                return Ok(format!("`{program}` found; no master_socket: a reload is taken as done when the stats socket shows a new process"));
+            };
+            let answer = link
+                .master_cli(socket, "show proc", timeout)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "the master CLI at {} does not answer ({e}): run HAProxy in master-worker mode with `-S {}` (reloads and drains are checked through it)",
+                        socket.display(),
+                        socket.display()
+                    )
+                })?;
+            let workers = answer.lines().filter(|l| l.contains("worker")).count();
+            match answer.contains("master") {
+                true => Ok(format!("`{program}` found; master CLI answers ({workers} worker line(s))")),
+                false => Err(format!(
+                    "the master CLI at {} answered {:?} to show proc",
+                    socket.display(),
+                    answer.trim()
+                )),
+            }
+        }
+        .await;
+        out.push((target.to_string(), said));
+    }
+    out
+}
+
 /// [`problems`] as an error, for the daemons' start.
 pub async fn check(cfg: &Config, role: Role) -> Result<(), ConfigError> {
     let p = problems(cfg, role).await;
