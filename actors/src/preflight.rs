@@ -206,16 +206,28 @@ pub async fn runtime_sockets(cfg: &Config) -> Vec<(String, Result<String, String
 }
 
 /// Whether each HAProxy server can be reloaded as the master will reload it, reached as the
-/// master reaches it: the reload command's program is there, and the master CLI
-/// (`[haproxy] master_socket`, when set), which tells a reload that ran from one that did not
-/// and which old workers still hold sessions, answers. Ok with what was found, or what is
-/// wrong and how to fix it. Nothing is reloaded.
+/// master reaches it: the reload command's program is there (an executable, or a shell
+/// builtin). The master CLI (`[haproxy] master_socket`) is looked at too: through it the
+/// master tells which old workers still hold sessions, but reloads are confirmed through the
+/// stats socket and drains wait `drain_timeout` without it, so one that does not answer is a
+/// note, and only a wrong answer a failure. Nothing is reloaded, and nothing written: under
+/// `accept-new` a new host key goes to a copy of known_hosts.
 pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
     use crate::adapters::haproxy::Link;
     use crate::config::CommandLine;
+    let scratch = tempfile::tempdir().ok();
     let ssh = crate::adapters::ssh::SshSettings::from_config(cfg)
         .ok()
-        .map(std::sync::Arc::new);
+        .map(|mut s| {
+            if s.policy == crate::config::HostKeyPolicy::AcceptNew {
+                if let Some(dir) = &scratch {
+                    let copy = dir.path().join("known_hosts");
+                    let _ = std::fs::copy(&s.known_hosts, &copy);
+                    s.known_hosts = copy;
+                }
+            }
+            std::sync::Arc::new(s)
+        });
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let timeout = std::time::Duration::from_secs(5);
     let mut out = Vec::new();
@@ -225,34 +237,31 @@ pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
                 .await
                 .map_err(|e| e.to_string())?;
             let program = cfg.haproxy.reload_command.0.first().cloned().unwrap_or_default();
+            // A path must be an executable file; a bare name anything the shell would run.
             let find = CommandLine(vec![
                 "sh".into(),
                 "-c".into(),
-                "command -v \"$1\" >/dev/null".into(),
+                "p=$(command -v \"$1\") || exit 127; case $p in /*) test -f \"$p\" && test -x \"$p\" || exit 126;; esac".into(),
                 "sh".into(),
                 program.clone(),
             ]);
-            link.run(&find, timeout).await.map_err(|_| {
-                format!("the reload command's program `{program}` is not found there ([haproxy] reload_command)")
+            link.run(&find, timeout).await.map_err(|e| {
+                format!("the reload command's program `{program}` cannot be found or run there ([haproxy] reload_command): {e}")
             })?;
             let Some(socket) = &cfg.haproxy.master_socket else {
-                return Ok(format!("`{program}` found; no master_socket: a reload is taken as done when the stats socket shows a new process"));
+                return Ok(format!("`{program}` found; no master_socket"));
             };
-            let answer = link
-                .master_cli(socket, "show proc", timeout)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "the master CLI at {} does not answer ({e}): run HAProxy in master-worker mode with `-S {}` (reloads and drains are checked through it)",
-                        socket.display(),
-                        socket.display()
-                    )
-                })?;
-            let workers = answer.lines().filter(|l| l.contains("worker")).count();
-            match answer.contains("master") {
-                true => Ok(format!("`{program}` found; master CLI answers ({workers} worker line(s))")),
-                false => Err(format!(
-                    "the master CLI at {} answered {:?} to show proc",
+            match link.master_cli(socket, "show proc", timeout).await {
+                Err(e) => Ok(format!(
+                    "`{program}` found; note: the master CLI at {} does not answer ({e}), so a drain waits the whole drain_timeout (HAProxy's `-S {}`, with `mode 660 group G` for an SSH user in G)",
+                    socket.display(),
+                    socket.display()
+                )),
+                Ok(answer) if answer.contains("master") => {
+                    Ok(format!("`{program}` found; master CLI answers"))
+                }
+                Ok(answer) => Err(format!(
+                    "the master CLI at {} answered {:?} to show proc: is master_socket HAProxy's master CLI?",
                     socket.display(),
                     answer.trim()
                 )),
