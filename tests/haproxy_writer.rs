@@ -727,20 +727,7 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
             .unwrap(),
     ];
     // The remote server: sshd and HAProxy in the namespace, remote-run mounted over run.
-    let wrapper = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &format!(
-            "mount --bind {} {} && exec \"$@\"",
-            remote_run.display(),
-            run.display()
-        ),
-        "sh",
-    ];
+    let wrapper = crate::common::mounted_over(&remote_run, &run);
     let mut pub_key = cfg.ssh.identity_file.as_os_str().to_owned();
     pub_key.push(".pub");
     let mut sshd = Sshd::start_wrapped(

@@ -1661,15 +1661,8 @@ async fn the_readmes_node_sshd_settings_let_reports_through_and_nothing_else() {
     let (Some(sshd_bin), Some(ssh)) = (tool("sshd"), tool("ssh")) else {
         return;
     };
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let start = "cat > /etc/ssh/sshd_config.d/50-autoscaler.conf <<'EOF'\n";
-    let snippet = readme
-        .split_once(start)
-        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
-        .map(|(s, _)| s.to_string())
-        .expect("README step 3 writes 50-autoscaler.conf");
-    assert!(snippet.contains("Match User autoscaler"), "{snippet}");
+    // As written (the user is `autoscaler`).
+    let snippet = crate::common::readme_sshd_snippet("autoscaler");
     // A launched node gets the same settings (contrib/cloud-init/node.yaml).
     let cloud = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/cloud-init/node.yaml"),
@@ -1700,7 +1693,6 @@ async fn the_readmes_node_sshd_settings_let_reports_through_and_nothing_else() {
     assert_eq!(in_cloud, in_readme, "node.yaml and the README differ");
     // The master logs in as the user the tests run as, standing in for `autoscaler`.
     let user = crate::common::current_user();
-    let snippet = snippet.replace("Match User autoscaler", &format!("Match User {user}"));
 
     let (dir, mut cfg) = Master::dir_with_key();
     let base = tempfile::tempdir().unwrap();
@@ -1708,10 +1700,7 @@ async fn the_readmes_node_sshd_settings_let_reports_through_and_nothing_else() {
     cfg.node.report_socket = Some(socket.display().to_string());
     let key = cfg.ssh.identity_file.clone();
     let mut sshd = Sshd::start(&sshd_bin, "127.0.0.16", None, &pub_of(&key), None);
-    let conf = sshd.dir.path().join("sshd_config");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(&conf, format!("{text}{snippet}\n")).unwrap();
-    sshd.restart(&sshd_bin);
+    sshd.append_config(&sshd_bin, &crate::common::readme_sshd_snippet(&user));
     let (_node, _nd) = start_agent(Via::Unix(&socket), None, &secret_of(&cfg));
     let mut m = Master::start(dir, cfg);
     m.trust(&sshd);

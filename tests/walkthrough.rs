@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    bin, current_user, free_port, readme_sshd_snippet, root, stderr, stdout, tool, MasterProc,
-    Netns, Proc, Sandbox, Sshd,
+    bin, current_user, free_port, mounted_over, readme_sshd_snippet, root, stderr, stdout, tool,
+    MasterProc, Netns, Proc, Sandbox, Sshd,
 };
 
 /// One web server: its namespaces (sshd's), its agent and its application.
@@ -55,33 +55,15 @@ fn web_server(n: u8, reports: &Path, master: &Sandbox, sshd_bin: &Path) -> Web {
     let own = dir.path().join("reports");
     std::fs::create_dir_all(&own).unwrap();
     std::fs::set_permissions(&own, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let bind = format!(
-        "mount --bind {} {} && exec \"$@\"",
-        own.display(),
-        reports.display()
-    );
-    let wrapper = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &bind,
-        "sh",
-    ];
     let mut sshd = Sshd::start_wrapped(
         sshd_bin,
         &ns.inner,
         &master.path().join("id_ed25519.pub"),
         Some(&ns.name),
-        &wrapper,
+        &mounted_over(&own, reports),
     );
     // /etc/ssh/sshd_config.d/50-autoscaler.conf, as step 3 writes it.
-    let conf = sshd.dir.path().join("sshd_config");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(&conf, text + &readme_sshd_snippet(&current_user()) + "\n").unwrap();
-    sshd.restart(sshd_bin);
+    sshd.append_config(sshd_bin, &readme_sshd_snippet(&current_user()));
     // autoscaler init --role node; install -m 0600 report.key /etc/autoscaler/report.key
     let etc = dir.path().join("etc");
     sh(Command::new(bin()).args(["init", "--role", "node", "--dir", etc.to_str().unwrap()]));

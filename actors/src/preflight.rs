@@ -170,39 +170,77 @@ pub async fn region(cfg: &Config) -> Option<String> {
 /// not and how to fix it. A server whose runtime API does not answer gets every change by a
 /// reload: not an error (HAProxy may be stopped just now), but worth saying.
 pub async fn runtime_sockets(cfg: &Config) -> Vec<(String, Result<String, String>)> {
+    let ssh = crate::adapters::ssh::SshSettings::from_config(cfg).ok();
+    let said = each_server(cfg, ssh, |link| async move {
+        let answer = link
+            .api(&cfg.haproxy.stats_socket, "show version", PROBE_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match answer.trim() {
+            v if !v.is_empty() && !v.contains(char::is_whitespace) => Ok(v.to_string()),
+            other => Err(format!("answered {other:?} to show version")),
+        }
+    })
+    .await;
+    said.into_iter()
+        .map(|(server, said)| {
+            let said = said.map_err(|e| {
+                format!(
+                    "{e}; every change there will be a reload. The socket needs `stats socket {} \
+                     mode 660 level admin group G` with the master's user (local) or the SSH \
+                     user in G",
+                    cfg.haproxy.stats_socket.display()
+                )
+            });
+            (server, said)
+        })
+        .collect()
+}
+
+/// How long one look at a HAProxy server may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `probe` run on a link to each HAProxy server, reached as the master reaches it (`ssh`
+/// for the remote ones): what it said per server, or why the server could not be reached.
+async fn each_server<Probe, Said>(
+    cfg: &Config,
+    ssh: Option<crate::adapters::ssh::SshSettings>,
+    probe: Probe,
+) -> Vec<(String, Result<String, String>)>
+where
+    Probe: Fn(crate::adapters::haproxy::Link) -> Said,
+    Said: std::future::Future<Output = Result<String, String>>,
+{
     use crate::adapters::haproxy::Link;
-    let ssh = crate::adapters::ssh::SshSettings::from_config(cfg)
-        .ok()
-        .map(std::sync::Arc::new);
+    let ssh = ssh.map(std::sync::Arc::new);
     let log = slog::Logger::root(slog::Discard, slog::o!());
-    let timeout = std::time::Duration::from_secs(5);
     let mut out = Vec::new();
     for target in &cfg.haproxy.servers {
-        let said = async {
-            let link = Link::connect(target, ssh.as_ref(), &log)
-                .await
-                .map_err(|e| e.to_string())?;
-            let answer = link
-                .api(&cfg.haproxy.stats_socket, "show version", timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            match answer.trim() {
-                v if !v.is_empty() && !v.contains(char::is_whitespace) => Ok(v.to_string()),
-                other => Err(format!("answered {other:?} to show version")),
-            }
-        }
-        .await
-        .map_err(|e| {
-            format!(
-                "{e}; every change there will be a reload. The socket needs `stats socket {} \
-                 mode 660 level admin group G` with the master's user (local) or the SSH \
-                 user in G",
-                cfg.haproxy.stats_socket.display()
-            )
-        });
+        let said = match Link::connect(target, ssh.as_ref(), &log).await {
+            Ok(link) => probe(link).await,
+            Err(e) => Err(e.to_string()),
+        };
         out.push((target.to_string(), said));
     }
     out
+}
+
+/// `s` made harmless for a check: under `accept-new`, a new host key goes to a copy of
+/// known_hosts in `scratch`, never to the real one (a missing one stays missing).
+fn writing_nothing(
+    mut s: crate::adapters::ssh::SshSettings,
+    scratch: &std::path::Path,
+) -> Result<crate::adapters::ssh::SshSettings, String> {
+    if s.policy == crate::config::HostKeyPolicy::AcceptNew {
+        let copy = scratch.join("known_hosts");
+        if let Err(e) = std::fs::copy(&s.known_hosts, &copy) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("{}: {e}", s.known_hosts.display()));
+            }
+        }
+        s.known_hosts = copy;
+    }
+    Ok(s)
 }
 
 /// Whether each HAProxy server can be reloaded as the master will reload it, reached as the
@@ -213,29 +251,20 @@ pub async fn runtime_sockets(cfg: &Config) -> Vec<(String, Result<String, String
 /// note, and only a wrong answer a failure. Nothing is reloaded, and nothing written: under
 /// `accept-new` a new host key goes to a copy of known_hosts.
 pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
-    use crate::adapters::haproxy::Link;
     use crate::config::CommandLine;
-    let scratch = tempfile::tempdir().ok();
-    let ssh = crate::adapters::ssh::SshSettings::from_config(cfg)
+    let scratch = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return unlooked(cfg, &e.to_string()),
+    };
+    let ssh = match crate::adapters::ssh::SshSettings::from_config(cfg)
         .ok()
-        .map(|mut s| {
-            if s.policy == crate::config::HostKeyPolicy::AcceptNew {
-                if let Some(dir) = &scratch {
-                    let copy = dir.path().join("known_hosts");
-                    let _ = std::fs::copy(&s.known_hosts, &copy);
-                    s.known_hosts = copy;
-                }
-            }
-            std::sync::Arc::new(s)
-        });
-    let log = slog::Logger::root(slog::Discard, slog::o!());
-    let timeout = std::time::Duration::from_secs(5);
-    let mut out = Vec::new();
-    for target in &cfg.haproxy.servers {
-        let said = async {
-            let link = Link::connect(target, ssh.as_ref(), &log)
-                .await
-                .map_err(|e| e.to_string())?;
+        .map(|s| writing_nothing(s, scratch.path()))
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => return unlooked(cfg, &e),
+    };
+    each_server(cfg, ssh, |link| async move {
             let program = cfg.haproxy.reload_command.0.first().cloned().unwrap_or_default();
             // A path must be an executable file; a bare name anything the shell would run.
             let find = CommandLine(vec![
@@ -245,13 +274,13 @@ pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
                 "sh".into(),
                 program.clone(),
             ]);
-            link.run(&find, timeout).await.map_err(|e| {
+            link.run(&find, PROBE_TIMEOUT).await.map_err(|e| {
                 format!("the reload command's program `{program}` cannot be found or run there ([haproxy] reload_command): {e}")
             })?;
             let Some(socket) = &cfg.haproxy.master_socket else {
                 return Ok(format!("`{program}` found; no master_socket"));
             };
-            match link.master_cli(socket, "show proc", timeout).await {
+            match link.master_cli(socket, "show proc", PROBE_TIMEOUT).await {
                 Err(e) => Ok(format!(
                     "`{program}` found; note: the master CLI at {} does not answer ({e}), so a drain waits the whole drain_timeout (HAProxy's `-S {}`, with `mode 660 group G` for an SSH user in G)",
                     socket.display(),
@@ -266,11 +295,17 @@ pub async fn reloads(cfg: &Config) -> Vec<(String, Result<String, String>)> {
                     answer.trim()
                 )),
             }
-        }
-        .await;
-        out.push((target.to_string(), said));
-    }
-    out
+    })
+    .await
+}
+
+/// Every HAProxy server with the same reason it could not be looked at.
+fn unlooked(cfg: &Config, why: &str) -> Vec<(String, Result<String, String>)> {
+    cfg.haproxy
+        .servers
+        .iter()
+        .map(|t| (t.to_string(), Err(why.to_string())))
+        .collect()
 }
 
 /// [`problems`] as an error, for the daemons' start.
@@ -318,19 +353,9 @@ pub async fn fleet(cfg: &Config, log: &slog::Logger) -> Result<Vec<FleetLine>, S
         return Err(e.to_string());
     }
     let tunnels = TunnelSettings::from_config(cfg).map_err(|e| e.to_string())?;
-    let mut ssh_settings = (*tunnels.ssh).clone();
-    // Under accept-new a new key is taken into a copy of known_hosts, never the real one.
-    let accept_new = ssh_settings.policy == crate::config::HostKeyPolicy::AcceptNew;
+    let accept_new = tunnels.ssh.policy == crate::config::HostKeyPolicy::AcceptNew;
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
-    if accept_new {
-        let copy = scratch.path().join("known_hosts");
-        if let Err(e) = std::fs::copy(&ssh_settings.known_hosts, &copy) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(format!("{}: {e}", ssh_settings.known_hosts.display()));
-            }
-        }
-        ssh_settings.known_hosts = copy;
-    }
+    let ssh_settings = writing_nothing((*tunnels.ssh).clone(), scratch.path())?;
     // Connect, log in, ask for the forward, go: all of it within twice the connect timeout.
     let limit = ssh_settings.connect_timeout * 2;
     let mut out = Vec::new();

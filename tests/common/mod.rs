@@ -383,11 +383,11 @@ impl Sshd {
         addr: &str,
         client_pub: &Path,
         netns: Option<&str>,
-        wrapper: &[&str],
+        wrapper: &[String],
     ) -> Sshd {
         let mut s = Sshd::start(sshd, addr, None, client_pub, netns);
         s.stop();
-        s.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        s.wrapper = wrapper.to_vec();
         s.spawn(sshd);
         s
     }
@@ -448,6 +448,14 @@ impl Sshd {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Adds `text` at the end of its configuration (a `Match` block, say) and restarts it.
+    pub fn append_config(&mut self, sshd: &Path, text: &str) {
+        let conf = self.dir.path().join("sshd_config");
+        let old = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(&conf, format!("{old}{text}\n")).unwrap();
+        self.restart(sshd);
     }
 
     /// Starts it again with the same keys and port.
@@ -1069,6 +1077,29 @@ impl Drop for HttpBackend {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::net::TcpStream::connect((self.addr.as_str(), self.port));
     }
+}
+
+/// A wrapper ([`Sshd::start_wrapped`]) that runs its command in a mount namespace of its own
+/// where `dir` is mounted over `over`: the same path, another directory, as on another
+/// machine.
+pub fn mounted_over(dir: &Path, over: &Path) -> Vec<String> {
+    let bind = format!(
+        "mount --bind {} {} && exec \"$@\"",
+        dir.display(),
+        over.display()
+    );
+    [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &bind,
+        "sh",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// The node's sshd settings as README step 3 writes them (`50-autoscaler.conf`), with `user`

@@ -155,7 +155,7 @@ pub async fn start_master(
         .start();
     // The tunnels fold every sample into this book; NodeStatus and the decider read it.
     let heard = Heard::default();
-    let status = NodeStatus::new(log).with_samples(heard.clone()).start();
+    let status = NodeStatus::new(heard.clone(), log).start();
     // With several masters: the leadership task stops the launcher's work directly when the
     // lease is lost.
     let acting = launcher::Acting::new(cluster.is_none());

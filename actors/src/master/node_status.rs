@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use actix::{Actor, Context, Handler, Message};
-use slog::{debug, info, o, warn, Logger};
+use slog::{info, o, warn, Logger};
 
 use super::heard::Heard;
-use super::messages::{CpuReported, HostsChanged, NodeDown, NodeUp, TunnelProblem};
+use super::messages::{HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::hosts::HostKey;
 use crate::report::{CpuSample, Hello};
 
@@ -37,25 +37,19 @@ pub struct NodeStatus {
     /// The registered hosts, as the registry last said.
     known: std::collections::BTreeSet<HostKey>,
     /// The tunnels' samples: each node's last one, read when asked.
-    heard: Option<Heard>,
+    heard: Heard,
     log: Logger,
 }
 
 impl NodeStatus {
-    pub fn new(log: &Logger) -> NodeStatus {
+    /// A NodeStatus that reads each node's last sample from `heard`.
+    pub fn new(heard: Heard, log: &Logger) -> NodeStatus {
         NodeStatus {
             nodes: BTreeMap::new(),
             known: Default::default(),
-            heard: None,
+            heard,
             log: log.new(o!("actor" => "NodeStatus")),
         }
-    }
-
-    /// Reads each node's last sample from `heard` (besides those sent to it as
-    /// [`CpuReported`]).
-    pub fn with_samples(mut self, heard: Heard) -> NodeStatus {
-        self.heard = Some(heard);
-        self
     }
 
     fn entry(&mut self, host: &HostKey) -> &mut NodeView {
@@ -112,18 +106,6 @@ impl Handler<NodeDown> for NodeStatus {
     }
 }
 
-impl Handler<CpuReported> for NodeStatus {
-    type Result = ();
-    fn handle(&mut self, m: CpuReported, _: &mut Context<Self>) {
-        debug!(self.log, "CPU"; "host" => %m.host.host, "port" => m.host.port,
-            "busy_pct" => m.sample.busy_pct, "seq" => m.sample.seq);
-        let v = self.entry(&m.host);
-        v.last_sample = Some(m.sample);
-        v.last_seen = Some(Instant::now());
-        v.samples += 1;
-    }
-}
-
 impl Handler<HostsChanged> for NodeStatus {
     type Result = ();
     /// A host that left the registry is forgotten: its view would only grow stale.
@@ -137,20 +119,18 @@ impl Handler<HostsChanged> for NodeStatus {
 impl Handler<ListNodes> for NodeStatus {
     type Result = actix::MessageResult<ListNodes>;
     fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
-        if let Some(heard) = &self.heard {
-            for (host, (last, count)) in heard.last() {
-                let Some((sample, at)) = last else { continue };
-                if !self.known.contains(&host) {
-                    continue;
-                }
-                let at = at.into_std();
-                let v = self.entry(&host);
-                if v.last_seen.is_none_or(|seen| seen <= at) {
-                    v.last_seen = Some(at);
-                }
-                v.last_sample = Some(sample);
-                v.samples = count;
+        for (host, (last, count)) in self.heard.last() {
+            let Some((sample, at)) = last else { continue };
+            if !self.known.contains(&host) {
+                continue;
             }
+            let at = at.into_std();
+            let v = self.entry(&host);
+            if v.last_seen.is_none_or(|seen| seen <= at) {
+                v.last_seen = Some(at);
+            }
+            v.last_sample = Some(sample);
+            v.samples = count;
         }
         actix::MessageResult(self.nodes.clone())
     }
@@ -167,7 +147,7 @@ mod tests {
     #[actix_rt::test]
     async fn forgets_hosts_that_left_the_registry() {
         let log = Logger::root(slog::Discard, o!());
-        let s = NodeStatus::new(&log).start();
+        let s = NodeStatus::new(Heard::default(), &log).start();
         let h = |i: u8| Host::manual(HostName::parse(&format!("127.0.1.{i}")).unwrap(), 80);
         for i in [1, 2] {
             s.do_send(NodeUp {

@@ -327,23 +327,12 @@ async fn clean_up(
                     return;
                 }
             }
+            let log = log.new(o!("cause" => cause.to_string()));
             for l in p.launched.iter().filter(|l| unregistered(&l.host)) {
                 if inner.may_act().is_err() {
                     return;
                 }
-                match c.stop(&l.host).await {
-                    Ok(Stopped::Stopped) => {
-                        info!(log, "Stopped host of a failed launch"; "host" => %l.host.host, "cause" => %cause)
-                    }
-                    Ok(Stopped::NotConfigured) => {
-                        warn!(log, "A host of a failed launch keeps running: scale_down_command is empty";
-                            "host" => %l.host.host, "port" => l.host.port, "cause" => %cause)
-                    }
-                    Err(e) => {
-                        warn!(log, "Cannot stop host of a failed launch; retrying later"; "host" => %l.host.host, "error" => %e);
-                        later(inner, Some(l.host.clone()), l.host.instance_id.clone(), log).await;
-                    }
-                }
+                stop_unregistered(inner, c, &l.host, "host of a failed launch", &log).await;
             }
         }
     }
@@ -364,7 +353,7 @@ async fn stop_leftovers(
     let known = super::command::leftovers(stdout, decision);
     if known.is_empty() {
         warn!(log, "The scale-up command failed after it ran and printed no host or instance id: anything it started keeps running unregistered (look for what it made for this decision, AUTOSCALER_DECISION)";
-            "decision" => decision, "error" => %failed);
+            "error" => %failed);
         return;
     }
     // A registered host is never a leftover, whatever a failing command prints.
@@ -372,7 +361,7 @@ async fn stop_leftovers(
         Ok(hosts) => hosts,
         Err(e) => {
             warn!(log, "Cannot list the registered hosts: what the failed scale-up command printed is left running";
-                "decision" => decision, "error" => %e);
+                "error" => %e);
             return;
         }
     };
@@ -383,40 +372,54 @@ async fn stop_leftovers(
                 .map(|l| format!("{:?} {:?}", l.host, l.instance_id))
                 .collect();
             warn!(log, "No longer leading: what the failed scale-up command printed is left to stop by hand";
-                "decision" => decision, "left" => left.join(", "));
+                "left" => left.join(", "));
             return;
         }
         let (host, id) = (
             l.host.as_deref().unwrap_or(""),
             l.instance_id.as_deref().unwrap_or(""),
         );
+        let h = l.host();
         // Any registered machine: the same address on another port is the same machine.
         let taken = registered.iter().any(|r| {
-            l.host().is_some_and(|h| r.host == h.host)
+            h.as_ref().is_some_and(|h| r.host == h.host)
                 || (l.instance_id.is_some() && r.instance_id == l.instance_id)
         });
         if taken {
             warn!(log, "A failed scale-up command printed a registered host; it is left alone";
-                "host" => host, "instance_id" => id, "decision" => decision);
+                "host" => host, "instance_id" => id);
             continue;
         }
-        let Some(h) = l.host() else {
+        let Some(h) = h else {
             warn!(log, "A failed scale-up command printed a host without both address and port: whatever it is keeps running unregistered; stop it by hand";
-                "host" => host, "port" => l.port, "instance_id" => id, "decision" => decision);
+                "host" => host, "port" => l.port, "instance_id" => id);
             continue;
         };
-        match c.stop(&h).await {
-            Ok(Stopped::Stopped) => {
-                info!(log, "Stopped what a failed scale-up command printed"; "host" => host, "instance_id" => id, "decision" => decision)
-            }
-            Ok(Stopped::NotConfigured) => {
-                warn!(log, "What a failed scale-up command printed keeps running: scale_down_command is empty";
-                    "host" => host, "instance_id" => id, "decision" => decision)
-            }
-            Err(e) => {
-                warn!(log, "Cannot stop what a failed scale-up command printed; retrying later"; "host" => host, "error" => %e);
-                later(inner, Some(h.clone()), h.instance_id.clone(), log).await;
-            }
+        stop_unregistered(inner, c, &h, "what a failed scale-up command printed", log).await;
+    }
+}
+
+/// Stops `h`, started by a failed launch and not registered (`what` says how it is known),
+/// with the scale-down command; one that cannot be stopped goes to a drain record, retried.
+async fn stop_unregistered(
+    inner: &Arc<Inner>,
+    c: &super::command::CommandProvisioner,
+    h: &Host,
+    what: &str,
+    log: &Logger,
+) {
+    let id = h.instance_id.as_deref().unwrap_or("");
+    match c.stop(h).await {
+        Ok(Stopped::Stopped) => {
+            info!(log, "Stopped {}", what; "host" => %h.host, "port" => h.port, "instance_id" => id)
+        }
+        Ok(Stopped::NotConfigured) => {
+            warn!(log, "Not stopped, scale_down_command is empty: {} keeps running", what;
+                "host" => %h.host, "port" => h.port, "instance_id" => id)
+        }
+        Err(e) => {
+            warn!(log, "Cannot stop {}; retrying later", what; "host" => %h.host, "error" => %e);
+            later(inner, Some(h.clone()), h.instance_id.clone(), log).await;
         }
     }
 }
