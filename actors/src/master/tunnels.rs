@@ -4,11 +4,16 @@
 //!
 //! ```text
 //!  node                                   master
-//!  ReportLink ──▶ sshd forward (socket or port) ══SSH══▶ session task ──▶ channel task
-//!                                                        (russh client)   MasterChannel
-//!                                                                         ├─▶ NodeUp / NodeDown
-//!                                                                         └─▶ samples into Heard
+//!  ReportLink ──▶ sshd forward (socket or port) ══SSH══▶ session task (russh client)
+//!                                                        └─ Handler::data: MasterChannel
+//!                                                           ├─▶ NodeUp / NodeDown
+//!                                                           └─▶ samples into Heard
 //! ```
+//!
+//! A report is read where it arrives: in russh's data callback, on the session's own task,
+//! with each channel's state beside the session (`Channels`); no task and no queue per
+//! channel, so a sample costs no hand-off between tasks. One timer per session ends channels
+//! whose hello or next report is overdue.
 //!
 //! **Whose reports count.** Every channel proves it comes from the agent before anything it
 //! says is used, and every sample carries the channel's MAC ([`crate::report`]): the master
@@ -42,13 +47,12 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Context, Handler, Recipient};
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
-use russh::Channel;
+use russh::{Channel, ChannelId, ChannelWriteHalf};
 use slog::{debug, info, o, warn, Logger};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use super::heard::Heard;
+use super::heard::{Feed, Heard};
 use super::messages::{HostsChanged, NodeDown, NodeUp, TunnelProblem};
 use crate::adapters::secret;
 use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
@@ -333,32 +337,20 @@ async fn session_loop(
     log: Logger,
 ) {
     let key = host.key();
-    // What a channel of this node may prove: the fleet's secret, and for a host a launch
-    // started, that launch's key.
-    let fleet: Arc<Vec<u8>> = settings.secret.clone().unwrap_or_default();
-    let mut keys = vec![fleet.to_vec()];
-    if let (Some(secret), Some(d)) = (&settings.secret, &host.decision) {
-        keys.push(launch_key(secret, d).into_bytes());
-    }
-    let chans = Arc::new(Channels {
-        keys,
-        via: route.1.via(),
-        host: host.clone(),
-        filter: Mutex::default(),
-        live: Mutex::default(),
-        next: AtomicU64::default(),
-        pending: Mutex::default(),
-        last_refusal_log: Mutex::default(),
-        live_boot: Mutex::default(),
-        recent_boots: Mutex::default(),
-        turns: Mutex::default(),
-        last_turns_log: Mutex::default(),
-    });
+    let chans = Arc::new(Channels::new(
+        &host,
+        &route,
+        settings.clone(),
+        out.clone(),
+        up.clone(),
+        log.clone(),
+    ));
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     loop {
         let started = Instant::now();
         let result = run_session(&key, &route, &settings, &out, &up, &chans, &log).await;
         // The session's channels went with it.
+        lock(&chans.open).clear();
         *lock(&chans.live) = None;
         let reason = match &result {
             Ok(()) => "SSH session closed".to_string(),
@@ -394,13 +386,8 @@ async fn run_session(
     let host = key.host.to_string();
     let check = HostKeyCheck::new(&settings.ssh, &host, *ssh_port, log);
     let handler = Client {
-        key: key.clone(),
         check: check.clone(),
-        settings: settings.clone(),
-        out: out.clone(),
-        up: up.clone(),
         chans: chans.clone(),
-        log: log.clone(),
     };
     let setup = async {
         let handle = ssh::connect(&settings.ssh, &host, *ssh_port, &check, handler).await?;
@@ -440,23 +427,30 @@ async fn run_session(
             )),
         );
     }
-    (&mut handle).await?;
+    tokio::select! {
+        r = &mut handle => r?,
+        () = chans.watch() => {}
+    }
     Ok(())
 }
 
-/// russh's callbacks for one session.
+/// russh's callbacks for one session. Report channels are read right here, on the session's
+/// own task, as their data arrives: no task and no queue per channel.
 struct Client {
-    key: HostKey,
     check: HostKeyCheck,
-    settings: Arc<TunnelSettings>,
-    out: TunnelOutputs,
-    up: Arc<AtomicBool>,
     chans: Arc<Channels>,
-    log: Logger,
 }
 
-/// One node's report channels, across its SSH sessions.
+/// One node's report channels, across its SSH sessions (one at a time), and what reading them
+/// needs.
 struct Channels {
+    key: HostKey,
+    /// The host as metrics name it.
+    label: String,
+    out: TunnelOutputs,
+    up: Arc<AtomicBool>,
+    settings: Arc<TunnelSettings>,
+    log: Logger,
     /// The keys a hello may prove (the fleet's secret first).
     keys: Vec<Vec<u8>>,
     /// The forward's name in the protocol.
@@ -467,9 +461,11 @@ struct Channels {
     /// The live (authenticated) channel.
     live: Mutex<Option<u64>>,
     next: AtomicU64,
-    /// Channels open and not authenticated yet, oldest first, each with what tells it to
-    /// make room.
-    pending: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    /// The current session's channels, by russh's id: those still waiting for their hello
+    /// (at most [`MAX_PENDING_CHANNELS`]) and the authenticated ones.
+    open: Mutex<HashMap<ChannelId, Reading>>,
+    /// Tells the session's channel timer that a deadline may have come closer.
+    wake: Notify,
     last_refusal_log: Mutex<Option<Instant>>,
     /// The live channel's agent run (its hello's boot), and when a channel of another run
     /// replaced a live one lately: two agents taking turns on one forward.
@@ -478,6 +474,32 @@ struct Channels {
     recent_boots: Mutex<VecDeque<(u64, Instant)>>,
     turns: Mutex<VecDeque<Instant>>,
     last_turns_log: Mutex<Option<Instant>>,
+}
+
+/// One report channel, as read so far.
+struct Reading {
+    /// Our number for it (the node's channels, in the order they opened).
+    id: u64,
+    ch: MasterChannel,
+    lines: LineBuffer,
+    authenticated: bool,
+    /// Until its hello is accepted, a channel has until then (from the moment it opened,
+    /// however it spreads its bytes).
+    hello_by: tokio::time::Instant,
+    /// An authenticated channel is stale once nothing arrived for `stale_after` after this.
+    last_read: tokio::time::Instant,
+    feed: Feed,
+    /// To close it from outside the session's task (the timer).
+    write: Arc<ChannelWriteHalf<client::Msg>>,
+}
+
+impl Reading {
+    fn deadline(&self, stale_after: Duration) -> tokio::time::Instant {
+        match self.authenticated {
+            true => self.last_read + stale_after,
+            false => self.hello_by,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -490,6 +512,44 @@ const TURNS_WINDOW: Duration = Duration::from_secs(60);
 const TURNS_SEEN: usize = 3;
 
 impl Channels {
+    fn new(
+        host: &Host,
+        route: &(u16, Forward),
+        settings: Arc<TunnelSettings>,
+        out: TunnelOutputs,
+        up: Arc<AtomicBool>,
+        log: Logger,
+    ) -> Channels {
+        // What a channel of this node may prove: the fleet's secret, and for a host a launch
+        // started, that launch's key.
+        let fleet: Arc<Vec<u8>> = settings.secret.clone().unwrap_or_default();
+        let mut keys = vec![fleet.to_vec()];
+        if let (Some(secret), Some(d)) = (&settings.secret, &host.decision) {
+            keys.push(launch_key(secret, d).into_bytes());
+        }
+        Channels {
+            key: host.key(),
+            label: host.host.to_string(),
+            out,
+            up,
+            settings,
+            log,
+            keys,
+            via: route.1.via(),
+            host: host.clone(),
+            filter: Mutex::default(),
+            live: Mutex::default(),
+            next: AtomicU64::default(),
+            open: Mutex::default(),
+            wake: Notify::new(),
+            last_refusal_log: Mutex::default(),
+            live_boot: Mutex::default(),
+            recent_boots: Mutex::default(),
+            turns: Mutex::default(),
+            last_turns_log: Mutex::default(),
+        }
+    }
+
     /// Records that a channel of agent run `boot` became the live one; true when agents of
     /// different runs have taken turns often enough lately to say so (once a minute). A
     /// turn is a run coming back after another replaced it (A, B, A): an agent restarted a
@@ -543,25 +603,272 @@ impl Channels {
         }
     }
 
-    /// Takes a waiting slot for channel `id`; when all are taken, the channel that has waited
-    /// longest is told to go (returned, for the count).
-    fn wait(&self, id: u64) -> (Arc<Notify>, Option<u64>) {
-        let mut pending = lock(&self.pending);
-        let evicted = match pending.len() >= MAX_PENDING_CHANNELS {
-            true => pending.pop_front().map(|(old, n)| {
-                n.notify_one();
-                old
-            }),
-            false => None,
+    /// A new report channel (accepted already): the challenge goes out, and it waits for its
+    /// hello. When [`MAX_PENDING_CHANNELS`] are waiting already, the one that has waited
+    /// longest is closed to make room.
+    fn open(&self, channel: Channel<client::Msg>, from: String, session: &mut client::Session) {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        // What arrives is read in `data`; russh's own queue for the channel goes unused.
+        let (_, write) = channel.split();
+        let channel = write.id();
+        let write = Arc::new(write);
+        let (ch, challenge) = MasterChannel::open(&self.via);
+        let now = tokio::time::Instant::now();
+        let stale_after = self.settings.stale_after;
+        let reading = Reading {
+            id,
+            ch,
+            lines: LineBuffer::default(),
+            authenticated: false,
+            hello_by: now + HELLO_TIMEOUT.min(stale_after.max(Duration::from_secs(1))),
+            last_read: now,
+            feed: self.out.samples.feed(&self.key),
+            write: write.clone(),
         };
-        let notify = Arc::new(Notify::new());
-        pending.push_back((id, notify.clone()));
-        (notify, evicted)
+        let evicted = {
+            let mut open = lock(&self.open);
+            let waiting = open.iter().filter(|(_, r)| !r.authenticated);
+            let evicted = match waiting.clone().count() >= MAX_PENDING_CHANNELS {
+                true => waiting.min_by_key(|(_, r)| r.id).map(|(c, _)| *c),
+                false => None,
+            };
+            let evicted = evicted.and_then(|c| open.remove(&c).map(|r| (c, r)));
+            open.insert(channel, reading);
+            evicted
+        };
+        if let Some((old_channel, old)) = evicted {
+            self.settings
+                .metrics
+                .channel_refused(&self.label, "evicted");
+            if self.log_refusal() {
+                warn!(self.log, "Report channel closed to make room: too many waiting for their hello (someone on the node is connecting to the report port?)";
+                    "closed" => old.id, "waiting" => MAX_PENDING_CHANNELS, "from" => &from);
+            }
+            let _ = session.close(old_channel);
+            self.ended(old, ChannelEnd::Evicted);
+        }
+        debug!(self.log, "Report channel opened"; "channel" => id, "from" => &from);
+        self.wake.notify_one();
+        // Not from this task: the session reads the queue this waits on.
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write.data_bytes(challenge.into_bytes()).await {
+                debug!(log, "Challenge not sent"; "channel" => id, "error" => %e);
+            }
+        });
     }
 
-    /// Gives channel `id`'s waiting slot back (it proved itself, or ended).
-    fn done_waiting(&self, id: u64) {
-        lock(&self.pending).retain(|(p, _)| *p != id);
+    /// Bytes that arrived on `channel`: the hello that proves the secret for this forward and
+    /// names this host (the welcome goes back), then authenticated samples. Something
+    /// malformed or forged, or any read of a channel another one replaced, ends it.
+    fn data(&self, channel: ChannelId, data: &[u8], session: &mut client::Session) {
+        let mut open = lock(&self.open);
+        let Some(r) = open.get_mut(&channel) else {
+            return;
+        };
+        let Some(end) = self.read(r, data, session) else {
+            return;
+        };
+        let r = open.remove(&channel).expect("read just now");
+        drop(open);
+        let _ = session.close(channel);
+        self.ended(r, end);
+    }
+
+    /// Reads `data` into `r`; why the channel ends, if it does.
+    fn read(
+        &self,
+        r: &mut Reading,
+        data: &[u8],
+        session: &mut client::Session,
+    ) -> Option<ChannelEnd> {
+        r.last_read = tokio::time::Instant::now();
+        if r.authenticated && !self.is_live(r.id) {
+            return Some(ChannelEnd::Replaced);
+        }
+        let (metrics, host) = (&self.settings.metrics, &self.label);
+        let now = steady_ms();
+        let was_authenticated = r.authenticated;
+        let keys: Vec<&[u8]> = match r.authenticated {
+            true => Vec::new(),
+            false => self.keys.iter().map(Vec::as_slice).collect(),
+        };
+        let mut welcome = None;
+        let mut ended = None;
+        let pushed = r.lines.each(data, |line| {
+            match r.ch.accept(line, &keys, now)? {
+                Event::Hello { hello, welcome: w, .. } => {
+                    // A launched host's agent must name the instance it was launched as.
+                    if let Some(registered) = &self.host.instance_id {
+                        if hello.instance_id.as_ref() != Some(registered) {
+                            ended = Some(ChannelEnd::WrongInstance {
+                                said: hello.instance_id.clone(),
+                                registered: registered.clone(),
+                            });
+                            return Err(DecodeError::Unauthenticated);
+                        }
+                    }
+                    // Proven: this channel is the node's live one (the welcome goes back
+                    // below, before anything else is read).
+                    r.authenticated = true;
+                    let replaced = lock(&self.live).replace(r.id);
+                    info!(self.log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
+                        "channel" => r.id, "replaces" => replaced);
+                    if self.took_turn(hello.boot) {
+                        warn!(self.log, "Two agents take turns on this node's forward: each new one replaces the other's channel (two `autoscaler node` running, or two nodes sharing one report socket or port?)";
+                            "boot" => hello.boot, "replacements_in_a_minute" => lock(&self.turns).len());
+                    }
+                    self.up.store(true, Ordering::SeqCst);
+                    self.out.problem(&self.key, None);
+                    self.out.up(NodeUp {
+                        host: self.key.clone(),
+                        hello,
+                    });
+                    welcome = Some(w);
+                }
+                Event::Sample(sample) => {
+                    let hello = r.ch.hello().expect("samples follow the hello");
+                    match lock(&self.filter).check(hello, sample.seq, now)? {
+                        SeqVerdict::New { gap } => {
+                            if gap > 0 {
+                                metrics.samples_missing(host, gap);
+                                debug!(self.log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
+                            }
+                            debug!(self.log, "CPU"; "busy_pct" => sample.busy_pct, "seq" => sample.seq);
+                            let buffer = hello.buffer as usize;
+                            if !lock(&r.feed).push(hello.boot, sample, buffer) {
+                                metrics.frame_dropped(host, "overflow");
+                            }
+                        }
+                        SeqVerdict::Old => metrics.frame_dropped(host, "duplicate"),
+                    }
+                }
+            }
+            Ok(())
+        });
+        if ended.is_some() {
+            return ended;
+        }
+        if let Some(w) = welcome {
+            if let Err(e) = session.data(r.write.id(), w.into_bytes()) {
+                return Some(ChannelEnd::Send(e));
+            }
+        }
+        if r.authenticated && !was_authenticated {
+            // Its deadline is now its stale time, which may come sooner.
+            self.wake.notify_one();
+        }
+        pushed.err().map(ChannelEnd::Bad)
+    }
+
+    /// The node sent EOF on `channel` (`eof`: our close goes back) or closed it.
+    fn closed(&self, channel: ChannelId, session: &mut client::Session, eof: bool) {
+        let Some(r) = lock(&self.open).remove(&channel) else {
+            return;
+        };
+        if eof {
+            let _ = session.close(channel);
+        }
+        let end = match r.lines.pending() > 0 {
+            true => ChannelEnd::Truncated,
+            false => ChannelEnd::Closed,
+        };
+        self.ended(r, end);
+    }
+
+    /// The session's channel timer: ends the channels whose time is up (no hello in time, or
+    /// nothing for `stale_after`). Runs as long as the session.
+    async fn watch(&self) {
+        let stale_after = self.settings.stale_after;
+        loop {
+            let now = tokio::time::Instant::now();
+            let (due, next) = {
+                let mut open = lock(&self.open);
+                let due: Vec<ChannelId> = open
+                    .iter()
+                    .filter(|(_, r)| r.deadline(stale_after) <= now)
+                    .map(|(c, _)| *c)
+                    .collect();
+                let due: Vec<Reading> = due.iter().filter_map(|c| open.remove(c)).collect();
+                let next = open.values().map(|r| r.deadline(stale_after)).min();
+                (due, next)
+            };
+            for r in due {
+                let end = match r.authenticated {
+                    true => ChannelEnd::Stale(stale_after),
+                    false => ChannelEnd::NoHello(HELLO_TIMEOUT),
+                };
+                let write = r.write.clone();
+                self.ended(r, end);
+                let _ = write.close().await;
+            }
+            let next = next.unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Counts and logs why a channel ended; the live one's end takes the node down.
+    fn ended(&self, r: Reading, end: ChannelEnd) {
+        let (metrics, host, log) = (&self.settings.metrics, &self.label, &self.log);
+        let (id, authenticated) = (r.id, r.authenticated);
+        match &end {
+            ChannelEnd::Bad(DecodeError::Unauthenticated | DecodeError::NoMac)
+                if !authenticated =>
+            {
+                metrics.channel_refused(host, "unauthenticated");
+                if !self.up.load(Ordering::SeqCst) {
+                    self.out.problem(
+                        &self.key,
+                        Some(
+                            "tunnel up, but the report channel did not prove the report secret: does the node's [node] secret_file hold the master's report.key?"
+                                .into(),
+                        ),
+                    );
+                }
+            }
+            // A frame without the channel's MAC is not the agent's either.
+            ChannelEnd::Bad(DecodeError::Forged | DecodeError::NoMac) if authenticated => {
+                metrics.channel_refused(host, "forged")
+            }
+            ChannelEnd::Bad(_) => metrics.frame_dropped(host, "malformed"),
+            ChannelEnd::Truncated => metrics.frame_dropped(host, "truncated"),
+            ChannelEnd::NoHello(_) => metrics.channel_refused(host, "no_hello"),
+            ChannelEnd::WrongInstance { .. } => metrics.channel_refused(host, "wrong_instance"),
+            _ => {}
+        }
+        match (&end, authenticated) {
+            // Made room for a newer one: counted and logged where it happened.
+            (ChannelEnd::Evicted, _) => {}
+            // What an unproven channel did says nothing about the node: logged sparingly.
+            (_, false) => {
+                if self.log_refusal() {
+                    warn!(log, "Report channel closed before it proved to be the agent's (someone on the node is connecting to the report port, or the node's report secret differs)";
+                        "channel" => id, "error" => %end)
+                }
+            }
+            (ChannelEnd::Bad(_) | ChannelEnd::Truncated | ChannelEnd::Send(_), true) => {
+                warn!(log, "Closing report channel"; "channel" => id, "error" => %end)
+            }
+            _ => info!(log, "Report channel ended"; "channel" => id, "reason" => %end),
+        }
+        // Only the live channel's end takes the node down.
+        let was_live = {
+            let mut live = lock(&self.live);
+            let was = *live == Some(id);
+            if was {
+                *live = None;
+            }
+            was
+        };
+        if was_live && self.up.swap(false, Ordering::SeqCst) {
+            self.out.down(NodeDown {
+                host: self.key.clone(),
+                reason: end.to_string(),
+            });
+        }
     }
 }
 
@@ -583,10 +890,11 @@ impl client::Handler for Client {
         originator_address: &str,
         originator_port: u32,
         reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
+        session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        self.open(channel, format!("{originator_address}:{originator_port}"));
+        let from = format!("{originator_address}:{originator_port}");
+        self.chans.open(channel, from, session);
         Ok(())
     }
 
@@ -595,40 +903,40 @@ impl client::Handler for Client {
         channel: Channel<client::Msg>,
         socket_path: &str,
         reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
+        session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        self.open(channel, socket_path.to_string());
+        self.chans.open(channel, socket_path.to_string(), session);
         Ok(())
     }
-}
 
-impl Client {
-    /// A new report channel: it gets a waiting slot (the oldest waiting one may have to go)
-    /// and its own task.
-    fn open(&self, channel: Channel<client::Msg>, from: String) {
-        let host = self.key.host.to_string();
-        let id = self.chans.next.fetch_add(1, Ordering::SeqCst);
-        let (notify, evicted) = self.chans.wait(id);
-        if let Some(old) = evicted {
-            self.settings.metrics.channel_refused(&host, "evicted");
-            if self.chans.log_refusal() {
-                warn!(self.log, "Report channel closed to make room: too many waiting for their hello (someone on the node is connecting to the report port?)";
-                    "closed" => old, "waiting" => MAX_PENDING_CHANNELS, "from" => &from);
-            }
-        }
-        debug!(self.log, "Report channel opened"; "channel" => id, "from" => &from);
-        tokio::spawn(read_channel(
-            channel,
-            id,
-            notify,
-            self.key.clone(),
-            self.out.clone(),
-            self.up.clone(),
-            self.chans.clone(),
-            self.settings.clone(),
-            self.log.clone(),
-        ));
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.chans.data(channel, data, session);
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.chans.closed(channel, session, true);
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // russh has answered the close already.
+        self.chans.closed(channel, session, false);
+        Ok(())
     }
 }
 
@@ -649,7 +957,8 @@ enum ChannelEnd {
     /// A newer channel of the agent took over.
     Replaced,
     Truncated,
-    Io(std::io::Error),
+    /// The welcome could not be sent.
+    Send(russh::Error),
     Bad(DecodeError),
 }
 
@@ -669,7 +978,7 @@ impl std::fmt::Display for ChannelEnd {
             ),
             ChannelEnd::Replaced => f.write_str("replaced by a newer channel of the agent"),
             ChannelEnd::Truncated => f.write_str("report channel closed in the middle of a frame"),
-            ChannelEnd::Io(e) => write!(f, "report channel failed: {e}"),
+            ChannelEnd::Send(e) => write!(f, "report channel failed: {e}"),
             ChannelEnd::Bad(e) => write!(f, "bad report frame: {e}"),
         }
     }
@@ -679,201 +988,4 @@ impl std::fmt::Display for ChannelEnd {
 fn steady_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// Reads one forwarded channel: a challenge out, a hello that proves the secret for this
-/// forward and names this host, the welcome back, then authenticated samples, until it
-/// closes, goes stale, sends something malformed or forged, or is replaced by a newer
-/// channel of the agent. Only this channel is affected by what arrives on it, and only the
-/// live one speaks for the node.
-#[allow(clippy::too_many_arguments)]
-async fn read_channel(
-    channel: Channel<client::Msg>,
-    id: u64,
-    evict: Arc<Notify>,
-    key: HostKey,
-    out: TunnelOutputs,
-    up: Arc<AtomicBool>,
-    chans: Arc<Channels>,
-    settings: Arc<TunnelSettings>,
-    log: Logger,
-) {
-    let (stale_after, metrics) = (settings.stale_after, &settings.metrics);
-    let host = key.host.to_string();
-    let mut stream = channel.into_stream();
-    let (mut ch, challenge) = MasterChannel::open(&chans.via);
-    let mut lines = LineBuffer::default();
-    let mut buf = vec![0u8; crate::report::MAX_LINE];
-    // Until its hello is accepted, a channel holds a waiting slot and has HELLO_TIMEOUT from
-    // now, however it spreads its bytes.
-    let hello_by =
-        tokio::time::Instant::now() + HELLO_TIMEOUT.min(stale_after.max(Duration::from_secs(1)));
-    let mut authenticated = false;
-    let keys: Vec<&[u8]> = chans.keys.iter().map(Vec::as_slice).collect();
-    let feed = out.samples.feed(&key);
-    // An authenticated channel is stale once nothing arrived for stale_after: one timer,
-    // moved on only when it fires (not a new one per read).
-    let mut last_read = tokio::time::Instant::now();
-    let stale = tokio::time::sleep(stale_after);
-    tokio::pin!(stale);
-    let end = match stream.write_all(challenge.as_bytes()).await {
-        Err(e) => ChannelEnd::Io(e),
-        Ok(()) => 'read: loop {
-            let read = stream.read(&mut buf);
-            let n = match authenticated {
-                true => tokio::select! {
-                    // What has arrived is read before the timer is looked at.
-                    biased;
-                    r = read => r,
-                    _ = &mut stale => {
-                        if last_read.elapsed() >= stale_after {
-                            break ChannelEnd::Stale(stale_after);
-                        }
-                        stale.as_mut().reset(last_read + stale_after);
-                        continue 'read;
-                    }
-                },
-                false => tokio::select! {
-                    r = tokio::time::timeout_at(hello_by, read) => match r {
-                        Err(_) => break ChannelEnd::NoHello(HELLO_TIMEOUT),
-                        Ok(r) => r,
-                    },
-                    _ = evict.notified() => break ChannelEnd::Evicted,
-                },
-            };
-            let n = match n {
-                Err(e) => break ChannelEnd::Io(e),
-                Ok(0) if lines.pending() > 0 => break ChannelEnd::Truncated,
-                Ok(0) => break ChannelEnd::Closed,
-                Ok(n) => n,
-            };
-            last_read = tokio::time::Instant::now();
-            if authenticated && !chans.is_live(id) {
-                break ChannelEnd::Replaced;
-            }
-            let now = steady_ms();
-            let mut welcome = None;
-            let mut ended = None;
-            let pushed = lines.each(&buf[..n], |line| {
-                match ch.accept(line, &keys, now)? {
-                    Event::Hello { hello, welcome: w, .. } => {
-                        // A launched host's agent must name the instance it was launched as.
-                        if let Some(registered) = &chans.host.instance_id {
-                            if hello.instance_id.as_ref() != Some(registered) {
-                                ended = Some(ChannelEnd::WrongInstance {
-                                    said: hello.instance_id.clone(),
-                                    registered: registered.clone(),
-                                });
-                                return Err(DecodeError::Unauthenticated);
-                            }
-                        }
-                        // Proven: this channel is the node's live one (the welcome goes
-                        // back below, before anything else is read).
-                        authenticated = true;
-                        chans.done_waiting(id);
-                        let replaced = lock(&chans.live).replace(id);
-                        info!(log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
-                            "channel" => id, "replaces" => replaced);
-                        if chans.took_turn(hello.boot) {
-                            warn!(log, "Two agents take turns on this node's forward: each new one replaces the other's channel (two `autoscaler node` running, or two nodes sharing one report socket or port?)";
-                                "boot" => hello.boot, "replacements_in_a_minute" => lock(&chans.turns).len());
-                        }
-                        up.store(true, Ordering::SeqCst);
-                        out.problem(&key, None);
-                        out.up(NodeUp {
-                            host: key.clone(),
-                            hello,
-                        });
-                        welcome = Some(w);
-                    }
-                    Event::Sample(sample) => {
-                        let hello = ch.hello().expect("samples follow the hello");
-                        match lock(&chans.filter).check(hello, sample.seq, now)? {
-                            SeqVerdict::New { gap } => {
-                                if gap > 0 {
-                                    metrics.samples_missing(&host, gap);
-                                    debug!(log, "Samples missing"; "count" => gap, "before_seq" => sample.seq);
-                                }
-                                debug!(log, "CPU"; "busy_pct" => sample.busy_pct, "seq" => sample.seq);
-                                let buffer = hello.buffer as usize;
-                                if !lock(&feed).push(hello.boot, sample, buffer) {
-                                    metrics.frame_dropped(&host, "overflow");
-                                }
-                            }
-                            SeqVerdict::Old => metrics.frame_dropped(&host, "duplicate"),
-                        }
-                    }
-                }
-                Ok(())
-            });
-            if let Some(e) = ended {
-                break e;
-            }
-            if let Some(w) = welcome {
-                if let Err(e) = stream.write_all(w.as_bytes()).await {
-                    break ChannelEnd::Io(e);
-                }
-            }
-            if let Err(e) = pushed {
-                break 'read ChannelEnd::Bad(e);
-            }
-        },
-    };
-    if !authenticated {
-        chans.done_waiting(id);
-    }
-    match &end {
-        ChannelEnd::Bad(DecodeError::Unauthenticated | DecodeError::NoMac) if !authenticated => {
-            metrics.channel_refused(&host, "unauthenticated");
-            if !up.load(Ordering::SeqCst) {
-                out.problem(
-                    &key,
-                    Some(
-                        "tunnel up, but the report channel did not prove the report secret: does the node's [node] secret_file hold the master's report.key?"
-                            .into(),
-                    ),
-                );
-            }
-        }
-        // A frame without the channel's MAC is not the agent's either.
-        ChannelEnd::Bad(DecodeError::Forged | DecodeError::NoMac) if authenticated => {
-            metrics.channel_refused(&host, "forged")
-        }
-        ChannelEnd::Bad(_) => metrics.frame_dropped(&host, "malformed"),
-        ChannelEnd::Truncated => metrics.frame_dropped(&host, "truncated"),
-        ChannelEnd::NoHello(_) => metrics.channel_refused(&host, "no_hello"),
-        ChannelEnd::WrongInstance { .. } => metrics.channel_refused(&host, "wrong_instance"),
-        _ => {}
-    }
-    match (&end, authenticated) {
-        // Made room for a newer one: counted and logged where it happened.
-        (ChannelEnd::Evicted, _) => {}
-        // What an unproven channel did says nothing about the node: logged sparingly.
-        (_, false) => {
-            if chans.log_refusal() {
-                warn!(log, "Report channel closed before it proved to be the agent's (someone on the node is connecting to the report port, or the node's report secret differs)";
-                    "channel" => id, "error" => %end)
-            }
-        }
-        (ChannelEnd::Bad(_) | ChannelEnd::Truncated | ChannelEnd::Io(_), true) => {
-            warn!(log, "Closing report channel"; "channel" => id, "error" => %end)
-        }
-        _ => info!(log, "Report channel ended"; "channel" => id, "reason" => %end),
-    }
-    drop(stream);
-    // Only the live channel's end takes the node down.
-    let was_live = {
-        let mut live = lock(&chans.live);
-        let was = *live == Some(id);
-        if was {
-            *live = None;
-        }
-        was
-    };
-    if was_live && up.swap(false, Ordering::SeqCst) {
-        out.down(NodeDown {
-            host: key,
-            reason: end.to_string(),
-        });
-    }
 }
