@@ -5,7 +5,9 @@
 # each process. The agent does its full work: it reports through a real master over a
 # loopback sshd (report protocol v2, the Unix-socket forward), as on a real node.
 # Usage: benches/node-footprint.sh [DURATION]   (root: sshd; needs prometheus-node-exporter)
-#   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build).
+#   AUTOSCALER_BIN=path/to/autoscaler to measure another build (default: the release build);
+#   FOOTPRINT_SECTIONS=file lists the binary's sections it holds resident; AGENT_WRAP="cmd args" runs the agent under
+#   cmd (scripts/node-order.sh: valgrind), stopped with SIGTERM at the end.
 set -euo pipefail
 dur=${1:-60}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,13 +30,14 @@ start_loopback_sshd "$tmp/sshd" 127.0.0.2 "$sshport" "$tmp/master/id_ed25519.pub
 pids+=("$SSHD_PID")
 AUTOSCALER_CONFIG="$m" "$bin" -q add-host 127.0.0.2 8080 --ssh-port "$sshport"
 
-AUTOSCALER_CONFIG="$tmp/node/autoscaler.ini" "$bin" -q node &
+# shellcheck disable=SC2086 # AGENT_WRAP is a command line
+AUTOSCALER_CONFIG="$tmp/node/autoscaler.ini" ${AGENT_WRAP:-} "$bin" -q node &
 agent=$!; pids+=($agent)
 "$exporter" --web.listen-address="127.0.0.1:$exp_port" >/dev/null 2>&1 &
 exporter_pid=$!; pids+=($exporter_pid)
 AUTOSCALER_CONFIG="$m" "$bin" --log-format json master 2>"$tmp/master.log" &
 pids+=($!)
-for _ in $(seq 200); do grep -q '"msg":"NodeUp"' "$tmp/master.log" && break; sleep 0.1; done
+for _ in $(seq 1200); do grep -q '"msg":"NodeUp"' "$tmp/master.log" && break; sleep 0.1; done
 grep -q '"msg":"NodeUp"' "$tmp/master.log" || { echo "the agent was never heard:" >&2; tail -5 "$tmp/master.log" >&2; exit 1; }
 for ((i = 0; i < dur; i++)); do
   curl -s -o /dev/null "http://127.0.0.1:$exp_port/metrics" || true
@@ -49,9 +52,12 @@ report() {
     "$name" "$(kib "$pid" VmHWM)" "$(kib "$pid" VmRSS)" "$(kib "$pid" RssAnon)" "$(kib "$pid" RssFile)" \
     "$(awk '$1 == "Threads:" {print $2}' "/proc/$pid/status")" "$cpu"
 }
+# FOOTPRINT_SECTIONS=file: which sections of the binary the agent holds resident.
+[ -z "${FOOTPRINT_SECTIONS:-}" ] || python3 "$root/benches/resident-sections.py" "$agent" "$bin" >"$FOOTPRINT_SECTIONS"
 echo "over ${dur}s at 1 Hz:"
 report "autoscaler node" "$agent"
 report "prometheus-node-exporter" "$exporter_pid"
 a=$(kib "$agent" VmRSS) e=$(kib "$exporter_pid" VmRSS)
 echo "RSS ratio agent/exporter: $(echo "scale=2; $a / $e" | bc)"
 echo "the master heard: $(AUTOSCALER_CONFIG="$m" "$bin" status --json | python3 -c 'import json,sys; n=json.load(sys.stdin)["nodes"][0]; print(n["tunnel"], n["last_cpu_pct"])')"
+[ -z "${AGENT_WRAP:-}" ] || { kill -TERM "$agent"; wait "$agent" || true; }
