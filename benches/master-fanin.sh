@@ -71,6 +71,14 @@ tck = os.sysconf("SC_CLK_TCK")
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / tck
+def switches(pid):
+    """Context switches of all the process's threads (each wake-up of a parked thread is one)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        for l in open(f"/proc/{pid}/task/{t}/status"):
+            if l.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(l.split()[1])
+    return total
 def hwm(pid):
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmHWM"): return int(l.split()[1])
@@ -124,7 +132,7 @@ async def main():
         perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", os.environ.get("FANIN_PERF_HZ", "499"), "-g", "-p", str(master),
                                  "-o", os.environ["FANIN_PERF"], "--", "sleep", str(dur)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    c0, start, sent, seq = cpu(master), time.time(), 0, 0
+    c0, s0, start, sent, seq = cpu(master), switches(master), time.time(), 0, 0
     while time.time() - start < dur:
         tick = time.time()
         for c in chans:
@@ -133,12 +141,13 @@ async def main():
         await asyncio.gather(*(c.w.drain() for c in chans))
         await asyncio.sleep(max(0, 1 / rate - (time.time() - tick)))
     await asyncio.sleep(1)
-    used = cpu(master) - c0
+    used, switched = cpu(master) - c0, switches(master) - s0
     if perf:
         perf.wait()
     per = used / sent * 1e6
     print(f"reports: {sent} over {dur}s ({sent / dur:.0f}/s) through {n} tunnels")
     print(f"master CPU: {used:.2f} s = {per:.1f} us per report; peak RSS {hwm(master)} KiB")
+    print(f"master context switches: {switched / sent:.2f} per report")
     print(f"10,000 nodes at 1 Hz: {per * 10000 / 1e6:.2f} cores of master CPU")
 asyncio.run(main())
 PY
