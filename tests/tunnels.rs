@@ -390,6 +390,55 @@ async fn a_wrong_secret_is_said_once_and_backed_off() {
     );
 }
 
+/// An agent that stops talking (SIGSTOP: a hung process) on a channel that stays open: the
+/// master closes the channel once nothing came for stale_after and marks the node down, and
+/// the agent, woken, reconnects as the same run.
+#[actix_rt::test]
+async fn a_silent_channel_goes_stale_and_the_agent_comes_back() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let stale_after = cfg.scaling.stale_after;
+    let sshd = Sshd::start(
+        &sshd_bin,
+        "127.0.0.18",
+        None,
+        &pub_of(&cfg.ssh.identity_file),
+        None,
+    );
+    let (node, _node_dir) = start_node(report_port, None, &secret_of(&cfg));
+    let mut m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    let up = m.up("127.0.0.18").await;
+    m.samples("127.0.0.18", 2).await;
+
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &node.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let down = m.down("127.0.0.18").await;
+    let took = stopped.elapsed();
+    assert!(down.reason.starts_with("no report for"), "{}", down.reason);
+    // Its last report came at most one interval (200 ms) before the stop.
+    assert!(
+        took + Duration::from_millis(250) >= stale_after && took < stale_after * 2,
+        "down after {took:?}, stale_after {stale_after:?}"
+    );
+    signal("-CONT");
+    let again = m.up("127.0.0.18").await;
+    assert_eq!(again.hello.boot, up.hello.boot, "the same agent run");
+    m.samples("127.0.0.18", 2).await;
+    drop(m.dir);
+}
+
 #[actix_rt::test]
 async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
     let Some(sshd_bin) = tool("sshd") else { return };
