@@ -1,5 +1,7 @@
-"""Which sections of a binary a running process holds resident: its file-backed pages found
-present in /proc/PID/pagemap, by ELF section. Usage: resident-sections.py PID BINARY (root)."""
+"""Which sections of a binary a running process holds resident, by ELF section: the pages of its
+mappings of the binary present in /proc/PID/pagemap, file-backed ones under the mapping's
+permissions, copied ones (relocated: anonymous memory) marked "copied".
+Usage: resident-sections.py PID BINARY (root)."""
 import sys, struct, subprocess, re
 pid, binpath = sys.argv[1], sys.argv[2]
 secs = []
@@ -20,6 +22,8 @@ for l in open(f'/proc/{pid}/maps'):
         if not e >> 63 & 1: continue
         fo = off + va - a
         name = next((n for n, o, s in secs if o <= fo < o + s), '(other)') + ' ' + p[1]
+        if not e >> 61 & 1:
+            name += ' copied'
         res[name] = res.get(name, 0) + 4
 for k, v in sorted(res.items(), key=lambda x: -x[1]): print(f'{v:8d} KiB  {k}')
 print(f'{sum(res.values()):8d} KiB  total')

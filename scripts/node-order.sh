@@ -8,7 +8,7 @@
 # Usage: scripts/node-order.sh [DURATION]   (root: sshd; needs valgrind and
 #   prometheus-node-exporter). AUTOSCALER_BIN=path measures another build.
 set -euo pipefail
-dur=${1:-30}
+dur=${1:-20}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${AUTOSCALER_BIN:-$root/target/release/autoscaler}
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -21,5 +21,8 @@ AUTOSCALER_BIN="$bin" \
 # Functions the agent ran, kept when the binary defines them (not libc's), by name.
 nm --defined-only "$bin" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u >"$work/defined"
 sed -n 's/^c\{0,1\}fn=//p' "$work/cg" | sort -u >"$work/ran"
-comm -12 "$work/defined" "$work/ran" >"$root/src/node.order"
+[ -s "$work/defined" ] || { echo "$bin has no symbols (stripped?)" >&2; exit 1; }
+comm -12 "$work/defined" "$work/ran" >"$work/order"
+[ -s "$work/order" ] || { echo "none of the functions the agent ran are named in $bin" >&2; exit 1; }
+mv "$work/order" "$root/src/node.order"
 echo "src/node.order: $(wc -l <"$root/src/node.order") functions of $(wc -l <"$work/defined") in $bin"

@@ -350,7 +350,7 @@ async fn session_loop(
         let started = Instant::now();
         let result = run_session(&key, &route, &settings, &out, &up, &chans, &log).await;
         // The session's channels went with it.
-        lock(&chans.open).clear();
+        chans.session_ended();
         *lock(&chans.live) = None;
         let reason = match &result {
             Ok(()) => "SSH session closed".to_string(),
@@ -387,6 +387,7 @@ async fn run_session(
     let check = HostKeyCheck::new(&settings.ssh, &host, *ssh_port, log);
     let handler = Client {
         check: check.clone(),
+        session: chans.session.load(Ordering::SeqCst),
         chans: chans.clone(),
     };
     let setup = async {
@@ -438,6 +439,8 @@ async fn run_session(
 /// own task, as their data arrives: no task and no queue per channel.
 struct Client {
     check: HostKeyCheck,
+    /// Which of the node's sessions this is ([`Channels::session`]).
+    session: u64,
     chans: Arc<Channels>,
 }
 
@@ -461,9 +464,13 @@ struct Channels {
     /// The live (authenticated) channel.
     live: Mutex<Option<u64>>,
     next: AtomicU64,
-    /// The current session's channels, by russh's id: those still waiting for their hello
-    /// (at most [`MAX_PENDING_CHANNELS`]) and the authenticated ones.
-    open: Mutex<HashMap<ChannelId, Reading>>,
+    /// The current session's channels, by session and russh's id: those still waiting for
+    /// their hello (at most [`MAX_PENDING_CHANNELS`]) and the authenticated ones.
+    open: Mutex<HashMap<(u64, ChannelId), Reading>>,
+    /// The current session's number. A session that timed out may still run its callbacks
+    /// for a moment after the next one started: what it opens then is closed, and what it
+    /// reads lands nowhere.
+    session: AtomicU64,
     /// Tells the session's channel timer that a deadline may have come closer.
     wake: Notify,
     last_refusal_log: Mutex<Option<Instant>>,
@@ -541,6 +548,7 @@ impl Channels {
             live: Mutex::default(),
             next: AtomicU64::default(),
             open: Mutex::default(),
+            session: AtomicU64::default(),
             wake: Notify::new(),
             last_refusal_log: Mutex::default(),
             live_boot: Mutex::default(),
@@ -606,7 +614,7 @@ impl Channels {
     /// A new report channel (accepted already): the challenge goes out, and it waits for its
     /// hello. When [`MAX_PENDING_CHANNELS`] are waiting already, the one that has waited
     /// longest is closed to make room.
-    fn open(&self, channel: Channel<client::Msg>, from: String, session: &mut client::Session) {
+    fn open(&self, session: u64, channel: Channel<client::Msg>, from: String) {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         // What arrives is read in `data`; russh's own queue for the channel goes unused.
         let (_, write) = channel.split();
@@ -627,16 +635,21 @@ impl Channels {
         };
         let evicted = {
             let mut open = lock(&self.open);
+            if self.session.load(Ordering::SeqCst) != session {
+                drop(open);
+                close_soon(write);
+                return;
+            }
             let waiting = open.iter().filter(|(_, r)| !r.authenticated);
             let evicted = match waiting.clone().count() >= MAX_PENDING_CHANNELS {
                 true => waiting.min_by_key(|(_, r)| r.id).map(|(c, _)| *c),
                 false => None,
             };
-            let evicted = evicted.and_then(|c| open.remove(&c).map(|r| (c, r)));
-            open.insert(channel, reading);
+            let evicted = evicted.and_then(|c| open.remove(&c));
+            open.insert((session, channel), reading);
             evicted
         };
-        if let Some((old_channel, old)) = evicted {
+        if let Some(old) = evicted {
             self.settings
                 .metrics
                 .channel_refused(&self.label, "evicted");
@@ -644,7 +657,9 @@ impl Channels {
                 warn!(self.log, "Report channel closed to make room: too many waiting for their hello (someone on the node is connecting to the report port?)";
                     "closed" => old.id, "waiting" => MAX_PENDING_CHANNELS, "from" => &from);
             }
-            let _ = session.close(old_channel);
+            // Through its queue, which russh reads only after the open replies: the oldest
+            // may not be confirmed yet, and a close then would be dropped.
+            close_soon(old.write.clone());
             self.ended(old, ChannelEnd::Evicted);
         }
         debug!(self.log, "Report channel opened"; "channel" => id, "from" => &from);
@@ -661,17 +676,17 @@ impl Channels {
     /// Bytes that arrived on `channel`: the hello that proves the secret for this forward and
     /// names this host (the welcome goes back), then authenticated samples. Something
     /// malformed or forged, or any read of a channel another one replaced, ends it.
-    fn data(&self, channel: ChannelId, data: &[u8], session: &mut client::Session) {
+    fn data(&self, key: (u64, ChannelId), data: &[u8], session: &mut client::Session) {
         let mut open = lock(&self.open);
-        let Some(r) = open.get_mut(&channel) else {
+        let Some(r) = open.get_mut(&key) else {
             return;
         };
         let Some(end) = self.read(r, data, session) else {
             return;
         };
-        let r = open.remove(&channel).expect("read just now");
+        let r = open.remove(&key).expect("read just now");
         drop(open);
-        let _ = session.close(channel);
+        let _ = session.close(key.1);
         self.ended(r, end);
     }
 
@@ -762,18 +777,32 @@ impl Channels {
     }
 
     /// The node sent EOF on `channel` (`eof`: our close goes back) or closed it.
-    fn closed(&self, channel: ChannelId, session: &mut client::Session, eof: bool) {
-        let Some(r) = lock(&self.open).remove(&channel) else {
+    fn closed(&self, key: (u64, ChannelId), session: &mut client::Session, eof: bool) {
+        let Some(r) = lock(&self.open).remove(&key) else {
             return;
         };
         if eof {
-            let _ = session.close(channel);
+            let _ = session.close(key.1);
         }
         let end = match r.lines.pending() > 0 {
             true => ChannelEnd::Truncated,
             false => ChannelEnd::Closed,
         };
         self.ended(r, end);
+    }
+
+    /// The session ended: its channels went with it. A frame cut short is counted; the node's
+    /// NodeDown, if it was up, is the session's to send.
+    fn session_ended(&self) {
+        let mut open = lock(&self.open);
+        self.session.fetch_add(1, Ordering::SeqCst);
+        for (_, r) in open.drain() {
+            if r.lines.pending() > 0 {
+                self.settings
+                    .metrics
+                    .frame_dropped(&self.label, "truncated");
+            }
+        }
     }
 
     /// The session's channel timer: ends the channels whose time is up (no hello in time, or
@@ -784,7 +813,7 @@ impl Channels {
             let now = tokio::time::Instant::now();
             let (due, next) = {
                 let mut open = lock(&self.open);
-                let due: Vec<ChannelId> = open
+                let due: Vec<(u64, ChannelId)> = open
                     .iter()
                     .filter(|(_, r)| r.deadline(stale_after) <= now)
                     .map(|(c, _)| *c)
@@ -890,11 +919,11 @@ impl client::Handler for Client {
         originator_address: &str,
         originator_port: u32,
         reply: client::ChannelOpenHandle,
-        session: &mut client::Session,
+        _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
         let from = format!("{originator_address}:{originator_port}");
-        self.chans.open(channel, from, session);
+        self.chans.open(self.session, channel, from);
         Ok(())
     }
 
@@ -903,10 +932,11 @@ impl client::Handler for Client {
         channel: Channel<client::Msg>,
         socket_path: &str,
         reply: client::ChannelOpenHandle,
-        session: &mut client::Session,
+        _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        self.chans.open(channel, socket_path.to_string(), session);
+        self.chans
+            .open(self.session, channel, socket_path.to_string());
         Ok(())
     }
 
@@ -916,7 +946,7 @@ impl client::Handler for Client {
         data: &[u8],
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.chans.data(channel, data, session);
+        self.chans.data((self.session, channel), data, session);
         Ok(())
     }
 
@@ -925,7 +955,7 @@ impl client::Handler for Client {
         channel: ChannelId,
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.chans.closed(channel, session, true);
+        self.chans.closed((self.session, channel), session, true);
         Ok(())
     }
 
@@ -935,9 +965,16 @@ impl client::Handler for Client {
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         // russh has answered the close already.
-        self.chans.closed(channel, session, false);
+        self.chans.closed((self.session, channel), session, false);
         Ok(())
     }
+}
+
+/// Closes a channel through its queue, from a task of its own (the session reads that queue).
+fn close_soon(write: Arc<ChannelWriteHalf<client::Msg>>) {
+    tokio::spawn(async move {
+        let _ = write.close().await;
+    });
 }
 
 /// Why a report channel ended.
