@@ -727,6 +727,73 @@ fn master_binary_follows_hosts_d() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A local user of a node connecting to the report socket in a loop — closing at once, or
+/// answering the challenge with a line that is not a hello — leaves nothing behind in the
+/// master. russh forgets a channel only when the node's side closes it (a close from the
+/// master first left about 3.5 KiB per channel until the session ended): the master ends
+/// channels with EOF and closes them itself only after CLOSE_GRACE. The agent stays heard.
+#[test]
+fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let s = crate::common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    s.set("ssh", "user", &crate::common::current_user());
+    s.set("ssh", "host_key_policy", "accept-new");
+    s.set("haproxy", "reload_command", "true");
+    let sshd = Sshd::start(&sshd_bin, "127.0.0.19", None, &pub_of(&key), None);
+    let socket = s.path().join("reports/master.sock");
+    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
+    let master = MasterProc::spawn(&s.config(), &[]);
+    master.wait_msg("Started");
+    let port = sshd.port.to_string();
+    assert!(s
+        .run(&["add-host", "127.0.0.19", "8080", "--ssh-port", &port])
+        .status
+        .success());
+    master.wait_msg("NodeUp");
+    let pid = master.proc.0.id();
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let connect = |n: usize, garbage: bool| {
+        for _ in 0..n {
+            use std::io::{BufRead, Write};
+            let c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            if garbage {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut challenge = String::new();
+                std::io::BufReader::new(&c)
+                    .read_line(&mut challenge)
+                    .unwrap();
+                (&c).write_all(b"not a hello\n").unwrap();
+            }
+        }
+    };
+    // Until what the master closes has been closed (CLOSE_GRACE is 2 s).
+    let settle = || std::thread::sleep(Duration::from_secs(3));
+    // Warm up: the allocator's and the maps' high-water marks (the first few thousand
+    // channels grow the heap by up to about 3 MiB, left or not; later ones by 0–1.2 MiB).
+    connect(2500, false);
+    connect(300, true);
+    settle();
+    for garbage in [false, true] {
+        let before = rss();
+        connect(2500, garbage);
+        settle();
+        let grown = rss().saturating_sub(before);
+        // A channel left behind costs about 3.5 KiB: 2,500 of them, over 8 MiB.
+        assert!(
+            grown < 4 * 1024,
+            "2,500 connections (garbage: {garbage}) grew the master by {grown} KiB"
+        );
+    }
+    let status = s.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["nodes"][0]["tunnel"], "up", "{status}");
+}
+
 /// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with
 /// backoff; other hosts are not held up.
 #[actix_rt::test]

@@ -75,6 +75,11 @@ pub const MAX_PENDING_CHANNELS: usize = 4;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning a minute per node about refused report channels.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How long a channel this side ended (EOF sent) has to close from the node's side before
+/// it is closed from this one. Closed from the node's side, russh forgets the channel; closed
+/// from this side first, russh keeps a few KiB of it until the session ends (it drops the
+/// node's answering close), so a local user connecting in a loop would grow the master.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
 
@@ -471,6 +476,9 @@ struct Channels {
     /// for a moment after the next one started: what it opens then is closed, and what it
     /// reads lands nowhere.
     session: AtomicU64,
+    /// Channels this side ended, EOF sent: closed by the node's side, or by this one at the
+    /// time given ([`CLOSE_GRACE`]).
+    closing: Mutex<HashMap<(u64, ChannelId), Closing>>,
     /// Tells the session's channel timer that a deadline may have come closer.
     wake: Notify,
     last_refusal_log: Mutex<Option<Instant>>,
@@ -481,6 +489,12 @@ struct Channels {
     recent_boots: Mutex<VecDeque<(u64, Instant)>>,
     turns: Mutex<VecDeque<Instant>>,
     last_turns_log: Mutex<Option<Instant>>,
+}
+
+/// A channel this side ended, until it is closed.
+struct Closing {
+    close_at: tokio::time::Instant,
+    write: Arc<ChannelWriteHalf<client::Msg>>,
 }
 
 /// One report channel, as read so far.
@@ -549,6 +563,7 @@ impl Channels {
             next: AtomicU64::default(),
             open: Mutex::default(),
             session: AtomicU64::default(),
+            closing: Mutex::default(),
             wake: Notify::new(),
             last_refusal_log: Mutex::default(),
             live_boot: Mutex::default(),
@@ -645,11 +660,11 @@ impl Channels {
                 true => waiting.min_by_key(|(_, r)| r.id).map(|(c, _)| *c),
                 false => None,
             };
-            let evicted = evicted.and_then(|c| open.remove(&c));
+            let evicted = evicted.and_then(|c| open.remove(&c).map(|r| (c, r)));
             open.insert((session, channel), reading);
             evicted
         };
-        if let Some(old) = evicted {
+        if let Some((evicted_key, old)) = evicted {
             self.settings
                 .metrics
                 .channel_refused(&self.label, "evicted");
@@ -658,8 +673,8 @@ impl Channels {
                     "closed" => old.id, "waiting" => MAX_PENDING_CHANNELS, "from" => &from);
             }
             // Through its queue, which russh reads only after the open replies: the oldest
-            // may not be confirmed yet, and a close then would be dropped.
-            close_soon(old.write.clone());
+            // may not be confirmed yet, and an EOF through the session would be dropped.
+            self.finish(evicted_key, &old.write, None);
             self.ended(old, ChannelEnd::Evicted);
         }
         debug!(self.log, "Report channel opened"; "channel" => id, "from" => &from);
@@ -686,7 +701,7 @@ impl Channels {
         };
         let r = open.remove(&key).expect("read just now");
         drop(open);
-        let _ = session.close(key.1);
+        self.finish(key, &r.write, Some(session));
         self.ended(r, end);
     }
 
@@ -776,13 +791,16 @@ impl Channels {
         pushed.err().map(ChannelEnd::Bad)
     }
 
-    /// The node sent EOF on `channel` (`eof`: our close goes back) or closed it.
+    /// The node sent EOF on `channel` (`eof`: ours goes back, and it closes) or closed it.
     fn closed(&self, key: (u64, ChannelId), session: &mut client::Session, eof: bool) {
+        if !eof {
+            lock(&self.closing).remove(&key);
+        }
         let Some(r) = lock(&self.open).remove(&key) else {
             return;
         };
         if eof {
-            let _ = session.close(key.1);
+            self.finish(key, &r.write, Some(session));
         }
         let end = match r.lines.pending() > 0 {
             true => ChannelEnd::Truncated,
@@ -791,11 +809,40 @@ impl Channels {
         self.ended(r, end);
     }
 
+    /// Ends a channel from this side: EOF now (through the session when in one of its
+    /// callbacks, else through the channel's queue), and a close after [`CLOSE_GRACE`] unless
+    /// the node's side closes it first.
+    fn finish(
+        &self,
+        key: (u64, ChannelId),
+        write: &Arc<ChannelWriteHalf<client::Msg>>,
+        session: Option<&mut client::Session>,
+    ) {
+        match session {
+            Some(session) => {
+                let _ = session.eof(key.1);
+            }
+            None => {
+                let write = write.clone();
+                tokio::spawn(async move {
+                    let _ = write.eof().await;
+                });
+            }
+        }
+        let closing = Closing {
+            close_at: tokio::time::Instant::now() + CLOSE_GRACE,
+            write: write.clone(),
+        };
+        lock(&self.closing).insert(key, closing);
+        self.wake.notify_one();
+    }
+
     /// The session ended: its channels went with it. A frame cut short is counted; the node's
     /// NodeDown, if it was up, is the session's to send.
     fn session_ended(&self) {
         let mut open = lock(&self.open);
         self.session.fetch_add(1, Ordering::SeqCst);
+        lock(&self.closing).clear();
         for (_, r) in open.drain() {
             if r.lines.pending() > 0 {
                 self.settings
@@ -806,7 +853,8 @@ impl Channels {
     }
 
     /// The session's channel timer: ends the channels whose time is up (no hello in time, or
-    /// nothing for `stale_after`). Runs as long as the session.
+    /// nothing for `stale_after`), and closes those ended that the node's side has not closed
+    /// within [`CLOSE_GRACE`]. Runs as long as the session.
     async fn watch(&self) {
         let stale_after = self.settings.stale_after;
         loop {
@@ -818,19 +866,36 @@ impl Channels {
                     .filter(|(_, r)| r.deadline(stale_after) <= now)
                     .map(|(c, _)| *c)
                     .collect();
-                let due: Vec<Reading> = due.iter().filter_map(|c| open.remove(c)).collect();
+                let due: Vec<_> = due
+                    .iter()
+                    .filter_map(|c| open.remove(c).map(|r| (*c, r)))
+                    .collect();
                 let next = open.values().map(|r| r.deadline(stale_after)).min();
                 (due, next)
             };
-            for r in due {
+            for (key, r) in due {
                 let end = match r.authenticated {
                     true => ChannelEnd::Stale(stale_after),
                     false => ChannelEnd::NoHello(HELLO_TIMEOUT),
                 };
-                let write = r.write.clone();
+                self.finish(key, &r.write, None);
                 self.ended(r, end);
-                let _ = write.close().await;
             }
+            let (overdue, next_close) = {
+                let mut closing = lock(&self.closing);
+                let overdue: Vec<(u64, ChannelId)> = closing
+                    .iter()
+                    .filter(|(_, c)| c.close_at <= now)
+                    .map(|(k, _)| *k)
+                    .collect();
+                let overdue: Vec<Closing> =
+                    overdue.iter().filter_map(|k| closing.remove(k)).collect();
+                (overdue, closing.values().map(|c| c.close_at).min())
+            };
+            for c in overdue {
+                let _ = c.write.close().await;
+            }
+            let next = next.into_iter().chain(next_close).min();
             let next = next.unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
