@@ -762,7 +762,8 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
             use std::io::{BufRead, Write};
             let c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
             if garbage {
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                // Generous: a master still working through a burst answers late.
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 let mut challenge = String::new();
                 std::io::BufReader::new(&c)
                     .read_line(&mut challenge)
@@ -771,11 +772,23 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
             }
         }
     };
-    // Until what the master closes has been closed (CLOSE_GRACE is 2 s).
-    let settle = || std::thread::sleep(Duration::from_secs(3));
-    // Warm up: the allocator's and the maps' high-water marks (the first few thousand
-    // channels grow the heap by up to about 3 MiB, left or not; later ones by 0–1.2 MiB).
-    connect(2500, false);
+    // Until what the master closes has been closed (CLOSE_GRACE is 2 s) and a master still
+    // working through the burst (a slow machine) is done: RSS steady for a second, within 20 s.
+    let settle = || {
+        std::thread::sleep(Duration::from_secs(3));
+        let (t, mut last) = (Instant::now(), rss());
+        while t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = rss();
+            if now.abs_diff(last) < 64 {
+                break;
+            }
+            last = now;
+        }
+    };
+    // Warm up: the allocator's and the maps' high-water marks.
+    connect(1000, false);
+    settle();
     connect(300, true);
     settle();
     for garbage in [false, true] {
@@ -785,7 +798,7 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
         let grown = rss().saturating_sub(before);
         // A channel left behind costs about 3.5 KiB: 2,500 of them, over 8 MiB.
         assert!(
-            grown < 4 * 1024,
+            grown < 2 * 1024,
             "2,500 connections (garbage: {garbage}) grew the master by {grown} KiB"
         );
     }

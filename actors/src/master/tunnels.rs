@@ -629,7 +629,7 @@ impl Channels {
     /// A new report channel (accepted already): the challenge goes out, and it waits for its
     /// hello. When [`MAX_PENDING_CHANNELS`] are waiting already, the one that has waited
     /// longest is closed to make room.
-    fn open(&self, session: u64, channel: Channel<client::Msg>, from: String) {
+    fn open(self: &Arc<Self>, session: u64, channel: Channel<client::Msg>, from: String) {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         // What arrives is read in `data`; russh's own queue for the channel goes unused.
         let (_, write) = channel.split();
@@ -691,7 +691,7 @@ impl Channels {
     /// Bytes that arrived on `channel`: the hello that proves the secret for this forward and
     /// names this host (the welcome goes back), then authenticated samples. Something
     /// malformed or forged, or any read of a channel another one replaced, ends it.
-    fn data(&self, key: (u64, ChannelId), data: &[u8], session: &mut client::Session) {
+    fn data(self: &Arc<Self>, key: (u64, ChannelId), data: &[u8], session: &mut client::Session) {
         let mut open = lock(&self.open);
         let Some(r) = open.get_mut(&key) else {
             return;
@@ -792,7 +792,7 @@ impl Channels {
     }
 
     /// The node sent EOF on `channel` (`eof`: ours goes back, and it closes) or closed it.
-    fn closed(&self, key: (u64, ChannelId), session: &mut client::Session, eof: bool) {
+    fn closed(self: &Arc<Self>, key: (u64, ChannelId), session: &mut client::Session, eof: bool) {
         if !eof {
             lock(&self.closing).remove(&key);
         }
@@ -812,8 +812,10 @@ impl Channels {
     /// Ends a channel from this side: EOF now (through the session when in one of its
     /// callbacks, else through the channel's queue), and a close after [`CLOSE_GRACE`] unless
     /// the node's side closes it first.
+    /// The grace counts from when the EOF is on its way: one sent through the queue may wait
+    /// behind a burst of other channels' messages.
     fn finish(
-        &self,
+        self: &Arc<Self>,
         key: (u64, ChannelId),
         write: &Arc<ChannelWriteHalf<client::Msg>>,
         session: Option<&mut client::Session>,
@@ -821,19 +823,23 @@ impl Channels {
         match session {
             Some(session) => {
                 let _ = session.eof(key.1);
+                self.close_later(key, write.clone());
             }
             None => {
-                let write = write.clone();
+                let (chans, write) = (self.clone(), write.clone());
                 tokio::spawn(async move {
-                    let _ = write.eof().await;
+                    if write.eof().await.is_ok() {
+                        chans.close_later(key, write);
+                    }
                 });
             }
         }
-        let closing = Closing {
-            close_at: tokio::time::Instant::now() + CLOSE_GRACE,
-            write: write.clone(),
-        };
-        lock(&self.closing).insert(key, closing);
+    }
+
+    /// Closes `key` after [`CLOSE_GRACE`] unless the node's side closes it first.
+    fn close_later(&self, key: (u64, ChannelId), write: Arc<ChannelWriteHalf<client::Msg>>) {
+        let close_at = tokio::time::Instant::now() + CLOSE_GRACE;
+        lock(&self.closing).insert(key, Closing { close_at, write });
         self.wake.notify_one();
     }
 
@@ -855,7 +861,7 @@ impl Channels {
     /// The session's channel timer: ends the channels whose time is up (no hello in time, or
     /// nothing for `stale_after`), and closes those ended that the node's side has not closed
     /// within [`CLOSE_GRACE`]. Runs as long as the session.
-    async fn watch(&self) {
+    async fn watch(self: &Arc<Self>) {
         let stale_after = self.settings.stale_after;
         loop {
             let now = tokio::time::Instant::now();
@@ -893,7 +899,7 @@ impl Channels {
                 (overdue, closing.values().map(|c| c.close_at).min())
             };
             for c in overdue {
-                let _ = c.write.close().await;
+                close_soon(c.write);
             }
             let next = next.into_iter().chain(next_close).min();
             let next = next.unwrap_or(now + Duration::from_secs(3600));
