@@ -786,8 +786,9 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
             last = now;
         }
     };
-    // Warm up: the allocator's and the maps' high-water marks.
-    connect(1000, false);
+    // Warm up: the allocator's and the maps' high-water marks (the first few thousand
+    // channels may grow the heap by a few MiB, whether or not any is left behind).
+    connect(2500, false);
     settle();
     connect(300, true);
     settle();
@@ -798,7 +799,7 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
         let grown = rss().saturating_sub(before);
         // A channel left behind costs about 3.5 KiB: 2,500 of them, over 8 MiB.
         assert!(
-            grown < 2 * 1024,
+            grown < 3 * 1024,
             "2,500 connections (garbage: {garbage}) grew the master by {grown} KiB"
         );
     }
