@@ -1,5 +1,5 @@
 //! What the tunnels heard of each node, shared (master role). A sample is folded in where it
-//! arrives — the tunnel's channel task, under its node's own lock — and costs no message: the
+//! arrives — the tunnel's session task, under its node's own lock — and costs no message: the
 //! decider takes the fresh samples once per tick, NodeStatus reads the last one when asked.
 //! Events (a node up or down, the hosts changed) stay messages; samples, a thousand a second
 //! at 200 nodes × 5 Hz, are state.
@@ -61,7 +61,7 @@ impl NodeHeard {
     }
 }
 
-/// One node's share of the book, held by its channel task.
+/// One node's share of the book, held by each of its report channels.
 pub type Feed = Arc<Mutex<NodeHeard>>;
 
 /// Every node's samples; cheap to clone (one book shared by the tunnels, the decider and
