@@ -12,23 +12,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/benches/common.sh"
 # shellcheck source=../scripts/loopback-sshd.sh
 . "$root/scripts/loopback-sshd.sh"
-sshport=$(free_port)
-"$bin" -q init --dir "$tmp/master"
-"$bin" -q init --dir "$tmp/node" --role node
-cp -p "$tmp/master/report.key" "$tmp/node/report.key"
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/master/id_ed25519"
-m="$tmp/master/autoscaler.ini"
-sed -i "s/^user = .*/user = $(id -un)/; s/^host_key_policy = .*/host_key_policy = accept-new/; s/^reload_command = .*/reload_command = true/" "$m"
-sed -i "s|^report_socket = .*|report_socket = $tmp/node/reports/master.sock|" "$m"
-start_loopback_sshd "$tmp/sshd" 127.0.0.2 "$sshport" "$tmp/master/id_ed25519.pub"
-pids+=("$SSHD_PID")
-AUTOSCALER_CONFIG="$m" "$bin" -q add-host 127.0.0.2 8080 --ssh-port "$sshport"
-AUTOSCALER_CONFIG="$tmp/node/autoscaler.ini" "$bin" -q node &
-pids+=($!)
-AUTOSCALER_CONFIG="$m" "$bin" --log-format json master 2>"$tmp/master.log" &
-master=$!; pids+=($master)
-for _ in $(seq 200); do grep -q '"msg":"NodeUp"' "$tmp/master.log" && break; sleep 0.1; done
-grep -q '"msg":"NodeUp"' "$tmp/master.log" || { echo "the agent was never heard" >&2; exit 1; }
+one_node_fleet
 rss() { awk '$1 == "VmRSS:" {print $2}' "/proc/$master/status"; }
 connect() { # COUNT
   python3 - "$tmp/node/reports/master.sock" "$1" "$mode" <<'PY'

@@ -18,27 +18,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 exporter=$(command -v prometheus-node-exporter || echo /usr/bin/prometheus-node-exporter)
 [ -x "$exporter" ] || { echo "prometheus-node-exporter is not installed (apt-get install prometheus-node-exporter)" >&2; exit 1; }
 
-sshport=$(free_port) exp_port=$(free_port)
-"$bin" -q init --dir "$tmp/master"
-"$bin" -q init --dir "$tmp/node" --role node
-cp -p "$tmp/master/report.key" "$tmp/node/report.key"
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/master/id_ed25519"
-m="$tmp/master/autoscaler.ini"
-sed -i "s/^user = .*/user = $(id -un)/; s/^host_key_policy = .*/host_key_policy = accept-new/; s/^reload_command = .*/reload_command = true/" "$m"
-sed -i "s|^report_socket = .*|report_socket = $tmp/node/reports/master.sock|" "$m"
-start_loopback_sshd "$tmp/sshd" 127.0.0.2 "$sshport" "$tmp/master/id_ed25519.pub"
-pids+=("$SSHD_PID")
-AUTOSCALER_CONFIG="$m" "$bin" -q add-host 127.0.0.2 8080 --ssh-port "$sshport"
-
-# shellcheck disable=SC2086 # AGENT_WRAP is a command line
-AUTOSCALER_CONFIG="$tmp/node/autoscaler.ini" ${AGENT_WRAP:-} "$bin" -q node &
-agent=$!; pids+=($agent)
+exp_port=$(free_port)
 "$exporter" --web.listen-address="127.0.0.1:$exp_port" >/dev/null 2>&1 &
 exporter_pid=$!; pids+=($exporter_pid)
-AUTOSCALER_CONFIG="$m" "$bin" --log-format json master 2>"$tmp/master.log" &
-pids+=($!)
-for _ in $(seq 1200); do grep -q '"msg":"NodeUp"' "$tmp/master.log" && break; sleep 0.1; done
-grep -q '"msg":"NodeUp"' "$tmp/master.log" || { echo "the agent was never heard:" >&2; tail -5 "$tmp/master.log" >&2; exit 1; }
+one_node_fleet
 for ((i = 0; i < dur; i++)); do
   curl -s -o /dev/null "http://127.0.0.1:$exp_port/metrics" || true
   sleep 1

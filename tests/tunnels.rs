@@ -304,6 +304,21 @@ fn secret_of(cfg: &Config) -> PathBuf {
         .expect("init sets a report secret")
 }
 
+/// A test master with one real agent reporting over a TCP forward through a loopback sshd on
+/// `addr` (trusted and registered on app port 8080): the master, the sshd, the agent and its
+/// directory. The report port is the master's `cfg.node.report_port`.
+fn one_tcp_node(sshd_bin: &Path, addr: &str) -> (Master, Sshd, Proc, tempfile::TempDir) {
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let sshd = Sshd::start(sshd_bin, addr, None, &pub_of(&cfg.ssh.identity_file), None);
+    let (node, node_dir) = start_node(report_port, None, &secret_of(&cfg));
+    let m = Master::start(dir, cfg);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    (m, sshd, node, node_dir)
+}
+
 fn strictly_increasing(seqs: &[u64]) -> bool {
     seqs.windows(2).all(|w| w[0] < w[1])
 }
@@ -396,21 +411,8 @@ async fn a_wrong_secret_is_said_once_and_backed_off() {
 #[actix_rt::test]
 async fn a_silent_channel_goes_stale_and_the_agent_comes_back() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let (dir, mut cfg) = Master::dir_with_key();
-    let report_port = free_port("127.0.0.1");
-    cfg.node.report_port = report_port;
-    let stale_after = cfg.scaling.stale_after;
-    let sshd = Sshd::start(
-        &sshd_bin,
-        "127.0.0.18",
-        None,
-        &pub_of(&cfg.ssh.identity_file),
-        None,
-    );
-    let (node, _node_dir) = start_node(report_port, None, &secret_of(&cfg));
-    let mut m = Master::start(dir, cfg);
-    m.trust(&sshd);
-    m.add_host(&sshd, 8080);
+    let (mut m, _sshd, node, _node_dir) = one_tcp_node(&sshd_bin, "127.0.0.18");
+    let stale_after = m.cfg.scaling.stale_after;
     let up = m.up("127.0.0.18").await;
     m.samples("127.0.0.18", 2).await;
 
@@ -442,21 +444,8 @@ async fn a_silent_channel_goes_stale_and_the_agent_comes_back() {
 #[actix_rt::test]
 async fn samples_arrive_in_order_and_resume_after_sshd_and_node_restarts() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let (dir, cfg) = Master::dir_with_key();
-    let report_port = free_port("127.0.0.1");
-    let mut cfg = cfg;
-    cfg.node.report_port = report_port;
-    let mut sshd = Sshd::start(
-        &sshd_bin,
-        "127.0.0.2",
-        None,
-        &pub_of(&cfg.ssh.identity_file),
-        None,
-    );
-    let (node, _node_dir) = start_node(report_port, None, &secret_of(&cfg));
-    let mut m = Master::start(dir, cfg);
-    m.trust(&sshd);
-    m.add_host(&sshd, 8080);
+    let (mut m, mut sshd, node, _node_dir) = one_tcp_node(&sshd_bin, "127.0.0.2");
+    let report_port = m.cfg.node.report_port;
 
     let up = m.up("127.0.0.2").await;
     let boot = up.hello.boot;
@@ -1275,20 +1264,8 @@ async fn events_for(m: &mut Master, d: Duration) -> Vec<Event> {
 #[actix_rt::test]
 async fn a_spoofing_client_cannot_move_decisions_or_take_the_node_down() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let (dir, mut cfg) = Master::dir_with_key();
-    let report_port = free_port("127.0.0.1");
-    cfg.node.report_port = report_port;
-    let sshd = Sshd::start(
-        &sshd_bin,
-        "127.0.0.9",
-        None,
-        &pub_of(&cfg.ssh.identity_file),
-        None,
-    );
-    let (_node, _nd) = start_node(report_port, None, &secret_of(&cfg));
-    let mut m = Master::start(dir, cfg);
-    m.trust(&sshd);
-    m.add_host(&sshd, 8080);
+    let (mut m, _sshd, _node, _nd) = one_tcp_node(&sshd_bin, "127.0.0.9");
+    let report_port = m.cfg.node.report_port;
     let real = m.up("127.0.0.9").await;
     m.samples("127.0.0.9", 2).await;
 

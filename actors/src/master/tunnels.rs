@@ -867,14 +867,8 @@ impl Channels {
             let now = tokio::time::Instant::now();
             let (due, next) = {
                 let mut open = lock(&self.open);
-                let due: Vec<(u64, ChannelId)> = open
-                    .iter()
-                    .filter(|(_, r)| r.deadline(stale_after) <= now)
-                    .map(|(c, _)| *c)
-                    .collect();
-                let due: Vec<_> = due
-                    .iter()
-                    .filter_map(|c| open.remove(c).map(|r| (*c, r)))
+                let due: Vec<_> = open
+                    .extract_if(|_, r| r.deadline(stale_after) <= now)
                     .collect();
                 let next = open.values().map(|r| r.deadline(stale_after)).min();
                 (due, next)
@@ -889,16 +883,10 @@ impl Channels {
             }
             let (overdue, next_close) = {
                 let mut closing = lock(&self.closing);
-                let overdue: Vec<(u64, ChannelId)> = closing
-                    .iter()
-                    .filter(|(_, c)| c.close_at <= now)
-                    .map(|(k, _)| *k)
-                    .collect();
-                let overdue: Vec<Closing> =
-                    overdue.iter().filter_map(|k| closing.remove(k)).collect();
+                let overdue: Vec<_> = closing.extract_if(|_, c| c.close_at <= now).collect();
                 (overdue, closing.values().map(|c| c.close_at).min())
             };
-            for c in overdue {
+            for (_, c) in overdue {
                 close_soon(c.write);
             }
             let next = next.into_iter().chain(next_close).min();
