@@ -3,7 +3,6 @@
 //!
 //! - [`ec2`]: the EC2 calls behind one small trait, implemented with the AWS SDK.
 //! - [`ssh`]: SSH sessions from the master and host-key checks (russh).
-//! - [`paced`]: sockets read on a shared beat (the master's report sessions).
 //! - [`known_hosts`]: the master's known_hosts file: launched hosts' keys in and out.
 //! - [`process`]: running configured commands (argv, clean environment, timeout).
 //! - [`files`]: atomic writes, exclusive creation, directory sync.
@@ -19,7 +18,6 @@ pub mod haproxy;
 pub mod host_store;
 pub mod hosts_dir;
 pub mod known_hosts;
-pub mod paced;
 pub mod process;
 pub mod records;
 pub mod resolve;

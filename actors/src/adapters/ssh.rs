@@ -13,7 +13,6 @@ use slog::{info, Logger};
 use thiserror::Error;
 
 use super::known_hosts;
-use super::paced::Pacer;
 use crate::config::{Config, HostKeyPolicy};
 
 /// Why a session could not be set up, or ended.
@@ -202,62 +201,16 @@ pub async fn connect<H>(
 where
     H: client::Handler<Error = russh::Error> + Send + 'static,
 {
-    let config = session_config(settings);
-    let socket = open(host, port).await?;
-    handshake(settings, config, socket, check, handler).await
-}
-
-/// As [`connect`], with the session's socket read on `pacer`'s beat (the report sessions:
-/// many sessions, one small packet each now and then).
-pub async fn connect_paced<H>(
-    settings: &SshSettings,
-    host: &str,
-    port: u16,
-    check: &HostKeyCheck,
-    handler: H,
-    pacer: &Pacer,
-) -> Result<client::Handle<H>, SshError>
-where
-    H: client::Handler<Error = russh::Error> + Send + 'static,
-{
-    let config = session_config(settings);
-    let socket = open(host, port).await?;
-    let socket = socket
-        .into_std()
-        .and_then(|s| pacer.stream(s))
-        .map_err(|e| SshError::Ssh(russh::Error::from(e)))?;
-    handshake(settings, config, socket, check, handler).await
-}
-
-fn session_config(settings: &SshSettings) -> Arc<client::Config> {
-    Arc::new(client::Config {
+    let config = Arc::new(client::Config {
         // 0s: no keepalive (as OpenSSH's ServerAliveInterval 0).
         keepalive_interval: (!settings.keepalive.is_zero()).then_some(settings.keepalive),
         keepalive_max: 3,
         ..Default::default()
-    })
-}
-
-async fn open(host: &str, port: u16) -> Result<tokio::net::TcpStream, SshError> {
+    });
     let socket = tokio::net::TcpStream::connect((host, port))
         .await
         .map_err(|e| SshError::Ssh(russh::Error::from(e)))?;
     let _ = socket.set_nodelay(true);
-    Ok(socket)
-}
-
-/// The SSH handshake and public-key authentication over `socket`.
-async fn handshake<H, S>(
-    settings: &SshSettings,
-    config: Arc<client::Config>,
-    socket: S,
-    check: &HostKeyCheck,
-    handler: H,
-) -> Result<client::Handle<H>, SshError>
-where
-    H: client::Handler<Error = russh::Error> + Send + 'static,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
     // Read through a buffer: russh reads a packet's length, then its rest, each a read of
     // its own; buffered, one system call brings both (a report is one small packet).
     let stream = tokio::io::BufReader::with_capacity(4096, socket);

@@ -54,7 +54,6 @@ use tokio::sync::Notify;
 
 use super::heard::{Feed, Heard};
 use super::messages::{HostsChanged, NodeDown, NodeUp, TunnelProblem};
-use crate::adapters::paced::Pacer;
 use crate::adapters::secret;
 use crate::adapters::ssh::{self, HostKeyCheck, SshError, SshSettings};
 use crate::backoff::Backoff;
@@ -83,9 +82,6 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
-/// How long the first report session's socket to have data waits for the others before they
-/// are all read: one wake-up of the master per beat under load, not one per report.
-pub const READ_PACE: Duration = Duration::from_millis(20);
 
 /// Why a tunnel could not be set up, or ended.
 #[derive(Debug, Error)]
@@ -149,8 +145,6 @@ pub struct TunnelSettings {
     /// The report secret agents must prove they hold; None: the empty key, which proves
     /// nothing (reports are not authenticated).
     pub secret: Option<Arc<Vec<u8>>>,
-    /// Every session's socket is read on this beat (see [`Pacer`]).
-    pub pacer: Arc<Pacer>,
 }
 
 impl TunnelSettings {
@@ -172,7 +166,6 @@ impl TunnelSettings {
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             metrics: Arc::default(),
             secret: None,
-            pacer: Arc::new(Pacer::new(READ_PACE)),
         }
     }
 
@@ -403,15 +396,7 @@ async fn run_session(
         chans: chans.clone(),
     };
     let setup = async {
-        let handle = ssh::connect_paced(
-            &settings.ssh,
-            &host,
-            *ssh_port,
-            &check,
-            handler,
-            &settings.pacer,
-        )
-        .await?;
+        let handle = ssh::connect(&settings.ssh, &host, *ssh_port, &check, handler).await?;
         match forward {
             Forward::Tcp(port) => handle
                 .tcpip_forward("127.0.0.1", u32::from(*port))
