@@ -9,8 +9,15 @@
 #   a check that the Rust toolchain is at least the workspace's rust-version
 #   .venv-moto/: the moto EC2 API server the launcher tests start on loopback
 # Idempotent and quick when everything is there already.
+# `install-deps.sh build`: only what compiling needs (the toolchain check, protoc and its
+# well-known types), so scripts/test.sh can compile while the rest installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-all}
+case $mode in
+  build | all) ;;
+  *) echo "usage: scripts/install-deps.sh [build|all]" >&2; exit 2 ;;
+esac
 
 # The oldest Rust that builds every locked dependency (tests/toolchain.rs keeps it true).
 want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -28,26 +35,30 @@ if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -n1)" != "$want" ]; t
 fi
 
 need=()
-for pair in haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ssh:openssh-client ssh-keyscan:openssh-client ip:iproute2 \
+tools=(protoc:protobuf-compiler)
+[ "$mode" = build ] || tools+=(haproxy:haproxy sshd:openssh-server ssh-keygen:openssh-client ssh:openssh-client ssh-keyscan:openssh-client ip:iproute2 \
     cloud-init:cloud-init systemd-analyze:systemd promtool:prometheus groff:groff-base \
-    etcd:etcd-server protoc:protobuf-compiler openssl:openssl unshare:util-linux \
-    setpriv:util-linux nsenter:util-linux bash:bash nft:nftables; do
+    etcd:etcd-server openssl:openssl unshare:util-linux \
+    setpriv:util-linux nsenter:util-linux bash:bash nft:nftables)
+for pair in "${tools[@]}"; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
 # etcd-client compiles etcd's protos at build time: protoc and its well-known types.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
-python3 -m venv --help >/dev/null 2>&1 || need+=(python3 python3-venv)
-# The tests' unprivileged "local user" runs its attacks in the system's Python.
-[ -x /usr/bin/python3 ] || need+=(python3)
+if [ "$mode" = all ]; then
+  python3 -m venv --help >/dev/null 2>&1 || need+=(python3 python3-venv)
+  # The tests' unprivileged "local user" runs its attacks in the system's Python.
+  [ -x /usr/bin/python3 ] || need+=(python3)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need[*]}" >&2
-  apt-get update -qq
+  apt-get update -qq -o DPkg::Lock::Timeout=600
   # No recommends: prometheus would bring its node exporter, a service these tests never use.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if [ ! -x .venv-moto/bin/moto_server ]; then
+if [ "$mode" = all ] && [ ! -x .venv-moto/bin/moto_server ]; then
   echo "install-deps: creating .venv-moto (moto EC2 API server)" >&2
   python3 -m venv .venv-moto
   .venv-moto/bin/pip install -q --disable-pip-version-check 'moto>=5' flask flask-cors

@@ -3,10 +3,30 @@
 # Tests start their own HAProxy, sshd and moto on loopback and clean up after themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+# What compiling needs first; the test tools (apt packages, the moto venv) install while the
+# code compiles, and the suite starts only once they are all there.
+scripts/install-deps.sh build
+deps_log=$(mktemp)
+scripts/install-deps.sh all >"$deps_log" 2>&1 &
+deps=$!
+# Waits for the installer (once), shows what it said, and fails if it failed.
+finish_install() {
+  [ -n "$deps" ] || return 0
+  local pid=$deps rc=0
+  deps=
+  wait "$pid" || rc=$?
+  cat "$deps_log" >&2
+  [ "$rc" -eq 0 ] || echo "test.sh: installing the test tools failed (scripts/install-deps.sh, above)" >&2
+  return "$rc"
+}
+# Whatever fails first, the installer is not cut off half-way (an interrupted dpkg needs
+# `dpkg --configure -a`), and what it said is shown.
+trap 'finish_install || true; rm -f "$deps_log"' EXIT
 export MOTO_SERVER="$PWD/.venv-moto/bin/moto_server"
 # A test that cannot find a tool it needs fails, naming the package, instead of skipping.
 export AUTOSCALER_TEST_STRICT=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace --lib --bins --tests --no-run
+finish_install
 cargo test --workspace --lib --bins --tests

@@ -93,6 +93,16 @@ fn the_test_command_fails_on_a_missing_tool() {
         script.find("cargo test").is_some_and(|t| t > strict),
         "the strict setting precedes cargo test"
     );
+    // The suite runs only once the test tools installed in the background are there.
+    let installed = script
+        .rfind("\nfinish_install\n")
+        .expect("test.sh waits for the installer");
+    assert!(
+        script
+            .rfind("\ncargo test --workspace")
+            .is_some_and(|t| t > installed),
+        "the suite runs before the installer is done"
+    );
     let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
     assert!(ci.contains("exec bash scripts/test.sh"), "{ci}");
     let failed = std::panic::catch_unwind(|| {

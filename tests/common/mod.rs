@@ -256,13 +256,47 @@ pub fn root() -> bool {
     is_root
 }
 
-/// A port that was free a moment ago on `ip`.
+/// A port nothing listens on now on `ip`, outside the kernel's ephemeral range. A port the
+/// kernel handed out (bind to port 0) is one it may hand to any outgoing connection a moment
+/// later, an SSH session or HTTP client of another test, and a server started on it then
+/// fails with "address already in use" (seen with an etcd restarted on its port). Outside the
+/// range only explicit binds take ports, and within this process no port is offered twice.
+/// A machine whose range leaves no room outside it gets a port of the kernel's choosing.
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = range
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .map(|n| n.parse::<u32>().ok());
+    let (low, high) = match (bounds.next().flatten(), bounds.next().flatten()) {
+        (Some(l), Some(h)) => (l, h),
+        _ => (32_768, 60_999),
+    };
+    // Below the range (and below 30000, where Kubernetes puts its node ports), else above it.
+    let (first, end) = match (10_000, low.min(30_000)) {
+        (f, e) if e >= f + 2_000 => (f, e),
+        _ => (high + 1, 65_536),
+    };
+    if end < first + 2_000 {
+        return std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = end - first;
+    // Another test process (a second `cargo test`) starts elsewhere in the span.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (first + (start + n) % span) as u16;
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} in {first}..{end}");
 }
 
 /// Waits (bounded) until `addr` accepts TCP.
