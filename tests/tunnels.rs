@@ -797,6 +797,63 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
     assert_eq!(status["nodes"][0]["tunnel"], "up", "{status}");
 }
 
+/// A local user on the node who holds connections to the report forward open after the
+/// master has ended them: each one the master then closes itself costs it about 3.5 KiB
+/// inside russh until the session ends. Once `MAX_FORCED_CLOSES` (256) pile up the master
+/// renews the session, says why, and the node is up again on the new one.
+#[test]
+fn channels_held_open_on_the_node_renew_the_session() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let s = crate::common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    s.set("ssh", "user", &crate::common::current_user());
+    s.set("ssh", "host_key_policy", "accept-new");
+    s.set("haproxy", "reload_command", "true");
+    let sshd = Sshd::start(&sshd_bin, "127.0.0.20", None, &pub_of(&key), None);
+    let socket = s.path().join("reports/master.sock");
+    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
+    let master = MasterProc::spawn(&s.config(), &[]);
+    master.wait_msg("Started");
+    let port = sshd.port.to_string();
+    assert!(s
+        .run(&["add-host", "127.0.0.20", "8080", "--ssh-port", &port])
+        .status
+        .success());
+    master.wait_msg("NodeUp");
+    // Twice: the second renewal must not wait longer than the first (a renewal is not a
+    // failure to back off from).
+    for round in 0..2 {
+        // Connections that say nothing and stay open: past the 4 a node may have waiting for
+        // their hello, each new one evicts an older one, which the master ends with an EOF
+        // the user never answers.
+        let _held: Vec<_> = (0..300)
+            .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+            .collect();
+        let renewed = master.wait("the session renewed", |v| {
+            v["msg"] == "Tunnel down; retrying"
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("renewing the SSH session: "))
+        });
+        let said = renewed["error"].as_str().unwrap();
+        let count: u64 = said["renewing the SSH session: ".len()..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{said}"));
+        assert!((256..300).contains(&count), "{said}");
+        assert!(
+            said.contains("report channels were held open on the node"),
+            "{said}"
+        );
+        assert_eq!(renewed["attempt"], 1, "renewal {round}: {renewed}");
+        master.wait_msg("NodeUp");
+    }
+    let status = s.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["nodes"][0]["tunnel"], "up", "{status}");
+}
+
 /// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with
 /// backoff; other hosts are not held up.
 #[actix_rt::test]

@@ -80,6 +80,13 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// from this side first, russh keeps a few KiB of it until the session ends (it drops the
 /// node's answering close), so a local user connecting in a loop would grow the master.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Channels one session may have had to close from this side (their [`CLOSE_GRACE`] over)
+/// before the session is renewed: russh keeps about 3.5 KiB of each until the session ends,
+/// so a local user holding connections to the report port open would otherwise grow the
+/// master without bound. 256 is under 1 MiB per node (more for a moment when a burst comes
+/// due at once). A working agent closes its channels from the node's side; a hung one's
+/// (stale, or no hello) count, so a session of months may be renewed now and then.
+pub const MAX_FORCED_CLOSES: u64 = 256;
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
 
@@ -94,6 +101,8 @@ pub enum TunnelError {
     ForwardRefused { port: u16, message: String },
     #[error("the node refused the forward of {path}: does its directory exist (the agent makes it at start) and belong to the SSH user, is the socket left from an earlier session (the agent removes it; or StreamLocalBindUnlink yes), or is AllowStreamLocalForwarding off, or AllowTcpForwarding no (which refuses socket forwards too)? ({message})")]
     SocketRefused { path: String, message: String },
+    #[error("renewing the SSH session: {0} report channels were held open on the node after this side ended them (a local user connecting to the report forward?); each costs the master memory until the session ends")]
+    Renewed(u64),
 }
 
 impl From<russh::Error> for TunnelError {
@@ -367,7 +376,9 @@ async fn session_loop(
                 reason: reason.clone(),
             });
         }
-        if started.elapsed() >= STABLE_SESSION {
+        // A renewal is this side's choice, not a failure: the next session comes at the first
+        // delay, or a user holding channels open would keep the node down ever longer.
+        if started.elapsed() >= STABLE_SESSION || matches!(result, Err(TunnelError::Renewed(_))) {
             backoff.reset();
         }
         out.problem(&key, Some(reason.clone()));
@@ -435,7 +446,15 @@ async fn run_session(
     }
     tokio::select! {
         r = &mut handle => r?,
-        () = chans.watch() => {}
+        forced = chans.watch() => {
+            // Ends the session and, with it, what russh keeps of every channel; bounded, for
+            // a node that stopped reading.
+            let _ = handle
+                .disconnect(russh::Disconnect::ByApplication, "session renewed", "en")
+                .await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut handle).await;
+            return Err(TunnelError::Renewed(forced));
+        }
     }
     Ok(())
 }
@@ -481,6 +500,8 @@ struct Channels {
     closing: Mutex<HashMap<(u64, ChannelId), Closing>>,
     /// Tells the session's channel timer that a deadline may have come closer.
     wake: Notify,
+    /// Channels of the current session closed from this side (see [`MAX_FORCED_CLOSES`]).
+    forced: AtomicU64,
     last_refusal_log: Mutex<Option<Instant>>,
     /// The live channel's agent run (its hello's boot), and when a channel of another run
     /// replaced a live one lately: two agents taking turns on one forward.
@@ -565,6 +586,7 @@ impl Channels {
             session: AtomicU64::default(),
             closing: Mutex::default(),
             wake: Notify::new(),
+            forced: AtomicU64::default(),
             last_refusal_log: Mutex::default(),
             live_boot: Mutex::default(),
             recent_boots: Mutex::default(),
@@ -839,7 +861,14 @@ impl Channels {
     /// Closes `key` after [`CLOSE_GRACE`] unless the node's side closes it first.
     fn close_later(&self, key: (u64, ChannelId), write: Arc<ChannelWriteHalf<client::Msg>>) {
         let close_at = tokio::time::Instant::now() + CLOSE_GRACE;
-        lock(&self.closing).insert(key, Closing { close_at, write });
+        let mut closing = lock(&self.closing);
+        // An EOF of a session that has ended since (`session_ended` moves the number on
+        // before it clears `closing`): that channel went with its session.
+        if key.0 != self.session.load(Ordering::SeqCst) {
+            return;
+        }
+        closing.insert(key, Closing { close_at, write });
+        drop(closing);
         self.wake.notify_one();
     }
 
@@ -849,6 +878,7 @@ impl Channels {
         let mut open = lock(&self.open);
         self.session.fetch_add(1, Ordering::SeqCst);
         lock(&self.closing).clear();
+        self.forced.store(0, Ordering::SeqCst);
         for (_, r) in open.drain() {
             if r.lines.pending() > 0 {
                 self.settings
@@ -860,8 +890,9 @@ impl Channels {
 
     /// The session's channel timer: ends the channels whose time is up (no hello in time, or
     /// nothing for `stale_after`), and closes those ended that the node's side has not closed
-    /// within [`CLOSE_GRACE`]. Runs as long as the session.
-    async fn watch(self: &Arc<Self>) {
+    /// within [`CLOSE_GRACE`]. Runs as long as the session, unless it has had to close
+    /// [`MAX_FORCED_CLOSES`] channels: it then returns their number, and the session is renewed.
+    async fn watch(self: &Arc<Self>) -> u64 {
         let stale_after = self.settings.stale_after;
         loop {
             let now = tokio::time::Instant::now();
@@ -886,8 +917,15 @@ impl Channels {
                 let overdue: Vec<_> = closing.extract_if(|_, c| c.close_at <= now).collect();
                 (overdue, closing.values().map(|c| c.close_at).min())
             };
+            let forced = self
+                .forced
+                .fetch_add(overdue.len() as u64, Ordering::SeqCst)
+                + overdue.len() as u64;
             for (_, c) in overdue {
                 close_soon(c.write);
+            }
+            if forced >= MAX_FORCED_CLOSES {
+                return forced;
             }
             let next = next.into_iter().chain(next_close).min();
             let next = next.unwrap_or(now + Duration::from_secs(3600));
