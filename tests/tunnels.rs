@@ -716,6 +716,43 @@ fn master_binary_follows_hosts_d() {
     assert!(status.success(), "{status:?}");
 }
 
+/// The real master binary hearing one real agent over the default Unix-socket forward,
+/// through a loopback sshd on `addr` (registered with `add-host`), once it logged NodeUp.
+/// Fields drop in order: the master first, the sandbox last.
+struct UnixFleet {
+    master: MasterProc,
+    socket: PathBuf,
+    _agent: (Proc, tempfile::TempDir),
+    _sshd: Sshd,
+    s: crate::common::Sandbox,
+}
+
+fn master_binary_hearing_one_agent(sshd_bin: &Path, addr: &str) -> UnixFleet {
+    let s = crate::common::Sandbox::new();
+    let key = s.path().join("id_ed25519");
+    s.set("ssh", "user", &crate::common::current_user());
+    s.set("ssh", "host_key_policy", "accept-new");
+    s.set("haproxy", "reload_command", "true");
+    let sshd = Sshd::start(sshd_bin, addr, None, &pub_of(&key), None);
+    let socket = s.path().join("reports/master.sock");
+    let agent = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
+    let master = MasterProc::spawn(&s.config(), &[]);
+    master.wait_msg("Started");
+    let port = sshd.port.to_string();
+    assert!(s
+        .run(&["add-host", addr, "8080", "--ssh-port", &port])
+        .status
+        .success());
+    master.wait_msg("NodeUp");
+    UnixFleet {
+        master,
+        socket,
+        _agent: agent,
+        _sshd: sshd,
+        s,
+    }
+}
+
 /// A local user of a node connecting to the report socket in a loop — closing at once, or
 /// answering the challenge with a line that is not a hello — leaves nothing behind in the
 /// master. russh forgets a channel only when the node's side closes it (a close from the
@@ -724,22 +761,9 @@ fn master_binary_follows_hosts_d() {
 #[test]
 fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let s = crate::common::Sandbox::new();
-    let key = s.path().join("id_ed25519");
-    s.set("ssh", "user", &crate::common::current_user());
-    s.set("ssh", "host_key_policy", "accept-new");
-    s.set("haproxy", "reload_command", "true");
-    let sshd = Sshd::start(&sshd_bin, "127.0.0.19", None, &pub_of(&key), None);
-    let socket = s.path().join("reports/master.sock");
-    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
-    let master = MasterProc::spawn(&s.config(), &[]);
-    master.wait_msg("Started");
-    let port = sshd.port.to_string();
-    assert!(s
-        .run(&["add-host", "127.0.0.19", "8080", "--ssh-port", &port])
-        .status
-        .success());
-    master.wait_msg("NodeUp");
+    // The agent and sshd live as long as `fleet`.
+    let fleet = master_binary_hearing_one_agent(&sshd_bin, "127.0.0.19");
+    let (master, socket, s) = (&fleet.master, &fleet.socket, &fleet.s);
     let pid = master.proc.0.id();
     let rss = || -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -749,7 +773,7 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
     let connect = |n: usize, garbage: bool| {
         for _ in 0..n {
             use std::io::{BufRead, Write};
-            let c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            let c = std::os::unix::net::UnixStream::connect(socket).unwrap();
             if garbage {
                 // Generous: a master still working through a burst answers late.
                 c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -804,22 +828,9 @@ fn a_connect_loop_on_the_node_leaves_nothing_in_the_master() {
 #[test]
 fn channels_held_open_on_the_node_renew_the_session() {
     let Some(sshd_bin) = tool("sshd") else { return };
-    let s = crate::common::Sandbox::new();
-    let key = s.path().join("id_ed25519");
-    s.set("ssh", "user", &crate::common::current_user());
-    s.set("ssh", "host_key_policy", "accept-new");
-    s.set("haproxy", "reload_command", "true");
-    let sshd = Sshd::start(&sshd_bin, "127.0.0.20", None, &pub_of(&key), None);
-    let socket = s.path().join("reports/master.sock");
-    let (_node, _nd) = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
-    let master = MasterProc::spawn(&s.config(), &[]);
-    master.wait_msg("Started");
-    let port = sshd.port.to_string();
-    assert!(s
-        .run(&["add-host", "127.0.0.20", "8080", "--ssh-port", &port])
-        .status
-        .success());
-    master.wait_msg("NodeUp");
+    // The agent and sshd live as long as `fleet`.
+    let fleet = master_binary_hearing_one_agent(&sshd_bin, "127.0.0.20");
+    let (master, socket, s) = (&fleet.master, &fleet.socket, &fleet.s);
     // Twice: the second renewal must not wait longer than the first (a renewal is not a
     // failure to back off from).
     for round in 0..2 {
@@ -827,7 +838,7 @@ fn channels_held_open_on_the_node_renew_the_session() {
         // their hello, each new one evicts an older one, which the master ends with an EOF
         // the user never answers.
         let _held: Vec<_> = (0..300)
-            .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+            .map(|_| std::os::unix::net::UnixStream::connect(socket).unwrap())
             .collect();
         let renewed = master.wait("the session renewed", |v| {
             v["msg"] == "Tunnel down; retrying"

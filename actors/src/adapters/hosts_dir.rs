@@ -96,14 +96,28 @@ impl Stamp {
     }
 }
 
-/// A file's text and the stamp of the inode it was read from (not of whatever its name
-/// points to a moment before or after).
-fn read_stamped(path: &Path) -> io::Result<(Stamp, String)> {
-    let mut file = fs::File::open(path)?;
-    let stamp = Stamp::of(&file.metadata()?);
-    let mut text = String::new();
-    io::Read::read_to_string(&mut file, &mut text)?;
-    Ok((stamp, text))
+/// What the host file at `path` says, read at `read_at`, with the stamp to keep it under:
+/// that of the inode it was read from (not of whatever its name points to a moment before
+/// or after), and none when the read failed or the file had not settled (see [`RACY`]).
+fn read_host(
+    path: &Path,
+    read_at: SystemTime,
+    racy: Duration,
+) -> (Option<Stamp>, Result<Host, String>) {
+    let read = || -> io::Result<(Stamp, String)> {
+        let mut file = fs::File::open(path)?;
+        let stamp = Stamp::of(&file.metadata()?);
+        let mut text = String::new();
+        io::Read::read_to_string(&mut file, &mut text)?;
+        Ok((stamp, text))
+    };
+    match read() {
+        Ok((stamp, text)) => (
+            (!stamp.recent(read_at, racy)).then_some(stamp),
+            Host::from_file_text(&text),
+        ),
+        Err(e) => (None, Err(e.to_string())),
+    }
 }
 
 impl HostsDir {
@@ -164,26 +178,19 @@ impl HostsDir {
                 Err(e) => Err(e.to_string()),
                 // A FIFO would block the read, and the registry with it.
                 Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
-                Ok(m) => match cached {
-                    Some((was, parsed)) if was == Stamp::of(&m) => {
-                        files.insert(name.to_string(), (was, parsed.clone()));
-                        parsed
-                    }
-                    _ => {
-                        seen.reads += 1;
-                        let read_at = clock();
-                        match read_stamped(&path) {
-                            Ok((stamp, text)) => {
-                                let parsed = Host::from_file_text(&text);
-                                if !stamp.recent(read_at, racy) {
-                                    files.insert(name.to_string(), (stamp, parsed.clone()));
-                                }
-                                parsed
-                            }
-                            Err(e) => Err(e.to_string()),
+                Ok(m) => {
+                    let (stamp, parsed) = match cached {
+                        Some((was, parsed)) if was == Stamp::of(&m) => (Some(was), parsed),
+                        _ => {
+                            seen.reads += 1;
+                            read_host(&path, clock(), racy)
                         }
+                    };
+                    if let Some(stamp) = stamp {
+                        files.insert(name.to_string(), (stamp, parsed.clone()));
                     }
-                },
+                    parsed
+                }
             };
             match parsed {
                 Ok(h) if h.file_name() != name => errors.push(HostsError::BadFile {

@@ -500,8 +500,6 @@ struct Channels {
     closing: Mutex<HashMap<(u64, ChannelId), Closing>>,
     /// Tells the session's channel timer that a deadline may have come closer.
     wake: Notify,
-    /// Channels of the current session closed from this side (see [`MAX_FORCED_CLOSES`]).
-    forced: AtomicU64,
     last_refusal_log: Mutex<Option<Instant>>,
     /// The live channel's agent run (its hello's boot), and when a channel of another run
     /// replaced a live one lately: two agents taking turns on one forward.
@@ -586,7 +584,6 @@ impl Channels {
             session: AtomicU64::default(),
             closing: Mutex::default(),
             wake: Notify::new(),
-            forced: AtomicU64::default(),
             last_refusal_log: Mutex::default(),
             live_boot: Mutex::default(),
             recent_boots: Mutex::default(),
@@ -878,7 +875,6 @@ impl Channels {
         let mut open = lock(&self.open);
         self.session.fetch_add(1, Ordering::SeqCst);
         lock(&self.closing).clear();
-        self.forced.store(0, Ordering::SeqCst);
         for (_, r) in open.drain() {
             if r.lines.pending() > 0 {
                 self.settings
@@ -894,6 +890,8 @@ impl Channels {
     /// [`MAX_FORCED_CLOSES`] channels: it then returns their number, and the session is renewed.
     async fn watch(self: &Arc<Self>) -> u64 {
         let stale_after = self.settings.stale_after;
+        // Channels of this session closed from this side (see [`MAX_FORCED_CLOSES`]).
+        let mut forced = 0;
         loop {
             let now = tokio::time::Instant::now();
             let (due, next) = {
@@ -917,10 +915,7 @@ impl Channels {
                 let overdue: Vec<_> = closing.extract_if(|_, c| c.close_at <= now).collect();
                 (overdue, closing.values().map(|c| c.close_at).min())
             };
-            let forced = self
-                .forced
-                .fetch_add(overdue.len() as u64, Ordering::SeqCst)
-                + overdue.len() as u64;
+            forced += overdue.len() as u64;
             for (_, c) in overdue {
                 close_soon(c.write);
             }
