@@ -722,6 +722,8 @@ fn master_binary_follows_hosts_d() {
 struct UnixFleet {
     master: MasterProc,
     socket: PathBuf,
+    /// The master's metrics endpoint (host:port).
+    metrics: String,
     _agent: (Proc, tempfile::TempDir),
     _sshd: Sshd,
     s: crate::common::Sandbox,
@@ -733,6 +735,8 @@ fn master_binary_hearing_one_agent(sshd_bin: &Path, addr: &str) -> UnixFleet {
     s.set("ssh", "user", &crate::common::current_user());
     s.set("ssh", "host_key_policy", "accept-new");
     s.set("haproxy", "reload_command", "true");
+    let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    s.set("autoscaler", "metrics_address", &metrics);
     let sshd = Sshd::start(sshd_bin, addr, None, &pub_of(&key), None);
     let socket = s.path().join("reports/master.sock");
     let agent = start_agent(Via::Unix(&socket), None, &s.path().join("report.key"));
@@ -747,6 +751,7 @@ fn master_binary_hearing_one_agent(sshd_bin: &Path, addr: &str) -> UnixFleet {
     UnixFleet {
         master,
         socket,
+        metrics,
         _agent: agent,
         _sshd: sshd,
         s,
@@ -863,6 +868,15 @@ fn channels_held_open_on_the_node_renew_the_session() {
     let status = s.run(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["nodes"][0]["tunnel"], "up", "{status}");
+    // Told apart from failures: each renewal counts on its own (and as a reconnect).
+    let (code, text) = crate::common::http_get(&fleet.metrics, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    for want in [
+        "autoscaler_ssh_session_renewals_total{host=\"127.0.0.20\"} 2",
+        "autoscaler_ssh_reconnects_total{host=\"127.0.0.20\"} 2",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
 }
 
 /// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with

@@ -53,6 +53,7 @@ pub struct Metrics {
     termination_seconds: HistogramFamily,
     haproxy_applies: Family<Labels, Counter>,
     ssh_reconnects: Family<Labels, Counter>,
+    ssh_renewals: Family<Labels, Counter>,
     frames_dropped: Family<Labels, Counter>,
     samples_missing: Family<Labels, Counter>,
     channels_refused: Family<Labels, Counter>,
@@ -87,6 +88,7 @@ impl Metrics {
             termination_seconds: Family::new_with_constructor(long_buckets),
             haproxy_applies: Family::default(),
             ssh_reconnects: Family::default(),
+            ssh_renewals: Family::default(),
             frames_dropped: Family::default(),
             samples_missing: Family::default(),
             channels_refused: Family::default(),
@@ -137,6 +139,11 @@ impl Metrics {
             "ssh_reconnects",
             "SSH sessions to a node retried after a failure or a drop",
             m.ssh_reconnects.clone(),
+        );
+        r.register(
+            "ssh_session_renewals",
+            "SSH sessions to a node the master ended and opened again because report channels it had closed were still held open on the node (each is also a reconnect)",
+            m.ssh_renewals.clone(),
         );
         r.register(
             "report_frames_dropped",
@@ -254,6 +261,14 @@ impl Metrics {
             .inc();
     }
 
+    /// The SSH session to `host` is renewed: channels the master closed were held open on
+    /// the node.
+    pub fn ssh_renewal(&self, host: &str) {
+        self.ssh_renewals
+            .get_or_create(&labels(&[("host", host)]))
+            .inc();
+    }
+
     /// A report frame from `host` not used; `reason` is one of [`FRAME_REASONS`].
     pub fn frame_dropped(&self, host: &str, reason: &'static str) {
         debug_assert!(FRAME_REASONS.contains(&reason), "{reason}");
@@ -283,6 +298,7 @@ impl Metrics {
     pub fn forget_host(&self, host: &str) {
         let h = labels(&[("host", host)]);
         self.ssh_reconnects.remove(&h);
+        self.ssh_renewals.remove(&h);
         self.samples_missing.remove(&h);
         for r in FRAME_REASONS {
             self.frames_dropped
@@ -459,6 +475,7 @@ mod tests {
         let m = Metrics::new();
         for host in ["127.0.1.5", "127.0.1.6"] {
             m.ssh_reconnect(host);
+            m.ssh_renewal(host);
             m.samples_missing(host, 2);
             for r in FRAME_REASONS {
                 m.frame_dropped(host, r);
@@ -467,7 +484,7 @@ mod tests {
                 m.channel_refused(host, r);
             }
         }
-        let series = 2 + FRAME_REASONS.len() + REFUSAL_REASONS.len();
+        let series = 3 + FRAME_REASONS.len() + REFUSAL_REASONS.len();
         let before = m.counted();
         assert_eq!(
             before.matches("host=\"127.0.1.5\"").count(),

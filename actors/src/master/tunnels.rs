@@ -378,8 +378,12 @@ async fn session_loop(
         }
         // A renewal is this side's choice, not a failure: the next session comes at the first
         // delay, or a user holding channels open would keep the node down ever longer.
-        if started.elapsed() >= STABLE_SESSION || matches!(result, Err(TunnelError::Renewed(_))) {
+        let renewed = matches!(result, Err(TunnelError::Renewed(_)));
+        if started.elapsed() >= STABLE_SESSION || renewed {
             backoff.reset();
+        }
+        if renewed {
+            settings.metrics.ssh_renewal(&key.host.to_string());
         }
         out.problem(&key, Some(reason.clone()));
         let delay = backoff.next_delay();
