@@ -1,0 +1,164 @@
+//! The floor under the master's CPU per report: what a tokio reader on the master's kind of
+//! runtime (multi-thread, one worker per core) spends on a report-sized line arriving on a
+//! loopback TCP connection when it does nothing with it. No SSH, no decoding: the kernel's
+//! receive path, the wake-up of a parked worker and tokio's I/O driver, which the master pays
+//! for every report on top of russh's packet handling and its own (benches/master-fanin.sh).
+//!
+//! N connections, each carrying RATE lines a second for DURATION seconds from a writer
+//! thread, in two arrival patterns:
+//! - burst: every connection's line at once, RATE times a second (as master-fanin.sh's
+//!   generator writes, so reads batch: one wake-up serves many lines);
+//! - spread: the lines evenly spaced, as independent nodes report (a wake-up per line).
+//!
+//! CPU is the runtime's worker threads' (utime + stime from /proc), not the writer's.
+//! Usage: `cargo bench --bench report-floor -- [N=200] [RATE=5] [DURATION=20]`
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+/// A report frame as the agent sends it (protocol v2), newline included.
+const LINE: &[u8] = b"{\"v\":2,\"type\":\"cpu\",\"seq\":1234,\"ts_ms\":1764700000000,\"busy_pct\":42.0,\"cores\":2,\"mac\":\"00112233445566778899aabbccddeeff\"}\n";
+const WORKER: &str = "floor-worker";
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("N RATE DURATION: whole numbers"))
+        .collect();
+    let arg = |i: usize, default: u64| args.get(i).copied().unwrap_or(default);
+    let (n, rate, secs) = (arg(0, 200), arg(1, 5), arg(2, 20));
+    assert!(
+        n > 0 && rate > 0 && secs > 0,
+        "N, RATE and DURATION must be positive"
+    );
+    for spread in [false, true] {
+        let r = run(n as usize, rate, Duration::from_secs(secs), spread);
+        println!(
+            "{:>6}: {n} connections x {rate} Hz, {secs} s: {} lines read of {}, worker CPU {:.3} s = {:.1} us per line, {:.2} context switches per line",
+            if spread { "spread" } else { "burst" },
+            r.read,
+            r.sent,
+            r.cpu.as_secs_f64(),
+            r.cpu.as_secs_f64() * 1e6 / r.read.max(1) as f64,
+            r.switches as f64 / r.read.max(1) as f64,
+        );
+        assert_eq!(r.read, r.sent, "every line written is read");
+    }
+}
+
+struct Run {
+    sent: u64,
+    read: u64,
+    cpu: Duration,
+    switches: u64,
+}
+
+fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(WORKER)
+        .build()
+        .expect("tokio runtime");
+    let read = Arc::new(AtomicU64::new(0));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("listen on loopback");
+    let addr = listener.local_addr().expect("local address");
+    let counter = read.clone();
+    rt.spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::with_capacity(4096, socket).lines();
+                while let Ok(Some(_)) = lines.next_line().await {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let mut conns: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let c = TcpStream::connect(addr).expect("connect to the reader");
+            c.set_nodelay(true).expect("TCP_NODELAY");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu0, sw0) = workers();
+    let start = Instant::now();
+    let period = Duration::from_secs(1) / rate as u32;
+    let mut sent = 0u64;
+    let mut tick = start;
+    while tick - start < dur {
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(LINE).expect("write a line");
+            sent += 1;
+            if spread {
+                pause_until(tick + period * (i as u32 + 1) / n as u32);
+            }
+        }
+        tick += period;
+        pause_until(tick);
+    }
+    // Every line in before the count stops (bounded: 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (cpu1, sw1) = workers();
+    drop(conns);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Run {
+        sent,
+        read: read.load(Ordering::Relaxed),
+        cpu: cpu1.saturating_sub(cpu0),
+        switches: sw1.saturating_sub(sw0),
+    }
+}
+
+fn pause_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+/// CPU time and context switches of this process's runtime workers, from /proc.
+fn workers() -> (Duration, u64) {
+    let tick = 100.0; // USER_HZ: 100 on every Linux architecture the project builds for
+    let (mut ticks, mut switches) = (0u64, 0u64);
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("a task").path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != WORKER {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).expect("task stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat has a comm")
+            .1
+            .split_whitespace()
+            .collect();
+        ticks +=
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        let status = std::fs::read_to_string(dir.join("status")).expect("task status");
+        for l in status.lines() {
+            if l.starts_with("voluntary_ctxt_switches")
+                || l.starts_with("nonvoluntary_ctxt_switches")
+            {
+                switches += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    (Duration::from_secs_f64(ticks as f64 / tick), switches)
+}
