@@ -97,6 +97,15 @@ impl Master {
     }
 
     fn start(dir: tempfile::TempDir, cfg: Config) -> Master {
+        Master::start_with(dir, cfg, |_| {})
+    }
+
+    /// [`Master::start`] with `tweak` applied to the tunnels' settings.
+    fn start_with(
+        dir: tempfile::TempDir,
+        cfg: Config,
+        tweak: impl FnOnce(&mut TunnelSettings),
+    ) -> Master {
         let (tx, events) = mpsc::unbounded_channel();
         let heard = Heard::default();
         collect_samples(heard.clone(), tx.clone());
@@ -106,6 +115,7 @@ impl Master {
         let metrics = Arc::new(Metrics::new());
         let mut settings = TunnelSettings::from_config(&cfg).unwrap();
         settings.metrics = metrics.clone();
+        tweak(&mut settings);
         let tunnels = TunnelManager::new(
             settings,
             TunnelOutputs {
@@ -868,6 +878,9 @@ fn channels_held_open_on_the_node_renew_the_session() {
     let status = s.run(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["nodes"][0]["tunnel"], "up", "{status}");
+    // The agent came back each time: the node was never reported down.
+    let downs = master.matching(|v| v["msg"] == "NodeDown");
+    assert!(downs.is_empty(), "{downs:?}");
     // Told apart from failures: each renewal counts on its own (and as a reconnect).
     let (code, text) = crate::common::http_get(&fleet.metrics, "/metrics");
     assert_eq!(code, 200, "{text}");
@@ -877,6 +890,65 @@ fn channels_held_open_on_the_node_renew_the_session() {
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
+}
+
+/// A renewal is the master's doing: the node is not reported down for it while its agent
+/// comes back on the new session (a user holding channels open does not make their node
+/// flap). If no agent proves itself on the sessions since within the grace, it is. Over a
+/// TCP forward, where the new session's forward comes up without the agent (over the Unix
+/// socket, the agent's socket left behind refuses it, a failure of its own).
+#[actix_rt::test]
+async fn a_renewal_takes_the_node_down_only_if_its_agent_stays_away() {
+    let Some(sshd_bin) = tool("sshd") else { return };
+    let (dir, mut cfg) = Master::dir_with_key();
+    let report_port = free_port("127.0.0.1");
+    cfg.node.report_port = report_port;
+    let addr = "127.0.0.21";
+    let sshd = Sshd::start(&sshd_bin, addr, None, &pub_of(&cfg.ssh.identity_file), None);
+    let (agent, _nd) = start_agent(Via::Tcp(report_port, &[]), None, &secret_of(&cfg));
+    let grace = Duration::from_secs(2);
+    let mut m = Master::start_with(dir, cfg, |s| s.renewal_grace = grace);
+    m.trust(&sshd);
+    m.add_host(&sshd, 8080);
+    m.up(addr).await;
+    let hold = || -> Vec<std::net::TcpStream> {
+        (0..300)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap())
+            .collect()
+    };
+    let renewal = "renewing the SSH session";
+    let limit = Duration::from_secs(30);
+    let up_or_down = |e: &Event| match e {
+        Event::Up(u) => u.host.host.to_string() == addr,
+        Event::Down(d) => d.host.host.to_string() == addr,
+        Event::Cpu(_) => false,
+    };
+    // The agent runs: after the renewal it is heard again, and the node never went down.
+    let held = hold();
+    m.log.wait_for(renewal, limit).await;
+    match m.next(limit, "NodeUp or NodeDown", up_or_down).await {
+        Event::Up(_) => {}
+        Event::Down(d) => panic!("a renewal took the node down: {}", d.reason),
+        Event::Cpu(_) => unreachable!(),
+    }
+    drop(held);
+    // The agent gone as the session is renewed: down once the grace is over, and not before.
+    let _held = hold();
+    m.log.wait_for_count(renewal, 2, limit).await;
+    let renewed = Instant::now();
+    drop(agent);
+    let down = m.down(addr).await;
+    assert!(
+        renewed.elapsed() >= grace - Duration::from_millis(100),
+        "down after {:?}, within the grace: {}",
+        renewed.elapsed(),
+        down.reason
+    );
+    assert!(
+        down.reason.starts_with(renewal) && down.reason.contains("no agent proved itself"),
+        "{}",
+        down.reason
+    );
 }
 
 /// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with

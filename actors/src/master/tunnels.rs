@@ -87,6 +87,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// due at once). A working agent closes its channels from the node's side; a hung one's
 /// (stale, or no hello) count, so a session of months may be renewed now and then.
 pub const MAX_FORCED_CLOSES: u64 = 256;
+/// After a renewal the node stays up (no NodeDown) unless no agent proves itself on the
+/// sessions since within this long: the retry (1 s), a handshake and the agent's reconnect
+/// (its backoff reaches 5 s) take a few seconds.
+pub const RENEWAL_GRACE: Duration = Duration::from_secs(15);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
 
@@ -154,6 +158,8 @@ pub struct TunnelSettings {
     /// The report secret agents must prove they hold; None: the empty key, which proves
     /// nothing (reports are not authenticated).
     pub secret: Option<Arc<Vec<u8>>>,
+    /// [`RENEWAL_GRACE`]; tests shorten it.
+    pub renewal_grace: Duration,
 }
 
 impl TunnelSettings {
@@ -175,6 +181,7 @@ impl TunnelSettings {
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             metrics: Arc::default(),
             secret: None,
+            renewal_grace: RENEWAL_GRACE,
         }
     }
 
@@ -360,9 +367,28 @@ async fn session_loop(
         log.clone(),
     ));
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+    // A renewal whose node is still up: when that ends, and the channels numbered before it.
+    let mut renewal: Option<(tokio::time::Instant, u64, String)> = None;
     loop {
         let started = Instant::now();
-        let result = run_session(&key, &route, &settings, &out, &up, &chans, &log).await;
+        let session = run_session(&key, &route, &settings, &out, &up, &chans, &log);
+        tokio::pin!(session);
+        let result = loop {
+            let due = renewal.as_ref().map(|(at, ..)| *at);
+            tokio::select! {
+                r = &mut session => break r,
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    let Some((_, before, reason)) = renewal.take() else { continue };
+                    if chans.heard.load(Ordering::SeqCst) <= before && up.swap(false, Ordering::SeqCst) {
+                        out.down(NodeDown {
+                            host: key.clone(),
+                            reason: format!("{reason}; no agent proved itself on the sessions since within {}",
+                                humantime::format_duration(settings.renewal_grace)),
+                        });
+                    }
+                }
+            }
+        };
         // The session's channels went with it.
         chans.session_ended();
         *lock(&chans.live) = None;
@@ -370,15 +396,30 @@ async fn session_loop(
             Ok(()) => "SSH session closed".to_string(),
             Err(e) => e.to_string(),
         };
-        if up.swap(false, Ordering::SeqCst) {
+        // A renewal is this side's choice, not a failure: the next session comes at the first
+        // delay, or a user holding channels open would keep the node down ever longer. The
+        // node is not reported down for it either, unless its agent stays away: a user holding
+        // channels open does not make their node flap. An earlier renewal the agent has not
+        // come back from keeps its deadline, so renewals in a row cannot hide an absent agent.
+        let renewed = matches!(result, Err(TunnelError::Renewed(_)));
+        let pending = renewal
+            .as_ref()
+            .is_some_and(|(_, before, _)| chans.heard.load(Ordering::SeqCst) <= *before);
+        if renewed && up.load(Ordering::SeqCst) {
+            if !pending {
+                renewal = Some((
+                    tokio::time::Instant::now() + settings.renewal_grace,
+                    chans.next.load(Ordering::SeqCst),
+                    reason.clone(),
+                ));
+            }
+        } else if up.swap(false, Ordering::SeqCst) {
+            renewal = None;
             out.down(NodeDown {
                 host: key.clone(),
                 reason: reason.clone(),
             });
         }
-        // A renewal is this side's choice, not a failure: the next session comes at the first
-        // delay, or a user holding channels open would keep the node down ever longer.
-        let renewed = matches!(result, Err(TunnelError::Renewed(_)));
         if started.elapsed() >= STABLE_SESSION || renewed {
             backoff.reset();
         }
@@ -491,6 +532,8 @@ struct Channels {
     filter: Mutex<SeqFilter>,
     /// The live (authenticated) channel.
     live: Mutex<Option<u64>>,
+    /// 1 + the number of the last channel that became live, over all sessions (0: none yet).
+    heard: AtomicU64,
     next: AtomicU64,
     /// The current session's channels, by session and russh's id: those still waiting for
     /// their hello (at most [`MAX_PENDING_CHANNELS`]) and the authenticated ones.
@@ -583,6 +626,7 @@ impl Channels {
             host: host.clone(),
             filter: Mutex::default(),
             live: Mutex::default(),
+            heard: AtomicU64::default(),
             next: AtomicU64::default(),
             open: Mutex::default(),
             session: AtomicU64::default(),
@@ -765,6 +809,7 @@ impl Channels {
                     // below, before anything else is read).
                     r.authenticated = true;
                     let replaced = lock(&self.live).replace(r.id);
+                    self.heard.store(r.id + 1, Ordering::SeqCst);
                     info!(self.log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
                         "channel" => r.id, "replaces" => replaced);
                     if self.took_turn(hello.boot) {
