@@ -906,7 +906,8 @@ async fn a_renewal_takes_the_node_down_only_if_its_agent_stays_away() {
     let addr = "127.0.0.21";
     let sshd = Sshd::start(&sshd_bin, addr, None, &pub_of(&cfg.ssh.identity_file), None);
     let (agent, _nd) = start_agent(Via::Tcp(report_port, &[]), None, &secret_of(&cfg));
-    let grace = Duration::from_secs(2);
+    // Room for the retry, a handshake of the debug build and the agent's reconnect backoff.
+    let grace = Duration::from_secs(6);
     let mut m = Master::start_with(dir, cfg, |s| s.renewal_grace = grace);
     m.trust(&sshd);
     m.add_host(&sshd, 8080);

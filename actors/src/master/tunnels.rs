@@ -88,8 +88,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// (stale, or no hello) count, so a session of months may be renewed now and then.
 pub const MAX_FORCED_CLOSES: u64 = 256;
 /// After a renewal the node stays up (no NodeDown) unless no agent proves itself on the
-/// sessions since within this long: the retry (1 s), a handshake and the agent's reconnect
-/// (its backoff reaches 5 s) take a few seconds.
+/// sessions since within this long: the retry (0.5-1 s), a handshake and the agent's
+/// reconnect (its backoff after a lost link grows to 5 s; typically 1-3 s here) take a few
+/// seconds. An agent whose channels were refused backs off longer (up to a minute) and may
+/// miss it: the node is then reported down until it is heard.
 pub const RENEWAL_GRACE: Duration = Duration::from_secs(15);
 /// A session that lasted this long counts as a success: the next failure retries quickly.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
@@ -368,23 +370,25 @@ async fn session_loop(
     ));
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     // A renewal whose node is still up: when that ends, and the channels numbered before it.
-    let mut renewal: Option<(tokio::time::Instant, u64, String)> = None;
+    let mut renewal: Option<Renewal> = None;
     loop {
         let started = Instant::now();
         let session = run_session(&key, &route, &settings, &out, &up, &chans, &log);
         tokio::pin!(session);
         let result = loop {
-            let due = renewal.as_ref().map(|(at, ..)| *at);
+            let due = renewal.as_ref().map(|r| r.due);
             tokio::select! {
                 r = &mut session => break r,
                 () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                    let Some((_, before, reason)) = renewal.take() else { continue };
+                    let Some(Renewal { before, reason, .. }) = renewal.take() else { continue };
+                    // Under the live lock, as a hello sets `heard` and `up`: no hello slips
+                    // between the check and the NodeDown.
+                    let _live = lock(&chans.live);
                     if chans.heard.load(Ordering::SeqCst) <= before && up.swap(false, Ordering::SeqCst) {
-                        out.down(NodeDown {
-                            host: key.clone(),
-                            reason: format!("{reason}; no agent proved itself on the sessions since within {}",
-                                humantime::format_duration(settings.renewal_grace)),
-                        });
+                        let reason = format!("{reason}; no agent proved itself on the sessions since within {}: is `autoscaler node` running there?",
+                            humantime::format_duration(settings.renewal_grace));
+                        out.down(NodeDown { host: key.clone(), reason: reason.clone() });
+                        out.problem(&key, Some(reason));
                     }
                 }
             }
@@ -402,17 +406,14 @@ async fn session_loop(
         // channels open does not make their node flap. An earlier renewal the agent has not
         // come back from keeps its deadline, so renewals in a row cannot hide an absent agent.
         let renewed = matches!(result, Err(TunnelError::Renewed(_)));
-        let pending = renewal
-            .as_ref()
-            .is_some_and(|(_, before, _)| chans.heard.load(Ordering::SeqCst) <= *before);
         if renewed && up.load(Ordering::SeqCst) {
-            if !pending {
-                renewal = Some((
-                    tokio::time::Instant::now() + settings.renewal_grace,
-                    chans.next.load(Ordering::SeqCst),
-                    reason.clone(),
-                ));
-            }
+            renewal = Some(Renewal::after(
+                renewal.take(),
+                chans.heard.load(Ordering::SeqCst),
+                chans.next.load(Ordering::SeqCst),
+                tokio::time::Instant::now() + settings.renewal_grace,
+                &reason,
+            ));
         } else if up.swap(false, Ordering::SeqCst) {
             renewal = None;
             out.down(NodeDown {
@@ -432,6 +433,37 @@ async fn session_loop(
         warn!(log, "Tunnel down; retrying"; "error" => reason, "attempt" => backoff.attempts(),
             "retry_in" => %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)));
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// A renewal the node is kept up across: by when an agent must have proved itself again, on a
+/// channel numbered from `before` on.
+#[derive(Debug, Clone, PartialEq)]
+struct Renewal {
+    due: tokio::time::Instant,
+    before: u64,
+    reason: String,
+}
+
+impl Renewal {
+    /// The renewal to wait for after one more, given `heard` (1 + the last live channel's
+    /// number) and `next` (the next channel's): an earlier one the agent has not come back
+    /// from stands, so renewals in a row cannot push an absent agent's NodeDown away.
+    fn after(
+        earlier: Option<Renewal>,
+        heard: u64,
+        next: u64,
+        due: tokio::time::Instant,
+        reason: &str,
+    ) -> Renewal {
+        match earlier {
+            Some(e) if heard <= e.before => e,
+            _ => Renewal {
+                due,
+                before: next,
+                reason: reason.to_string(),
+            },
+        }
     }
 }
 
@@ -808,15 +840,20 @@ impl Channels {
                     // Proven: this channel is the node's live one (the welcome goes back
                     // below, before anything else is read).
                     r.authenticated = true;
-                    let replaced = lock(&self.live).replace(r.id);
-                    self.heard.store(r.id + 1, Ordering::SeqCst);
+                    // Under the live lock: a renewal's deadline ([`session_loop`]) sees
+                    // this hello entirely or not at all.
+                    let replaced = {
+                        let mut live = lock(&self.live);
+                        self.heard.store(r.id + 1, Ordering::SeqCst);
+                        self.up.store(true, Ordering::SeqCst);
+                        live.replace(r.id)
+                    };
                     info!(self.log, "Node up"; "node" => &hello.node, "boot" => hello.boot,
                         "channel" => r.id, "replaces" => replaced);
                     if self.took_turn(hello.boot) {
                         warn!(self.log, "Two agents take turns on this node's forward: each new one replaces the other's channel (two `autoscaler node` running, or two nodes sharing one report socket or port?)";
                             "boot" => hello.boot, "replacements_in_a_minute" => lock(&self.turns).len());
                     }
-                    self.up.store(true, Ordering::SeqCst);
                     self.out.problem(&self.key, None);
                     self.out.up(NodeUp {
                         host: self.key.clone(),
@@ -1166,4 +1203,30 @@ impl std::fmt::Display for ChannelEnd {
 fn steady_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_in_a_row_keep_the_deadline_of_the_first_the_agent_did_not_come_back_from() {
+        let t0 = tokio::time::Instant::now();
+        let grace = Duration::from_secs(15);
+        // Channels 0..10 were numbered before the first renewal; channel 9 was live.
+        let first = Renewal::after(None, 10, 10, t0 + grace, "first");
+        assert_eq!(
+            (first.due, first.before, first.reason.as_str()),
+            (t0 + grace, 10, "first")
+        );
+        // Another renewal 5 s on, no channel proved since: the first deadline stands.
+        let second = Renewal::after(Some(first.clone()), 10, 14, t0 + grace * 2, "second");
+        assert_eq!(second, first);
+        // Channel 14 proved itself, then a renewal: a new deadline, counting from channel 20.
+        let third = Renewal::after(Some(second), 15, 20, t0 + grace * 3, "third");
+        assert_eq!(
+            (third.due, third.before, third.reason.as_str()),
+            (t0 + grace * 3, 20, "third")
+        );
+    }
 }
