@@ -1062,19 +1062,17 @@ impl Channels {
             _ => info!(log, "Report channel ended"; "channel" => id, "reason" => %end),
         }
         // Only the live channel's end takes the node down.
-        let was_live = {
-            let mut live = lock(&self.live);
-            let was = *live == Some(id);
-            if was {
-                *live = None;
+        // Under the live lock, as a hello sets `up`: a newer channel's hello cannot come
+        // between the check and the NodeDown (which would then follow its NodeUp).
+        let mut live = lock(&self.live);
+        if *live == Some(id) {
+            *live = None;
+            if self.up.swap(false, Ordering::SeqCst) {
+                self.out.down(NodeDown {
+                    host: self.key.clone(),
+                    reason: end.to_string(),
+                });
             }
-            was
-        };
-        if was_live && self.up.swap(false, Ordering::SeqCst) {
-            self.out.down(NodeDown {
-                host: self.key.clone(),
-                reason: end.to_string(),
-            });
         }
     }
 }
@@ -1219,7 +1217,7 @@ mod tests {
             (first.due, first.before, first.reason.as_str()),
             (t0 + grace, 10, "first")
         );
-        // Another renewal 5 s on, no channel proved since: the first deadline stands.
+        // Another renewal, no channel proved since: the first deadline stands.
         let second = Renewal::after(Some(first.clone()), 10, 14, t0 + grace * 2, "second");
         assert_eq!(second, first);
         // Channel 14 proved itself, then a renewal: a new deadline, counting from channel 20.
