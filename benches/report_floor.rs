@@ -56,6 +56,9 @@ fn main() {
             r.cpu.as_secs_f64() * 1e6 / r.read.max(1) as f64,
             r.switches as f64 / r.read.max(1) as f64,
         );
+        if r.cpu < Duration::from_millis(100) {
+            println!("        under 10 ticks of CPU: too short a run to read (raise N, RATE or DURATION)");
+        }
         assert_eq!(r.read, r.sent, "every line written is read");
     }
 }
