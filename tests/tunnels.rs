@@ -13,7 +13,7 @@ use autoscaler_actors::adapters::hosts_dir::HostsDir;
 use autoscaler_actors::config::{Config, HostKeyPolicy, Role};
 use autoscaler_actors::hosts::{Host, HostName};
 use autoscaler_actors::master::heard::Heard;
-use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp};
+use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp, TunnelProblem};
 use autoscaler_actors::master::registry::HostRegistry;
 use autoscaler_actors::master::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
 use autoscaler_actors::metrics::Metrics;
@@ -41,6 +41,18 @@ impl Handler<NodeDown> for Collect {
     type Result = ();
     fn handle(&mut self, m: NodeDown, _: &mut Context<Self>) {
         let _ = self.0.send(Event::Down(m));
+    }
+}
+
+/// Keeps every problem the tunnels say (what `status` shows), apart from the events.
+struct Problems(Arc<std::sync::Mutex<Vec<TunnelProblem>>>);
+impl Actor for Problems {
+    type Context = Context<Self>;
+}
+impl Handler<TunnelProblem> for Problems {
+    type Result = ();
+    fn handle(&mut self, m: TunnelProblem, _: &mut Context<Self>) {
+        self.0.lock().unwrap().push(m);
     }
 }
 
@@ -77,6 +89,8 @@ struct Master {
     events: mpsc::UnboundedReceiver<Event>,
     log: LogBuf,
     metrics: Arc<Metrics>,
+    /// Every problem said, in order.
+    problems: Arc<std::sync::Mutex<Vec<TunnelProblem>>>,
     _registry: Addr<HostRegistry>,
     _tunnels: Addr<TunnelManager>,
 }
@@ -116,13 +130,14 @@ impl Master {
         let mut settings = TunnelSettings::from_config(&cfg).unwrap();
         settings.metrics = metrics.clone();
         tweak(&mut settings);
+        let problems: Arc<std::sync::Mutex<Vec<TunnelProblem>>> = Arc::default();
         let tunnels = TunnelManager::new(
             settings,
             TunnelOutputs {
                 samples: heard,
                 up: vec![sink.clone().recipient()],
                 down: vec![sink.recipient()],
-                problem: vec![],
+                problem: vec![Problems(problems.clone()).start().recipient()],
             },
             &logger,
         )
@@ -140,6 +155,7 @@ impl Master {
             events,
             log,
             metrics,
+            problems,
             _registry: registry,
             _tunnels: tunnels,
         }
@@ -950,6 +966,10 @@ async fn a_renewal_takes_the_node_down_only_if_its_agent_stays_away() {
         "{}",
         down.reason
     );
+    // What `status` shows for the node from then on: the same.
+    let said = m.problems.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(said.host, down.host);
+    assert_eq!(said.problem.as_deref(), Some(down.reason.as_str()));
 }
 
 /// A host that accepts TCP but never speaks SSH costs the connect timeout, then a retry with
