@@ -360,6 +360,8 @@ async fn session_loop(
     log: Logger,
 ) {
     let key = host.key();
+    // The metrics' label for this host.
+    let label = key.host.to_string();
     let chans = Arc::new(Channels::new(
         &host,
         &route,
@@ -425,11 +427,11 @@ async fn session_loop(
             backoff.reset();
         }
         if renewed {
-            settings.metrics.ssh_renewal(&key.host.to_string());
+            settings.metrics.ssh_renewal(&label);
         }
         out.problem(&key, Some(reason.clone()));
         let delay = backoff.next_delay();
-        settings.metrics.ssh_reconnect(&key.host.to_string());
+        settings.metrics.ssh_reconnect(&label);
         warn!(log, "Tunnel down; retrying"; "error" => reason, "attempt" => backoff.attempts(),
             "retry_in" => %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)));
         tokio::time::sleep(delay).await;
