@@ -951,7 +951,10 @@ async fn stopped_only_after_haproxy_lets_go(runtime_api: bool) {
     let (mut cfg, port) = lb_config(tmp.path());
     cfg.haproxy.runtime_api = runtime_api;
     let lb = start_lb(&haproxy, &cfg).await;
-    let slow = Backend::start("slow", Duration::from_secs(2));
+    // Answers only when released below: the request is in flight across the drain however
+    // slow the machine (a timed hold could end before a slow reload, and the old worker
+    // with it).
+    let slow = Backend(crate::common::HttpBackend::gated("127.0.0.1", "slow"));
     let mut h = Host::launched(
         HostName::parse("127.0.0.1").unwrap(),
         slow.port,
@@ -1002,6 +1005,15 @@ async fn stopped_only_after_haproxy_lets_go(runtime_api: bool) {
         names(&lb.sock) == [slow.name()]
     })
     .await;
+    // The writer's first write (it reloads a server it has no record of) done before the
+    // request, so the request's worker is the one the drain finds.
+    wait_logged(
+        "the writer's first write",
+        Duration::from_secs(15),
+        Some(&log),
+        || log.text().contains("HAProxy configuration "),
+    )
+    .await;
     let client = std::thread::spawn(move || {
         let body = get(port);
         (body, std::time::SystemTime::now())
@@ -1012,21 +1024,46 @@ async fn stopped_only_after_haproxy_lets_go(runtime_api: bool) {
     .await;
     let workers = lb.workers();
     launcher.do_send(DrainHost { host: h });
-    if !runtime_api {
+    if runtime_api {
+        // Set to DRAIN in the running worker, which keeps the session.
+        wait_logged(
+            "the server set to drain",
+            Duration::from_secs(10),
+            Some(&log),
+            || {
+                servers(&lb.sock)
+                    .iter()
+                    .any(|(_, admin)| admin & DRAIN != 0)
+            },
+        )
+        .await;
+    } else {
         // The new worker does not have the server; the old one still serves the request.
-        wait_until("a new worker", Duration::from_secs(10), || {
-            lb.workers().len() > workers.len()
+        wait_logged("a new worker", Duration::from_secs(10), Some(&log), || {
+            lb.workers().iter().any(|w| !workers.contains(w))
         })
         .await;
         // The old worker may still take a connection to the stats socket for a moment after
         // the new one started (the listeners pass between them): asked until the new answers.
-        wait_until(
+        wait_logged(
             "the new worker answering without the host",
             Duration::from_secs(10),
+            Some(&log),
             || names(&lb.sock).is_empty(),
         )
         .await;
     }
+    // A second in which a drain that does not wait for the session would stop the host.
+    let end = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < end {
+        assert!(
+            !stopped.exists(),
+            "the host stopped with its request in flight; log:\n{}",
+            log.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    slow.release();
     // Written in full (the shell creates the file before `date` writes to it).
     wait_logged(
         "the host stopped",

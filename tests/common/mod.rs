@@ -1046,16 +1046,55 @@ fn json_values(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// An HTTP backend on `ip` (a port chosen here) answering every request with `body` after
-/// `hold` (CPU idle meanwhile), counting what it served; stops when dropped.
+/// `hold` (CPU idle meanwhile), or once [`HttpBackend::release`]d if started with
+/// [`HttpBackend::gated`]; counts what it served; stops when dropped.
 pub struct HttpBackend {
     pub addr: String,
     pub port: u16,
     served: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    gate: std::sync::Arc<Gate>,
+}
+
+/// Holds answers until opened (at most a minute: a test that forgets cannot hang).
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let _open = self
+            .changed
+            .wait_timeout_while(open, Duration::from_secs(60), |open| !*open)
+            .unwrap();
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
 }
 
 impl HttpBackend {
     pub fn start(ip: &str, body: &str, hold: Duration) -> HttpBackend {
+        Self::serve(ip, body, Some(hold))
+    }
+
+    /// A backend that answers only once [`HttpBackend::release`]d: a request stays in flight
+    /// for as long as a test needs, however slow the machine.
+    pub fn gated(ip: &str, body: &str) -> HttpBackend {
+        Self::serve(ip, body, None)
+    }
+
+    /// Lets every held request (and every later one) be answered.
+    pub fn release(&self) {
+        self.gate.open();
+    }
+
+    fn serve(ip: &str, body: &str, hold: Option<Duration>) -> HttpBackend {
         use std::io::{Read, Write};
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
@@ -1063,7 +1102,8 @@ impl HttpBackend {
         let port = l.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), served.clone());
+        let gate = std::sync::Arc::new(Gate::default());
+        let (flag, count, held) = (stop.clone(), served.clone(), gate.clone());
         let answer = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -1074,7 +1114,7 @@ impl HttpBackend {
                     return;
                 }
                 let Ok(mut c) = conn else { continue };
-                let (count, answer) = (count.clone(), answer.clone());
+                let (count, answer, held) = (count.clone(), answer.clone(), held.clone());
                 std::thread::spawn(move || {
                     let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
                     let mut buf = [0u8; 4096];
@@ -1085,7 +1125,10 @@ impl HttpBackend {
                             Ok(n) => req.extend_from_slice(&buf[..n]),
                         }
                     }
-                    std::thread::sleep(hold);
+                    match hold {
+                        Some(hold) => std::thread::sleep(hold),
+                        None => held.wait(),
+                    }
                     if c.write_all(answer.as_bytes()).is_ok() {
                         count.fetch_add(1, Ordering::SeqCst);
                     }
@@ -1097,6 +1140,7 @@ impl HttpBackend {
             port,
             served,
             stop,
+            gate,
         }
     }
 
@@ -1109,6 +1153,7 @@ impl HttpBackend {
 impl Drop for HttpBackend {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.gate.open();
         let _ = std::net::TcpStream::connect((self.addr.as_str(), self.port));
     }
 }
