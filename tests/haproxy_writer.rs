@@ -829,9 +829,17 @@ async fn two_servers_one_over_ssh_converge_and_a_down_one_catches_up() {
     // the local one goes on.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_logged(
+        "the local server's loads going on",
+        Duration::from_secs(10),
+        Some(&log),
+        || loads.from("local", t) >= 2,
+    )
+    .await;
+    if t.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_secs(3) - t.elapsed()).await;
+    }
     assert_eq!(loads.from(&remote_label, t), 0);
-    assert!(loads.from("local", t) >= 2);
     // It comes back: it catches up by itself.
     sshd.restart(&sshd_bin);
     wait_logged(

@@ -402,15 +402,17 @@ async fn health_gates_run_side_by_side() {
     cfg.launch.app_port = free_port("127.0.0.1");
     let mut s = settings(&cfg);
     s.health_check = true;
-    s.health_timeout = Duration::from_secs(2);
-    s.launch_timeout = Duration::from_secs(2);
+    // The launch's whole limit is 6 + 4 s: three gates in a row (12 s) would reach it; side by
+    // side they end after 4 s, however long EC2 took to answer within its 6 s.
+    s.health_timeout = Duration::from_secs(4);
+    s.launch_timeout = Duration::from_secs(6);
     s.slack = Duration::ZERO;
     let mut r = rig(&cfg, Provisioner::Ec2(api), s);
     r.reconciled().await;
     r.launch("as-three", 3);
     let e = r.finished().await.error.expect("an error");
     assert!(
-        e.contains("did not accept TCP within 2s"),
+        e.contains("did not accept TCP within 4s"),
         "not the overall limit: {e}"
     );
     wait_live(&direct, 0).await;

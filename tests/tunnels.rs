@@ -17,6 +17,7 @@ use autoscaler_actors::master::messages::{CpuReported, NodeDown, NodeUp, TunnelP
 use autoscaler_actors::master::registry::HostRegistry;
 use autoscaler_actors::master::tunnels::{TunnelManager, TunnelOutputs, TunnelSettings};
 use autoscaler_actors::metrics::Metrics;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -405,8 +406,17 @@ async fn a_wrong_secret_is_said_once_and_backed_off() {
     m.trust(&sshd);
     m.add_host(&sshd, 8080);
     m.log.wait_for("Tunnel up", Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let log = std::fs::read_to_string(node_dir.path().join("node.log")).unwrap();
+    let forwarded = Instant::now();
+    // The agent's first try after the forward is up may come after its backoff (up to 5 s).
+    let node_log = || std::fs::read_to_string(node_dir.path().join("node.log")).unwrap();
+    let end = forwarded + Duration::from_secs(30);
+    while !node_log().contains("did not accept this agent") {
+        assert!(Instant::now() < end, "never refused: {}", node_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then 10 s of refusals, said once.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(forwarded.elapsed())).await;
+    let log = node_log();
     let said = log
         .lines()
         .filter(|l| l.contains("did not accept this agent"))
@@ -417,8 +427,8 @@ async fn a_wrong_secret_is_said_once_and_backed_off() {
         "{log}"
     );
     assert!(log.lines().count() < 10, "{log}");
-    // Attempts in about 10 s: a backoff doubling from 200 ms (0.2, 0.4, … 6.4 s) gives at most
-    // 7 (it was about 70).
+    // Attempts in 10 s (up to 30 on a slow machine): a backoff doubling from 200 ms (0.2, 0.4,
+    // … 12.8 s) gives at most 8 (it was about 70 in 10 s).
     let text = m.metrics.counted();
     let refused: f64 = text
         .lines()
@@ -455,9 +465,10 @@ async fn a_silent_channel_goes_stale_and_the_agent_comes_back() {
     let down = m.down("127.0.0.18").await;
     let took = stopped.elapsed();
     assert!(down.reason.starts_with("no report for"), "{}", down.reason);
-    // Its last report came at most one interval (200 ms) before the stop.
+    // Its last report came about one interval (200 ms) before the stop; a loaded machine may
+    // have delayed that report, and the stop, by some hundreds of milliseconds more.
     assert!(
-        took + Duration::from_millis(250) >= stale_after && took < stale_after * 2,
+        took + Duration::from_secs(1) >= stale_after && took < stale_after + Duration::from_secs(5),
         "down after {took:?}, stale_after {stale_after:?}"
     );
     signal("-CONT");
@@ -713,7 +724,16 @@ fn master_binary_follows_hosts_d() {
         &sshd.port.to_string(),
     ]);
     assert!(out.status.success());
+    // The new host noticed within a few of the registry's one-second looks (the agent's own
+    // reconnect backoff, up to 5 s, comes after and is not the master's doing).
     let t = Instant::now();
+    let tunnel = wait("Tunnel up");
+    assert_eq!(tunnel["host"], "127.0.0.6");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "noticed after {:?}",
+        t.elapsed()
+    );
     let up = wait("NodeUp");
     assert_eq!(up["host"], "127.0.0.6");
     let cpu = wait("CPU");
@@ -722,11 +742,6 @@ fn master_binary_follows_hosts_d() {
             .as_f64()
             .is_some_and(|b| (0.0..=100.0).contains(&b)),
         "{cpu}"
-    );
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "noticed after {:?}",
-        t.elapsed()
     );
     assert!(s
         .run(&["remove-host", "127.0.0.6", "8080"])
@@ -922,8 +937,9 @@ async fn a_renewal_takes_the_node_down_only_if_its_agent_stays_away() {
     let addr = "127.0.0.21";
     let sshd = Sshd::start(&sshd_bin, addr, None, &pub_of(&cfg.ssh.identity_file), None);
     let (agent, _nd) = start_agent(Via::Tcp(report_port, &[]), None, &secret_of(&cfg));
-    // Room for the retry, a handshake of the debug build and the agent's reconnect backoff.
-    let grace = Duration::from_secs(6);
+    // Room for the retry, a handshake of the debug build and the agent's reconnect backoff
+    // (its fifth try comes 3.1-6.2 s after it lost the channel).
+    let grace = Duration::from_secs(10);
     let mut m = Master::start_with(dir, cfg, |s| s.renewal_grace = grace);
     m.trust(&sshd);
     m.add_host(&sshd, 8080);
@@ -956,7 +972,8 @@ async fn a_renewal_takes_the_node_down_only_if_its_agent_stays_away() {
     drop(agent);
     let down = m.down(addr).await;
     assert!(
-        renewed.elapsed() >= grace - Duration::from_millis(100),
+        // `renewed` is when the log line was seen, a look (50 ms) or a busy moment after.
+        renewed.elapsed() >= grace - Duration::from_secs(1),
         "down after {:?}, within the grace: {}",
         renewed.elapsed(),
         down.reason
@@ -1289,7 +1306,8 @@ fn master_binary_scales_up_end_to_end() {
     assert!(out.status.success());
     let master = MasterProc::spawn(&s.config(), &[]);
     master.wait_msg("Tunnel up");
-    // Stand in for the node agent: a hot node, one frame every 200 ms, for at most 10 s.
+    // Stand in for the node agent: a hot node, one frame every 200 ms, until the checks
+    // below are done (at most two minutes): a node gone quiet would show down.
     let mut node = std::net::TcpStream::connect(("127.0.0.1", report_port)).unwrap();
     use std::io::Write;
     let ch = crate::common::handshake(
@@ -1299,8 +1317,13 @@ fn master_binary_scales_up_end_to_end() {
         &format!("tcp:{report_port}"),
     )
     .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
     let feeder = std::thread::spawn(move || {
-        for seq in 0..50u64 {
+        for seq in 0..600u64 {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
             let line = ch.sample(&crate::common::sample(seq, 95.0));
             // Frame 1 arrives twice (a resend): the master uses it once and counts the copy.
             let copies = if seq == 1 { 2 } else { 1 };
@@ -1408,6 +1431,7 @@ fn master_binary_scales_up_end_to_end() {
     let socket = s.path().join("master.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+    done.store(true, Ordering::SeqCst);
     master.terminate();
     let _ = feeder.join();
     master.wait_msg("Stopped");

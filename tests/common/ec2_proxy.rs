@@ -112,10 +112,16 @@ impl Ec2Proxy {
         self.rules().always.remove(action);
     }
 
-    /// From now on, DescribeInstances does not show an instance for `d` after RunInstances
-    /// created it.
-    pub fn hide_new_instances(&self, d: Duration) {
-        self.rules().hide_new = Some(d);
+    /// From now on, DescribeInstances does not show an instance RunInstances created, until
+    /// [`Ec2Proxy::show_new_instances`] (EC2's eventual consistency, for as long as a test
+    /// needs however slow the machine).
+    pub fn hide_new_instances(&self) {
+        self.rules().hide_new = Some(Duration::MAX);
+    }
+
+    /// DescribeInstances shows every instance again.
+    pub fn show_new_instances(&self) {
+        self.rules().hide_new = None;
     }
 
     /// The ClientTokens RunInstances was called with, each once.
