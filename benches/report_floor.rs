@@ -23,6 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
+#[path = "task_cpu.rs"]
+mod task_cpu;
+
 /// A report frame as the agent sends it (protocol v2), newline included.
 const LINE: &[u8] = b"{\"v\":2,\"type\":\"cpu\",\"seq\":1234,\"ts_ms\":1764700000000,\"busy_pct\":42.0,\"cores\":2,\"mac\":\"00112233445566778899aabbccddeeff\"}\n";
 const WORKER: &str = "floor-worker";
@@ -101,7 +104,7 @@ fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let (cpu0, sw0) = workers();
+    let (cpu0, sw0) = task_cpu::threads(WORKER);
     let start = Instant::now();
     let period = Duration::from_secs(1) / rate as u32;
     let mut sent = 0u64;
@@ -122,7 +125,7 @@ fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
     while read.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (cpu1, sw1) = workers();
+    let (cpu1, sw1) = task_cpu::threads(WORKER);
     drop(conns);
     rt.shutdown_timeout(Duration::from_secs(1));
     Run {
@@ -137,41 +140,4 @@ fn pause_until(t: Instant) {
     if let Some(d) = t.checked_duration_since(Instant::now()) {
         std::thread::sleep(d);
     }
-}
-
-/// CPU time and context switches of this process's runtime workers, from /proc.
-fn workers() -> (Duration, u64) {
-    let tick = 100.0; // USER_HZ: 100 on every Linux architecture the project builds for
-    let (mut ticks, mut switches) = (0u64, 0u64);
-    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
-        let dir = task.expect("a task").path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim_end() != WORKER {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).expect("task stat");
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .expect("stat has a comm")
-            .1
-            .split_whitespace()
-            .collect();
-        ticks +=
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        let status = std::fs::read_to_string(dir.join("status")).expect("task status");
-        for l in status.lines() {
-            if l.starts_with("voluntary_ctxt_switches")
-                || l.starts_with("nonvoluntary_ctxt_switches")
-            {
-                switches += l
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    (Duration::from_secs_f64(ticks as f64 / tick), switches)
 }
