@@ -253,6 +253,8 @@ async fn run(
     let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
     let mut waiting_logged = false;
     let mut refusal_logged: Option<String> = None;
+    // Whether `backoff` is the refusals' (up to a minute) rather than the reconnects'.
+    let mut refused = false;
     let via = endpoint.via();
     loop {
         match connect(&endpoint, &log).await {
@@ -264,12 +266,14 @@ async fn run(
                     Ended::Stopped => return,
                     Ended::Lost(why) => {
                         backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+                        refused = false;
                         refusal_logged = None;
                         warn!(log, "Link to the master lost; reconnecting"; "error" => why)
                     }
                     Ended::Refused(why) => {
-                        // Said once per reason; the backoff grows to a minute meanwhile.
-                        if backoff.attempts() == 0 {
+                        // Said once per reason; the backoff grows to a minute meanwhile
+                        // (from its start, whatever connects failed before the first).
+                        if !std::mem::replace(&mut refused, true) {
                             backoff = Backoff::new(RECONNECT_BASE, REFUSED_MAX);
                         }
                         if refusal_logged.as_deref() != Some(why.as_str()) {
@@ -609,6 +613,49 @@ mod tests {
         // Backoff: 0.1-0.2, 0.2-0.4, 0.4-0.8 s between the attempts.
         let waited = accepted[3] - accepted[0];
         assert!(waited >= Duration::from_millis(700), "{accepted:?}");
+    }
+
+    /// An agent that waited for the forward before it was refused (a wrong secret: the
+    /// connection closed after its hello, no welcome) backs off up to a minute, not at the
+    /// reconnects' pace (5 s at most) its failed connects had set. Paused time: the backoff's
+    /// sleeps pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_back_off_past_the_reconnect_cap() {
+        use tokio::io::AsyncBufReadExt;
+        // A port nobody listens on yet: the agent's first tries fail to connect.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (_tx, rx) = mpsc::channel(16);
+        let log = Logger::root(slog::Discard, o!());
+        let _task = tokio::spawn(run(rx, Endpoint::Tcp(port), greeting(SECRET), 4, log));
+        // 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 s: three or four failed connects.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut at = Vec::new();
+        for _ in 0..8 {
+            let (conn, _) = listener.accept().await.unwrap();
+            at.push(tokio::time::Instant::now());
+            let mut conn = tokio::io::BufReader::new(conn);
+            let (_, challenge) = MasterChannel::open(&format!("tcp:{port}"));
+            conn.get_mut()
+                .write_all(challenge.as_bytes())
+                .await
+                .unwrap();
+            let mut hello = String::new();
+            conn.read_line(&mut hello).await.unwrap();
+            assert!(hello.contains("\"type\":\"hello\""), "{hello}");
+        }
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        // From 0.1-0.2 s doubling: the seventh wait is 6.4-12.8 s.
+        assert!(
+            gaps.iter().any(|g| *g > RECONNECT_MAX),
+            "refusals retried at the reconnect pace: {gaps:?}"
+        );
     }
 
     /// Unix sockets: a socket nobody listens on (left behind by sshd) is removed, and the
