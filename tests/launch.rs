@@ -391,8 +391,8 @@ async fn the_whole_launch_limit_still_cleans_up() {
     wait_live(&direct, 0).await;
 }
 
-/// Health gates run side by side: three hosts that never answer fail after one health
-/// timeout, not three, and are all terminated.
+/// Health gates run side by side: three hosts that never answer are all waited for at once
+/// and fail after one health timeout, not three, and are all terminated.
 #[actix_rt::test]
 async fn health_gates_run_side_by_side() {
     let tmp = tempfile::tempdir().unwrap();
@@ -402,8 +402,9 @@ async fn health_gates_run_side_by_side() {
     cfg.launch.app_port = free_port("127.0.0.1");
     let mut s = settings(&cfg);
     s.health_check = true;
-    // The launch's whole limit is 6 + 4 s: three gates in a row (12 s) would reach it; side by
-    // side they end after 4 s, however long EC2 took to answer within its 6 s.
+    // The launch's whole limit is 6 + 4 s: side by side the gates end after 4 s, however long
+    // EC2 took to answer within its 6 s; three gates in a row would reach the limit (12 s),
+    // or, stopping at the first failure, never wait for the other two (counted below).
     s.health_timeout = Duration::from_secs(4);
     s.launch_timeout = Duration::from_secs(6);
     s.slack = Duration::ZERO;
@@ -415,6 +416,15 @@ async fn health_gates_run_side_by_side() {
         e.contains("did not accept TCP within 4s"),
         "not the overall limit: {e}"
     );
+    let waited: std::collections::BTreeSet<String> = r
+        .log
+        .text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["msg"] == "Waiting for the host to accept TCP")
+        .filter_map(|v| v["host"].as_str().map(String::from))
+        .collect();
+    assert_eq!(waited.len(), 3, "every host waited for: {waited:?}");
     wait_live(&direct, 0).await;
     assert!(r.hosts.load_strict().unwrap().is_empty());
 }

@@ -261,6 +261,8 @@ async fn get_ready(inner: &Inner, l: &Launched, log: &Logger) -> Result<(), Laun
         }
     }
     if s.health_check {
+        info!(log, "Waiting for the host to accept TCP"; "host" => &host, "port" => l.host.port,
+            "within" => ?s.health_timeout);
         health_gate(&host, l.host.port, s.health_timeout).await?;
     }
     Ok(())
