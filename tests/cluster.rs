@@ -1135,7 +1135,8 @@ fn etcd_over_tls_with_a_client_certificate_and_with_a_password() {
     assert!(!all.contains("s3cret-pw"), "{all}");
 }
 
-/// EC2 lists a new instance only after a while (here 10 s), and the leader is SIGKILLed right
+/// EC2 lists a new instance only after a while (here: until the next leader has asked
+/// again), and the leader is SIGKILLed right
 /// after its RunInstances went through. The next leader finds the launch record with no
 /// instance to see, and asks again with the record's ClientToken: EC2 answers with the first
 /// call's instance and launches nothing. One token, one RunInstances that created an
@@ -1614,7 +1615,8 @@ async fn an_etcd_blip_in_the_middle_of_a_launch_undoes_nothing() {
         CommandLine(vec![p.display().to_string()])
     };
     let downs = tmp.path().join("downs.log");
-    // The command says it started, then prints its host once told to go (within a minute).
+    // The command says it started, then prints its host once told to go (its 20 s timeout
+    // bounds the wait).
     let (started, go) = (tmp.path().join("started"), tmp.path().join("go"));
     let up = write(
         "up.sh",

@@ -51,9 +51,10 @@ struct Rules {
     tokens: HashMap<String, (String, Message)>,
     /// ClientTokens of RunInstances calls on their way to EC2: a repeat waits for the answer.
     in_flight: std::collections::HashSet<String>,
-    /// New instances hidden from DescribeInstances for this long after their launch.
-    hide_new: Option<Duration>,
-    launched_at: HashMap<String, std::time::Instant>,
+    /// Instances RunInstances created are hidden from DescribeInstances.
+    hide_new: bool,
+    /// The instances RunInstances created through this proxy.
+    launched: Vec<String>,
 }
 
 /// The proxy; stops when dropped.
@@ -116,12 +117,12 @@ impl Ec2Proxy {
     /// [`Ec2Proxy::show_new_instances`] (EC2's eventual consistency, for as long as a test
     /// needs however slow the machine).
     pub fn hide_new_instances(&self) {
-        self.rules().hide_new = Some(Duration::MAX);
+        self.rules().hide_new = true;
     }
 
     /// DescribeInstances shows every instance again.
     pub fn show_new_instances(&self) {
-        self.rules().hide_new = None;
+        self.rules().hide_new = false;
     }
 
     /// The ClientTokens RunInstances was called with, each once.
@@ -431,9 +432,7 @@ async fn serve(mut conn: TcpStream, upstream: String, rules: Arc<Mutex<Rules>>) 
                 r.tokens.insert(t, (params, answer.clone()));
             }
             let text = String::from_utf8_lossy(&answer.body).into_owned();
-            for id in tag_values(&text, "instanceId") {
-                r.launched_at.insert(id, std::time::Instant::now());
-            }
+            r.launched.extend(tag_values(&text, "instanceId"));
         }
         let answer = rewrite(&action, &body, answer, &rules);
         if conn.write_all(&answer.to_bytes()).await.is_err() {
@@ -500,16 +499,8 @@ fn without_reservations(xml: &str, hidden: &[String]) -> String {
 fn rewrite(action: &str, req: &str, mut answer: Message, rules: &Arc<Mutex<Rules>>) -> Message {
     let r = rules.lock().unwrap();
     let text = String::from_utf8_lossy(&answer.body).into_owned();
-    let text = match (action, r.hide_new) {
-        ("DescribeInstances", Some(d)) => {
-            let hidden: Vec<String> = r
-                .launched_at
-                .iter()
-                .filter(|(_, at)| at.elapsed() < d)
-                .map(|(id, _)| id.clone())
-                .collect();
-            without_reservations(&text, &hidden)
-        }
+    let text = match action {
+        "DescribeInstances" if r.hide_new => without_reservations(&text, &r.launched),
         _ => text,
     };
     let text = match action {
