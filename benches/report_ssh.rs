@@ -125,7 +125,7 @@ impl server::Handler for Server {
 /// The master's side, doing nothing with a report but count its lines.
 struct Master {
     lines: Arc<AtomicU64>,
-    channels: Vec<russh::Channel<client::Msg>>,
+    channels: Vec<russh::ChannelWriteHalf<client::Msg>>,
 }
 
 impl client::Handler for Master {
@@ -149,8 +149,12 @@ impl client::Handler for Master {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        // Kept, as the master keeps each channel's writing half.
-        self.channels.push(channel);
+        // The writing half kept and the reading half dropped, as the master does: russh
+        // offers each data message to the channel's queue (a failed send once its reader is
+        // gone) before `Handler::data`; a reader kept and never read would fill the queue
+        // (100 messages) and stall the session.
+        let (_read, write) = channel.split();
+        self.channels.push(write);
         Ok(())
     }
 
