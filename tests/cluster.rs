@@ -890,17 +890,11 @@ fn hot_node_acted_on_after_the_leader_is_lost(how: Loss) -> Option<Duration> {
     r.start(1);
     // Master 1 reaches the node before the load starts: its window, not its start-up, is
     // what the leader's longer one must outlast.
-    let end = Instant::now() + Duration::from_secs(20);
-    while r.masters[1]
+    r.masters[1]
         .1
         .as_ref()
         .unwrap()
-        .matching(|v| v["msg"] == "Tunnel up")
-        .is_empty()
-    {
-        assert!(Instant::now() < end, "master 1 never reached the node");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .logged_blocking("Tunnel up", |v| v["msg"] == "Tunnel up");
     r.load(95.0);
     // The follower would scale up; the leader holds.
     let follower = r.masters[1].1.as_ref().unwrap();
@@ -1201,18 +1195,13 @@ async fn ec2_an_instance_ec2_does_not_list_yet_is_asked_for_with_its_token() {
     procs[leader].take().unwrap().kill();
     let other = 1 - leader;
     // The instance stays hidden until the next leader has asked again with the token.
-    let end = Instant::now() + Duration::from_secs(40);
-    while procs[other]
+    procs[other]
         .as_ref()
         .unwrap()
-        .matching(|v| {
+        .logged("the next leader's ask with the token", |v| {
             v["msg"] == "Pending launch shows no instance yet; asking again with its ClientToken"
         })
-        .is_empty()
-    {
-        assert!(Instant::now() < end, "the next leader never asked again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .await;
     proxy.show_new_instances();
     let end = Instant::now() + Duration::from_secs(40);
     let registered = loop {
@@ -1322,23 +1311,15 @@ async fn ec2_a_repeat_with_other_settings_takes_up_the_first_instance() {
     procs[leader].take().unwrap().kill();
     let other = 1 - leader;
     // The instance stays hidden until EC2 has refused the next leader's repeat.
-    let end = Instant::now() + Duration::from_secs(40);
-    while procs[other]
+    procs[other]
         .as_ref()
         .unwrap()
-        .matching(|v| {
+        .logged("EC2's refusal of the next leader's repeat", |v| {
             v["msg"].as_str().is_some_and(|m| {
                 m.starts_with("EC2 already launched this decision with other settings")
             })
         })
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < end,
-            "the next leader's repeat was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .await;
     proxy.show_new_instances();
     let end = Instant::now() + Duration::from_secs(40);
     let registered = loop {

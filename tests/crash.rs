@@ -17,18 +17,6 @@ use crate::common::ec2_proxy::{Ec2Proxy, Fault};
 use crate::common::moto::{console_with_key, moto_bin, Moto};
 use crate::common::{free_port, keygen, tool, FakeAgent, MasterProc, Sandbox, Sshd};
 
-/// Waits (bounded, without blocking the runtime the proxy runs on) for a record of `m`.
-async fn logged(m: &MasterProc, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-    let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end {
-        if !m.matching(&pred).is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the master never logged {what}");
-}
-
 /// Polls `f` (bounded) until it holds.
 async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
@@ -257,7 +245,7 @@ async fn ec2_killed_while_pending() {
     let m = r.master();
     // The restarted master has taken the launch up and looked at the pending instance
     // several times: still not registered.
-    logged(&m, "the resumed launch", |v| {
+    m.logged("the resumed launch", |v| {
         v["msg"] == "Resuming a launch of an earlier run"
     })
     .await;
@@ -376,7 +364,8 @@ async fn ec2_killed_during_a_drain() {
         return;
     };
     let m = r.master();
-    logged(&m, "the drain", |v| v["msg"] == "Draining: out of the pool").await;
+    m.logged("the drain", |v| v["msg"] == "Draining: out of the pool")
+        .await;
     m.kill();
     let drains = crate::common::drains_in(r.state());
     assert_eq!(drains.len(), 1);
@@ -641,12 +630,12 @@ async fn the_master_rides_out_api_faults() {
         3,
         "bounded: three asks, one launch"
     );
-    logged(&m, "the retry after the lost answer", |v| {
+    m.logged("the retry after the lost answer", |v| {
         v["msg"] == "RunInstances had gone through; using its instances"
     })
     .await;
     // Still deciding: the two new nodes never report here, so it holds for lack of data.
-    logged(&m, "a later decision", |v| {
+    m.logged("a later decision", |v| {
         v["msg"] == "Decision" && v["action"] == "hold" && v["nodes"] == 2 && v["in_flight"] == 0
     })
     .await;

@@ -795,6 +795,25 @@ impl MasterProc {
         let _ = self.proc.0.wait();
     }
 
+    /// Waits (bounded: 40 s) until some record logged so far matches `pred`; records are
+    /// not consumed, unlike [`MasterProc::wait`].
+    pub async fn logged(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let end = Instant::now() + Duration::from_secs(40);
+        while self.matching(&pred).is_empty() {
+            assert!(Instant::now() < end, "the master never logged {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// [`MasterProc::logged`], for a test without a runtime.
+    pub fn logged_blocking(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let end = Instant::now() + Duration::from_secs(40);
+        while self.matching(&pred).is_empty() {
+            assert!(Instant::now() < end, "the master never logged {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Every record logged so far that matches `pred`, without waiting.
     pub fn matching(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
         let mut seen = self.seen.lock().unwrap();
