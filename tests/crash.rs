@@ -396,6 +396,7 @@ async fn ec2_killed_during_a_drain() {
     assert!(r.live().await.is_empty(), "terminated");
     // By the restarted master, once the drain time recorded before the kill was up: the
     // record's own time, however few looks the loop above made.
+    m.logged("Terminated", |v| v["msg"] == "Terminated").await;
     let terminated = m.matching(|v| v["msg"] == "Terminated");
     assert_eq!(terminated.len(), 1, "{terminated:?}");
     let at = humantime::parse_rfc3339_weak(terminated[0]["ts"].as_str().unwrap())

@@ -284,6 +284,11 @@ async fn run(
                 }
             }
             Err(e) => {
+                // The forward is gone, and whatever refused the agent with it (a renewal, a
+                // restart): the next one is waited for at the reconnects' pace.
+                if std::mem::replace(&mut refused, false) {
+                    backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+                }
                 if !waiting_logged {
                     info!(log, "Waiting for the master's forward"; "error" => %e);
                     waiting_logged = true;
@@ -617,44 +622,66 @@ mod tests {
 
     /// An agent that waited for the forward before it was refused (a wrong secret: the
     /// connection closed after its hello, no welcome) backs off up to a minute, not at the
-    /// reconnects' pace (5 s at most) its failed connects had set. Paused time: the backoff's
-    /// sleeps pass at once.
+    /// reconnects' pace (5 s at most) its failed connects had set. Once the forward is gone
+    /// (a renewal, a restart), the next one is waited for at the reconnects' pace again.
+    /// Paused time: the backoff's sleeps pass at once. The port is held by a bound socket
+    /// that does not listen (connects are refused) whenever nobody listens.
     #[tokio::test(start_paused = true)]
     async fn refusals_back_off_past_the_reconnect_cap() {
         use tokio::io::AsyncBufReadExt;
-        // A port nobody listens on yet: the agent's first tries fail to connect.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let bound = || {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.set_reuseaddr(true).unwrap();
+            s
+        };
+        let socket = bound();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let (_tx, rx) = mpsc::channel(16);
         let log = Logger::root(slog::Discard, o!());
-        let _task = tokio::spawn(run(rx, Endpoint::Tcp(port), greeting(SECRET), 4, log));
+        let _task = tokio::spawn(run(
+            rx,
+            Endpoint::Tcp(addr.port()),
+            greeting(SECRET),
+            4,
+            log,
+        ));
         // 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 s: three or four failed connects.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let listener = socket.listen(16).unwrap();
+        // Each connection refused: the challenge, the hello read, closed without a welcome.
+        let refuse = |conn: tokio::net::TcpStream| async move {
+            let mut conn = tokio::io::BufReader::new(conn);
+            let (_, challenge) = MasterChannel::open(&format!("tcp:{}", addr.port()));
+            let _ = conn.get_mut().write_all(challenge.as_bytes()).await;
+            let mut hello = String::new();
+            let _ = conn.read_line(&mut hello).await;
+        };
         let mut at = Vec::new();
         for _ in 0..8 {
             let (conn, _) = listener.accept().await.unwrap();
             at.push(tokio::time::Instant::now());
-            let mut conn = tokio::io::BufReader::new(conn);
-            let (_, challenge) = MasterChannel::open(&format!("tcp:{port}"));
-            conn.get_mut()
-                .write_all(challenge.as_bytes())
-                .await
-                .unwrap();
-            let mut hello = String::new();
-            conn.read_line(&mut hello).await.unwrap();
-            assert!(hello.contains("\"type\":\"hello\""), "{hello}");
+            refuse(conn).await;
         }
         let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
         // From 0.1-0.2 s doubling: the seventh wait is 6.4-12.8 s.
         assert!(
             gaps.iter().any(|g| *g > RECONNECT_MAX),
             "refusals retried at the reconnect pace: {gaps:?}"
+        );
+        // The forward goes away for a while (the agent's next tries fail to connect), then
+        // comes back: it is found within the reconnects' cap, not the refusals' minute.
+        drop(listener);
+        let socket = bound();
+        socket.bind(addr).unwrap();
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let listener = socket.listen(16).unwrap();
+        let back = tokio::time::Instant::now();
+        let _conn = listener.accept().await.unwrap();
+        assert!(
+            back.elapsed() <= RECONNECT_MAX,
+            "the forward found {:?} after it came back",
+            back.elapsed()
         );
     }
 
