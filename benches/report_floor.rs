@@ -23,54 +23,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 
-#[path = "task_cpu.rs"]
-mod task_cpu;
+#[path = "report_load.rs"]
+mod report_load;
+use report_load::{Load, Run, LINE};
 
-/// A report frame as the agent sends it (protocol v2), newline included.
-const LINE: &[u8] = b"{\"v\":2,\"type\":\"cpu\",\"seq\":1234,\"ts_ms\":1764700000000,\"busy_pct\":42.0,\"cores\":2,\"mac\":\"00112233445566778899aabbccddeeff\"}\n";
 const WORKER: &str = "floor-worker";
 
 fn main() {
-    let words: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    // `cargo bench -- FILTER` hands every bench the filter: run only when it names this one.
-    if let Some(filter) = words.iter().find(|w| w.parse::<u64>().is_err()) {
-        if !"report-floor".contains(filter.as_str()) {
-            return;
-        }
-    }
-    let args: Vec<u64> = words.iter().filter_map(|w| w.parse().ok()).collect();
-    let arg = |i: usize, default: u64| args.get(i).copied().unwrap_or(default);
-    let (n, rate, secs) = (arg(0, 200), arg(1, 5), arg(2, 20));
-    assert!(
-        n > 0 && rate > 0 && secs > 0,
-        "N, RATE and DURATION must be positive"
-    );
+    let Some(load) = Load::from_args("report-floor") else {
+        return;
+    };
     for spread in [false, true] {
-        let r = run(n as usize, rate, Duration::from_secs(secs), spread);
-        println!(
-            "{:>6}: {n} connections x {rate} Hz, {secs} s: {} lines read of {}, worker CPU {:.3} s = {:.1} us per line, {:.2} context switches per line",
-            if spread { "spread" } else { "burst" },
-            r.read,
-            r.sent,
-            r.cpu.as_secs_f64(),
-            r.cpu.as_secs_f64() * 1e6 / r.read.max(1) as f64,
-            r.switches as f64 / r.read.max(1) as f64,
-        );
-        if r.cpu < Duration::from_millis(100) {
-            println!("        under 10 ticks of CPU: too short a run to read (raise N, RATE or DURATION)");
-        }
-        assert_eq!(r.read, r.sent, "every line written is read");
+        run(load.n, load.rate, load.dur, spread).report(&load, "connections", spread);
     }
-}
-
-struct Run {
-    sent: u64,
-    read: u64,
-    cpu: Duration,
-    switches: u64,
 }
 
 fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
@@ -104,7 +69,7 @@ fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let (cpu0, sw0) = task_cpu::threads(WORKER);
+    let (cpu0, sw0) = report_load::threads(WORKER);
     let start = Instant::now();
     let period = Duration::from_secs(1) / rate as u32;
     let mut sent = 0u64;
@@ -125,7 +90,7 @@ fn run(n: usize, rate: u64, dur: Duration, spread: bool) -> Run {
     while read.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (cpu1, sw1) = task_cpu::threads(WORKER);
+    let (cpu1, sw1) = report_load::threads(WORKER);
     drop(conns);
     rt.shutdown_timeout(Duration::from_secs(1));
     Run {

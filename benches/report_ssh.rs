@@ -22,31 +22,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "task_cpu.rs"]
-mod task_cpu;
+#[path = "report_load.rs"]
+mod report_load;
+use report_load::{Load, Run, LINE};
 
-/// A report frame as the agent sends it (protocol v2), newline included.
-const LINE: &[u8] = b"{\"v\":2,\"type\":\"cpu\",\"seq\":1234,\"ts_ms\":1764700000000,\"busy_pct\":42.0,\"cores\":2,\"mac\":\"00112233445566778899aabbccddeeff\"}\n";
 const WORKER: &str = "ssh-worker";
 
 fn main() {
-    let words: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    // `cargo bench -- FILTER` hands every bench the filter: run only when it names this one.
-    if let Some(filter) = words.iter().find(|w| w.parse::<u64>().is_err()) {
-        if !"report-ssh".contains(filter.as_str()) {
-            return;
-        }
-    }
-    let args: Vec<u64> = words.iter().filter_map(|w| w.parse().ok()).collect();
-    let arg = |i: usize, default: u64| args.get(i).copied().unwrap_or(default);
-    let (n, rate, secs) = (arg(0, 200), arg(1, 5), arg(2, 20));
-    assert!(
-        n > 0 && rate > 0 && secs > 0,
-        "N, RATE and DURATION must be positive"
-    );
+    let Some(load) = Load::from_args("report-ssh") else {
+        return;
+    };
     let keys = tempfile::tempdir().expect("a directory for throwaway keys");
     let key = |name: &str| -> PrivateKey {
         let path = keys.path().join(name);
@@ -60,35 +45,12 @@ fn main() {
     };
     let (host_key, user_key) = (key("host"), Arc::new(key("user")));
     for spread in [false, true] {
-        let r = run(
-            n as usize,
-            rate,
-            Duration::from_secs(secs),
+        run(load.n, load.rate, load.dur, spread, &host_key, &user_key).report(
+            &load,
+            "SSH sessions",
             spread,
-            &host_key,
-            &user_key,
         );
-        println!(
-            "{:>6}: {n} SSH sessions x {rate} Hz, {secs} s: {} lines read of {}, worker CPU {:.3} s = {:.1} us per line, {:.2} context switches per line",
-            if spread { "spread" } else { "burst" },
-            r.read,
-            r.sent,
-            r.cpu.as_secs_f64(),
-            r.cpu.as_secs_f64() * 1e6 / r.read.max(1) as f64,
-            r.switches as f64 / r.read.max(1) as f64,
-        );
-        if r.cpu < Duration::from_millis(100) {
-            println!("        under 10 ticks of CPU: too short a run to read (raise N, RATE or DURATION)");
-        }
-        assert_eq!(r.read, r.sent, "every line sent is read");
     }
-}
-
-struct Run {
-    sent: u64,
-    read: u64,
-    cpu: Duration,
-    switches: u64,
 }
 
 /// The stand-in for sshd: accepts any key, grants every forward and hands the session's
@@ -260,7 +222,7 @@ fn run(
         out
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (cpu0, sw0) = task_cpu::threads(WORKER);
+    let (cpu0, sw0) = report_load::threads(WORKER);
     let period = Duration::from_secs(1) / rate as u32;
     let sent = sshd_rt.block_on(async {
         let start = tokio::time::Instant::now();
@@ -284,7 +246,7 @@ fn run(
     while lines.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (cpu1, sw1) = task_cpu::threads(WORKER);
+    let (cpu1, sw1) = report_load::threads(WORKER);
     drop(channels);
     drop(handles);
     master_rt.shutdown_timeout(Duration::from_secs(1));
